@@ -1,0 +1,1 @@
+"""Imaging I/O helpers shared by the simulator and the pipeline."""

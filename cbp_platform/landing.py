@@ -1,0 +1,52 @@
+"""The landing-zone contract (see ``docs/landing-zone.md``).
+
+A delivery is a folder ``landing/<delivery_id>/`` holding
+
+* ``manifest.json``: schema version, delivery id, creation time, participants and every file with its
+  relative path, size and sha256,
+* ``covariates.csv``: one row per participant (columns :data:`COVARIATE_COLUMNS`),
+* ``mri/<pseudonym>/<pseudonym>_<channel>.nii.gz`` for the Dixon channels (``water`` and ``fat`` required,
+  ``in`` and ``opp`` optional),
+* ``_SUCCESS``: written last; a delivery without it is still being transferred.
+"""
+
+from __future__ import annotations
+
+import re
+
+SCHEMA_VERSION = "1.0"
+MANIFEST_NAME = "manifest.json"
+COVARIATES_NAME = "covariates.csv"
+SUCCESS_MARKER = "_SUCCESS"
+MRI_DIR = "mri"
+REQUIRED_CHANNELS = ("water", "fat")
+OPTIONAL_CHANNELS = ("in", "opp")
+
+# Pseudonyms: 10 characters of an unambiguous alphabet (no 0/O, 1/I/L), opaque and unordered.
+PSEUDONYM_ALPHABET = "23456789ABCDEFGHJKMNPQRSTUVWXYZ"
+PSEUDONYM_LENGTH = 10
+PSEUDONYM_RE = re.compile(rf"^[{PSEUDONYM_ALPHABET}]{{{PSEUDONYM_LENGTH}}}$")
+DELIVERY_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+COVARIATE_COLUMNS = (
+    "pseudonym",      # participant pseudonym
+    "site",           # MRI study site (one of SITES)
+    "exam_date",      # ISO date of the MRI examination
+    "age",            # years at examination, integer
+    "sex",            # F or M
+    "height_cm",      # body height, cm
+    "weight_kg",      # body weight, kg
+    "cbp",            # chronic back pain (> 3 months): 1 yes, 0 no, empty = not answered
+    "nrs_pain",       # back pain intensity, numeric rating scale 0-10, empty = not answered
+    "met_min_week",   # self-reported physical activity, MET-minutes per week, empty = not answered
+    "diabetes",       # 1/0/empty (self-reported physician diagnosis)
+    "dyslipidemia",   # 1/0/empty
+    "osteoporosis",   # 1/0/empty
+    "osteoarthritis", # 1/0/empty
+)
+
+SITES = ("Augsburg", "Berlin", "Essen", "Mannheim", "Neubrandenburg")
+
+
+def scan_relpath(pseudonym: str, channel: str) -> str:
+    return f"{MRI_DIR}/{pseudonym}/{pseudonym}_{channel}.nii.gz"

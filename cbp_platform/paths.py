@@ -1,0 +1,40 @@
+"""The data-root convention.
+
+One environment variable, ``CBP_DATA_ROOT`` (default ``./data``), roots everything the platform reads or
+writes:
+
+``$CBP_DATA_ROOT/landing``   deliveries as the data centre (or ``cbp synth``) writes them; read-only to the platform
+``$CBP_DATA_ROOT/truth``     ground truth of simulated cohorts; never inside the landing zone
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+ENV_VAR = "CBP_DATA_ROOT"
+DEFAULT_ROOT = "data"
+
+
+def data_root(override: str | os.PathLike[str] | None = None) -> Path:
+    """The data root: ``override`` if given, else ``$CBP_DATA_ROOT``, else ``./data``; absolute."""
+    raw = override if override is not None else os.environ.get(ENV_VAR) or DEFAULT_ROOT
+    return Path(raw).expanduser().resolve()
+
+
+@dataclass(frozen=True)
+class DataLayout:
+    root: Path
+
+    @classmethod
+    def from_env(cls, override: str | os.PathLike[str] | None = None) -> "DataLayout":
+        return cls(data_root(override))
+
+    @property
+    def landing(self) -> Path:
+        return self.root / "landing"
+
+    @property
+    def truth(self) -> Path:
+        return self.root / "truth"

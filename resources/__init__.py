@@ -1,0 +1,1 @@
+"""Dagster resources: data roots and landing zone, the DuckDB warehouse, the segmentation runtime."""

@@ -1,0 +1,37 @@
+"""House rules of the layering (shared/ARCHITECTURE.md) that code review alone would let slip."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    mods: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            mods.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            mods.add(node.module.split(".")[0])
+    return mods
+
+
+def test_domain_core_does_not_import_dagster():
+    offenders = [str(p.relative_to(ROOT)) for p in (ROOT / "cbp_platform").rglob("*.py")
+                 if p.name != "definitions.py" and {"dagster", "dagster_duckdb"} & _imports(p)]
+    assert offenders == []
+
+
+def test_domain_core_does_not_import_the_orchestration_layers():
+    offenders = [str(p.relative_to(ROOT)) for p in (ROOT / "cbp_platform").rglob("*.py")
+                 if p.name != "definitions.py" and {"assets", "resources", "checks"} & _imports(p)]
+    assert offenders == []
+
+
+def test_torch_is_pinned_to_the_cpu_build():
+    lock = (ROOT / "requirements.lock").read_text().splitlines()
+    assert "torch==2.13.0" in lock
+    assert not any(line.startswith(("nvidia-", "triton")) for line in lock)
