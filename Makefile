@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+PIP_VERSION := 26.3
 export CBP_DATA_ROOT ?= $(CURDIR)/data
 export GX_ANALYTICS_ENABLED := False
 export DAGSTER_HOME ?= $(CBP_DATA_ROOT)/dagster_home
@@ -21,6 +22,7 @@ venv: $(STAMP)
 # a re-run with an unchanged lock nothing at all). torch==2.13.0 is the CPU build.
 $(STAMP): requirements.lock pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check "pip==$(PIP_VERSION)"
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements.lock
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
