@@ -13,6 +13,7 @@ export DAGSTER_HOME ?= $(CBP_DATA_ROOT)/dagster_home
 DEMO_N ?= 600
 DEMO_K ?= 3
 DEMO_SEED ?= 20140501
+DEMO_FAULTS ?= 0.02
 
 .PHONY: venv demo test bench dev clean
 
@@ -27,9 +28,17 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
 
-demo: $(STAMP)
-	$(VENV)/bin/cbp synth --participants $(DEMO_N) --deliveries $(DEMO_K) --seed $(DEMO_SEED) --if-absent
-	@echo "Landing zone: $(CBP_DATA_ROOT)/landing   ground truth: $(CBP_DATA_ROOT)/truth"
+$(DAGSTER_HOME)/dagster.yaml:
+	@mkdir -p $(DAGSTER_HOME)
+	cp deploy/dagster.local.yaml $@
+
+# The main job on the simulated cohort: simulate (once), then sensor + every batch + cohort refresh through
+# Dagster against the persistent instance in $(DAGSTER_HOME) (`make dev` shows the runs afterwards).
+demo: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
+	$(VENV)/bin/cbp synth --participants $(DEMO_N) --deliveries $(DEMO_K) --seed $(DEMO_SEED) --faults $(DEMO_FAULTS) --if-absent
+	$(PY) -m assets.runner
+	@echo "Landing zone: $(CBP_DATA_ROOT)/landing   warehouse: $(CBP_DATA_ROOT)/warehouse/cbp.duckdb"
+	@echo "Open the UI: make dev   (then http://127.0.0.1:$${DAGSTER_PORT:-3000})"
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -37,8 +46,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/run.py
 
-dev: $(STAMP)
-	@mkdir -p $(DAGSTER_HOME)
+dev: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
 	$(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p $${DAGSTER_PORT:-3000}
 
 clean:

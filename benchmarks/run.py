@@ -13,13 +13,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import bench_synth  # noqa: E402
+from benchmarks import bench_ingest, bench_synth  # noqa: E402
 
 
 def main() -> int:
     out_dir = Path("bench-results")
     out_dir.mkdir(exist_ok=True)
-    results = {"synth": bench_synth.run()}
+    only = sys.argv[1:]
+    results = {}
+    for name, mod in (("synth", bench_synth), ("ingest", bench_ingest)):
+        if not only or name in only:
+            results[name] = mod.run()
     stamp = time.strftime("%Y%m%dT%H%M%S")
     (out_dir / f"bench-{stamp}.json").write_text(json.dumps(results, indent=1))
     print(f"\nresults written to {out_dir / f'bench-{stamp}.json'}")

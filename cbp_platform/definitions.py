@@ -1,11 +1,30 @@
 """The Dagster code location: assembles ``Definitions`` from ``assets/``, ``resources/`` and ``checks/``.
 
-This is the only module of :mod:`cbp_platform` that imports Dagster. The asset graph is filled stage by stage
-(ingestion, segmentation, metrics, analysis); until then the location loads with no assets.
+This is the only module of :mod:`cbp_platform` that imports Dagster. Heavy libraries (torch, Great
+Expectations) are imported inside the functions that use them, so the location loads in seconds.
 """
 
 from __future__ import annotations
 
 import dagster as dg
 
-defs = dg.Definitions(assets=[])
+from assets.ingestion import participant_covariates, raw_mri_scans
+from assets.schedules import cohort_refresh_job, daily_cohort_refresh, ingest_batch_job
+from assets.sensors import delivery_sensor
+from assets.summary import ingestion_summary
+from checks.ingestion import covariates_expectations, fat_water_swap_qc, scan_facts_expectations
+from resources import DataRootResource, Warehouse
+
+
+def build_definitions() -> dg.Definitions:
+    return dg.Definitions(
+        assets=[raw_mri_scans, participant_covariates, ingestion_summary],
+        asset_checks=[covariates_expectations, scan_facts_expectations, fat_water_swap_qc],
+        jobs=[ingest_batch_job, cohort_refresh_job],
+        sensors=[delivery_sensor],
+        schedules=[daily_cohort_refresh],
+        resources={"data_root": DataRootResource(), "warehouse": Warehouse()},
+    )
+
+
+defs = build_definitions()

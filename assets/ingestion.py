@@ -1,0 +1,154 @@
+"""Ingestion assets, partitioned by batch: ``raw_mri_scans`` and ``participant_covariates``.
+
+Each reads its batch from the landing zone (read-only), calls the domain core, writes its rows, the
+quarantined participants and one provenance row per participant to the warehouse, and reports counts,
+reasons, a preview (no pseudonyms) and the checksum of the written table.
+"""
+
+
+import time
+from collections import Counter
+
+import dagster as dg
+import polars as pl
+
+from assets.partitions import batches_partitions
+from cbp_platform.ingest.batch import earlier_pseudonyms, facts_frame, ingest_scans
+from cbp_platform.ingest.covariates import parse_covariates
+from cbp_platform.ingest.deliveries import load_manifest
+from cbp_platform.landing import COVARIATES_NAME
+from cbp_platform.warehouse import provenance_frame, quarantine_frame
+from resources import DataRootResource, Warehouse
+
+RAW_MRI_SCANS_VERSION = "raw_mri_scans/1"
+COVARIATES_VERSION = "participant_covariates/1"
+PREVIEW_ROWS = 5
+
+
+def _preview(df: pl.DataFrame, cols: list[str]) -> dg.MetadataValue:
+    """A few rows for the UI, never with pseudonyms."""
+    cols = [c for c in cols if c in df.columns and c != "pseudonym"]
+    if df.height == 0 or not cols:
+        return dg.MetadataValue.md("_no rows_")
+    head = df.select(cols).head(PREVIEW_ROWS)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in head.iter_rows():
+        lines.append("| " + " | ".join("" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
+                                       for v in row) + " |")
+    return dg.MetadataValue.md("\n".join(lines))
+
+
+def _reasons(quarantine: list[dict]) -> dict:
+    return dict(sorted(Counter(q["reason"] for q in quarantine).items()))
+
+
+def _batch(context: dg.AssetExecutionContext, data_root: DataRootResource):
+    key = context.partition_key
+    batch = data_root.registry.read(key)
+    ddir = data_root.landing / batch.delivery_id
+    manifest = load_manifest(ddir)
+    return batch, ddir, manifest
+
+
+@dg.asset(
+    partitions_def=batches_partitions,
+    code_version=RAW_MRI_SCANS_VERSION,
+    group_name="ingestion",
+    kinds={"duckdb", "nifti"},
+    description="One row per participant with validated Dixon scan facts (paths, sha256 verified against the "
+                "manifest, shape, spacing, orientation, affine, dtype, intensity range, channels, swap QC). "
+                "Failures go to the quarantine table.",
+)
+def raw_mri_scans(context: dg.AssetExecutionContext, data_root: DataRootResource,
+                  warehouse: Warehouse) -> dg.MaterializeResult:
+    batch, ddir, manifest = _batch(context, data_root)
+    dups = earlier_pseudonyms(data_root.path, batch.delivery_id)
+    t0 = time.perf_counter()
+    last = [t0]
+
+    def progress(done: int, total: int) -> None:
+        now = time.perf_counter()
+        if now - last[0] >= 10 or done == total:
+            last[0] = now
+            context.log.info(f"scans {done}/{total} ({done / max(now - t0, 1e-9):.1f}/s)")
+
+    facts, quarantine = ingest_scans(batch, ddir, manifest, duplicates=dups, threads=data_root.ingest_threads,
+                                     progress=progress)
+    df = facts_frame(facts, batch)
+    run_id = context.run.run_id
+    checksum = warehouse.replace_rows("raw_mri_scans", df, {"batch_key": batch.key})
+    warehouse.replace_rows("quarantine", quarantine_frame(quarantine, delivery_id=batch.delivery_id,
+                                                          batch_key=batch.key, stage="raw_mri_scans", run_id=run_id),
+                           {"batch_key": batch.key, "stage": "raw_mri_scans"})
+    prov = [dict(pseudonym=r["pseudonym"], inputs={"water": r["water_sha256"], "fat": r["fat_sha256"]})
+            for r in df.iter_rows(named=True)]
+    warehouse.replace_rows("provenance", provenance_frame(prov, delivery_id=batch.delivery_id, batch_key=batch.key,
+                                                          stage="raw_mri_scans", code_version=RAW_MRI_SCANS_VERSION,
+                                                          run_id=run_id),
+                           {"batch_key": batch.key, "stage": "raw_mri_scans"})
+    seconds = time.perf_counter() - t0
+    reasons = _reasons(quarantine)
+    context.log.info(f"batch {batch.key}: {df.height} scans valid, {len(quarantine)} quarantined {reasons}, "
+                     f"{seconds:.1f} s")
+    return dg.MaterializeResult(
+        metadata={
+            "participants": len(batch.participants),
+            "dagster/row_count": df.height,
+            "quarantined": len(quarantine),
+            "quarantine_reasons": dg.MetadataValue.json(reasons),
+            "swap_suspected": int(df["swap_suspected"].sum()) if df.height else 0,
+            "seconds": round(seconds, 2),
+            "table_checksum": checksum,
+            "delivery_id": batch.delivery_id,
+            "preview": _preview(df, ["shape_x", "shape_y", "shape_z", "spacing_x", "spacing_z", "orientation",
+                                     "dtype", "water_p99", "fat_p99", "swap_score"]),
+        },
+        data_version=dg.DataVersion(checksum),
+    )
+
+
+@dg.asset(
+    partitions_def=batches_partitions,
+    code_version=COVARIATES_VERSION,
+    group_name="ingestion",
+    kinds={"duckdb", "polars"},
+    description="The batch's rows of covariates.csv in the typed participant schema (docs/covariates.md). "
+                "Unparseable, out-of-range, missing or duplicated rows go to the quarantine table.",
+)
+def participant_covariates(context: dg.AssetExecutionContext, data_root: DataRootResource,
+                           warehouse: Warehouse) -> dg.MaterializeResult:
+    batch, ddir, manifest = _batch(context, data_root)
+    dups = earlier_pseudonyms(data_root.path, batch.delivery_id)
+    res = parse_covariates(ddir / COVARIATES_NAME, batch.participants, dups)
+    df = res.rows.with_columns(pl.lit(batch.key).alias("batch_key"), pl.lit(batch.delivery_id).alias("delivery_id"))
+    df = df.select(["batch_key", "delivery_id", *res.rows.columns])
+    run_id = context.run.run_id
+    checksum = warehouse.replace_rows("participant_covariates", df, {"batch_key": batch.key})
+    warehouse.replace_rows("quarantine", quarantine_frame(res.quarantine, delivery_id=batch.delivery_id,
+                                                          batch_key=batch.key, stage="participant_covariates",
+                                                          run_id=run_id),
+                           {"batch_key": batch.key, "stage": "participant_covariates"})
+    cov_sha = next((f["sha256"] for f in manifest["files"] if f["path"] == COVARIATES_NAME), "")
+    prov = [dict(pseudonym=p, inputs={"covariates.csv": cov_sha}) for p in df["pseudonym"].to_list()]
+    warehouse.replace_rows("provenance", provenance_frame(prov, delivery_id=batch.delivery_id, batch_key=batch.key,
+                                                          stage="participant_covariates",
+                                                          code_version=COVARIATES_VERSION, run_id=run_id),
+                           {"batch_key": batch.key, "stage": "participant_covariates"})
+    reasons = _reasons(res.quarantine)
+    context.log.info(f"batch {batch.key}: {df.height} covariate rows valid, {len(res.quarantine)} quarantined "
+                     f"{reasons}")
+    missing = {c: int(df[c].null_count()) for c in ("cbp", "nrs_pain", "met_min_week", "diabetes", "dyslipidemia",
+                                                   "osteoporosis", "osteoarthritis")}
+    return dg.MaterializeResult(
+        metadata={
+            "participants": len(batch.participants),
+            "dagster/row_count": df.height,
+            "quarantined": len(res.quarantine),
+            "quarantine_reasons": dg.MetadataValue.json(reasons),
+            "unanswered": dg.MetadataValue.json(missing),
+            "table_checksum": checksum,
+            "delivery_id": batch.delivery_id,
+            "preview": _preview(df, ["site", "age", "sex", "height_cm", "weight_kg", "cbp", "nrs_pain", "met_min_week"]),
+        },
+        data_version=dg.DataVersion(checksum),
+    )

@@ -1,0 +1,83 @@
+"""Run the pipeline once, through Dagster, against the persistent local instance (what ``make demo`` calls).
+
+The same steps the daemon takes, done in the foreground: evaluate ``delivery_sensor``, add the batch
+partitions it requests, execute ``ingest_batch`` for every requested batch that has no successful run yet
+(runs are recorded in ``$DAGSTER_HOME``, so ``make dev`` shows them afterwards), then refresh the cohort-level
+assets. ``python -m assets.runner``.
+"""
+
+import argparse
+import json
+import sys
+import time
+
+import dagster as dg
+
+from assets.partitions import BATCHES
+from assets.schedules import COHORT_LEVEL  # noqa: F401  (documents what the refresh covers)
+from assets.sensors import INGEST_JOB, delivery_sensor
+from cbp_platform.definitions import build_definitions
+from resources import DataRootResource
+
+CURSOR_FILE = "demo_sensor_cursor.json"
+
+
+def _done(instance: dg.DagsterInstance, key: str) -> bool:
+    runs = instance.get_runs(filters=dg.RunsFilter(tags={"cbp/batch": key}, statuses=[dg.DagsterRunStatus.SUCCESS]),
+                             limit=1)
+    return bool(runs)
+
+
+def run_pending(instance: dg.DagsterInstance, data_root: DataRootResource | None = None, *,
+                refresh: bool = True, log=print, log_level: str = "WARNING") -> dict:
+    defs = build_definitions()
+    data_root = data_root or DataRootResource()
+    cursor_path = data_root.path / "registry" / CURSOR_FILE
+    cursor = cursor_path.read_text() if cursor_path.exists() else None
+    with dg.build_sensor_context(instance=instance, cursor=cursor, resources={"data_root": data_root}) as ctx:
+        result = delivery_sensor(ctx)
+    for req in result.dynamic_partitions_requests or []:
+        instance.add_dynamic_partitions(BATCHES, list(req.partition_keys))
+    if result.cursor:
+        cursor_path.parent.mkdir(parents=True, exist_ok=True)
+        cursor_path.write_text(result.cursor)
+    # every registered batch without a successful run (includes batches of earlier, interrupted demos)
+    keys = sorted(set(instance.get_dynamic_partitions(BATCHES)))
+    pending = [k for k in keys if not _done(instance, k)]
+    job = defs.resolve_job_def(INGEST_JOB)
+    quiet = {"loggers": {"console": {"config": {"log_level": log_level}}}}
+    summary = {"batches": len(keys), "ran": 0, "failed": []}
+    t0 = time.perf_counter()
+    for i, key in enumerate(pending, start=1):
+        t = time.perf_counter()
+        res = job.execute_in_process(partition_key=key, instance=instance, raise_on_error=False, run_config=quiet,
+                                     tags={"cbp/batch": key, "cbp/delivery": key.rpartition(".b")[0]})
+        status = "ok" if res.success else "FAILED"
+        log(f"  [{i}/{len(pending)}] batch {key}: {status} in {time.perf_counter() - t:.1f} s (run {res.run_id[:8]})")
+        summary["ran"] += 1
+        if not res.success:
+            summary["failed"].append(key)
+    if refresh and keys:
+        res = defs.resolve_job_def("cohort_refresh").execute_in_process(instance=instance, raise_on_error=False,
+                                                                        run_config=quiet)
+        log(f"  cohort-level refresh: {'ok' if res.success else 'FAILED'} (run {res.run_id[:8]})")
+        if not res.success:
+            summary["failed"].append("cohort_refresh")
+    summary["seconds"] = round(time.perf_counter() - t0, 1)
+    return summary
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m assets.runner", description=__doc__.splitlines()[0])
+    ap.add_argument("--no-refresh", action="store_true", help="skip the cohort-level refresh")
+    ap.add_argument("--log-level", default="WARNING", help="Dagster console log level of the runs (INFO, DEBUG)")
+    args = ap.parse_args(argv)
+    instance = dg.DagsterInstance.get()
+    print(f"Dagster instance: {instance.root_directory}")
+    summary = run_pending(instance, refresh=not args.no_refresh, log_level=args.log_level)
+    print(json.dumps(summary))
+    return 1 if summary["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Ingestion: deliveries -> batches, scan validation, covariate parsing (framework-free)."""

@@ -1,0 +1,48 @@
+"""Warehouse-side helpers that need no database: table checksums and the provenance/quarantine row shapes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime, timezone
+
+import polars as pl
+
+QUARANTINE_SCHEMA = {
+    "delivery_id": pl.String, "batch_key": pl.String, "pseudonym": pl.String, "stage": pl.String,
+    "reason": pl.String, "message": pl.String, "run_id": pl.String, "recorded_at": pl.Datetime("us", "UTC"),
+}
+PROVENANCE_SCHEMA = {
+    "pseudonym": pl.String, "delivery_id": pl.String, "batch_key": pl.String, "stage": pl.String,
+    "input_checksums": pl.String, "output_checksum": pl.String, "code_version": pl.String, "run_id": pl.String,
+    "recorded_at": pl.Datetime("us", "UTC"),
+}
+
+
+def now_utc() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def table_checksum(df: pl.DataFrame) -> str:
+    """sha256 of a table's content, independent of row order (rows sorted, CSV-serialised)."""
+    if df.height == 0:
+        return hashlib.sha256(("|".join(df.columns)).encode()).hexdigest()
+    canon = df.sort(df.columns, nulls_last=True)
+    return hashlib.sha256(canon.write_csv().encode()).hexdigest()
+
+
+def quarantine_frame(rows: list[dict], *, delivery_id: str, batch_key: str, stage: str, run_id: str) -> pl.DataFrame:
+    t = now_utc()
+    data = [dict(delivery_id=delivery_id, batch_key=batch_key, pseudonym=r["pseudonym"], stage=stage,
+                 reason=r["reason"], message=r["message"], run_id=run_id, recorded_at=t) for r in rows]
+    return pl.DataFrame(data, schema=QUARANTINE_SCHEMA)
+
+
+def provenance_frame(rows: list[dict], *, delivery_id: str, batch_key: str, stage: str, code_version: str,
+                     run_id: str) -> pl.DataFrame:
+    """rows: pseudonym, inputs (dict name -> sha256), output (checksum or '')."""
+    t = now_utc()
+    data = [dict(pseudonym=r["pseudonym"], delivery_id=delivery_id, batch_key=batch_key, stage=stage,
+                 input_checksums=json.dumps(r["inputs"], sort_keys=True), output_checksum=r.get("output", ""),
+                 code_version=code_version, run_id=run_id, recorded_at=t) for r in rows]
+    return pl.DataFrame(data, schema=PROVENANCE_SCHEMA)

@@ -1,0 +1,38 @@
+"""The data root as a Dagster resource."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dagster as dg
+
+from cbp_platform.ingest.deliveries import DEFAULT_BATCH_SIZE, BatchRegistry
+from cbp_platform.paths import data_root
+
+
+class DataRootResource(dg.ConfigurableResource):
+    """Where deliveries land and where derived data go. ``root`` empty = ``$CBP_DATA_ROOT`` or ``./data``."""
+
+    root: str = ""
+    batch_size: int = DEFAULT_BATCH_SIZE
+    ingest_threads: int = 2
+
+    @property
+    def path(self) -> Path:
+        return data_root(self.root or None)
+
+    @property
+    def landing(self) -> Path:
+        return self.path / "landing"
+
+    @property
+    def truth(self) -> Path:
+        return self.path / "truth"
+
+    @property
+    def derived(self) -> Path:
+        return self.path / "derived"
+
+    @property
+    def registry(self) -> BatchRegistry:
+        return BatchRegistry(self.path)

@@ -1,0 +1,97 @@
+"""The embedded DuckDB warehouse, through dagster-duckdb.
+
+DuckDB lets one process at a time open a database file. Batch runs therefore hold a connection only for a
+short write (one transaction: delete the partition's rows, insert the new ones) and
+:class:`dagster_duckdb.DuckDBResource` retries the connection with exponential backoff while another process
+holds the lock; on top of that, :meth:`Warehouse.connection` retries with jitter for up to ``lock_timeout_s``.
+Re-materialising a partition replaces its rows; it never duplicates them.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import dagster as dg
+import duckdb
+import polars as pl
+from dagster_duckdb import DuckDBResource
+
+from cbp_platform.paths import data_root
+from cbp_platform.warehouse import table_checksum
+
+
+def _is_lock_error(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return "lock" in text or "conflicting" in text or "being used" in text
+
+
+class Warehouse(DuckDBResource):
+    """DuckDB file under the data root; ``database`` empty = ``$CBP_DATA_ROOT/warehouse/cbp.duckdb``."""
+
+    database: str = ""
+    lock_timeout_s: float = 300.0
+
+    @property
+    def path(self) -> Path:
+        return Path(self.database) if self.database else data_root() / "warehouse" / "cbp.duckdb"
+
+    @contextmanager
+    def connection(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        deadline = time.monotonic() + self.lock_timeout_s
+        delay = 0.05
+        while True:
+            try:
+                conn = duckdb.connect(str(self.path), config={"custom_user_agent": "cbp-platform"})
+                break
+            except (duckdb.IOException, RuntimeError) as exc:
+                if not _is_lock_error(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 1.6, 2.0)
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+    @contextmanager
+    def get_connection(self):  # keep dagster-duckdb's API, with the warehouse path and the lock policy
+        with self.connection() as conn:
+            yield conn
+
+    def replace_rows(self, table: str, df: pl.DataFrame, where: dict[str, str]) -> str:
+        """Atomically replace the rows of ``table`` matching ``where`` by ``df``; return df's checksum."""
+        checksum = table_checksum(df)
+        cond = " AND ".join(f'"{k}" = ?' for k in where) or "TRUE"
+        params = list(where.values())
+        arrow = df.to_arrow()
+        with self.connection() as conn:
+            conn.register("incoming", arrow)
+            conn.execute(f'CREATE TABLE IF NOT EXISTS "{table}" AS SELECT * FROM incoming LIMIT 0')
+            conn.execute("BEGIN TRANSACTION")
+            try:
+                conn.execute(f'DELETE FROM "{table}" WHERE {cond}', params)
+                if df.height:
+                    conn.execute(f'INSERT INTO "{table}" BY NAME SELECT * FROM incoming')
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            finally:
+                conn.unregister("incoming")
+        return checksum
+
+    def query(self, sql: str, params: list | None = None) -> pl.DataFrame:
+        with self.connection() as conn:
+            try:
+                return pl.from_arrow(conn.sql(sql, params=params or None).to_arrow_table())
+            except duckdb.CatalogException:
+                return pl.DataFrame()
+
+    def has_table(self, table: str) -> bool:
+        with self.connection() as conn:
+            return bool(conn.execute(
+                "SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [table]).fetchone()[0])
