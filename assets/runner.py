@@ -15,17 +15,11 @@ import dagster as dg
 
 from assets.partitions import BATCHES
 from assets.schedules import COHORT_LEVEL  # noqa: F401  (documents what the refresh covers)
-from assets.sensors import INGEST_JOB, delivery_sensor
+from assets.sensors import INGEST_JOB, batch_already_ingested, delivery_sensor
 from cbp_platform.definitions import build_definitions
 from resources import DataRootResource
 
 CURSOR_FILE = "demo_sensor_cursor.json"
-
-
-def _done(instance: dg.DagsterInstance, key: str) -> bool:
-    runs = instance.get_runs(filters=dg.RunsFilter(tags={"cbp/batch": key}, statuses=[dg.DagsterRunStatus.SUCCESS]),
-                             limit=1)
-    return bool(runs)
 
 
 def run_pending(instance: dg.DagsterInstance, data_root: DataRootResource | None = None, *,
@@ -43,7 +37,7 @@ def run_pending(instance: dg.DagsterInstance, data_root: DataRootResource | None
         cursor_path.write_text(result.cursor)
     # every registered batch without a successful run (includes batches of earlier, interrupted demos)
     keys = sorted(set(instance.get_dynamic_partitions(BATCHES)))
-    pending = [k for k in keys if not _done(instance, k)]
+    pending = [k for k in keys if not batch_already_ingested(instance, k)]
     job = defs.resolve_job_def(INGEST_JOB)
     quiet = {"loggers": {"console": {"config": {"log_level": log_level}}}}
     summary = {"batches": len(keys), "ran": 0, "failed": []}

@@ -1,6 +1,7 @@
 """``delivery_sensor``: complete deliveries -> batches (dynamic partitions) -> one run request per batch.
 
-Exactly-once: the cursor records every delivery already registered (and malformed ones with their manifest's
+Exactly-once: batches with a successful run (tag ``cbp/batch``) are not requested again, the cursor records
+every delivery already registered (and malformed ones with their manifest's
 modification time, so a corrected manifest is looked at again); each run request's ``run_key`` is its batch
 key, so even a lost cursor never launches a batch twice. Registering a delivery writes its batch membership
 files first and the delivery record last; partitions and run requests are then returned together in one
@@ -52,6 +53,8 @@ def delivery_sensor(context: dg.SensorEvaluationContext, data_root: DataRootReso
         batches = register_delivery(data_root.path, st.manifest, data_root.batch_size)
         for b in batches:
             new_keys.append(b.key)
+            if batch_already_ingested(context.instance, b.key):   # e.g. by `make demo` before the daemon ran
+                continue
             runs.append(dg.RunRequest(run_key=b.key, partition_key=b.key,
                                       tags={"cbp/delivery": b.delivery_id, "cbp/batch": b.key}))
         registered.add(st.delivery_id)
@@ -64,6 +67,12 @@ def delivery_sensor(context: dg.SensorEvaluationContext, data_root: DataRootReso
         return dg.SensorResult(skip_reason=reason, cursor=cursor)
     return dg.SensorResult(run_requests=runs, cursor=cursor,
                            dynamic_partitions_requests=[dg.AddDynamicPartitionsRequest(BATCHES, new_keys)])
+
+
+def batch_already_ingested(instance: dg.DagsterInstance, key: str) -> bool:
+    """A successful run of this batch exists (launched by this sensor, the demo runner or the UI)."""
+    return bool(instance.get_runs(filters=dg.RunsFilter(tags={"cbp/batch": key},
+                                                        statuses=[dg.DagsterRunStatus.SUCCESS]), limit=1))
 
 
 def _manifest_mtime(path) -> float | None:

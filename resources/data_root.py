@@ -7,7 +7,7 @@ from pathlib import Path
 import dagster as dg
 
 from cbp_platform.ingest.deliveries import DEFAULT_BATCH_SIZE, BatchRegistry
-from cbp_platform.paths import data_root
+from cbp_platform.paths import DataLayout, data_root
 
 
 class DataRootResource(dg.ConfigurableResource):
@@ -22,16 +22,12 @@ class DataRootResource(dg.ConfigurableResource):
         return data_root(self.root or None)
 
     @property
+    def layout(self) -> DataLayout:
+        return DataLayout(self.path)
+
+    @property
     def landing(self) -> Path:
-        return self.path / "landing"
-
-    @property
-    def truth(self) -> Path:
-        return self.path / "truth"
-
-    @property
-    def derived(self) -> Path:
-        return self.path / "derived"
+        return self.layout.landing
 
     @property
     def registry(self) -> BatchRegistry:

@@ -240,3 +240,15 @@ def test_parallel_batches_never_fail_on_the_duckdb_lock(env, tmp_path):
     n = _q(root, "SELECT batch_key, count(*) AS n FROM raw_mri_scans GROUP BY 1 ORDER BY 1")
     assert n["batch_key"].to_list() == sorted(keys) and n["n"].to_list() == [10, 10, 10, 10]
     assert _q(root, "SELECT count(*) AS n FROM participant_covariates")["n"][0] == 40
+
+
+def test_sensor_does_not_relaunch_batches_already_ingested(ingested):
+    """`make demo` ingests before the daemon ever ticks; the daemon's first tick must not ingest again."""
+    from assets.sensors import delivery_sensor
+    from resources import DataRootResource
+
+    root, instance, _ = ingested
+    with dg.build_sensor_context(instance=instance, resources={"data_root": DataRootResource()}) as ctx:
+        res = delivery_sensor(ctx)
+    assert res.run_requests == []
+    assert sorted(res.dynamic_partitions_requests[0].partition_keys) == ["sim21-d01.b001", "sim21-d02.b001"]
