@@ -15,15 +15,16 @@ import dagster as dg
 
 from assets.partitions import BATCHES
 from assets.schedules import COHORT_LEVEL  # noqa: F401  (documents what the refresh covers)
-from assets.sensors import INGEST_JOB, batch_already_ingested, delivery_sensor
+from assets.sensors import PROCESS_JOB, batch_already_ingested, delivery_sensor
 from cbp_platform.definitions import build_definitions
-from resources import DataRootResource
+from resources import DataRootResource, SegmentationRuntime
 
 CURSOR_FILE = "demo_sensor_cursor.json"
 
 
 def run_pending(instance: dg.DagsterInstance, data_root: DataRootResource | None = None, *,
-                refresh: bool = True, log=print, log_level: str = "WARNING") -> dict:
+                refresh: bool = True, log=print, log_level: str = "WARNING", job_name: str = PROCESS_JOB,
+                model_config: dict | None = None) -> dict:
     defs = build_definitions()
     data_root = data_root or DataRootResource()
     cursor_path = data_root.path / "registry" / CURSOR_FILE
@@ -37,9 +38,19 @@ def run_pending(instance: dg.DagsterInstance, data_root: DataRootResource | None
         cursor_path.write_text(result.cursor)
     # every registered batch without a successful run (includes batches of earlier, interrupted demos)
     keys = sorted(set(instance.get_dynamic_partitions(BATCHES)))
-    pending = [k for k in keys if not batch_already_ingested(instance, k)]
-    job = defs.resolve_job_def(INGEST_JOB)
+    pending = [k for k in keys if not batch_already_ingested(instance, k, job_name)]
+    job = defs.resolve_job_def(job_name)
     quiet = {"loggers": {"console": {"config": {"log_level": log_level}}}}
+    if job_name == PROCESS_JOB and pending and not SegmentationRuntime().current_pointer.exists():
+        # the per-batch job needs the model: train (or load) it once, with its Dice check
+        t = time.perf_counter()
+        cfg = {**quiet, "ops": {"segmentation_model": {"config": model_config or {}}}}
+        res = defs.resolve_job_def("train_segmentation_model").execute_in_process(
+            instance=instance, raise_on_error=False, run_config=cfg)
+        log(f"  segmentation model: {'ok' if res.success else 'FAILED'} in {time.perf_counter() - t:.0f} s "
+            f"(run {res.run_id[:8]})")
+        if not res.success:
+            return {"batches": len(keys), "ran": 0, "failed": ["segmentation_model"], "seconds": 0.0}
     summary = {"batches": len(keys), "ran": 0, "failed": []}
     t0 = time.perf_counter()
     for i, key in enumerate(pending, start=1):

@@ -1,6 +1,7 @@
 """Jobs and schedules.
 
-``ingest_batch``: the per-batch job the sensor launches (ingestion assets and their checks).
+``process_batch``: the per-batch job the sensor launches (ingestion, segmentation, metrics, their checks).
+``ingest_batch``: ingestion only (for re-ingesting a batch after a landing-zone fix).
 ``daily_cohort_refresh``: refreshes the cohort-level assets once a day (05:00 UTC), after the night's
 deliveries; later stages add their cohort-level assets to ``COHORT_LEVEL``.
 """
@@ -8,12 +9,22 @@ deliveries; later stages add their cohort-level assets to ``COHORT_LEVEL``.
 import dagster as dg
 
 from assets.ingestion import participant_covariates, raw_mri_scans
-from assets.sensors import INGEST_JOB
+from assets.segmentation import muscle_metrics, muscle_segmentations, segmentation_model
+from assets.sensors import INGEST_JOB, PROCESS_JOB
 from assets.summary import ingestion_summary
 
 ingest_batch_job = dg.define_asset_job(
     INGEST_JOB, selection=dg.AssetSelection.assets(raw_mri_scans, participant_covariates),
     description="Validate and load one batch: scans and covariates, with their checks.")
+
+process_batch_job = dg.define_asset_job(
+    PROCESS_JOB, selection=dg.AssetSelection.assets(raw_mri_scans, participant_covariates, muscle_segmentations,
+                                                    muscle_metrics),
+    description="One batch end to end: ingestion, segmentation (pool gpu) and metrics, with their checks. "
+                "Needs a materialised segmentation_model.")
+
+model_job = dg.define_asset_job("train_segmentation_model", selection=dg.AssetSelection.assets(segmentation_model),
+                                description="Train (or load) the segmentation model and check its Dice.")
 
 COHORT_LEVEL = dg.AssetSelection.assets(ingestion_summary)
 

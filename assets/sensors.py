@@ -19,6 +19,7 @@ from cbp_platform.ingest.deliveries import scan_landing
 from resources import DataRootResource
 
 INGEST_JOB = "ingest_batch"
+PROCESS_JOB = "process_batch"
 
 
 def _load_cursor(raw: str | None) -> dict:
@@ -30,8 +31,8 @@ def _load_cursor(raw: str | None) -> dict:
     return doc
 
 
-@dg.sensor(job_name=INGEST_JOB, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING,
-           description="Registers complete deliveries as batches and requests an ingestion run per batch.")
+@dg.sensor(job_name=PROCESS_JOB, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING,
+           description="Registers complete deliveries as batches and requests a processing run per batch.")
 def delivery_sensor(context: dg.SensorEvaluationContext, data_root: DataRootResource) -> dg.SensorResult:
     cur = _load_cursor(context.cursor)
     registered = set(cur["registered"])
@@ -69,9 +70,9 @@ def delivery_sensor(context: dg.SensorEvaluationContext, data_root: DataRootReso
                            dynamic_partitions_requests=[dg.AddDynamicPartitionsRequest(BATCHES, new_keys)])
 
 
-def batch_already_ingested(instance: dg.DagsterInstance, key: str) -> bool:
-    """A successful run of this batch exists (launched by this sensor, the demo runner or the UI)."""
-    return bool(instance.get_runs(filters=dg.RunsFilter(tags={"cbp/batch": key},
+def batch_already_ingested(instance: dg.DagsterInstance, key: str, job_name: str = PROCESS_JOB) -> bool:
+    """A successful run of ``job_name`` for this batch exists (launched by this sensor, the demo runner, the UI)."""
+    return bool(instance.get_runs(filters=dg.RunsFilter(job_name=job_name, tags={"cbp/batch": key},
                                                         statuses=[dg.DagsterRunStatus.SUCCESS]), limit=1))
 
 

@@ -2,6 +2,7 @@
 
 ``cbp synth``               simulate a NAKO-like cohort into the landing zone (ground truth beside it)
 ``cbp calibration-report``  paper (STUDY.md) vs simulated cohort figures, computed from a fresh draw
+``cbp accuracy``            segmentation Dice, and ICC / bias / limits of agreement of LMM and InterMAT vs truth
 """
 
 from __future__ import annotations
@@ -53,6 +54,34 @@ def _cmd_calibration(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_accuracy(args: argparse.Namespace) -> int:
+    import json
+
+    import duckdb
+    import polars as pl
+
+    from cbp_platform.paths import DataLayout
+    from cbp_platform.segmentation.accuracy import evaluate, format_report
+
+    layout = DataLayout.from_env(args.data_root)
+    db = layout.root / "warehouse" / "cbp.duckdb"
+    if not db.exists():
+        print(f"cbp accuracy: error: {db} not found (run the pipeline first: make demo)", file=sys.stderr)
+        return 2
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        segs = pl.from_arrow(con.sql("SELECT delivery_id, pseudonym, label_path FROM muscle_segmentations").to_arrow_table())
+        mets = pl.from_arrow(con.sql("SELECT * FROM muscle_metrics").to_arrow_table())
+    except duckdb.CatalogException:
+        print("cbp accuracy: error: no segmentations in the warehouse yet", file=sys.stderr)
+        return 2
+    finally:
+        con.close()
+    rep = evaluate(segs, mets, layout.truth)
+    print(json.dumps(rep, indent=1) if args.json else format_report(rep))
+    return 0 if rep.get("n") else 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="cbp", description="cbp-platform: MRI back-muscle composition and chronic back pain")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -75,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit 0 without writing when these deliveries are already complete")
     s.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     s.set_defaults(func=_cmd_synth)
+
+    a = sub.add_parser("accuracy", help="segmentation and metric accuracy against the simulated ground truth")
+    a.add_argument("--data-root", default=None)
+    a.add_argument("--json", action="store_true")
+    a.set_defaults(func=_cmd_accuracy)
 
     c = sub.add_parser("calibration-report", help="paper vs simulated cohort figures (markdown)")
     c.add_argument("--participants", "-n", type=int, default=30868)

@@ -9,21 +9,26 @@ from __future__ import annotations
 import dagster as dg
 
 from assets.ingestion import participant_covariates, raw_mri_scans
-from assets.schedules import cohort_refresh_job, daily_cohort_refresh, ingest_batch_job
+from assets.schedules import (cohort_refresh_job, daily_cohort_refresh, ingest_batch_job, model_job,
+                              process_batch_job)
+from assets.segmentation import muscle_metrics, muscle_segmentations, segmentation_model, segmentation_model_dice
 from assets.sensors import delivery_sensor
 from assets.summary import ingestion_summary
 from checks.ingestion import covariates_expectations, fat_water_swap_qc, scan_facts_expectations
-from resources import DataRootResource, Warehouse
+from checks.segmentation import segmentation_plausibility
+from resources import DataRootResource, SegmentationRuntime, Warehouse
 
 
 def build_definitions() -> dg.Definitions:
     return dg.Definitions(
-        assets=[raw_mri_scans, participant_covariates, ingestion_summary],
-        asset_checks=[covariates_expectations, scan_facts_expectations, fat_water_swap_qc],
-        jobs=[ingest_batch_job, cohort_refresh_job],
+        assets=[raw_mri_scans, participant_covariates, ingestion_summary, segmentation_model,
+                muscle_segmentations, muscle_metrics],
+        asset_checks=[covariates_expectations, scan_facts_expectations, fat_water_swap_qc, segmentation_model_dice,
+                      segmentation_plausibility],
+        jobs=[ingest_batch_job, process_batch_job, model_job, cohort_refresh_job],
         sensors=[delivery_sensor],
         schedules=[daily_cohort_refresh],
-        resources={"data_root": DataRootResource(), "warehouse": Warehouse()},
+        resources={"data_root": DataRootResource(), "warehouse": Warehouse(), "runtime": SegmentationRuntime()},
     )
 
 

@@ -5,6 +5,7 @@ warehouse file defaults to ``$CBP_DATA_ROOT/warehouse/cbp.duckdb``.
 """
 
 from resources.data_root import DataRootResource
+from resources.segmentation import SegmentationRuntime
 from resources.warehouse import Warehouse
 
-__all__ = ["DataRootResource", "Warehouse"]
+__all__ = ["DataRootResource", "SegmentationRuntime", "Warehouse"]

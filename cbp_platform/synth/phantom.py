@@ -432,12 +432,12 @@ def _paint_compartments(canvas: _Canvas, subj: Subject, L: dict, scales, rng) ->
     h = canvas.h
     labels = np.zeros(canvas.p.shape, np.uint8)
     boxes = {lab: _compartment_box(canvas, lab, L, scales) for lab in COMPARTMENTS}
-    # fascial / paraspinal fat around each compartment (3 mm), and quadratus lumborum (unlabelled muscle)
+    # fascial / paraspinal fat around each compartment (4 mm), and quadratus lumborum (unlabelled muscle)
     for lab, sl in boxes.items():
         if sl is None:
             continue
         u, v = canvas.uv(sl)
-        canvas.paint(sl, _coverage(_compartment_sdf(lab, u, v, L, sl, scales) - 3.0, h), ADIPOSE)
+        canvas.paint(sl, _coverage(_compartment_sdf(lab, u, v, L, sl, scales) - 4.0, h), ADIPOSE)
     for side in (1.0, -1.0):
         k = np.clip((0.62 - L["s"]) / 0.5, 0, 1) * np.clip((L["s"] + 0.05) / 0.2, 0, 1)
         cu = side * (L["R_lat"] + 2 * 20.0 * L["hs"] * scales[2] * L["psoas_prof"] + 18.0)
@@ -468,7 +468,7 @@ def _paint_compartments(canvas: _Canvas, subj: Subject, L: dict, scales, rng) ->
         inside = cov >= 0.5
         n_lab = int(np.count_nonzero(inside))
         G = _smooth_field(rng, cov.shape, canvas.p.spacing)
-        G += 0.9 * np.exp(np.minimum(sdf, 0.0) / 4.0)       # fat prefers the fascial border and septa
+        G += 0.25 * np.exp(np.minimum(sdf, 0.0) / 4.0)      # a mild preference for the fascial border
         # Solve the intermuscular-fat threshold t so that exactly round(f * n) labelled voxels end up with
         # noise-free F >= W after compositing over what lies beneath (partial volume at the border).
         Du = canvas.F[sl] - canvas.W[sl]

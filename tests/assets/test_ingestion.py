@@ -50,7 +50,7 @@ def ingested(env):
     from assets.runner import run_pending
 
     instance = dg.DagsterInstance.get()
-    summary = run_pending(instance, log=lambda *_: None)
+    summary = run_pending(instance, log=lambda *_: None, job_name="ingest_batch")
     return env, instance, summary
 
 
@@ -242,13 +242,24 @@ def test_parallel_batches_never_fail_on_the_duckdb_lock(env, tmp_path):
     assert _q(root, "SELECT count(*) AS n FROM participant_covariates")["n"][0] == 40
 
 
-def test_sensor_does_not_relaunch_batches_already_ingested(ingested):
-    """`make demo` ingests before the daemon ever ticks; the daemon's first tick must not ingest again."""
-    from assets.sensors import delivery_sensor
+def test_sensor_does_not_relaunch_batches_already_processed(ingested):
+    """`make demo` processes batches before the daemon ever ticks; the daemon must not run them again.
+
+    Here the batches were only ingested (`ingest_batch`), so the sensor still requests `process_batch` for them;
+    once a successful `process_batch` run of a batch exists, it is not requested again."""
+    from assets.sensors import PROCESS_JOB, batch_already_ingested, delivery_sensor
     from resources import DataRootResource
 
     root, instance, _ = ingested
+    keys = ["sim21-d01.b001", "sim21-d02.b001"]
+    assert all(batch_already_ingested(instance, k, "ingest_batch") for k in keys)
     with dg.build_sensor_context(instance=instance, resources={"data_root": DataRootResource()}) as ctx:
         res = delivery_sensor(ctx)
-    assert res.run_requests == []
-    assert sorted(res.dynamic_partitions_requests[0].partition_keys) == ["sim21-d01.b001", "sim21-d02.b001"]
+    assert sorted(r.partition_key for r in res.run_requests) == keys
+    assert sorted(res.dynamic_partitions_requests[0].partition_keys) == keys
+    # a successful process_batch run of the first batch (recorded as the daemon would) removes it from the requests
+    instance.add_run(dg.DagsterRun(job_name=PROCESS_JOB, run_id="0" * 8 + "-0000-0000-0000-" + "0" * 12,
+                                   status=dg.DagsterRunStatus.SUCCESS, tags={"cbp/batch": keys[0]}))
+    with dg.build_sensor_context(instance=instance, resources={"data_root": DataRootResource()}) as ctx:
+        res = delivery_sensor(ctx)
+    assert [r.partition_key for r in res.run_requests] == keys[1:]

@@ -1,0 +1,208 @@
+"""Segmentation and body-composition metrics: ``segmentation_model``, ``muscle_segmentations[batch]``,
+``muscle_metrics[batch]``.
+
+Policy for suspected fat-water swaps (flagged by the ingestion QC): the scan is *excluded* from segmentation and
+metrics, with reason ``fat_water_swap_suspected`` in the quarantine table, and counted in the metadata. Swaps
+limited to one station cannot be undone by exchanging the channels of the whole volume, and a partially
+corrected scan would bias InterMAT; excluding ~1.8 % of scans costs little power.
+"""
+
+import json
+import time
+
+import dagster as dg
+import polars as pl
+
+from assets.ingestion import raw_mri_scans
+from assets.partitions import batches_partitions
+from resources import DataRootResource, SegmentationRuntime, Warehouse
+
+MODEL_VERSION = "segmentation_model/1"
+SEGMENTATIONS_VERSION = "muscle_segmentations/1"
+METRICS_VERSION = "muscle_metrics/1"
+
+
+class SegmentationModelConfig(dg.Config):
+    bundle_path: str = ""          # a bundle folder to load instead of training (bring your own weights)
+    train_budget_s: float = 180.0  # wall-clock training budget (CPU default: 3 minutes)
+    n_train: int = 48              # simulated training scans (their own cohort seed)
+    n_val: int = 10                # held-out simulated scans for the Dice figures
+    seed: int = 1000
+
+
+def current_model(runtime: SegmentationRuntime) -> dict:
+    p = runtime.current_pointer
+    if not p.exists():
+        raise dg.Failure(description=f"{p}: no segmentation model yet; materialise segmentation_model first")
+    return json.loads(p.read_text())
+
+
+@dg.asset(code_version=MODEL_VERSION, group_name="segmentation", kinds={"pytorch", "monai"},
+          description="The back-muscle segmentation model (MONAI 3D residual UNet) as a versioned bundle: trained "
+                      "on simulated labelled scans kept apart from the deliveries, or loaded from `bundle_path`. "
+                      "Its weights' sha256 is its identity in lineage.")
+def segmentation_model(context: dg.AssetExecutionContext, config: SegmentationModelConfig,
+                       runtime: SegmentationRuntime) -> dg.MaterializeResult:
+    from cbp_platform.imaging.nifti import atomic_write_bytes
+    from cbp_platform.segmentation.bundle import BundleError, build_network, load_bundle, save_bundle
+    from cbp_platform.segmentation.infer import Segmenter
+    from cbp_platform.segmentation.pipeline import configure_threads, validate
+    from cbp_platform.segmentation.train import train
+
+    configure_threads(runtime.threads)
+    t0 = time.perf_counter()
+    if config.bundle_path:
+        try:
+            bundle = load_bundle(config.bundle_path)
+        except BundleError as exc:
+            raise dg.Failure(description=str(exc)) from None
+        trained = None
+        context.log.info(f"loaded bundle {bundle.path} (weights {bundle.sha256[:12]})")
+    else:
+        res = train(build_network(), n_train=config.n_train, budget_s=config.train_budget_s, seed=config.seed,
+                    log=context.log.info)
+        tmp = runtime.models_path / ".training"
+        sha = save_bundle(tmp, res.network, {"training": {**res.provenance, "iterations": res.iterations,
+                                                          "seconds": round(res.seconds, 1),
+                                                          "final_loss": res.final_loss}})
+        final = runtime.models_path / f"cbp_back_muscles-{sha[:12]}"
+        if final.exists():
+            import shutil
+            shutil.rmtree(final)
+        tmp.replace(final)
+        bundle = load_bundle(final)
+        trained = res
+    dice = validate(Segmenter(bundle, device=runtime.device, sw_batch_size=runtime.sw_batch_size),
+                    n=config.n_val, seed=config.seed + 1000)
+    pointer = {"path": str(bundle.path), "weights_sha256": bundle.sha256, "validation_dice": dice,
+               "n_val": config.n_val, "validation_seed": config.seed + 1000}
+    atomic_write_bytes(runtime.current_pointer, json.dumps(pointer, indent=1).encode())
+    seconds = time.perf_counter() - t0
+    context.log.info(f"model {bundle.sha256[:12]}: held-out Dice {dice}")
+    md = {"weights_sha256": bundle.sha256, "bundle_path": str(bundle.path),
+          "validation_dice": dg.MetadataValue.json({k: round(v, 4) for k, v in dice.items()}),
+          "min_dice": round(min(dice.values()), 4), "n_validation_scans": config.n_val,
+          "source": "loaded" if trained is None else "trained", "seconds": round(seconds, 1)}
+    if trained is not None:
+        md.update(training_seconds=round(trained.seconds, 1), training_iterations=trained.iterations,
+                  n_training_scans=config.n_train)
+    return dg.MaterializeResult(metadata=md, data_version=dg.DataVersion(bundle.sha256))
+
+
+@dg.asset_check(asset=segmentation_model, blocking=True,
+                description="Dice >= 0.90 for every class on held-out simulated scans.")
+def segmentation_model_dice(runtime: SegmentationRuntime) -> dg.AssetCheckResult:
+    cur = current_model(runtime)
+    dice = cur["validation_dice"]
+    return dg.AssetCheckResult(passed=min(dice.values()) >= 0.90, metadata={
+        "dice": dg.MetadataValue.json(dice), "threshold": 0.90, "weights_sha256": cur["weights_sha256"]})
+
+
+@dg.asset(partitions_def=batches_partitions, deps=[raw_mri_scans, segmentation_model], pool="gpu",
+          code_version=SEGMENTATIONS_VERSION, group_name="segmentation", kinds={"pytorch", "nifti"},
+          op_tags={"cbp/resource": "gpu"},
+          description="Label maps (NIfTI, the scan's grid and affine) of the batch's valid scans; suspected "
+                      "fat-water swaps are excluded (quarantine). Runs in the concurrency pool `gpu`.")
+def muscle_segmentations(context: dg.AssetExecutionContext, data_root: DataRootResource, warehouse: Warehouse,
+                         runtime: SegmentationRuntime) -> dg.MaterializeResult:
+    from cbp_platform.segmentation.bundle import load_bundle
+    from cbp_platform.segmentation.infer import Segmenter
+    from cbp_platform.segmentation.pipeline import configure_threads, segment_scans
+    from cbp_platform.warehouse import provenance_frame, quarantine_frame
+
+    key = context.partition_key
+    batch = data_root.registry.read(key)
+    configure_threads(runtime.threads)
+    cur = current_model(runtime)
+    bundle = load_bundle(cur["path"])
+    seg = Segmenter(bundle, device=runtime.device, sw_batch_size=runtime.sw_batch_size)
+    scans = warehouse.query("SELECT pseudonym, water_path, fat_path, water_sha256, fat_sha256, swap_suspected "
+                            "FROM raw_mri_scans WHERE batch_key = ? ORDER BY pseudonym", [key])
+    ddir = data_root.landing / batch.delivery_id
+    swapped = scans.filter(pl.col("swap_suspected")) if scans.height else scans
+    todo = scans.filter(~pl.col("swap_suspected")) if scans.height else scans
+    items = [{"pseudonym": r["pseudonym"], "water": str(ddir / r["water_path"]), "fat": str(ddir / r["fat_path"])}
+             for r in todo.iter_rows(named=True)]
+    out_dir = data_root.path / "derived" / "segmentations" / batch.delivery_id
+    last = [0.0]
+
+    def progress(done, total, elapsed):
+        if elapsed - last[0] >= 10 or done == total:
+            last[0] = elapsed
+            context.log.info(f"segmented {done}/{total} ({done / max(elapsed, 1e-9):.2f} scans/s, {seg.device})")
+
+    t0 = time.perf_counter()
+    results, failures = segment_scans(items, seg, out_dir, num_workers=runtime.num_workers, progress=progress)
+    seconds = time.perf_counter() - t0
+    quarantine = failures + [{"pseudonym": p, "reason": "fat_water_swap_suspected",
+                              "message": "excluded from segmentation by the swap policy (ingestion QC flag)"}
+                             for p in (swapped["pseudonym"].to_list() if swapped.height else [])]
+    df = pl.DataFrame(results, schema={"pseudonym": pl.String, "label_path": pl.String, "label_sha256": pl.String,
+                                       **{f"voxels_{c}": pl.Int64 for c in (1, 2, 3, 4)}})
+    df = df.with_columns(pl.lit(key).alias("batch_key"), pl.lit(batch.delivery_id).alias("delivery_id"),
+                         pl.lit(bundle.sha256).alias("model_sha256"))
+    checksum = warehouse.replace_rows("muscle_segmentations", df, {"batch_key": key})
+    run_id = context.run.run_id
+    warehouse.replace_rows("quarantine", quarantine_frame(quarantine, delivery_id=batch.delivery_id, batch_key=key,
+                                                          stage="muscle_segmentations", run_id=run_id),
+                           {"batch_key": key, "stage": "muscle_segmentations"})
+    src = {r["pseudonym"]: r for r in scans.iter_rows(named=True)} if scans.height else {}
+    prov = [dict(pseudonym=r["pseudonym"], output=r["label_sha256"],
+                 inputs={"water": src[r["pseudonym"]]["water_sha256"], "fat": src[r["pseudonym"]]["fat_sha256"],
+                         "model": bundle.sha256}) for r in results]
+    warehouse.replace_rows("provenance", provenance_frame(prov, delivery_id=batch.delivery_id, batch_key=key,
+                                                          stage="muscle_segmentations",
+                                                          code_version=SEGMENTATIONS_VERSION, run_id=run_id),
+                           {"batch_key": key, "stage": "muscle_segmentations"})
+    context.log.info(f"batch {key}: {len(results)} segmented, {len(quarantine)} excluded, {seconds:.1f} s")
+    return dg.MaterializeResult(metadata={
+        "dagster/row_count": len(results), "excluded_swap_suspected": swapped.height if scans.height else 0,
+        "failed": len(failures), "model_sha256": bundle.sha256, "device": str(seg.device),
+        "seconds": round(seconds, 2), "scans_per_second": round(len(results) / max(seconds, 1e-9), 2),
+        "table_checksum": checksum, "output_dir": str(out_dir)},
+        data_version=dg.DataVersion(checksum))
+
+
+@dg.asset(partitions_def=batches_partitions, deps=[muscle_segmentations], code_version=METRICS_VERSION,
+          group_name="segmentation", kinds={"duckdb"},
+          description="Per participant and muscle (and the back total): compartment, fat and lean volume (cm3), "
+                      "InterMAT % (voxel fat fraction >= 0.5) and MFI (mean fat fraction of lean voxels).")
+def muscle_metrics(context: dg.AssetExecutionContext, data_root: DataRootResource,
+                   warehouse: Warehouse) -> dg.MaterializeResult:
+    from cbp_platform.metrics.body_composition import METRIC_SCHEMA
+    from cbp_platform.segmentation.pipeline import metrics_for
+    from cbp_platform.warehouse import provenance_frame, quarantine_frame
+
+    key = context.partition_key
+    batch = data_root.registry.read(key)
+    rows = warehouse.query("SELECT s.pseudonym, s.label_path, s.label_sha256, r.water_path, r.fat_path "
+                           "FROM muscle_segmentations s JOIN raw_mri_scans r USING (batch_key, pseudonym) "
+                           "WHERE s.batch_key = ? ORDER BY s.pseudonym", [key])
+    ddir = data_root.landing / batch.delivery_id
+    out, quarantine, prov = [], [], []
+    for r in rows.iter_rows(named=True):
+        try:
+            ms = metrics_for(r["label_path"], str(ddir / r["water_path"]), str(ddir / r["fat_path"]))
+        except Exception as exc:
+            quarantine.append({"pseudonym": r["pseudonym"], "reason": "metrics_failed", "message": str(exc)})
+            continue
+        out += [{"pseudonym": r["pseudonym"], **m} for m in ms]
+        prov.append({"pseudonym": r["pseudonym"], "inputs": {"labels": r["label_sha256"]}})
+    df = pl.DataFrame(out, schema={"pseudonym": pl.String, **METRIC_SCHEMA}).with_columns(
+        pl.lit(key).alias("batch_key"), pl.lit(batch.delivery_id).alias("delivery_id"))
+    checksum = warehouse.replace_rows("muscle_metrics", df, {"batch_key": key})
+    run_id = context.run.run_id
+    warehouse.replace_rows("quarantine", quarantine_frame(quarantine, delivery_id=batch.delivery_id, batch_key=key,
+                                                          stage="muscle_metrics", run_id=run_id),
+                           {"batch_key": key, "stage": "muscle_metrics"})
+    warehouse.replace_rows("provenance", provenance_frame(prov, delivery_id=batch.delivery_id, batch_key=key,
+                                                          stage="muscle_metrics", code_version=METRICS_VERSION,
+                                                          run_id=run_id),
+                           {"batch_key": key, "stage": "muscle_metrics"})
+    tot = df.filter(pl.col("muscle") == "back_total")
+    md = {"participants": tot.height, "quarantined": len(quarantine), "table_checksum": checksum}
+    if tot.height:
+        md.update(median_back_compartment_ml=round(float(tot["compartment_ml"].median()), 1),
+                  median_imat_pct=round(float(tot["imat_pct"].median()), 2),
+                  median_mfi=round(float(tot["mfi"].median()), 4))
+    return dg.MaterializeResult(metadata=md, data_version=dg.DataVersion(checksum))

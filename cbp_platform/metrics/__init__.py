@@ -1,0 +1,1 @@
+"""Body-composition metrics from label maps and Dixon images, and agreement statistics."""

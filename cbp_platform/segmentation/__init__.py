@@ -1,0 +1,1 @@
+"""Back-muscle segmentation (MONAI): network bundle, preprocessing, training, inference."""

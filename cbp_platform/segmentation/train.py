@@ -1,0 +1,122 @@
+"""Training the back-muscle segmentation network on labelled simulated scans.
+
+The training and held-out sets are drawn from their own cohort seeds and rendered in memory by the phantom
+renderer, so they never overlap the analysed deliveries. Augmentation (MONAI transforms): intensity scale and
+shift, a smooth multiplicative bias field, small affine (rotation, scale), Gaussian noise, and a left-right flip
+that swaps the left and right labels. Training stops at a wall-clock budget (CPU default: a few minutes).
+"""
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from monai.data import DataLoader, Dataset
+from monai.losses import DiceCELoss
+from monai.transforms import (Compose, MapTransform, RandAffined, RandBiasFieldd, RandGaussianNoised,
+                              RandomizableTransform, RandScaleIntensityd, RandShiftIntensityd)
+from monai.utils import set_determinism
+
+from cbp_platform.segmentation.data import LR_SWAP, normalise
+from cbp_platform.synth.cohort import simulate_cohort
+from cbp_platform.synth.phantom import PRESETS, Subject, render_phantom
+
+
+class RandFlipLRd(RandomizableTransform, MapTransform):
+    """Flip along the left-right axis (axis 0 of a channel-first LAS volume) and swap left/right labels."""
+
+    def __init__(self, keys=("image", "label"), prob: float = 0.5):
+        MapTransform.__init__(self, keys)
+        RandomizableTransform.__init__(self, prob)
+
+    def __call__(self, data):
+        d = dict(data)
+        self.randomize(None)
+        if not self._do_transform:
+            return d
+        d["image"] = torch.flip(torch.as_tensor(d["image"]), dims=[1])
+        lab = torch.flip(torch.as_tensor(d["label"]), dims=[1])
+        out = lab.clone()
+        for a, b in LR_SWAP.items():
+            out[lab == a] = b
+        d["label"] = out
+        return d
+
+
+def augmentations() -> Compose:
+    return Compose([
+        RandFlipLRd(prob=0.5),
+        RandAffined(keys=["image", "label"], prob=0.3, rotate_range=(0.0, 0.0, 0.08), scale_range=(0.05, 0.05, 0.05),
+                    mode=("bilinear", "nearest"), padding_mode="zeros"),
+        RandBiasFieldd(keys="image", prob=0.3, coeff_range=(0.0, 0.15), degree=3),
+        RandScaleIntensityd(keys="image", factors=0.2, prob=0.5),
+        RandShiftIntensityd(keys="image", offsets=0.05, prob=0.3),
+        RandGaussianNoised(keys="image", prob=0.2, std=0.02),
+    ])
+
+
+def simulated_set(n: int, seed: int, preset: str = "fast") -> list[dict]:
+    """``n`` labelled scans (no fat-water swaps) from the cohort model with its own seed."""
+    p = PRESETS[preset]
+    rows = simulate_cohort(n, seed).to_dicts()
+    out = []
+    for i, r in enumerate(rows):
+        lean, ps = r["lean_volume_target_cm3"], r["psoas_share"]
+        lr_a, lr_p = r["lr_ratio_autochthonous"], r["lr_ratio_psoas"]
+        auto, pso = lean * (1 - ps), lean * ps
+        s = Subject(female=r["sex"] == "F", age=float(r["age"]), height_cm=r["height_cm"], weight_kg=r["weight_kg"],
+                    imat_pct=r["imat_true"], mfi=r["mfi_true"],
+                    lean_ml=(auto * lr_a / (1 + lr_a), auto / (1 + lr_a), pso * lr_p / (1 + lr_p), pso / (1 + lr_p)))
+        ph = render_phantom(s, p, np.random.default_rng(np.random.SeedSequence([seed, 7, i])))
+        out.append({"image": normalise(ph.water, ph.fat), "label": ph.labels[None].astype(np.int64),
+                    "water": ph.water, "fat": ph.fat, "labels": ph.labels, "affine": ph.affine})
+    return out
+
+
+@dataclass
+class TrainResult:
+    network: torch.nn.Module
+    iterations: int
+    seconds: float
+    final_loss: float
+    provenance: dict
+
+
+def train(network: torch.nn.Module, *, n_train: int = 48, budget_s: float = 180.0, max_iterations: int = 5000,
+          seed: int = 1000, batch_size: int = 2, lr: float = 3e-3, log=None) -> TrainResult:
+    set_determinism(seed)
+    torch.manual_seed(seed)
+    t_data = time.perf_counter()
+    items = simulated_set(n_train, seed)
+    data = [{"image": it["image"], "label": it["label"]} for it in items]
+    data_s = time.perf_counter() - t_data
+    loader = DataLoader(Dataset(data, transform=augmentations()), batch_size=batch_size, shuffle=True,
+                        num_workers=0, drop_last=True)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    opt = torch.optim.AdamW(network.parameters(), lr=lr, weight_decay=1e-4)
+    network.train()
+    it = 0
+    t0 = time.perf_counter()
+    loss_v = float("nan")
+    done = False
+    while not done:
+        for batch in loader:
+            opt.zero_grad()
+            loss = loss_fn(network(batch["image"].float()), batch["label"].long())
+            loss.backward()
+            opt.step()
+            it += 1
+            loss_v = float(loss.detach())
+            if log is not None and it % 50 == 0:
+                log(f"iteration {it}: loss {loss_v:.4f} ({time.perf_counter() - t0:.0f} s)")
+            if time.perf_counter() - t0 >= budget_s or it >= max_iterations:
+                done = True
+                break
+    network.eval()
+    seconds = time.perf_counter() - t0
+    prov = {"generator": "cbp_platform.synth (phantom renderer), in memory", "cohort_seed": seed, "n_train": n_train,
+            "preset": "fast", "fat_water_swaps": "none in training", "data_seconds": round(data_s, 1),
+            "augmentation": ["lr_flip_with_label_swap", "affine(rot z 0.08 rad, scale 5 %)", "bias_field",
+                             "intensity_scale", "intensity_shift", "gaussian_noise"],
+            "loss": "DiceCE", "optimizer": f"AdamW lr={lr}", "batch_size": batch_size}
+    return TrainResult(network, it, seconds, loss_v, prov)

@@ -1,0 +1,25 @@
+"""The segmentation runtime: device, batch sizes, prefetch workers, where model bundles live."""
+
+from pathlib import Path
+
+import dagster as dg
+
+from cbp_platform.paths import data_root
+
+
+class SegmentationRuntime(dg.ConfigurableResource):
+    """``device``: auto (CUDA with mixed precision when present, else deterministic CPU), cpu or cuda[:n]."""
+
+    device: str = "auto"
+    sw_batch_size: int = 2
+    num_workers: int = 1
+    threads: int = 0            # torch intra-op threads on CPU; 0 = all cores
+    models_dir: str = ""        # default $CBP_DATA_ROOT/models
+
+    @property
+    def models_path(self) -> Path:
+        return Path(self.models_dir) if self.models_dir else data_root() / "models"
+
+    @property
+    def current_pointer(self) -> Path:
+        return self.models_path / "current.json"

@@ -1,0 +1,208 @@
+"""Segmentation and metrics: bundle handling, augmentation, and the batch stage end to end against truth."""
+
+import json
+import os
+from pathlib import Path
+
+import dagster as dg
+import duckdb
+import nibabel as nib
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from cbp_platform.metrics.agreement import bland_altman, icc_a1
+from cbp_platform.metrics.body_composition import muscle_metrics
+from cbp_platform.segmentation.bundle import BundleError, build_network, load_bundle, save_bundle
+from cbp_platform.segmentation.train import RandFlipLRd
+from cbp_platform.synth.cohort import CohortParameters
+from cbp_platform.synth.delivery import synthesize
+from cbp_platform.synth.phantom import PRESETS, Subject, render_phantom
+
+
+def test_bundle_roundtrip_and_clear_errors(tmp_path):
+    net = build_network()
+    sha = save_bundle(tmp_path / "b", net, {"training": {"note": "untrained"}})
+    b = load_bundle(tmp_path / "b")
+    assert b.sha256 == sha and b.metadata["weights_sha256"] == sha
+    assert b.metadata["inputs"]["image"]["channels"] == ["water", "fat"]
+    x = torch.rand(1, 2, 32, 32, 16)
+    with torch.no_grad():
+        assert torch.equal(net.eval()(x), b.network(x))
+    with pytest.raises(BundleError, match="folder not found"):
+        load_bundle(tmp_path / "nope")
+    (tmp_path / "b" / "models" / "model.pt").write_bytes(b"garbage")
+    with pytest.raises(BundleError, match=r"models/model.pt: sha256 .* differs"):
+        load_bundle(tmp_path / "b")
+    meta = json.loads((tmp_path / "b" / "configs" / "metadata.json").read_text())
+    meta.pop("weights_sha256")
+    (tmp_path / "b" / "configs" / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match=r"models/model.pt: cannot load weights"):
+        load_bundle(tmp_path / "b")
+    (tmp_path / "b" / "configs" / "metadata.json").write_text("{")
+    with pytest.raises(BundleError, match=r"configs/metadata.json: not valid JSON"):
+        load_bundle(tmp_path / "b")
+
+
+def test_lr_flip_swaps_left_and_right_labels():
+    """LAS: index i runs to the participant's left. After mirroring, whatever lies at high i is a left muscle."""
+    img = torch.zeros(2, 8, 4, 4)
+    img[0, 6:] = 1.0                          # a marker on the left side only
+    lab = torch.zeros(1, 8, 4, 4, dtype=torch.long)
+    lab[0, 6:] = 1                            # left autochthonous (high i)
+    lab[0, :2] = 2                            # right autochthonous (low i)
+    lab[0, 4] = 3                             # left psoas
+    out = RandFlipLRd(prob=1.0)({"image": img, "label": lab})
+    assert (out["image"][0, :2] == 1).all() and (out["image"][0, 6:] == 0).all()   # the image is mirrored
+    assert (out["label"][0, 6:] == 1).all() and (out["label"][0, :2] == 2).all()   # sides keep their names
+    assert (out["label"][0, 3] == 4).all() and (out["label"][0, 4] == 0).all()     # left psoas became right
+
+
+def test_metrics_on_a_phantom_match_its_truth():
+    s = Subject(female=True, age=60, height_cm=165, weight_kg=70, imat_pct=9.0, mfi=0.05,
+                lean_ml=(300.0, 290.0, 90.0, 85.0))
+    ph = render_phantom(s, PRESETS["fast"], np.random.default_rng(4))
+    rows = {r["muscle"]: r for r in muscle_metrics(ph.labels, ph.water, ph.fat, PRESETS["fast"].voxel_ml)}
+    assert abs(rows["back_total"]["compartment_ml"] - ph.truth["compartment_ml"]) < 1e-6
+    # noisy images, true labels: InterMAT within half a percentage point, lean volume within 1 %
+    assert abs(rows["back_total"]["imat_pct"] - ph.truth["imat_pct"]) < 0.5
+    assert abs(rows["back_total"]["lean_ml"] / ph.truth["lean_ml"] - 1) < 0.01
+    nan_w = ph.water.astype(np.float32)
+    nan_w[0, 0, 0] = np.nan
+    assert all(np.isfinite(r["imat_pct"]) for r in muscle_metrics(ph.labels, nan_w, ph.fat, 0.096))
+
+
+def test_agreement_statistics():
+    x = np.array([1.0, 2.0, 3.0, 4.0])
+    assert icc_a1(x, x) == pytest.approx(1.0)
+    assert icc_a1(x, x + 1.0) < icc_a1(x, x + 0.1)
+    ba = bland_altman(x * 1.02, x)
+    assert ba["bias"] == pytest.approx(2.0) and ba["loa_low"] == pytest.approx(2.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_cuda_path_matches_cpu(tmp_path):
+    from cbp_platform.segmentation.infer import Segmenter
+
+    save_bundle(tmp_path / "b", build_network(), {})
+    b = load_bundle(tmp_path / "b")
+    ph = render_phantom(Subject(False, 50, 178, 80, 7.0, 0.04, (400, 400, 120, 120)), PRESETS["fast"],
+                        np.random.default_rng(1))
+    cpu = Segmenter(load_bundle(tmp_path / "b"), device="cpu").segment(ph.water, ph.fat, ph.affine)
+    gpu = Segmenter(b, device="cuda").segment(ph.water, ph.fat, ph.affine)
+    assert (cpu == gpu).mean() > 0.99
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def processed(tmp_path_factory):
+    """One delivery (with a few fat-water swaps) through model training and the whole batch job."""
+    from assets.runner import run_pending
+
+    root = tmp_path_factory.mktemp("seg")
+    home = root / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    synthesize(participants=30, deliveries=1, seed=8, data_root=root, workers=2,
+               params=CohortParameters(p_fat_water_swap=0.12))
+    old = {k: os.environ.get(k) for k in ("CBP_DATA_ROOT", "DAGSTER_HOME")}
+    os.environ["CBP_DATA_ROOT"] = str(root)
+    os.environ["DAGSTER_HOME"] = str(home)
+    try:
+        inst = dg.DagsterInstance.get()
+        summary = run_pending(inst, log=lambda *_: None,
+                              model_config={"train_budget_s": 110.0, "n_train": 40, "n_val": 6})
+        yield root, inst, summary
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _q(root: Path, sql: str) -> pl.DataFrame:
+    con = duckdb.connect(str(root / "warehouse" / "cbp.duckdb"), read_only=True)
+    try:
+        return pl.from_arrow(con.sql(sql).to_arrow_table())
+    finally:
+        con.close()
+
+
+def test_model_trains_passes_dice_and_is_identified_by_its_weights(processed):
+    root, inst, summary = processed
+    assert summary["failed"] == [], summary
+    cur = json.loads((root / "models" / "current.json").read_text())
+    b = load_bundle(cur["path"])
+    assert b.sha256 == cur["weights_sha256"] and min(cur["validation_dice"].values()) >= 0.90
+    ev = inst.get_latest_materialization_event(dg.AssetKey("segmentation_model")).asset_materialization
+    assert ev.metadata["weights_sha256"].value == b.sha256
+    key = dg.AssetCheckKey(dg.AssetKey("segmentation_model"), "segmentation_model_dice")
+    rec = inst.event_log_storage.get_asset_check_execution_history(key, limit=1)[0]
+    assert rec.event.dagster_event.event_specific_data.passed
+
+
+def test_batch_segmentations_metrics_and_swap_policy(processed):
+    root, inst, _ = processed
+    truth = pl.read_csv(root / "truth" / "sim8-d01" / "participants.csv")
+    swapped = set(truth.filter(pl.col("fat_water_swap") != "none")["pseudonym"].to_list())
+    assert swapped, "the fixture must contain swapped scans"
+    segs = _q(root, "SELECT * FROM muscle_segmentations")
+    q = _q(root, "SELECT pseudonym, reason FROM quarantine WHERE stage = 'muscle_segmentations'")
+    assert set(q.filter(pl.col("reason") == "fat_water_swap_suspected")["pseudonym"].to_list()) == swapped
+    assert set(segs["pseudonym"].to_list()) == set(truth["pseudonym"].to_list()) - swapped
+    cur = json.loads((root / "models" / "current.json").read_text())
+    assert set(segs["model_sha256"].to_list()) == {cur["weights_sha256"]}
+    for r in segs.head(3).iter_rows(named=True):
+        lab = nib.load(r["label_path"])
+        scan = nib.load(root / "landing" / "sim8-d01" / "mri" / r["pseudonym"] / f"{r['pseudonym']}_water.nii.gz")
+        np.testing.assert_allclose(lab.affine, scan.affine)
+        assert lab.shape == scan.shape
+    m = _q(root, "SELECT * FROM muscle_metrics")
+    assert m.height == 5 * segs.height and m["imat_pct"].is_finite().all()
+    prov = _q(root, "SELECT * FROM provenance WHERE stage = 'muscle_segmentations'")
+    assert all(json.loads(x)["model"] == cur["weights_sha256"] for x in prov["input_checksums"])
+    key = dg.AssetCheckKey(dg.AssetKey("muscle_metrics"), "segmentation_plausibility")
+    rec = inst.event_log_storage.get_asset_check_execution_history(key, limit=1)[0]
+    assert rec.event.dagster_event.event_specific_data.passed
+
+
+def _accuracy(processed, capsys) -> dict:
+    from cbp_platform.cli import main
+
+    root, _, _ = processed
+    assert main(["accuracy", "--data-root", str(root), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_accuracy_dice_and_lmm_meet_targets(processed, capsys):
+    rep = _accuracy(processed, capsys)
+    assert rep["n"] >= 20
+    assert min(rep["dice"].values()) >= 0.90, rep["dice"]
+    assert rep["lmm"]["icc"] >= 0.95 and abs(rep["lmm"]["bias"]) < 2.0, rep["lmm"]
+
+
+@pytest.mark.xfail(strict=True, reason="known open problem (issue 4): InterMAT depends on a few hundred border "
+                                       "voxels at 4 mm; ICC ~0.8 against the 0.95 target")
+def test_accuracy_intermat_meets_targets(processed, capsys):
+    rep = _accuracy(processed, capsys)
+    assert rep["imat"]["icc"] >= 0.95 and abs(rep["imat"]["bias"]) < 2.0, rep["imat"]
+
+
+def test_cpu_inference_is_deterministic(processed):
+    from cbp_platform.segmentation.infer import Segmenter
+
+    root, _, _ = processed
+    cur = json.loads((root / "models" / "current.json").read_text())
+    segs = _q(root, "SELECT pseudonym, label_sha256, label_path FROM muscle_segmentations ORDER BY pseudonym LIMIT 1")
+    p = segs["pseudonym"][0]
+    w = nib.load(root / "landing" / "sim8-d01" / "mri" / p / f"{p}_water.nii.gz")
+    f = nib.load(root / "landing" / "sim8-d01" / "mri" / p / f"{p}_fat.nii.gz")
+    seg = Segmenter(load_bundle(cur["path"]), device="cpu")
+    a = seg.segment(np.asarray(w.dataobj), np.asarray(f.dataobj), w.affine)
+    b = seg.segment(np.asarray(w.dataobj), np.asarray(f.dataobj), w.affine)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a, np.asarray(nib.load(segs["label_path"][0]).dataobj))
