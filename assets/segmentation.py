@@ -24,7 +24,8 @@ METRICS_VERSION = "muscle_metrics/1"
 
 class SegmentationModelConfig(dg.Config):
     bundle_path: str = ""          # a bundle folder to load instead of training (bring your own weights)
-    train_budget_s: float = 180.0  # wall-clock training budget (CPU default: 3 minutes)
+    max_iterations: int = 600      # training length: a fixed iteration count keeps the model reproducible
+    train_budget_s: float = 900.0  # wall-clock cap (a safety net on slow machines; 600 iterations take ~4.5 min on 2 cores)
     n_train: int = 48              # simulated training scans (their own cohort seed)
     n_val: int = 10                # held-out simulated scans for the Dice figures
     seed: int = 1000
@@ -60,7 +61,7 @@ def segmentation_model(context: dg.AssetExecutionContext, config: SegmentationMo
         context.log.info(f"loaded bundle {bundle.path} (weights {bundle.sha256[:12]})")
     else:
         res = train(build_network(), n_train=config.n_train, budget_s=config.train_budget_s, seed=config.seed,
-                    log=context.log.info)
+                    max_iterations=config.max_iterations, log=context.log.info)
         tmp = runtime.models_path / ".training"
         sha = save_bundle(tmp, res.network, {"training": {**res.provenance, "iterations": res.iterations,
                                                           "seconds": round(res.seconds, 1),

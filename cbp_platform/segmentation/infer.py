@@ -16,33 +16,6 @@ from cbp_platform.segmentation.data import (from_model_orientation, model_shape,
 ROI = (96, 72, 48)
 
 
-def refine_fascial_border(labels: np.ndarray, probs: np.ndarray, water: np.ndarray, fat: np.ndarray,
-                          threshold: float = 0.5, min_prob: float = 0.3, max_peel_prob: float = 0.8) -> np.ndarray:
-    """Snap compartment borders to the fascia using the voxel's own fat fraction.
-
-    A compartment is bounded by a thin layer of fascial fat. At the coarse model spacing the network places
-    borders by shape, so a border voxel may be assigned by geometry rather than content: a fat-dominant voxel on
-    the outer surface of a compartment is fascial fat and is taken out; a water-dominant voxel just outside it
-    that the network gives at least ``min_prob`` for the compartment is muscle and is taken in. One pass each;
-    fat inside the compartment is untouched.
-    """
-    from scipy import ndimage
-
-    s = water + fat
-    ff = np.divide(fat, s, out=np.zeros_like(s), where=s > 0)
-    out = labels.copy()
-    any_c = labels > 0
-    for c in range(1, probs.shape[0]):
-        m = labels == c
-        if not m.any():
-            continue
-        surface = m & ~ndimage.binary_erosion(m)
-        out[surface & (ff >= threshold) & (probs[c] < max_peel_prob)] = 0
-        ring = ndimage.binary_dilation(m) & ~any_c
-        out[ring & (ff < threshold) & (probs[c] >= min_prob)] = c
-    return out
-
-
 def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -51,8 +24,7 @@ def pick_device(device: str = "auto") -> torch.device:
 
 class Segmenter:
     def __init__(self, bundle: Bundle, device: str = "auto", sw_batch_size: int = 2, overlap: float = 0.25,
-                 amp: bool = True, refine: bool = True):
-        self.refine = refine
+                 amp: bool = True):
         self.bundle = bundle
         self.device = pick_device(device)
         self.amp = amp and self.device.type == "cuda"
@@ -79,9 +51,6 @@ class Segmenter:
         probs = torch.softmax(logits.float(), dim=1)
         probs = resample(probs.cpu(), native)[0].numpy()
         labels = probs.argmax(axis=0).astype(np.uint8)
-        if self.refine:
-            img_np = img[0].numpy()
-            labels = refine_fascial_border(labels, probs, img_np[0], img_np[1])
         back = np.asarray(prepared["back"])
         return from_model_orientation(labels, back)
 

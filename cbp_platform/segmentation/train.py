@@ -69,7 +69,7 @@ def simulated_set(n: int, seed: int, preset: str = "fast") -> list[dict]:
                     lean_ml=(auto * lr_a / (1 + lr_a), auto / (1 + lr_a), pso * lr_p / (1 + lr_p), pso / (1 + lr_p)))
         ph = render_phantom(s, p, np.random.default_rng(np.random.SeedSequence([seed, 7, i])))
         out.append({"image": normalise(ph.water, ph.fat), "label": ph.labels[None].astype(np.int64),
-                    "water": ph.water, "fat": ph.fat, "labels": ph.labels, "affine": ph.affine})
+                    "water": ph.water, "fat": ph.fat, "labels": ph.labels, "affine": ph.affine, "truth": ph.truth})
     return out
 
 
