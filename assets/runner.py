@@ -7,9 +7,12 @@ assets. ``python -m assets.runner``.
 """
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import time
+from pathlib import Path
 
 import dagster as dg
 
@@ -20,6 +23,26 @@ from cbp_platform.definitions import build_definitions
 from resources import DataRootResource, SegmentationRuntime
 
 CURSOR_FILE = "demo_sensor_cursor.json"
+
+
+@contextlib.contextmanager
+def pipeline_environment(root: Path):
+    """Point ``CBP_DATA_ROOT`` and ``DAGSTER_HOME`` at ``root`` (a fresh local instance) for a with-block."""
+    home = Path(root) / "dagster_home"
+    home.mkdir(parents=True, exist_ok=True)
+    if not (home / "dagster.yaml").exists():
+        (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    old = {k: os.environ.get(k) for k in ("CBP_DATA_ROOT", "DAGSTER_HOME")}
+    os.environ["CBP_DATA_ROOT"] = str(root)
+    os.environ["DAGSTER_HOME"] = str(home)
+    try:
+        yield home
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def run_pending(instance: dg.DagsterInstance, data_root: DataRootResource | None = None, *,

@@ -2,7 +2,6 @@
 detector against the simulator's truth, and sensor tick time with thousands of deliveries on disk."""
 
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -14,17 +13,13 @@ import numpy as np
 def _batch_run(n: int, preset: str) -> dict:
     import dagster as dg
 
-    from assets.runner import run_pending
+    from assets.runner import pipeline_environment, run_pending
     from cbp_platform.synth.delivery import synthesize
 
     root = Path(tempfile.mkdtemp(prefix="cbp-bench-ingest-"))
-    old = {k: os.environ.get(k) for k in ("CBP_DATA_ROOT", "DAGSTER_HOME")}
+    env = pipeline_environment(root)
+    env.__enter__()
     try:
-        home = root / "dagster_home"
-        home.mkdir()
-        (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-        os.environ["CBP_DATA_ROOT"] = str(root)
-        os.environ["DAGSTER_HOME"] = str(home)
         synthesize(participants=n, deliveries=1, seed=77, data_root=root, resolution=preset)
         inst = dg.DagsterInstance.get()
         # warm-up on a throwaway batch so one-off imports (GX) are not charged to the measured run
@@ -42,11 +37,7 @@ def _batch_run(n: int, preset: str) -> dict:
         return dict(participants=n, preset=preset, run_seconds=run_s, wall_seconds=wall, steps=step_s,
                     scan_compute_seconds=asset_compute)
     finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        env.__exit__(None, None, None)
         shutil.rmtree(root, ignore_errors=True)
 
 

@@ -4,7 +4,6 @@ GPU figures where CUDA is present. Trains a model with the default budget first 
 
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -12,7 +11,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 
 def _nako_volume(bundle_path: str) -> dict:
@@ -43,21 +41,16 @@ print(json.dumps(out))
 def run() -> dict:
     import dagster as dg
 
-    from assets.runner import run_pending
+    from assets.runner import pipeline_environment, run_pending
     from cbp_platform.synth.delivery import synthesize
 
     print("\n== segmentation ==")
     root = Path(tempfile.mkdtemp(prefix="cbp-bench-seg-"))
-    old = {k: os.environ.get(k) for k in ("CBP_DATA_ROOT", "DAGSTER_HOME")}
+    env = pipeline_environment(root)
+    env.__enter__()
     try:
-        home = root / "dagster_home"
-        home.mkdir()
-        (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-        os.environ["CBP_DATA_ROOT"] = str(root)
-        os.environ["DAGSTER_HOME"] = str(home)
         synthesize(participants=250, deliveries=1, seed=4242, data_root=root)
         inst = dg.DagsterInstance.get()
-        t = time.perf_counter()
         s = run_pending(inst, refresh=False, log=lambda *_: None)
         assert not s["failed"], s
         model_run = [r for r in inst.get_runs() if r.job_name == "train_segmentation_model"][0]
@@ -82,11 +75,7 @@ def run() -> dict:
         accuracy = json.loads(acc.stdout) if acc.returncode == 0 else {}
         nako = _nako_volume(cur["path"])
     finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        env.__exit__(None, None, None)
         shutil.rmtree(root, ignore_errors=True)
     fast_rate = 250 / seg_metrics_s
     print(f"model: trained in {float(model_md.metadata['training_seconds'].value):.0f} s "

@@ -8,12 +8,10 @@ processes, from getrusage of the reaped children).
 from __future__ import annotations
 
 import os
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 

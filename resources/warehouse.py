@@ -14,7 +14,6 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import dagster as dg
 import duckdb
 import polars as pl
 from dagster_duckdb import DuckDBResource

@@ -29,20 +29,12 @@ EXPECTED_REASON = {
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """A data root with two faulty deliveries and a persistent Dagster home; env vars point at them."""
+    from assets.runner import pipeline_environment
+
     root = tmp_path_factory.mktemp("ingest")
-    home = root / "dagster_home"
-    home.mkdir()
-    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     synthesize(participants=50, deliveries=2, seed=21, data_root=root, fault_rate=0.4, workers=2)
-    old = {k: os.environ.get(k) for k in ("CBP_DATA_ROOT", "DAGSTER_HOME")}
-    os.environ["CBP_DATA_ROOT"] = str(root)
-    os.environ["DAGSTER_HOME"] = str(home)
-    yield root
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with pipeline_environment(root):
+        yield root
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +199,6 @@ def test_rematerialisation_replaces_rows(ingested):
 
 def test_parallel_batches_never_fail_on_the_duckdb_lock(env, tmp_path):
     """Four batches in four processes at once against one warehouse file (each run also writes in two steps)."""
-    from assets.runner import run_pending
     from resources import DataRootResource
 
     root = tmp_path / "par"

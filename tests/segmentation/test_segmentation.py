@@ -1,7 +1,6 @@
 """Segmentation and metrics: bundle handling, augmentation, and the batch stage end to end against truth."""
 
 import json
-import os
 from pathlib import Path
 
 import dagster as dg
@@ -100,28 +99,17 @@ def test_cuda_path_matches_cpu(tmp_path):
 @pytest.fixture(scope="module")
 def processed(tmp_path_factory):
     """One delivery (with a few fat-water swaps) through model training and the whole batch job."""
-    from assets.runner import run_pending
+    from assets.runner import pipeline_environment, run_pending
 
     root = tmp_path_factory.mktemp("seg")
-    home = root / "dagster_home"
-    home.mkdir()
-    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     synthesize(participants=30, deliveries=1, seed=8, data_root=root, workers=2,
                params=CohortParameters(p_fat_water_swap=0.12))
-    old = {k: os.environ.get(k) for k in ("CBP_DATA_ROOT", "DAGSTER_HOME")}
-    os.environ["CBP_DATA_ROOT"] = str(root)
-    os.environ["DAGSTER_HOME"] = str(home)
-    try:
+    with pipeline_environment(root):
         inst = dg.DagsterInstance.get()
         summary = run_pending(inst, log=lambda *_: None,
-                              model_config={"max_iterations": 600, "n_train": 48, "n_val": 6})
+                              model_config={"max_iterations": 600, "train_budget_s": 1e6, "n_train": 48,
+                                            "n_val": 6})
         yield root, inst, summary
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _q(root: Path, sql: str) -> pl.DataFrame:
