@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
 import zlib
 from dataclasses import dataclass
@@ -73,7 +74,7 @@ def _decode(path: Path, raw: bytes) -> tuple[nib.Nifti1Image, np.ndarray]:
             head = raw[:352]
         if len(head) < 348:
             raise ScanProblem("truncated_gzip", f"{path}: stream ends inside the NIfTI header")
-        hdr = nib.Nifti1Header.from_fileobj(__import__("io").BytesIO(head), check=False)
+        hdr = nib.Nifti1Header.from_fileobj(io.BytesIO(head), check=False)
     except ScanProblem:
         raise
     except (zlib.error, OSError, EOFError) as exc:

@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import monai
 import torch
 from monai.networks.nets import UNet
 
@@ -65,7 +66,7 @@ def save_bundle(path: Path, network: torch.nn.Module, metadata: dict) -> str:
                              "normalisation": "each channel / p99(water + fat), clipped to [0, 2]"}},
         "outputs": {"pred": {"classes": CLASSES, "note": "a compartment includes the fat inside its fascia"}},
         "network": NETWORK, "weights_sha256": sha,
-        "versions": {"torch": torch.__version__, "monai": __import__("monai").__version__},
+        "versions": {"torch": torch.__version__, "monai": monai.__version__},
         **{k: v for k, v in metadata.items() if k != "version"},
     }
     atomic_write_bytes(path / METADATA, (json.dumps(meta, indent=1, default=str) + "\n").encode())

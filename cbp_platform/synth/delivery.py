@@ -330,7 +330,7 @@ def synthesize(*, participants: int, deliveries: int, seed: int, resolution: str
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx) if workers > 1 else None
     try:
         done = 0
-        for j, (did, chunk) in enumerate(zip(ids, chunks)):
+        for did, chunk in zip(ids, chunks):
             ddir = layout.landing / did
             tdir = layout.truth / did
             for d in (ddir, tdir):
@@ -357,7 +357,7 @@ def synthesize(*, participants: int, deliveries: int, seed: int, resolution: str
                 if progress and (done % 10 == 0 or done == participants):
                     _progress(done, participants, t0)
             result.bytes_written += _finish_delivery(
-                did, j, ddir, tdir, chunk, outputs, rows, delivered_pseudonym, fault_of, seed, result)
+                did, ddir, tdir, chunk, outputs, rows, delivered_pseudonym, fault_of, result)
             result.landing_dirs.append(ddir)
             result.truth_dirs.append(tdir)
         _write_cohort_truth(layout, prefix, ids, seed, participants, deliveries, resolution, fault_rate, params)
@@ -372,7 +372,7 @@ def synthesize(*, participants: int, deliveries: int, seed: int, resolution: str
     return result
 
 
-def _finish_delivery(did, j, ddir: Path, tdir: Path, chunk, outputs, rows, delivered_pseudonym, fault_of, seed,
+def _finish_delivery(did, ddir: Path, tdir: Path, chunk, outputs, rows, delivered_pseudonym, fault_of,
                      result: SynthResult) -> int:
     nbytes = 0
     by_index = {o["index"]: o for o in outputs}

@@ -523,7 +523,7 @@ def render_phantom(subj: Subject, preset: Preset, rng: np.random.Generator, *, i
 
     W0, F0 = canvas.W, canvas.F
     # truth from the noise-free signal, with the study's rule
-    fatvox = F0 >= W0 * (1.0 / FAT_THRESHOLD - 1.0) if FAT_THRESHOLD != 0.5 else F0 >= W0
+    fatvox = F0 >= W0 * (FAT_THRESHOLD / (1.0 - FAT_THRESHOLD))   # F / (W + F) >= threshold
     vml = preset.voxel_ml
     truth: dict = {}
     lean_total = comp_total = fat_total = 0.0

@@ -1,6 +1,7 @@
 """Domain-core ingestion rules, without Dagster."""
 
 import gzip
+import io
 import json
 
 import nibabel as nib
@@ -68,7 +69,7 @@ def test_absurd_header_is_refused_before_decompressing(tmp_path):
     aff = np.diag([4.0, 4.0, 6.0, 1.0])
     good = nifti_bytes(np.ones((20, 20, 20), np.int16), aff)
     raw = bytearray(gzip.decompress(good))
-    hdr = nib.Nifti1Header.from_fileobj(__import__("io").BytesIO(bytes(raw[:348])))
+    hdr = nib.Nifti1Header.from_fileobj(io.BytesIO(bytes(raw[:348])))
     hdr.set_data_shape((2000, 2000, 2000))
     raw[:348] = hdr.binaryblock
     bomb = gzip.compress(bytes(raw), mtime=0)
