@@ -9,9 +9,10 @@ export CBP_DATA_ROOT ?= $(CURDIR)/data
 export GX_ANALYTICS_ENABLED := False
 export DAGSTER_HOME ?= $(CBP_DATA_ROOT)/dagster_home
 
-# Demo cohort size (override: make demo DEMO_N=500 DEMO_K=2)
-DEMO_N ?= 600
-DEMO_K ?= 3
+# Demo cohort size (override: make demo DEMO_N=2000 DEMO_K=8). 1,000 participants give ~200 CBP events, enough
+# for the model checks (>= 10 events per variable), and the whole demo takes ~15 min on 2 cores.
+DEMO_N ?= 1000
+DEMO_K ?= 4
 DEMO_SEED ?= 20140501
 DEMO_FAULTS ?= 0.02
 
@@ -38,6 +39,8 @@ demo: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
 	$(VENV)/bin/cbp synth --participants $(DEMO_N) --deliveries $(DEMO_K) --seed $(DEMO_SEED) --faults $(DEMO_FAULTS) --if-absent
 	$(PY) -m assets.runner
 	@echo "Landing zone: $(CBP_DATA_ROOT)/landing   warehouse: $(CBP_DATA_ROOT)/warehouse/cbp.duckdb"
+	@echo "Report: $$($(PY) -c 'import json,sys; print(json.load(open(sys.argv[1]))["path"])' $(CBP_DATA_ROOT)/published/latest.json 2>/dev/null || echo '(none: see the failures above)')/report.html"
+	@echo "Lineage: $(VENV)/bin/cbp lineage    accuracy: $(VENV)/bin/cbp accuracy"
 	@echo "Open the UI: make dev   (then http://127.0.0.1:$${DAGSTER_PORT:-3000})"
 
 test: $(STAMP)

@@ -1,9 +1,10 @@
 """Run the pipeline once, through Dagster, against the persistent local instance (what ``make demo`` calls).
 
 The same steps the daemon takes, done in the foreground: evaluate ``delivery_sensor``, add the batch
-partitions it requests, execute ``ingest_batch`` for every requested batch that has no successful run yet
-(runs are recorded in ``$DAGSTER_HOME``, so ``make dev`` shows them afterwards), then refresh the cohort-level
-assets. ``python -m assets.runner``.
+partitions it requests, train (or load) the segmentation model if there is none yet, execute ``process_batch``
+for every requested batch that has no successful run yet (runs are recorded in ``$DAGSTER_HOME``, so
+``make dev`` shows them afterwards), then refresh the cohort-level assets (analysis cohort, models, tables,
+published report). ``python -m assets.runner``.
 """
 
 import argparse
@@ -18,7 +19,7 @@ import dagster as dg
 
 from assets.partitions import BATCHES
 from assets.schedules import COHORT_LEVEL  # noqa: F401  (documents what the refresh covers)
-from assets.sensors import PROCESS_JOB, batch_already_ingested, delivery_sensor
+from assets.sensors import INGEST_JOB, PROCESS_JOB, batch_already_ingested, delivery_sensor
 from cbp_platform.definitions import build_definitions
 from resources import DataRootResource, SegmentationRuntime
 
@@ -86,8 +87,10 @@ def run_pending(instance: dg.DagsterInstance, data_root: DataRootResource | None
         if not res.success:
             summary["failed"].append(key)
     if refresh and keys:
+        # after ingestion-only runs there is nothing to analyse yet: refresh the ingestion summary alone
+        only = [dg.AssetKey("ingestion_summary")] if job_name == INGEST_JOB else None
         res = defs.resolve_job_def("cohort_refresh").execute_in_process(instance=instance, raise_on_error=False,
-                                                                        run_config=quiet)
+                                                                        run_config=quiet, asset_selection=only)
         log(f"  cohort-level refresh: {'ok' if res.success else 'FAILED'} (run {res.run_id[:8]})")
         if not res.success:
             summary["failed"].append("cohort_refresh")
@@ -104,6 +107,10 @@ def main(argv=None) -> int:
     print(f"Dagster instance: {instance.root_directory}")
     summary = run_pending(instance, refresh=not args.no_refresh, log_level=args.log_level)
     print(json.dumps(summary))
+    latest = DataRootResource().path / "published" / "latest.json"
+    if latest.exists():
+        out = Path(json.loads(latest.read_text())["path"])
+        print(f"Published report: {out / 'report.html'} (Markdown: {out / 'report.md'}; lineage: {out / 'lineage.json'})")
     return 1 if summary["failed"] else 0
 
 

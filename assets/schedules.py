@@ -2,12 +2,14 @@
 
 ``process_batch``: the per-batch job the sensor launches (ingestion, segmentation, metrics, their checks).
 ``ingest_batch``: ingestion only (for re-ingesting a batch after a landing-zone fix).
-``daily_cohort_refresh``: refreshes the cohort-level assets once a day (05:00 UTC), after the night's
-deliveries; later stages add their cohort-level assets to ``COHORT_LEVEL``.
+``daily_cohort_refresh``: refreshes the cohort-level assets (``COHORT_LEVEL``: ingestion summary, analysis
+cohort, models, tables, published report) once a day (05:00 UTC), after the night's deliveries.
 """
 
 import dagster as dg
 
+from assets.analysis import (analysis_cohort, cbp_association_model, pain_intensity_model,
+                             physical_activity_prevalence, published_results, stratified_comparisons, table_one)
 from assets.ingestion import participant_covariates, raw_mri_scans
 from assets.segmentation import muscle_metrics, muscle_segmentations, segmentation_model
 from assets.sensors import INGEST_JOB, PROCESS_JOB
@@ -26,7 +28,11 @@ process_batch_job = dg.define_asset_job(
 model_job = dg.define_asset_job("train_segmentation_model", selection=dg.AssetSelection.assets(segmentation_model),
                                 description="Train (or load) the segmentation model and check its Dice.")
 
-COHORT_LEVEL = dg.AssetSelection.assets(ingestion_summary)
+# Cohort-level assets: recomputed from all materialised batches. Nothing per batch is in this selection, so a
+# refresh never recomputes a batch; new batches are computed by the sensor's per-batch runs.
+COHORT_LEVEL = dg.AssetSelection.assets(ingestion_summary, analysis_cohort, cbp_association_model,
+                                        pain_intensity_model, table_one, stratified_comparisons,
+                                        physical_activity_prevalence, published_results)
 
 cohort_refresh_job = dg.define_asset_job("cohort_refresh", selection=COHORT_LEVEL,
                                          description="Recompute the cohort-level assets from all batches.")

@@ -206,4 +206,26 @@ def muscle_metrics(context: dg.AssetExecutionContext, data_root: DataRootResourc
         md.update(median_back_compartment_ml=round(float(tot["compartment_ml"].median()), 1),
                   median_imat_pct=round(float(tot["imat_pct"].median()), 2),
                   median_mfi=round(float(tot["mfi"].median()), 4))
+    md.update(_accuracy_metadata(data_root, warehouse, key, df))
     return dg.MaterializeResult(metadata=md, data_version=dg.DataVersion(checksum))
+
+
+def _accuracy_metadata(data_root: DataRootResource, warehouse: Warehouse, key: str, metrics: pl.DataFrame) -> dict:
+    """Accuracy against ground truth for a simulated delivery (truth beside the landing zone); {} otherwise."""
+    from cbp_platform.segmentation.accuracy import evaluate
+
+    segs = warehouse.query("SELECT delivery_id, pseudonym, label_path FROM muscle_segmentations WHERE batch_key = ?",
+                           [key])
+    if segs.height == 0 or not (data_root.layout.truth / segs["delivery_id"][0] / "participants.csv").exists():
+        return {}
+    r = evaluate(segs, metrics, data_root.layout.truth)
+    if not r.get("n"):
+        return {}
+    md = {"accuracy_n": r["n"], "accuracy_dice": dg.MetadataValue.json({k: round(v, 4) for k, v in r["dice"].items()}),
+          "accuracy_meets_targets": r["meets_targets"]}
+    for name in ("lmm", "imat"):
+        a = r[name]
+        md.update({f"accuracy_{name}_icc": round(a["icc"], 4), f"accuracy_{name}_bias_pct": round(a["bias"], 3),
+                   f"accuracy_{name}_loa_pct": dg.MetadataValue.json([round(a["loa_low"], 3),
+                                                                      round(a["loa_high"], 3)])})
+    return md

@@ -3,12 +3,15 @@
 ``cbp synth``               simulate a NAKO-like cohort into the landing zone (ground truth beside it)
 ``cbp calibration-report``  paper (STUDY.md) vs simulated cohort figures, computed from a fresh draw
 ``cbp accuracy``            segmentation Dice, and ICC / bias / limits of agreement of LMM and InterMAT vs truth
+``cbp lineage``             the chain behind the published results; ``--participant`` one participant's path
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 
 class _Parser(argparse.ArgumentParser):
@@ -55,7 +58,6 @@ def _cmd_calibration(args: argparse.Namespace) -> int:
 
 
 def _cmd_accuracy(args: argparse.Namespace) -> int:
-    import json
 
     import duckdb
     import polars as pl
@@ -80,6 +82,90 @@ def _cmd_accuracy(args: argparse.Namespace) -> int:
     rep = evaluate(segs, mets, layout.truth)
     print(json.dumps(rep, indent=1) if args.json else format_report(rep))
     return 0 if rep.get("n") else 2
+
+
+def _warehouse_tables(db, tables: dict[str, str]) -> dict:
+    """Read-only query of the warehouse; a table not created yet reads as empty."""
+    import duckdb
+    import polars as pl
+
+    con = duckdb.connect(str(db), read_only=True)
+    out = {}
+    try:
+        for name, sql in tables.items():
+            try:
+                out[name] = pl.from_arrow(con.sql(sql[0], params=sql[1]).to_arrow_table())
+            except duckdb.CatalogException:
+                out[name] = pl.DataFrame()
+    finally:
+        con.close()
+    return out
+
+
+def _cmd_lineage(args) -> int:
+    from cbp_platform.lineage import MANIFEST_NAME, format_chain, read_manifest
+    from cbp_platform.paths import DataLayout
+
+    layout = DataLayout.from_env(args.data_root)
+    db = layout.root / "warehouse" / "cbp.duckdb"
+    if args.participant:
+        return _participant_lineage(args.participant, db)
+    if args.manifest:
+        mpath = Path(args.manifest)
+    else:
+        latest = layout.root / "published" / "latest.json"
+        if not latest.exists():
+            print(f"cbp lineage: error: {latest} not found (materialise published_results first: make demo)",
+                  file=sys.stderr)
+            return 2
+        mpath = Path(json.loads(latest.read_text())["path"]) / MANIFEST_NAME
+    try:
+        m = read_manifest(mpath)
+        print(f"lineage manifest {mpath}")
+        print(format_chain(m, args.asset))
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        print(f"cbp lineage: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _participant_lineage(pseudonym: str, db) -> int:
+    """Operator command: every stage one participant went through (prints the pseudonym; never published)."""
+    from cbp_platform.analysis.cohort import participant_trace
+    from cbp_platform.landing import PSEUDONYM_RE
+
+    if not PSEUDONYM_RE.match(pseudonym):
+        print(f"cbp lineage: error: {pseudonym!r} is not a pseudonym (10 characters of the pseudonym alphabet)",
+              file=sys.stderr)
+        return 2
+    if not db.exists():
+        print(f"cbp lineage: error: {db} not found (run the pipeline first: make demo)", file=sys.stderr)
+        return 2
+    p = [pseudonym]
+    t = _warehouse_tables(db, {
+        "covariates": ("SELECT * FROM participant_covariates WHERE pseudonym = ?", p),
+        "scans": ("SELECT * FROM raw_mri_scans WHERE pseudonym = ?", p),
+        "metrics": ("SELECT * FROM muscle_metrics WHERE pseudonym = ?", p),
+        "quarantine": ("SELECT * FROM quarantine WHERE pseudonym = ?", p),
+        "provenance": ("SELECT stage, batch_key, input_checksums, output_checksum, code_version, run_id, recorded_at "
+                       "FROM provenance WHERE pseudonym = ? ORDER BY recorded_at, stage", p),
+        "exclusion": ("SELECT reason FROM analysis_exclusions WHERE pseudonym = ?", p),
+        "analysed": ("SELECT pseudonym FROM analysis_cohort WHERE pseudonym = ?", p),
+    })
+    trace = participant_trace(pseudonym, t["covariates"], t["scans"], t["metrics"], t["quarantine"])
+    print(trace.to_text())
+    if t["provenance"].height:
+        print("  provenance (row-level lineage):")
+        for r in t["provenance"].iter_rows(named=True):
+            print(f"    {r['stage']:<22} batch {r['batch_key']} run {r['run_id'][:8]} code {r['code_version']} "
+                  f"inputs {r['input_checksums']} -> {r['output_checksum'][:16] or '-'}")
+    if t["analysed"].height:
+        print("  last analysis_cohort materialisation: included")
+    elif t["exclusion"].height:
+        print(f"  last analysis_cohort materialisation: excluded ({t['exclusion']['reason'][0]})")
+    else:
+        print("  last analysis_cohort materialisation: not seen (not delivered, or analysis not run since)")
+    return 0 if (t["covariates"].height or t["scans"].height or t["quarantine"].height) else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,6 +195,18 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--data-root", default=None)
     a.add_argument("--json", action="store_true")
     a.set_defaults(func=_cmd_accuracy)
+
+    g = sub.add_parser("lineage", help="where a published number comes from, or one participant's path",
+                       description="Print the chain behind the published report (or one analysis asset): analysis "
+                                   "assets and their runs, the cohort hash, batches and data versions, deliveries, "
+                                   "input-file and label-map digests, model weights, code and package versions. "
+                                   "With --participant: every stage one participant went through and why they "
+                                   "were excluded (an operator command: its output names the pseudonym).")
+    g.add_argument("--data-root", default=None)
+    g.add_argument("--asset", default=None, help="an analysis asset (default published_results)")
+    g.add_argument("--manifest", default=None, help="a lineage.json (default: the latest published report's)")
+    g.add_argument("--participant", default=None, metavar="PSEUDONYM")
+    g.set_defaults(func=_cmd_lineage)
 
     c = sub.add_parser("calibration-report", help="paper vs simulated cohort figures (markdown)")
     c.add_argument("--participants", "-n", type=int, default=30868)

@@ -1,0 +1,355 @@
+"""Cohort-level analysis: ``analysis_cohort``, the two mixed models, the descriptive tables and
+``published_results`` (report + lineage manifest).
+
+Every asset reads what the previous one wrote to the warehouse, so each is recomputed from all materialised
+batches when it runs; each records a lineage row (run id, data version, upstream) in the warehouse table
+``asset_lineage``. Pseudonyms stay in the internal tables (``analysis_cohort``, ``analysis_exclusions``);
+nothing published carries them, and their logs print counts only.
+"""
+
+import json
+import time
+
+import dagster as dg
+import polars as pl
+
+from assets.ingestion import participant_covariates, raw_mri_scans
+from assets.segmentation import muscle_metrics, muscle_segmentations, segmentation_model
+from resources import DataRootResource, SegmentationRuntime, Warehouse
+
+COHORT_VERSION = "analysis_cohort/1"
+MODEL_VERSION = "association_models/1"
+TABLES_VERSION = "descriptive_tables/1"
+REPORT_VERSION = "published_results/1"
+PER_BATCH = (raw_mri_scans, participant_covariates, muscle_segmentations, muscle_metrics)
+GROUP = "analysis"
+PUBLISHED_DIR = "published"
+
+
+class CohortConfig(dg.Config):
+    lmm_normaliser: str = "weight_per_height"   # weight_per_height (cm3/(kg/m), the paper's), per_height2, ...
+
+
+class ModelConfig(dg.Config):
+    nagq: int = 25               # adaptive Gauss-Hermite points (1 = Laplace)
+    min_events_per_variable: float = 10.0
+
+
+def _record_lineage(context: dg.AssetExecutionContext, warehouse: Warehouse, data_version: str,
+                    upstream: list[str], cohort_hash: str) -> None:
+    from cbp_platform.warehouse import now_utc
+
+    asset = context.asset_key.to_user_string()
+    df = pl.DataFrame([{"asset": asset, "run_id": context.run.run_id, "data_version": data_version,
+                        "cohort_hash": cohort_hash, "upstream": json.dumps(upstream),
+                        "code_version": context.assets_def.code_versions_by_key.get(context.asset_key) or "",
+                        "recorded_at": now_utc()}])
+    warehouse.replace_rows("asset_lineage", df, {"asset": asset})
+
+
+def _cohort_hash(warehouse: Warehouse) -> str:
+    m = warehouse.query("SELECT cohort_hash FROM analysis_cohort_meta")
+    if m.height == 0:
+        raise dg.Failure(description="analysis_cohort_meta is empty: materialise analysis_cohort first")
+    return m["cohort_hash"][0]
+
+
+@dg.asset(deps=list(PER_BATCH), code_version=COHORT_VERSION, group_name=GROUP, kinds={"polars", "duckdb"},
+          description="All materialised batches joined: inclusion rules with the exclusion flow (start -> one row "
+                      "per reason -> analysed), LMM index, MET categories, NRS >= 4, exposures per 2 SD. The "
+                      "cohort hash (content of the analysed frame) is its data version.")
+def analysis_cohort(context: dg.AssetExecutionContext, config: CohortConfig, warehouse: Warehouse) -> dg.MaterializeResult:
+    from cbp_platform.analysis.cohort import build_analysis_cohort
+
+    cov = warehouse.query("SELECT * FROM participant_covariates")
+    scans = warehouse.query("SELECT * FROM raw_mri_scans")
+    metrics = warehouse.query("SELECT * FROM muscle_metrics")
+    quarantine = warehouse.query("SELECT * FROM quarantine")
+    if cov.height == 0:
+        raise dg.Failure(description="no participant_covariates rows: ingest at least one batch first")
+    try:
+        cohort = build_analysis_cohort(cov, scans, metrics, quarantine, lmm_normaliser=config.lmm_normaliser)
+    except ValueError as exc:
+        raise dg.Failure(description=f"analysis_cohort: {exc}") from None
+    batches = sorted(set(cov["batch_key"].to_list()) | set(metrics["batch_key"].to_list() if metrics.height else []))
+    warehouse.replace_rows("analysis_cohort", cohort.frame, {})
+    warehouse.replace_rows("analysis_exclusions", cohort.exclusions, {})
+    warehouse.replace_rows("exclusion_flow", cohort.flow, {})
+    meta = pl.DataFrame([{"cohort_hash": cohort.cohort_hash, "lmm_normaliser": cohort.lmm_normaliser,
+                          "lmm_unit": cohort.lmm_unit, "standardisation": json.dumps(cohort.standardisation),
+                          "batches": json.dumps(batches), "n_analysed": cohort.n}])
+    warehouse.replace_rows("analysis_cohort_meta", meta, {})
+    _record_lineage(context, warehouse, cohort.cohort_hash, [a.key.to_user_string() for a in PER_BATCH],
+                    cohort.cohort_hash)
+    flow_md = "\n".join(["| step | excluded | remaining |", "|---|---|---|"]
+                        + [f"| {r['description']} | {r['excluded'] if r['excluded'] is not None else ''} | "
+                           f"{r['remaining']} |" for r in cohort.flow.iter_rows(named=True)])
+    context.log.info(f"analysis cohort: {cohort.n} analysed from {len(batches)} batches "
+                     f"(hash {cohort.cohort_hash[:12]})")
+    return dg.MaterializeResult(metadata={
+        "dagster/row_count": cohort.n, "cohort_hash": cohort.cohort_hash, "batches": len(batches),
+        "start": int(cohort.flow["remaining"][0]), "analysed": cohort.n,
+        "exclusion_flow": dg.MetadataValue.md(flow_md), "lmm_normaliser": cohort.lmm_normaliser,
+        "standardisation": dg.MetadataValue.json(cohort.standardisation)},
+        data_version=dg.DataVersion(cohort.cohort_hash))
+
+
+def _fit_model(context: dg.AssetExecutionContext, config: ModelConfig, warehouse: Warehouse, *, name: str,
+               outcome: str, population: str, where: str = "") -> dg.MaterializeResult:
+    from cbp_platform.stats import PAPER_COVARIATES, ModelCheckError, fit_glmm, sensitivity_table
+
+    frame = warehouse.query(f"SELECT * FROM analysis_cohort {where}")
+    cohort_hash = _cohort_hash(warehouse)
+    fixed = list(PAPER_COVARIATES)
+    t0 = time.perf_counter()
+    try:
+        res = fit_glmm(frame, outcome, fixed, "site", nagq=config.nagq, min_epv=config.min_events_per_variable)
+        laplace = fit_glmm(frame, outcome, fixed, "site", nagq=1, min_epv=config.min_events_per_variable)
+    except ModelCheckError as exc:
+        raise dg.Failure(description=f"{name}: model checks failed on {frame.height} participants: {exc}",
+                         metadata={"failed_checks": dg.MetadataValue.json(list(exc.names))}) from None
+    seconds = time.perf_counter() - t0
+    table = sensitivity_table(frame, outcome, fixed, "site", glmm=res)
+    table = pl.concat([table, laplace.coefficients.with_columns(pl.lit("glmm_laplace").alias("model"))],
+                      how="diagonal_relaxed")
+    table = table.with_columns(pl.lit(name).alias("analysis"))
+    d = res.diagnostics
+    fit = pl.DataFrame([{
+        "analysis": name, "outcome": outcome, "population": population, "method": res.method, "nagq": res.nagq,
+        "primary_model": res.coefficients["model"][0],
+        "nobs": res.nobs, "events": res.events, "n_groups": res.n_groups, "loglik": res.loglik, "aic": res.aic,
+        "site_variance": res.site_variance, "site_sd": res.site_sd, "laplace_loglik": laplace.loglik,
+        "converged": bool(d.converged), "fit_seconds": seconds,
+        "checks": json.dumps([c.to_dict() for c in res.checks], default=str),
+        "summary": str(res.sm_results.summary()) if res.sm_results is not None else "",
+        "cohort_hash": cohort_hash}])
+    warehouse.replace_rows("model_fits", fit, {"analysis": name})
+    checksum = warehouse.replace_rows("model_results", table, {"analysis": name})
+    _record_lineage(context, warehouse, checksum, ["analysis_cohort"], cohort_hash)
+    ors = {r["term"]: f"{r['or']:.3f} ({r['or_low']:.3f}-{r['or_high']:.3f}), p {r['p']:.2g}"
+           for r in res.coefficients.iter_rows(named=True) if r["term"] != "(Intercept)"}
+    context.log.info(f"{name}: {res.nobs} participants, {res.events} events, fitted in {seconds:.2f} s")
+    return dg.MaterializeResult(metadata={
+        "population": population, "nobs": res.nobs, "events": res.events, "sites": res.n_groups,
+        "method": f"{res.method} (nAGQ {res.nagq})", "odds_ratios": dg.MetadataValue.json(ors),
+        "site_variance": round(res.site_variance, 6), "loglik": round(res.loglik, 4),
+        "converged": bool(d.converged), "fit_seconds": round(seconds, 3), "cohort_hash": cohort_hash,
+        "table_checksum": checksum}, data_version=dg.DataVersion(checksum))
+
+
+@dg.asset(deps=[analysis_cohort], code_version=MODEL_VERSION, group_name=GROUP, kinds={"statsmodels"},
+          description="Mixed logistic regression, CBP ~ LMM + InterMAT (per 2 SD) + age + sex + diabetes + "
+                      "dyslipidemia + osteoporosis + osteoarthritis + physical activity, site as random intercept "
+                      "(ML, adaptive Gauss-Hermite quadrature; Laplace and sensitivity fits beside it).")
+def cbp_association_model(context: dg.AssetExecutionContext, config: ModelConfig,
+                          warehouse: Warehouse) -> dg.MaterializeResult:
+    return _fit_model(context, config, warehouse, name="cbp_association_model", outcome="cbp",
+                      population="all analysed participants")
+
+
+@dg.asset(deps=[analysis_cohort], code_version=MODEL_VERSION, group_name=GROUP, kinds={"statsmodels"},
+          description="The same model for pain intensity NRS >= 4 (vs < 4), fitted on the analysed participants "
+                      "who answered the NRS question (with or without CBP), as the paper's abstract reports it "
+                      "for the cohort.")
+def pain_intensity_model(context: dg.AssetExecutionContext, config: ModelConfig,
+                         warehouse: Warehouse) -> dg.MaterializeResult:
+    return _fit_model(context, config, warehouse, name="pain_intensity_model", outcome="nrs_high",
+                      population="analysed participants with an NRS answer", where="WHERE nrs_high IS NOT NULL")
+
+
+def _table_asset(context, warehouse: Warehouse, table: str, df: pl.DataFrame) -> dg.MaterializeResult:
+    checksum = warehouse.replace_rows(table, df, {})
+    cohort_hash = _cohort_hash(warehouse)
+    _record_lineage(context, warehouse, checksum, ["analysis_cohort"], cohort_hash)
+    return dg.MaterializeResult(metadata={"dagster/row_count": df.height, "table_checksum": checksum,
+                                          "cohort_hash": cohort_hash},
+                                data_version=dg.DataVersion(checksum))
+
+
+@dg.asset(deps=[analysis_cohort], code_version=TABLES_VERSION, group_name=GROUP, kinds={"polars"},
+          description="Table 1: characteristics by CBP group (n, %, medians and IQRs) with Mann-Whitney U / "
+                      "chi-square tests.")
+def table_one(context: dg.AssetExecutionContext, warehouse: Warehouse) -> dg.MaterializeResult:
+    from cbp_platform.analysis.tables import table_one as build
+
+    meta = warehouse.query("SELECT lmm_unit FROM analysis_cohort_meta")
+    return _table_asset(context, warehouse, "table_one",
+                        build(_frame(warehouse), lmm_unit=meta["lmm_unit"][0] if meta.height else "cm3/(kg/m)"))
+
+
+@dg.asset(deps=[analysis_cohort], code_version=TABLES_VERSION, group_name=GROUP, kinds={"polars"},
+          description="Osteoarthritis and osteoporosis strata: LMM and InterMAT in CBP vs no CBP (Mann-Whitney U).")
+def stratified_comparisons(context: dg.AssetExecutionContext, warehouse: Warehouse) -> dg.MaterializeResult:
+    from cbp_platform.analysis.tables import stratified_comparisons as build
+
+    return _table_asset(context, warehouse, "stratified_comparisons", build(_frame(warehouse)))
+
+
+@dg.asset(deps=[analysis_cohort], code_version=TABLES_VERSION, group_name=GROUP, kinds={"polars"},
+          description="CBP prevalence per MET category (< 500, 500-5000, > 5000) with Wilson CIs and the "
+                      "chi-square test of the 3 x 2 table.")
+def physical_activity_prevalence(context: dg.AssetExecutionContext, warehouse: Warehouse) -> dg.MaterializeResult:
+    from cbp_platform.analysis.tables import physical_activity_prevalence as build
+
+    return _table_asset(context, warehouse, "physical_activity_prevalence", build(_frame(warehouse)))
+
+
+def _frame(warehouse: Warehouse) -> pl.DataFrame:
+    from cbp_platform.analysis.cohort import MET_CATEGORY
+
+    f = warehouse.query("SELECT * FROM analysis_cohort")
+    return f.with_columns(pl.col("met_category").cast(pl.String).cast(MET_CATEGORY)) if f.height else f
+
+
+COHORT_ASSETS = ("analysis_cohort", "cbp_association_model", "pain_intensity_model", "table_one",
+                 "stratified_comparisons", "physical_activity_prevalence")
+
+
+def _latest(instance: dg.DagsterInstance, key: dg.AssetKey, partition: str | None = None) -> dict:
+    recs = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition] if partition else None), limit=1).records
+    if not recs:
+        return {"run_id": None, "data_version": None}
+    r = recs[0]
+    mat = r.asset_materialization
+    return {"run_id": r.run_id, "data_version": (mat.tags or {}).get("dagster/data_version"),
+            "timestamp": r.timestamp}
+
+
+@dg.asset(deps=[table_one, stratified_comparisons, physical_activity_prevalence, cbp_association_model,
+                pain_intensity_model, segmentation_model],
+          code_version=REPORT_VERSION, group_name=GROUP, kinds={"html", "markdown"},
+          description="The report (Markdown and HTML, PNG figures, published CSV tables) under "
+                      "$CBP_DATA_ROOT/published/<cohort hash>/ with its lineage manifest lineage.json. Cells "
+                      "under 5 suppressed; no pseudonym anywhere.")
+def published_results(context: dg.AssetExecutionContext, data_root: DataRootResource, warehouse: Warehouse,
+                      runtime: SegmentationRuntime) -> dg.MaterializeResult:
+    from cbp_platform.analysis.report import paper_vs_run_table, render_report
+    from cbp_platform.imaging.nifti import atomic_write_bytes
+    from cbp_platform.lineage import (MANIFEST_NAME, MANIFEST_VERSION, code_version, delivery_checksums,
+                                      input_digests, package_versions, write_manifest)
+    from cbp_platform.warehouse import now_utc
+
+    meta = warehouse.query("SELECT * FROM analysis_cohort_meta")
+    if meta.height == 0:
+        raise dg.Failure(description="analysis_cohort_meta is empty: materialise analysis_cohort first")
+    meta = meta.row(0, named=True)
+    cohort_hash = meta["cohort_hash"]
+    flow = warehouse.query("SELECT * FROM exclusion_flow ORDER BY step")
+    t1 = warehouse.query("SELECT * FROM table_one")
+    pa = warehouse.query("SELECT * FROM physical_activity_prevalence")
+    strat = warehouse.query("SELECT * FROM stratified_comparisons")
+    results = warehouse.query("SELECT * FROM model_results")
+    fits = warehouse.query("SELECT * FROM model_fits ORDER BY analysis")
+    for name, df in (("exclusion_flow", flow), ("table_one", t1), ("physical_activity_prevalence", pa),
+                     ("stratified_comparisons", strat), ("model_fits", fits)):
+        if df.height == 0:
+            raise dg.Failure(description=f"{name} is empty: materialise the analysis assets first")
+    stale = [r["analysis"] for r in fits.iter_rows(named=True) if r["cohort_hash"] != cohort_hash]
+    if stale:
+        raise dg.Failure(description=f"model fits {stale} were made on another analysis cohort; re-materialise them")
+    models = {r["analysis"]: results.filter((pl.col("analysis") == r["analysis"])
+                                            & (pl.col("model") == r["primary_model"]))
+              for r in fits.iter_rows(named=True)}
+    summaries = {}
+    for r in fits.iter_rows(named=True):
+        summaries[r["analysis"]] = (f"{r['method']} (nAGQ {r['nagq']}), {r['nobs']} participants, {r['events']} "
+                                    f"events, {r['n_groups']} sites; site variance {r['site_variance']:.4f}; "
+                                    f"log-likelihood {r['loglik']:.3f} (Laplace {r['laplace_loglik']:.3f}); "
+                                    f"converged {r['converged']}\n\n" + _sensitivity_text(results, r["analysis"]))
+    paper_vs_run = paper_vs_run_table(flow=flow, table_one=t1, pa_prevalence=pa, stratified=strat,
+                                      model_results={("cbp" if "cbp" in n else "nrs_high"): df
+                                                     for n, df in models.items()})
+
+    # lineage: per-batch data versions and runs from the Dagster instance; files and weights from the warehouse
+    instance = context.instance
+    batches = json.loads(meta["batches"])
+    batch_rows = []
+    for b in batches:
+        batch_rows.append({"batch_key": b, "assets": {a.key.to_user_string(): _latest(instance, a.key, b)
+                                                      for a in PER_BATCH}})
+    scans = warehouse.query("SELECT pseudonym, delivery_id, water_sha256, fat_sha256 FROM raw_mri_scans")
+    segs = warehouse.query("SELECT pseudonym, label_sha256, model_sha256 FROM muscle_segmentations")
+    analysed = warehouse.query("SELECT pseudonym FROM analysis_cohort")["pseudonym"].to_list()
+    cur = json.loads(runtime.current_pointer.read_text()) if runtime.current_pointer.exists() else {}
+    lineage_rows = warehouse.query("SELECT * FROM asset_lineage")
+    cohort_assets = {}
+    for r in lineage_rows.iter_rows(named=True):
+        cohort_assets[r["asset"]] = {"run_id": r["run_id"], "data_version": r["data_version"],
+                                     "code_version": r["code_version"], "upstream": json.loads(r["upstream"]),
+                                     "timestamp": str(r["recorded_at"])}
+    cohort_assets["published_results"] = {"run_id": context.run.run_id, "data_version": cohort_hash,
+                                          "code_version": REPORT_VERSION, "timestamp": str(now_utc()),
+                                          "upstream": ["table_one", "stratified_comparisons",
+                                                       "physical_activity_prevalence", "cbp_association_model",
+                                                       "pain_intensity_model", "segmentation_model"]}
+    cohort_assets["segmentation_model"] = {**_latest(instance, dg.AssetKey("segmentation_model")),
+                                           "code_version": "", "upstream": []}
+    flow_rows = {r["criterion"]: r for r in flow.iter_rows(named=True)}
+    manifest = {
+        "manifest_version": MANIFEST_VERSION,
+        "generated_at": str(now_utc()),
+        "cohort": {"cohort_hash": cohort_hash, "analysed": meta["n_analysed"],
+                   "start": int(flow_rows["start"]["remaining"]) if "start" in flow_rows else None,
+                   "lmm_normaliser": meta["lmm_normaliser"], "standardisation": json.loads(meta["standardisation"])},
+        "batches": batch_rows,
+        "deliveries": delivery_checksums(data_root.landing, scans["delivery_id"].to_list() if scans.height else []),
+        "inputs": input_digests(analysed, scans, segs),
+        "model": {"weights_sha256": cur.get("weights_sha256"), "bundle_path": cur.get("path"),
+                  "validation_dice": cur.get("validation_dice"), "source": "models/current.json"},
+        "code": code_version(),
+        "packages": package_versions(),
+        "cohort_assets": cohort_assets,
+    }
+    out_dir = data_root.path / PUBLISHED_DIR / cohort_hash[:16]
+    report_lineage = {"cohort_hash": cohort_hash, "batches": len(batches),
+                      "deliveries": len(manifest["deliveries"]),
+                      "input_files_digest": manifest["inputs"]["input_files"]["sha256_digest"],
+                      "segmentation_weights_sha256": ", ".join(manifest["inputs"]["segmentation_weights_sha256"]),
+                      "git_commit": manifest["code"]["git_commit"], "run_id": context.run.run_id,
+                      "manifest": MANIFEST_NAME}
+    try:
+        written = render_report(out_dir, flow=flow, table_one=t1, pa_prevalence=pa, stratified=strat,
+                                model_results={("cbp" if "cbp" in n else "nrs_high"): df
+                                               for n, df in models.items()},
+                                model_summaries={("cbp" if "cbp" in n else "nrs_high"): s
+                                                 for n, s in summaries.items()},
+                                paper_vs_run=paper_vs_run, lineage=report_lineage, known_pseudonyms=analysed,
+                                standardisation=json.loads(meta["standardisation"]), lmm_unit=meta["lmm_unit"])
+    except Exception as exc:   # noqa: BLE001  (a disclosure guard or rendering failure, reported by name)
+        raise dg.Failure(description=f"published_results: {type(exc).__name__}: {exc}") from None
+    manifest["files"] = {k: {"path": str(p.relative_to(out_dir)), "sha256": _sha(p)} for k, p in written.items()}
+    write_manifest(out_dir / MANIFEST_NAME, manifest)
+    atomic_write_bytes(data_root.path / PUBLISHED_DIR / "latest.json",
+                       json.dumps({"path": str(out_dir), "cohort_hash": cohort_hash,
+                                   "run_id": context.run.run_id}, indent=1).encode())
+    _record_lineage(context, warehouse, cohort_hash, cohort_assets["published_results"]["upstream"], cohort_hash)
+    context.log.info(f"report written to {out_dir}")
+    return dg.MaterializeResult(metadata={
+        "report_html": dg.MetadataValue.path(str(written["report_html"])),
+        "report_md": dg.MetadataValue.path(str(written["report_md"])),
+        "lineage_manifest": dg.MetadataValue.path(str(out_dir / MANIFEST_NAME)),
+        "cohort_hash": cohort_hash, "analysed": meta["n_analysed"],
+        "paper_vs_run": dg.MetadataValue.md(_md(paper_vs_run.select("section", "quantity", "paper", "this_run")))},
+        data_version=dg.DataVersion(cohort_hash))
+
+
+def _sha(p) -> str:
+    from cbp_platform.imaging.nifti import sha256_file
+
+    return sha256_file(p)
+
+
+def _md(df: pl.DataFrame) -> str:
+    rows = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
+    rows += ["| " + " | ".join("" if v is None else str(v) for v in r) + " |" for r in df.iter_rows()]
+    return "\n".join(rows)
+
+
+def _sensitivity_text(results: pl.DataFrame, analysis: str) -> str:
+    r = results.filter((pl.col("analysis") == analysis) & pl.col("term").str.contains("lmm|imat"))
+    lines = ["Exposure ORs per 2 SD by estimator (sensitivity):"]
+    for row in r.sort("term", "model").iter_rows(named=True):
+        lines.append(f"  {row['term']:<8} {row['model']:<14} OR {row['or']:.3f} ({row['or_low']:.3f}-"
+                     f"{row['or_high']:.3f}), p {row['p']:.2g}")
+    return "\n".join(lines)

@@ -1,0 +1,453 @@
+"""The analysis cohort: all batches joined, the inclusion rules applied in a fixed order, derived variables.
+
+:func:`build_analysis_cohort` takes the warehouse tables of any number of batches (concatenated, in any row or
+batch order) and returns an :class:`AnalysisCohort`: one row per analysed participant, the exclusion flow
+(start -> one row per rule -> analysed, like the paper's 30,868 -> 27,518) and a content hash of the analysed
+frame that the published results carry as their lineage anchor.
+
+The rules, in the order they are applied (a participant is counted once, at the first rule they fail):
+
+======================================  ===================================================================
+``scan_not_ingested``                   no validly ingested MRI scan (quarantined at ``raw_mri_scans``:
+                                        corrupt/truncated file, checksum mismatch, missing channel ...)
+``covariates_invalid``                  no valid covariate row (quarantined at ``participant_covariates``:
+                                        malformed, out of range, missing row)
+``duplicate_records``                   more than one valid scan, covariate or metrics record (ambiguous;
+                                        ingestion normally prevents this)
+``age_outside_19_74``                   age outside the analysed range 19-74 years
+``cbp_not_answered``                    chronic back pain question not answered
+``physical_activity_missing``           MET-min/week not answered
+``comorbidity_missing``                 any of diabetes, dyslipidemia, osteoporosis, osteoarthritis missing
+``fat_water_swap_suspected``            image QC: fat-water swap suspected (not segmented)
+``no_muscle_metrics``                   no usable back-muscle metrics (segmentation or metrics failed, or a
+                                        non-finite / non-positive lean volume)
+======================================  ===================================================================
+
+The questionnaire rules come in the order of the simulator's :func:`cbp_platform.synth.cohort.exclusion_cause`,
+so a simulated cohort's truth predicts the flow. A pseudonym quarantined as ``duplicate_pseudonym`` in a later
+delivery is the same participant as in the earlier one: it is counted once, from its valid records.
+
+Pseudonyms stay in :attr:`AnalysisCohort.frame` and :attr:`AnalysisCohort.exclusions` (internal tables of the
+secure environment); the flow table never contains them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import polars as pl
+
+COHORT_HASH_VERSION = "cbp-analysis-cohort/1"
+AGE_RANGE = (19, 74)
+COMORBIDITIES = ("diabetes", "dyslipidemia", "osteoporosis", "osteoarthritis")
+NRS_HIGH_THRESHOLD = 4                        # pain intensity NRS >= 4 is "high"
+AGE_CENTRE = 50                               # age_10y = (age - 50) / 10, as the cohort model
+MET_CATEGORIES = ("<500", "500-5000", ">5000")
+MET_CATEGORY = pl.Enum(list(MET_CATEGORIES))
+TOTAL_MUSCLE = "back_total"
+
+# (code, description) in the order the rules are applied.
+EXCLUSION_RULES: tuple[tuple[str, str], ...] = (
+    ("scan_not_ingested", "MRI scan failed ingestion checks"),
+    ("covariates_invalid", "Covariate record missing or invalid"),
+    ("duplicate_records", "More than one valid record (ambiguous)"),
+    ("age_outside_19_74", "Age outside 19-74 years"),
+    ("cbp_not_answered", "Chronic back pain question not answered"),
+    ("physical_activity_missing", "Physical activity (MET-min/week) not answered"),
+    ("comorbidity_missing", "A comorbidity question not answered"),
+    ("fat_water_swap_suspected", "Image QC: fat-water swap suspected"),
+    ("no_muscle_metrics", "Back-muscle segmentation or metrics unavailable"),
+)
+EXCLUSION_CODES = tuple(code for code, _ in EXCLUSION_RULES)
+START_LABEL = "Participants with an MRI delivery"
+ANALYSED_LABEL = "Analysed"
+
+
+@dataclass(frozen=True)
+class Normaliser:
+    """How the lean back-muscle volume (cm3) is normalised to body size into the LMM index."""
+
+    name: str
+    unit: str
+    description: str
+    denominator: Callable[[], pl.Expr]
+
+
+NORMALISERS: dict[str, Normaliser] = {n.name: n for n in (
+    Normaliser("weight_per_height", "cm3/(kg/m)", "lean volume / (weight kg / height m), the paper's unit",
+               lambda: pl.col("weight_kg") / (pl.col("height_cm") / 100.0)),
+    Normaliser("per_height2", "cm3/m2", "lean volume / height m squared (like a muscle-volume index)",
+               lambda: (pl.col("height_cm") / 100.0) ** 2),
+    Normaliser("per_weight", "cm3/kg", "lean volume / weight kg",
+               lambda: pl.col("weight_kg")),
+    Normaliser("none", "cm3", "lean volume, not normalised",
+               lambda: pl.lit(1.0)),
+)}
+
+# Columns of the analysed frame, in this order.
+FRAME_COLUMNS = (
+    "pseudonym", "delivery_id", "batch_key", "site", "exam_date", "age", "sex", "female", "height_cm",
+    "weight_kg", "bmi", "cbp", "nrs_pain", "nrs_high", "met_min_week", "met_category", *COMORBIDITIES,
+    "compartment_ml", "lean_ml", "fat_ml", "imat_pct", "mfi", "lmm", "imat", "lmm_z2", "imat_z2",
+    "age_10y", "pa_moderate", "pa_high",
+)
+# Bookkeeping columns are left out of the hash: re-batching the same data must not change it.
+HASH_COLUMNS = tuple(c for c in FRAME_COLUMNS if c not in ("delivery_id", "batch_key"))
+
+
+@dataclass(frozen=True)
+class AnalysisCohort:
+    """The analysed participants and how they were selected.
+
+    ``frame``: one row per analysed participant, columns :data:`FRAME_COLUMNS`, sorted by pseudonym.
+    ``flow``: step, criterion, description, excluded, remaining (no pseudonyms; publishable).
+    ``cohort_hash``: sha256 of the canonical serialisation of ``frame`` (see :func:`cohort_hash`).
+    ``standardisation``: ``{"lmm": {"mean", "sd"}, "imat": {...}}`` used for ``lmm_z2`` / ``imat_z2``.
+    ``exclusions``: pseudonym, reason of every excluded participant (internal, never published).
+    """
+
+    frame: pl.DataFrame
+    flow: pl.DataFrame
+    cohort_hash: str
+    standardisation: dict[str, dict[str, float]]
+    lmm_normaliser: str
+    lmm_unit: str
+    exclusions: pl.DataFrame = field(repr=False)
+
+    @property
+    def n(self) -> int:
+        return self.frame.height
+
+
+# --------------------------------------------------------------------------------------------------------
+# input normalisation
+
+
+def _pseudonyms(df: pl.DataFrame | None) -> pl.Series:
+    if df is None or df.height == 0 or "pseudonym" not in df.columns:
+        return pl.Series("pseudonym", [], dtype=pl.String)
+    return df.get_column("pseudonym").cast(pl.String).drop_nulls()
+
+
+def _covariates(df: pl.DataFrame) -> pl.DataFrame:
+    need = ("pseudonym", "site", "exam_date", "age", "sex", "height_cm", "weight_kg", "cbp", "nrs_pain",
+            "met_min_week", *COMORBIDITIES)
+    missing = [c for c in need if c not in df.columns]
+    if missing:
+        raise ValueError(f"participant_covariates lacks columns {missing}")
+    extra = [c for c in ("delivery_id", "batch_key") if c in df.columns]
+    out = df.select(*extra, *need).with_columns(
+        pl.col("pseudonym", "site", "sex").cast(pl.String),
+        pl.col("exam_date").cast(pl.Date),
+        pl.col("age", "nrs_pain", "met_min_week").cast(pl.Int64),
+        pl.col("height_cm", "weight_kg").cast(pl.Float64),
+        pl.col("cbp", *COMORBIDITIES).cast(pl.Boolean),
+    )
+    for c in ("delivery_id", "batch_key"):
+        if c not in out.columns:
+            out = out.with_columns(pl.lit(None, pl.String).alias(c))
+    return out.with_columns(pl.col("delivery_id", "batch_key").cast(pl.String)).filter(
+        pl.col("pseudonym").is_not_null())
+
+
+def _scans(df: pl.DataFrame) -> pl.DataFrame:
+    if df.height == 0 and "pseudonym" not in df.columns:
+        return pl.DataFrame(schema={"pseudonym": pl.String, "swap_suspected": pl.Boolean})
+    swap = pl.col("swap_suspected").cast(pl.Boolean) if "swap_suspected" in df.columns else pl.lit(False)
+    return df.select(pl.col("pseudonym").cast(pl.String), swap.fill_null(False).alias("swap_suspected")).filter(
+        pl.col("pseudonym").is_not_null())
+
+
+def _metrics(df: pl.DataFrame) -> pl.DataFrame:
+    cols = {"compartment_ml": pl.Float64, "lean_ml": pl.Float64, "fat_ml": pl.Float64, "imat_pct": pl.Float64,
+            "mfi": pl.Float64}
+    if df.height == 0 and "pseudonym" not in df.columns:
+        return pl.DataFrame(schema={"pseudonym": pl.String, **cols})
+    missing = [c for c in ("pseudonym", "muscle", "lean_ml", "imat_pct") if c not in df.columns]
+    if missing:
+        raise ValueError(f"muscle_metrics lacks columns {missing}")
+    sel = [pl.col(c).cast(t) if c in df.columns else pl.lit(None, t).alias(c) for c, t in cols.items()]
+    return (df.filter(pl.col("muscle").cast(pl.String) == TOTAL_MUSCLE)
+            .select(pl.col("pseudonym").cast(pl.String), *sel)
+            .filter(pl.col("pseudonym").is_not_null()))
+
+
+def _quarantine(df: pl.DataFrame | None) -> pl.DataFrame:
+    schema = {"pseudonym": pl.String, "stage": pl.String, "reason": pl.String}
+    if df is None or df.height == 0:
+        return pl.DataFrame(schema=schema)
+    return df.select(pl.col(c).cast(pl.String) for c in schema).filter(pl.col("pseudonym").is_not_null())
+
+
+# --------------------------------------------------------------------------------------------------------
+# the rules
+
+
+def classify_participants(covariates: pl.DataFrame, scans: pl.DataFrame, metrics: pl.DataFrame,
+                          quarantine: pl.DataFrame | None = None) -> pl.DataFrame:
+    """Every participant with an MRI delivery and the first exclusion rule they fail (``reason`` null = analysed).
+
+    Returns pseudonym, reason and, for the analysed, their single covariate and metrics record joined.
+    Internal (contains pseudonyms).
+    """
+    cov = _covariates(covariates)
+    sc = _scans(scans)
+    met = _metrics(metrics)
+    q = _quarantine(quarantine)
+    everyone = (pl.concat([_pseudonyms(cov), _pseudonyms(sc), _pseudonyms(met), _pseudonyms(q)])
+                .unique().sort().to_frame("pseudonym"))
+
+    scan_agg = sc.group_by("pseudonym").agg(pl.len().alias("n_scan"), pl.col("swap_suspected").any().alias("swap"))
+    cov_n = cov.group_by("pseudonym").agg(pl.len().alias("n_cov"))
+    met_n = met.group_by("pseudonym").agg(pl.len().alias("n_met"))
+    q_swap = (q.filter((pl.col("stage") == "muscle_segmentations") & (pl.col("reason") == "fat_water_swap_suspected"))
+              .select("pseudonym").unique().with_columns(pl.lit(True).alias("q_swap")))
+
+    p = (everyone.join(scan_agg, on="pseudonym", how="left")
+         .join(cov_n, on="pseudonym", how="left")
+         .join(met_n, on="pseudonym", how="left")
+         .join(q_swap, on="pseudonym", how="left")
+         .with_columns(pl.col("n_scan", "n_cov", "n_met").fill_null(0),
+                       (pl.col("swap").fill_null(False) | pl.col("q_swap").fill_null(False)).alias("swap")))
+    # Single records only: an ambiguous participant is excluded before any value is read.
+    single_cov = cov.join(cov_n.filter(pl.col("n_cov") == 1), on="pseudonym", how="semi")
+    single_met = met.join(met_n.filter(pl.col("n_met") == 1), on="pseudonym", how="semi")
+    p = p.join(single_cov, on="pseudonym", how="left").join(single_met, on="pseudonym", how="left")
+
+    lo, hi = AGE_RANGE
+    finite_metrics = (pl.col("lean_ml").is_not_null() & pl.col("lean_ml").is_finite() & (pl.col("lean_ml") > 0)
+                      & pl.col("imat_pct").is_not_null() & pl.col("imat_pct").is_finite()
+                      & pl.col("imat_pct").is_between(0.0, 100.0))
+    conditions = {
+        "scan_not_ingested": pl.col("n_scan") == 0,
+        "covariates_invalid": pl.col("n_cov") == 0,
+        "duplicate_records": (pl.col("n_scan") > 1) | (pl.col("n_cov") > 1) | (pl.col("n_met") > 1),
+        "age_outside_19_74": pl.col("age").is_null() | ~pl.col("age").is_between(lo, hi),
+        "cbp_not_answered": pl.col("cbp").is_null(),
+        "physical_activity_missing": pl.col("met_min_week").is_null(),
+        "comorbidity_missing": pl.any_horizontal([pl.col(c).is_null() for c in COMORBIDITIES]),
+        "fat_water_swap_suspected": pl.col("swap"),
+        "no_muscle_metrics": (pl.col("n_met") == 0) | ~finite_metrics.fill_null(False),
+    }
+    assert tuple(conditions) == EXCLUSION_CODES
+    # A condition that cannot be evaluated (null) counts as failed.
+    chain = None
+    for code, cond in conditions.items():
+        failed = cond.fill_null(True)
+        chain = (pl.when(failed) if chain is None else chain.when(failed)).then(pl.lit(code))
+    return p.with_columns(chain.otherwise(pl.lit(None, pl.String)).alias("reason"))
+
+
+def flow_table(classified: pl.DataFrame) -> pl.DataFrame:
+    """Start -> one row per rule (excluded at that step, remaining after it) -> analysed. No pseudonyms."""
+    counts = dict(classified.group_by("reason").len().iter_rows())
+    start = classified.height
+    rows = [dict(step=0, criterion="start", description=START_LABEL, excluded=None, remaining=start)]
+    remaining = start
+    for i, (code, text) in enumerate(EXCLUSION_RULES, start=1):
+        k = int(counts.get(code, 0))
+        remaining -= k
+        rows.append(dict(step=i, criterion=code, description=text, excluded=k, remaining=remaining))
+    analysed = int(counts.get(None, 0))
+    assert remaining == analysed, "exclusion flow does not reconcile"
+    rows.append(dict(step=len(EXCLUSION_RULES) + 1, criterion="analysed", description=ANALYSED_LABEL,
+                     excluded=None, remaining=analysed))
+    return pl.DataFrame(rows, schema={"step": pl.Int64, "criterion": pl.String, "description": pl.String,
+                                      "excluded": pl.Int64, "remaining": pl.Int64})
+
+
+# --------------------------------------------------------------------------------------------------------
+# derivations
+
+
+def met_category(met: pl.Expr) -> pl.Expr:
+    """'<500' (low, < 500), '500-5000' (moderate, 500 to 5000 inclusive), '>5000' (high) MET-min/week."""
+    return (pl.when(met < 500).then(pl.lit("<500"))
+            .when(met <= 5000).then(pl.lit("500-5000"))
+            .when(met > 5000).then(pl.lit(">5000"))
+            .otherwise(pl.lit(None, pl.String))).cast(MET_CATEGORY)
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    """Mean and sample SD computed with exactly rounded sums, so they do not depend on row order."""
+    n = len(values)
+    if n == 0:
+        return math.nan, math.nan
+    mean = math.fsum(values) / n
+    if n < 2:
+        return mean, math.nan
+    return mean, math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
+
+
+def _z2(col: str, mean: float, sd: float) -> pl.Expr:
+    """(x - mean) / (2 SD): a regression coefficient on it is the effect of a 2-SD difference."""
+    if not (math.isfinite(sd) and sd > 0):
+        return pl.lit(None, pl.Float64)
+    return (pl.col(col) - mean) / (2.0 * sd)
+
+
+def derive(analysed: pl.DataFrame, normaliser: Normaliser) -> tuple[pl.DataFrame, dict[str, dict[str, float]]]:
+    """The analysed frame's derived variables (columns :data:`FRAME_COLUMNS`) and the standardisation used."""
+    df = analysed.sort("pseudonym").with_columns(
+        (pl.col("sex") == "F").alias("female"),
+        (pl.col("weight_kg") / (pl.col("height_cm") / 100.0) ** 2).alias("bmi"),
+        pl.when(pl.col("nrs_pain").is_null()).then(pl.lit(None, pl.Boolean))
+        .otherwise(pl.col("nrs_pain") >= NRS_HIGH_THRESHOLD).alias("nrs_high"),
+        met_category(pl.col("met_min_week")).alias("met_category"),
+        (pl.col("lean_ml") / normaliser.denominator()).alias("lmm"),
+        pl.col("imat_pct").alias("imat"),
+    )
+    std = {}
+    for var in ("lmm", "imat"):
+        mean, sd = _mean_sd(df.get_column(var).to_list())
+        std[var] = {"mean": mean, "sd": sd}
+    df = df.with_columns(
+        _z2("lmm", **std["lmm"]).alias("lmm_z2"), _z2("imat", **std["imat"]).alias("imat_z2"),
+        ((pl.col("age") - AGE_CENTRE) / 10.0).alias("age_10y"),
+        (pl.col("met_category") == "500-5000").alias("pa_moderate"),
+        (pl.col("met_category") == ">5000").alias("pa_high"),
+    )
+    return df.select(FRAME_COLUMNS), std
+
+
+# --------------------------------------------------------------------------------------------------------
+# the hash
+
+
+def _canon(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "1" if v else "0"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        return format(v, ".10g")
+    if hasattr(v, "isoformat"):
+        return v.isoformat()
+    return str(v)
+
+
+def cohort_hash(frame: pl.DataFrame, *, normaliser: str = "") -> str:
+    """sha256 of ``frame``'s analysis columns (:data:`HASH_COLUMNS`) in a canonical text form.
+
+    Rows sorted by pseudonym, columns in fixed order, floats to 10 significant digits, booleans 1/0, dates ISO,
+    nulls empty; the version tag and the LMM normaliser come first. Independent of row and batch order.
+    """
+    h = hashlib.sha256()
+    h.update(f"{COHORT_HASH_VERSION}\tlmm_normaliser={normaliser}\n".encode())
+    h.update(("\t".join(HASH_COLUMNS) + "\n").encode())
+    canon = frame.select(HASH_COLUMNS).sort("pseudonym")
+    for row in canon.iter_rows():
+        h.update(("\t".join(_canon(v) for v in row) + "\n").encode())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------------
+# the entry points
+
+
+def build_analysis_cohort(covariates: pl.DataFrame, scans: pl.DataFrame, metrics: pl.DataFrame,
+                          quarantine: pl.DataFrame | None = None, *,
+                          lmm_normaliser: str = "weight_per_height") -> AnalysisCohort:
+    """Join the batches' tables, apply :data:`EXCLUSION_RULES` in order, derive the analysis variables.
+
+    ``covariates``: participant_covariates rows (valid rows only, as the warehouse holds them);
+    ``scans``: raw_mri_scans rows (validly ingested scans, with ``swap_suspected``);
+    ``metrics``: muscle_metrics rows (long; the ``back_total`` row is used);
+    ``quarantine``: quarantine rows of the same batches (they add participants whose records all failed).
+    ``lmm_normaliser``: a key of :data:`NORMALISERS`.
+    """
+    if lmm_normaliser not in NORMALISERS:
+        raise ValueError(f"unknown lmm_normaliser {lmm_normaliser!r}; choose one of {sorted(NORMALISERS)}")
+    norm = NORMALISERS[lmm_normaliser]
+    classified = classify_participants(covariates, scans, metrics, quarantine)
+    flow = flow_table(classified)
+    analysed = classified.filter(pl.col("reason").is_null())
+    frame, std = derive(analysed, norm)
+    exclusions = classified.filter(pl.col("reason").is_not_null()).select("pseudonym", "reason").sort("pseudonym")
+    return AnalysisCohort(frame=frame, flow=flow, cohort_hash=cohort_hash(frame, normaliser=norm.name),
+                          standardisation=std, lmm_normaliser=norm.name, lmm_unit=norm.unit, exclusions=exclusions)
+
+
+@dataclass(frozen=True)
+class ParticipantTrace:
+    """What happened to one participant: a line per stage, and the analysis decision (internal use only)."""
+
+    pseudonym: str
+    stages: list[dict]            # stage, status (ok / quarantined / absent / excluded / included), detail
+    exclusion_reason: str | None  # first rule failed, None if analysed, "not_delivered" if unknown
+    included: bool
+
+    def to_text(self) -> str:
+        lines = [f"participant {self.pseudonym}"]
+        for s in self.stages:
+            where = f" [{s['delivery_id']}/{s['batch_key']}]" if s.get("batch_key") else ""
+            detail = f": {s['detail']}" if s.get("detail") else ""
+            lines.append(f"  {s['stage']:<22} {s['status']}{where}{detail}")
+        return "\n".join(lines)
+
+
+_STAGES = ("raw_mri_scans", "participant_covariates", "muscle_segmentations", "muscle_metrics")
+
+
+def _stage(stage: str, status: str, detail: str = "", row: dict | None = None) -> dict:
+    row = row or {}
+    return dict(stage=stage, status=status, detail=detail, delivery_id=row.get("delivery_id"),
+                batch_key=row.get("batch_key"))
+
+
+def _metrics_detail(r: dict) -> str:
+    lean, imat = r.get("lean_ml"), r.get("imat_pct")
+    if isinstance(lean, float) and isinstance(imat, float):
+        return f"lean {lean:.1f} cm3, InterMAT {imat:.2f} %"
+    return f"lean {lean}, InterMAT {imat}"
+
+
+def participant_trace(pseudonym: str, covariates: pl.DataFrame, scans: pl.DataFrame, metrics: pl.DataFrame,
+                      quarantine: pl.DataFrame | None = None) -> ParticipantTrace:
+    """The stages one participant went through and the exclusion rule that removed them, if any.
+
+    One entry per record and stage (a valid row: ``ok``; a quarantine row: ``quarantined`` with its reason;
+    nothing: ``absent``), then ``analysis_cohort`` (``included`` / ``excluded`` with the rule). The decision
+    comes from :func:`classify_participants` on the participant's own rows, i.e. the very rules of
+    :func:`build_analysis_cohort`. For an operator command inside the secure environment: it names the pseudonym.
+    """
+    def mine(df: pl.DataFrame | None) -> pl.DataFrame | None:
+        if df is None:
+            return None
+        return df.filter(pl.col("pseudonym").cast(pl.String) == pseudonym)
+
+    cov, sc, met, q = mine(covariates), mine(scans), mine(metrics), mine(quarantine)
+    q_rows = list(q.iter_rows(named=True)) if q is not None else []
+    totals = list(met.filter(pl.col("muscle").cast(pl.String) == TOTAL_MUSCLE).iter_rows(named=True))
+    valid = {
+        "raw_mri_scans": [("swap suspected" if r.get("swap_suspected") else "", r) for r in sc.iter_rows(named=True)],
+        "participant_covariates": [("", r) for r in cov.iter_rows(named=True)],
+        # the segmentation table is not an input: metrics imply a label map
+        "muscle_segmentations": [("label map (metrics present)", r) for r in totals],
+        "muscle_metrics": [(_metrics_detail(r), r) for r in totals],
+    }
+    stages: list[dict] = []
+    for stage in _STAGES:
+        entries = [_stage(stage, "ok", detail, r) for detail, r in valid[stage]]
+        for r in q_rows:
+            if r.get("stage") == stage:
+                message = f": {r['message']}" if r.get("message") else ""
+                entries.append(_stage(stage, "quarantined", f"{r.get('reason')}{message}", r))
+        stages.extend(entries or [_stage(stage, "absent")])
+    classified = classify_participants(cov, sc, met, q)
+    if classified.height == 0:
+        reason, included = "not_delivered", False
+        stages.append(_stage("analysis_cohort", "absent", "no record in these batches"))
+    else:
+        reason = classified.get_column("reason")[0]
+        included = reason is None
+        stages.append(_stage("analysis_cohort", "included" if included else "excluded",
+                             "" if included else f"{reason}: {dict(EXCLUSION_RULES)[reason]}"))
+    return ParticipantTrace(pseudonym=pseudonym, stages=stages, exclusion_reason=reason, included=included)

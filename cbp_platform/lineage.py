@@ -1,0 +1,148 @@
+"""Lineage of published results: the manifest written beside the report, and the chain ``cbp lineage`` prints.
+
+The manifest (``lineage.json`` beside ``report.md``) ties every published number to
+* the analysis-cohort hash (content of the analysed frame, :func:`cbp_platform.analysis.cohort.cohort_hash`);
+* the batches behind it, each with the data version (table checksum) and run id of every per-batch asset;
+* the deliveries (sha256 of each delivery's manifest) and a digest of every input file checksum and label-map
+  checksum of the analysed participants (a digest, so no pseudonym leaves the warehouse);
+* the segmentation model weights (sha256) and where the bundle lives;
+* the code (git commit, asset code versions), the package versions, and the run id of each cohort-level asset.
+
+The assets gather these from the warehouse and the Dagster instance (they run inside Dagster); this module is
+framework-free and does the parts that need neither: hashing, versions, the manifest's shape and its text
+rendering. Pseudonyms never enter the manifest.
+"""
+
+import hashlib
+import json
+import subprocess
+from collections.abc import Iterable
+from importlib import metadata
+from pathlib import Path
+
+import polars as pl
+
+MANIFEST_NAME = "lineage.json"
+MANIFEST_VERSION = "cbp-lineage/1"
+PACKAGES = ("cbp-platform", "dagster", "dagster-duckdb", "duckdb", "torch", "monai", "nibabel", "polars", "numpy",
+            "scipy", "statsmodels", "great-expectations", "matplotlib")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def code_version(repo: Path = REPO_ROOT) -> dict:
+    """The git commit of the code that ran (and whether the work tree had uncommitted changes)."""
+    try:
+        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True, timeout=10).stdout.strip() != ""
+        return {"git_commit": commit, "dirty": dirty}
+    except (OSError, subprocess.SubprocessError):
+        return {"git_commit": "unknown (not a git checkout)", "dirty": None}
+
+
+def package_versions(packages: Iterable[str] = PACKAGES) -> dict[str, str]:
+    out = {}
+    for p in packages:
+        try:
+            out[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            out[p] = "not installed"
+    return out
+
+
+def digest(lines: Iterable[str]) -> str:
+    """sha256 over sorted lines: an order-independent fingerprint of a set of checksums."""
+    h = hashlib.sha256()
+    for line in sorted(lines):
+        h.update(line.encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def input_digests(analysed: Iterable[str], scans: pl.DataFrame, segmentations: pl.DataFrame) -> dict:
+    """Digests of the analysed participants' input files (water/fat sha256) and label maps (sha256).
+
+    ``analysed``: pseudonyms of the analysed cohort; ``scans``: raw_mri_scans rows; ``segmentations``:
+    muscle_segmentations rows. The digests cover checksums only; no pseudonym is part of the output.
+    """
+    keep = set(analysed)
+    s = scans.filter(pl.col("pseudonym").is_in(keep)) if scans.height else scans
+    g = segmentations.filter(pl.col("pseudonym").is_in(keep)) if segmentations.height else segmentations
+    files = [f"{r['water_sha256']} {r['fat_sha256']}" for r in s.iter_rows(named=True)] if s.height else []
+    labels = [r["label_sha256"] for r in g.iter_rows(named=True)] if g.height else []
+    models = sorted(set(g["model_sha256"].to_list())) if g.height else []
+    return {"input_files": {"participants": len(files), "files": 2 * len(files), "sha256_digest": digest(files)},
+            "label_maps": {"count": len(labels), "sha256_digest": digest(labels)},
+            "segmentation_weights_sha256": models}
+
+
+def delivery_checksums(landing: Path, delivery_ids: Iterable[str]) -> list[dict]:
+    """sha256 of each delivery's manifest (the delivery's own list of files and checksums)."""
+    from cbp_platform.imaging.nifti import sha256_file
+    from cbp_platform.landing import MANIFEST_NAME as DELIVERY_MANIFEST
+
+    out = []
+    for d in sorted(set(delivery_ids)):
+        p = landing / d / DELIVERY_MANIFEST
+        out.append({"delivery_id": d, "manifest_sha256": sha256_file(p) if p.exists() else "missing"})
+    return out
+
+
+def write_manifest(path: Path, manifest: dict) -> None:
+    from cbp_platform.imaging.nifti import atomic_write_bytes
+
+    atomic_write_bytes(path, (json.dumps(manifest, indent=1, sort_keys=True, default=str) + "\n").encode())
+
+
+def read_manifest(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no lineage manifest (materialise published_results first)") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+
+
+def format_chain(m: dict, asset: str | None = None) -> str:
+    """The manifest as a readable chain: result -> analysis assets -> cohort -> batches -> deliveries/files ->
+    weights -> code. ``asset`` narrows the cohort-level part to one analysis asset and what it read."""
+    lines = []
+    runs = m.get("cohort_assets", {})
+    top = asset or "published_results"
+    lines.append(f"{top}")
+    if top not in runs:
+        raise KeyError(f"{top!r} is not in this manifest; known: {', '.join(sorted(runs))}")
+    chain = [top]
+    seen = set()
+    while chain:
+        a = chain.pop(0)
+        if a in seen:
+            continue
+        seen.add(a)
+        r = runs.get(a, {})
+        lines.append(f"  <- {a}: run {r.get('run_id', '?')}, data version {str(r.get('data_version', '?'))[:16]}, "
+                     f"code version {r.get('code_version', '?')}, at {r.get('timestamp', '?')}")
+        chain += [u for u in r.get("upstream", []) if u in runs]
+    c = m["cohort"]
+    lines.append(f"  <- analysis cohort {c['cohort_hash']} ({c['analysed']} analysed of {c['start']}; "
+                 f"LMM normaliser {c['lmm_normaliser']})")
+    lines.append(f"  <- {len(m['batches'])} batches:")
+    for b in m["batches"]:
+        dv = ", ".join(f"{k} {str(v.get('data_version'))[:12]} (run {str(v.get('run_id'))[:8]})"
+                       for k, v in sorted(b["assets"].items()))
+        lines.append(f"       {b['batch_key']}: {dv}")
+    lines.append(f"  <- {len(m['deliveries'])} deliveries:")
+    for d in m["deliveries"]:
+        lines.append(f"       {d['delivery_id']}: manifest sha256 {d['manifest_sha256']}")
+    i = m["inputs"]
+    lines.append(f"  <- input files: {i['input_files']['files']} NIfTI files of {i['input_files']['participants']} "
+                 f"analysed participants, checksum digest {i['input_files']['sha256_digest']}")
+    lines.append(f"  <- label maps: {i['label_maps']['count']}, checksum digest {i['label_maps']['sha256_digest']}")
+    mdl = m["model"]
+    lines.append(f"  <- segmentation weights sha256 {', '.join(i['segmentation_weights_sha256']) or 'none'} "
+                 f"(bundle {mdl.get('bundle_path', '?')}; {mdl.get('source', '?')})")
+    cv = m["code"]
+    lines.append(f"  <- code: git {cv['git_commit']}{' (uncommitted changes)' if cv.get('dirty') else ''}; "
+                 + ", ".join(f"{k} {v}" for k, v in sorted(m["packages"].items())))
+    return "\n".join(lines)

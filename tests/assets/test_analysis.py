@@ -1,0 +1,194 @@
+"""The cohort-level half of the graph through Dagster: analysis cohort, models, tables, published report, lineage.
+
+The per-batch tables are written straight into the warehouse from the simulator's truth (exact metrics, no MRI;
+``tests/analysis/synthetic.py``), so these tests exercise the analysis assets in seconds; the whole graph from
+NIfTI files runs in ``tests/segmentation`` and in ``make demo``.
+"""
+
+import json
+import re
+from pathlib import Path
+
+import dagster as dg
+import duckdb
+import numpy as np
+import polars as pl
+import pytest
+
+from tests.analysis.synthetic import warehouse_tables
+
+COHORT_ASSETS = ("analysis_cohort", "cbp_association_model", "pain_intensity_model", "table_one",
+                 "stratified_comparisons", "physical_activity_prevalence", "published_results")
+
+
+def _load_warehouse(root: Path, n: int, seed: int) -> dict:
+    from resources import Warehouse
+
+    t = warehouse_tables(n, seed=seed, batches=3)
+    scans = t["scans"].with_columns(pl.lit("a" * 64).alias("water_sha256"), pl.lit("b" * 64).alias("fat_sha256"))
+    segs = t["metrics"].filter(pl.col("muscle") == "back_total").select(
+        "pseudonym", "batch_key", "delivery_id", pl.lit("/nonexistent.nii.gz").alias("label_path"),
+        pl.lit("c" * 64).alias("label_sha256"), pl.lit("d" * 64).alias("model_sha256"))
+    wh = Warehouse(database=str(root / "warehouse" / "cbp.duckdb"))
+    for name, df in (("participant_covariates", t["covariates"]), ("raw_mri_scans", scans),
+                     ("muscle_metrics", t["metrics"]), ("quarantine", t["quarantine"]),
+                     ("muscle_segmentations", segs)):
+        wh.replace_rows(name, df, {})
+    return t
+
+
+def _refresh(root: Path):
+    from cbp_platform.definitions import build_definitions
+
+    defs = build_definitions()
+    inst = dg.DagsterInstance.get()
+    job = defs.resolve_job_def("cohort_refresh")
+    return inst, job.execute_in_process(instance=inst, raise_on_error=False)
+
+
+def _q(root: Path, sql: str) -> pl.DataFrame:
+    con = duckdb.connect(str(root / "warehouse" / "cbp.duckdb"), read_only=True)
+    try:
+        return pl.from_arrow(con.sql(sql).to_arrow_table())
+    finally:
+        con.close()
+
+
+@pytest.fixture(scope="module")
+def refreshed(tmp_path_factory):
+    from assets.runner import pipeline_environment
+
+    root = tmp_path_factory.mktemp("analysis")
+    (root / "warehouse").mkdir()
+    with pipeline_environment(root):
+        tables = _load_warehouse(root, 4000, seed=11)
+        inst, res = _refresh(root)
+        yield root, inst, res, tables
+
+
+def test_refresh_materialises_every_cohort_asset_and_check(refreshed):
+    root, inst, res, _ = refreshed
+    assert res.success
+    for a in COHORT_ASSETS:
+        assert inst.get_latest_materialization_event(dg.AssetKey(a)) is not None, a
+    for asset, check in (("analysis_cohort", "analysis_cohort_expectations"),
+                         ("cbp_association_model", "cbp_model_checks"),
+                         ("pain_intensity_model", "pain_model_checks")):
+        rec = inst.event_log_storage.get_asset_check_execution_history(
+            dg.AssetCheckKey(dg.AssetKey(asset), check), limit=1)[0]
+        assert rec.event.dagster_event.event_specific_data.passed, (asset, check)
+
+
+def test_cohort_flow_reconciles_and_hash_is_the_data_version(refreshed):
+    root, inst, _, tables = refreshed
+    flow = _q(root, "SELECT * FROM exclusion_flow ORDER BY step")
+    n = _q(root, "SELECT count(*) AS n FROM analysis_cohort")["n"][0]
+    assert flow["remaining"][0] == 4000
+    assert flow["remaining"][0] - flow["excluded"].fill_null(0).sum() == n == flow["remaining"][-1]
+    from cbp_platform.synth.cohort import exclusion_cause
+
+    assert n == int(exclusion_cause(tables["truth"]).is_null().sum())
+    t1 = _q(root, "SELECT * FROM table_one")
+    part = t1.filter(pl.col("key") == "participants")
+    assert part["all_n"][0] == n == part["cbp_n"][0] + part["no_cbp_n"][0]
+    ev = inst.get_latest_materialization_event(dg.AssetKey("analysis_cohort")).asset_materialization
+    meta = _q(root, "SELECT cohort_hash FROM analysis_cohort_meta")
+    assert ev.tags["dagster/data_version"] == meta["cohort_hash"][0] == ev.metadata["cohort_hash"].value
+
+
+def test_models_recover_the_generating_odds_ratios(refreshed):
+    root, _, _, tables = refreshed
+    from cbp_platform.synth.cohort import CohortParameters
+
+    p = CohortParameters()
+    res = _q(root, "SELECT * FROM model_results WHERE model = 'glmm_agq25'")
+    cbp = {r["term"]: r for r in res.filter(pl.col("analysis") == "cbp_association_model").iter_rows(named=True)}
+    # the exposures were standardised on this cohort's SD, the generating ORs on the reference SD: rescale
+    std = json.loads(_q(root, "SELECT standardisation FROM analysis_cohort_meta")["standardisation"][0])
+    for term, or_2sd, ref_sd, sd in (("lmm_z2", p.or_lmm_2sd, p.lmm_ref[1], std["lmm"]["sd"]),
+                                     ("imat_z2", p.or_imat_2sd, p.imat_ref[1], std["imat"]["sd"])):
+        true_or = float(np.exp(np.log(or_2sd) * sd / ref_sd))
+        assert cbp[term]["or_low"] <= true_or <= cbp[term]["or_high"], (term, true_or, cbp[term])
+    fits = _q(root, "SELECT * FROM model_fits ORDER BY analysis")
+    assert fits["converged"].all() and (fits["method"] == "agq").all()
+    pain = fits.filter(pl.col("analysis") == "pain_intensity_model")
+    cohort = _q(root, "SELECT count(*) AS n FROM analysis_cohort WHERE nrs_high IS NOT NULL")
+    assert pain["nobs"][0] == cohort["n"][0]
+    assert set(res["analysis"]) == {"cbp_association_model", "pain_intensity_model"}
+    sens = _q(root, "SELECT DISTINCT model FROM model_results")["model"].to_list()
+    assert {"glmm_agq25", "glmm_laplace", "site_fixed", "gee"} <= set(sens)
+
+
+def test_report_has_every_section_and_no_pseudonym(refreshed):
+    root, _, _, tables = refreshed
+    latest = json.loads((root / "published" / "latest.json").read_text())
+    out = Path(latest["path"])
+    md = (out / "report.md").read_text()
+    for heading in ("Exclusion flow", "Table 1", "Physical activity", "Mixed logistic regression",
+                    "Stratified comparisons", "Paper vs this run", "Lineage"):
+        assert heading in md, heading
+    for fig in ("flow", "pa_prevalence", "forest"):
+        png = (out / "figures" / f"{fig}.png").read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    assert (out / "report.html").read_text().count("<img") >= 3
+    pseudonyms = set(tables["truth"]["pseudonym"].to_list())
+    for f in out.rglob("*"):
+        if f.is_file() and f.suffix in (".md", ".html", ".csv", ".json"):
+            text = f.read_text()
+            assert not any(p in text for p in pseudonyms), f
+
+
+def test_lineage_manifest_ties_the_report_to_its_inputs(refreshed):
+    root, inst, _, _ = refreshed
+    latest = json.loads((root / "published" / "latest.json").read_text())
+    m = json.loads((Path(latest["path"]) / "lineage.json").read_text())
+    meta = _q(root, "SELECT * FROM analysis_cohort_meta")
+    assert m["cohort"]["cohort_hash"] == meta["cohort_hash"][0]
+    assert [b["batch_key"] for b in m["batches"]] == json.loads(meta["batches"][0])
+    assert m["inputs"]["segmentation_weights_sha256"] == ["d" * 64]
+    assert re.fullmatch(r"[0-9a-f]{40}", m["code"]["git_commit"]) or m["code"]["git_commit"].startswith("unknown")
+    assert m["packages"]["statsmodels"] and m["packages"]["torch"].startswith("2.13.0")
+    run = inst.get_latest_materialization_event(dg.AssetKey("cbp_association_model")).run_id
+    assert m["cohort_assets"]["cbp_association_model"]["run_id"] == run
+    for k, f in m["files"].items():
+        assert (Path(latest["path"]) / f["path"]).exists(), k
+
+
+def test_cbp_lineage_prints_the_chain_and_a_participant_path(refreshed, capsys):
+    from cbp_platform.cli import main
+
+    root, _, _, tables = refreshed
+    assert main(["lineage", "--data-root", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "published_results" in out and "cbp_association_model" in out and "analysis cohort" in out
+    assert "segmentation weights sha256 " + "d" * 64 in out
+    assert main(["lineage", "--data-root", str(root), "--asset", "table_one"]) == 0
+    assert "table_one" in capsys.readouterr().out
+    truth = tables["truth"]
+    excluded = truth.filter(pl.col("missing_cbp"))["pseudonym"][0]
+    assert main(["lineage", "--data-root", str(root), "--participant", excluded]) == 0
+    out = capsys.readouterr().out
+    assert "excluded" in out and "cbp_not_answered" in out
+    from cbp_platform.synth.cohort import exclusion_cause
+
+    included = truth.filter(exclusion_cause(truth).is_null())["pseudonym"][0]
+    assert main(["lineage", "--data-root", str(root), "--participant", included]) == 0
+    assert "included" in capsys.readouterr().out
+    assert main(["lineage", "--data-root", str(root), "--participant", "not-a-pseudonym"]) == 2
+
+
+def test_too_few_events_fails_with_a_named_model_check(tmp_path):
+    from assets.runner import pipeline_environment
+
+    (tmp_path / "warehouse").mkdir()
+    with pipeline_environment(tmp_path):
+        _load_warehouse(tmp_path, 250, seed=12)
+        inst, res = _refresh(tmp_path)
+    assert not res.success
+    failures = [e for e in res.all_events if e.event_type_value == "STEP_FAILURE"]
+    text = " ".join(e.event_specific_data.error.message for e in failures
+                    if e.step_key in ("cbp_association_model", "pain_intensity_model"))
+    assert "model checks failed" in text and "events_per_variable" in text
+    # the cohort and descriptive tables still materialise; nothing is published from a failed model
+    assert inst.get_latest_materialization_event(dg.AssetKey("analysis_cohort")) is not None
+    assert inst.get_latest_materialization_event(dg.AssetKey("published_results")) is None
