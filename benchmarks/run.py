@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import bench_ingest, bench_segmentation, bench_stats, bench_synth  # noqa: E402
+from benchmarks import bench_analysis, bench_ingest, bench_segmentation, bench_stats, bench_synth  # noqa: E402
 
 
 def main() -> int:
@@ -22,7 +22,7 @@ def main() -> int:
     only = sys.argv[1:]
     results = {}
     for name, mod in (("synth", bench_synth), ("ingest", bench_ingest), ("segmentation", bench_segmentation),
-                      ("stats", bench_stats)):
+                      ("stats", bench_stats), ("analysis", bench_analysis)):
         if not only or name in only:
             results[name] = mod.run()
     stamp = time.strftime("%Y%m%dT%H%M%S")

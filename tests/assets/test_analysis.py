@@ -192,3 +192,17 @@ def test_too_few_events_fails_with_a_named_model_check(tmp_path):
     # the cohort and descriptive tables still materialise; nothing is published from a failed model
     assert inst.get_latest_materialization_event(dg.AssetKey("analysis_cohort")) is not None
     assert inst.get_latest_materialization_event(dg.AssetKey("published_results")) is None
+
+
+def test_the_refresh_computes_cohort_level_assets_only():
+    """The daily refresh recomputes the analysis from all batches but never a batch (those run per delivery)."""
+    from assets.schedules import COHORT_LEVEL
+    from cbp_platform.definitions import build_definitions
+
+    defs = build_definitions()
+    graph = defs.resolve_asset_graph()
+    keys = COHORT_LEVEL.resolve(graph)
+    assert {k.to_user_string() for k in keys} >= set(COHORT_ASSETS)
+    assert all(graph.get(k).partitions_def is None for k in keys)
+    sched = defs.resolve_schedule_def("daily_cohort_refresh")
+    assert sched.job_name == "cohort_refresh" and sched.default_status == dg.DefaultScheduleStatus.RUNNING
