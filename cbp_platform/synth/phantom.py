@@ -43,6 +43,11 @@ KIDNEY = (0.85, 0.02)
 CORTEX = (0.12, 0.30)
 BOWEL = (0.7, 0.05)
 MUSCLE_PD = 0.8
+# Fascia (thoracolumbar fascia, epimysium, psoas fascia): dense collagen, short T2*, so it is dark on both
+# Dixon channels. A sheet of FASCIA_MM around each compartment is what marks the compartment border where
+# intermuscular fat meets the fat outside the fascia.
+FASCIA = (0.12, 0.30)
+FASCIA_MM = 1.2
 
 
 @dataclass(frozen=True)
@@ -428,16 +433,20 @@ def _smooth_field(rng: np.random.Generator, shape, spacing) -> np.ndarray:
 
 
 def _paint_compartments(canvas: _Canvas, subj: Subject, L: dict, scales, rng) -> tuple[np.ndarray, dict]:
-    """Fascial fat, then the four labelled compartments with their lean muscle and intermuscular fat."""
+    """Fascial fat and the fascia, then the four labelled compartments with lean muscle and intermuscular fat."""
     h = canvas.h
     labels = np.zeros(canvas.p.shape, np.uint8)
     boxes = {lab: _compartment_box(canvas, lab, L, scales) for lab in COMPARTMENTS}
     # fascial / paraspinal fat around each compartment (4 mm), and quadratus lumborum (unlabelled muscle)
+    sdfs = {}
     for lab, sl in boxes.items():
         if sl is None:
             continue
         u, v = canvas.uv(sl)
-        canvas.paint(sl, _coverage(_compartment_sdf(lab, u, v, L, sl, scales) - 4.0, h), ADIPOSE)
+        sdfs[lab] = _compartment_sdf(lab, u, v, L, sl, scales)
+        canvas.paint(sl, _coverage(sdfs[lab] - 4.0, h), ADIPOSE)
+    for lab, sdf in sdfs.items():   # the fascial sheet just outside each compartment, over all the fat
+        canvas.paint(boxes[lab], _coverage(sdf - FASCIA_MM, h) - _coverage(sdf, h), FASCIA)
     for side in (1.0, -1.0):
         k = np.clip((0.62 - L["s"]) / 0.5, 0, 1) * np.clip((L["s"] + 0.05) / 0.2, 0, 1)
         cu = side * (L["R_lat"] + 2 * 20.0 * L["hs"] * scales[2] * L["psoas_prof"] + 18.0)

@@ -109,7 +109,7 @@ def processed(tmp_path_factory):
         # 30 participants are too few for the association models (their checks would fail by design); the
         # cohort-level half is tested in tests/assets/test_analysis.py
         summary = run_pending(inst, log=lambda *_: None, refresh=False,
-                              model_config={"max_iterations": 600, "train_budget_s": 1e6, "n_train": 48,
+                              model_config={"max_iterations": 900, "train_budget_s": 1e6, "n_train": 120,
                                             "n_val": 6})
         yield root, inst, summary
 
@@ -173,19 +173,20 @@ def _accuracy(processed, capsys) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
-def test_accuracy_dice_and_lmm_agreement(processed, capsys):
+def test_accuracy_meets_dice_icc_and_lmm_bias_targets(processed, capsys):
+    """The issue's targets on a delivery the model never saw: Dice >= 0.90, ICC >= 0.95, LMM |bias| < 2 %."""
     rep = _accuracy(processed, capsys)
-    assert rep["n"] >= 20
     assert min(rep["dice"].values()) >= 0.90, rep["dice"]
-    assert rep["lmm"]["icc"] >= 0.95, rep["lmm"]
+    assert rep["lmm"]["icc"] >= 0.95 and abs(rep["lmm"]["bias"]) < 2.0, rep["lmm"]
+    assert rep["imat"]["icc"] >= 0.95, rep["imat"]
 
 
-@pytest.mark.xfail(strict=True, reason="known open problem (issue 4): InterMAT ICC is ~0.91 against the 0.95 "
-                                       "target; at 4 mm it hinges on border voxels")
-def test_accuracy_meets_all_targets(processed, capsys):
+@pytest.mark.xfail(strict=True, reason="known open problem (issue 4): the mean relative InterMAT bias is +0.6 % on "
+                                       "40 held-out in-memory scans but +5.6 % on this 27-participant delivery "
+                                       "(low InterMAT over-, high under-estimated at the fascial border)")
+def test_imat_bias_target(processed, capsys):
     rep = _accuracy(processed, capsys)
-    assert abs(rep["lmm"]["bias"]) < 2.0, rep["lmm"]
-    assert rep["imat"]["icc"] >= 0.95 and abs(rep["imat"]["bias"]) < 2.0, rep["imat"]
+    assert abs(rep["imat"]["bias"]) < 2.0, rep["imat"]
 
 
 def test_cpu_inference_is_deterministic(processed):
