@@ -121,16 +121,19 @@ def format_chain(m: dict, asset: str | None = None) -> str:
             continue
         seen.add(a)
         r = runs.get(a, {})
-        lines.append(f"  <- {a}: run {r.get('run_id', '?')}, data version {str(r.get('data_version', '?'))[:16]}, "
-                     f"code version {r.get('code_version', '?')}, at {r.get('timestamp', '?')}")
+        if not r.get("run_id"):
+            lines.append(f"  <- {a}: not materialised in this Dagster instance")
+        else:
+            lines.append(f"  <- {a}: run {r['run_id']}, data version {str(r.get('data_version'))[:16]}, "
+                         f"code version {r.get('code_version') or '-'}, at {r.get('timestamp', '?')}")
         chain += [u for u in r.get("upstream", []) if u in runs]
     c = m["cohort"]
     lines.append(f"  <- analysis cohort {c['cohort_hash']} ({c['analysed']} analysed of {c['start']}; "
                  f"LMM normaliser {c['lmm_normaliser']})")
     lines.append(f"  <- {len(m['batches'])} batches:")
     for b in m["batches"]:
-        dv = ", ".join(f"{k} {str(v.get('data_version'))[:12]} (run {str(v.get('run_id'))[:8]})"
-                       for k, v in sorted(b["assets"].items()))
+        dv = ", ".join(f"{k} {str(v.get('data_version'))[:12]} (run {str(v.get('run_id'))[:8]})" if v.get("run_id")
+                       else f"{k} not materialised in this Dagster instance" for k, v in sorted(b["assets"].items()))
         lines.append(f"       {b['batch_key']}: {dv}")
     lines.append(f"  <- {len(m['deliveries'])} deliveries:")
     for d in m["deliveries"]:
