@@ -9,6 +9,7 @@ nothing published carries them, and their logs print counts only.
 
 import json
 import time
+from datetime import datetime, timezone
 
 import dagster as dg
 import polars as pl
@@ -213,7 +214,7 @@ def _latest(instance: dg.DagsterInstance, key: dg.AssetKey, partition: str | Non
     r = recs[0]
     mat = r.asset_materialization
     return {"run_id": r.run_id, "data_version": (mat.tags or {}).get("dagster/data_version"),
-            "timestamp": r.timestamp}
+            "timestamp": str(datetime.fromtimestamp(r.timestamp, tz=timezone.utc))}
 
 
 @dg.asset(deps=[table_one, stratified_comparisons, physical_activity_prevalence, cbp_association_model,
