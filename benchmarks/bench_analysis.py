@@ -22,27 +22,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # run as a scr
 
 def run(n: int = 30868, seed: int = 1, batches: int = 124) -> dict:
     import dagster as dg
-    import polars as pl
 
     from assets.runner import pipeline_environment
     from cbp_platform.definitions import build_definitions
-    from resources import Warehouse
-    from tests.analysis.synthetic import warehouse_tables
+    from tests.analysis.synthetic import write_warehouse
 
     root = Path(tempfile.mkdtemp(prefix="cbp-bench-analysis-"))
-    (root / "warehouse").mkdir()
     with pipeline_environment(root):
         t0 = time.perf_counter()
-        t = warehouse_tables(n, seed=seed, batches=batches)
-        scans = t["scans"].with_columns(pl.lit("0" * 64).alias("water_sha256"), pl.lit("0" * 64).alias("fat_sha256"))
-        segs = t["metrics"].filter(pl.col("muscle") == "back_total").select(
-            "pseudonym", "batch_key", "delivery_id", pl.lit("").alias("label_path"),
-            pl.lit("0" * 64).alias("label_sha256"), pl.lit("0" * 64).alias("model_sha256"))
-        wh = Warehouse(database=str(root / "warehouse" / "cbp.duckdb"))
-        for name, df in (("participant_covariates", t["covariates"]), ("raw_mri_scans", scans),
-                         ("muscle_metrics", t["metrics"]), ("quarantine", t["quarantine"]),
-                         ("muscle_segmentations", segs)):
-            wh.replace_rows(name, df, {})
+        write_warehouse(root, n, seed=seed, batches=batches)
         prep = time.perf_counter() - t0
         inst = dg.DagsterInstance.get()
         job = build_definitions().resolve_job_def("cohort_refresh")

@@ -62,3 +62,24 @@ def quarantine_rows(rows: list[dict]) -> pl.DataFrame:
     base = dict(delivery_id="sim-d02", batch_key="sim-d02-b000", message="crafted", run_id="run-2",
                 recorded_at=RECORDED)
     return pl.DataFrame([{**base, **r} for r in rows], schema=QUARANTINE_SCHEMA)
+
+
+def write_warehouse(root, n: int, seed: int, batches: int = 3) -> dict[str, pl.DataFrame]:
+    """:func:`warehouse_tables` written into ``root/warehouse/cbp.duckdb`` as the per-batch assets would leave
+    them, with placeholder file and label-map checksums and one placeholder model (sha256 ``"d" * 64``)."""
+    from pathlib import Path
+
+    from resources import Warehouse
+
+    t = warehouse_tables(n, seed=seed, batches=batches)
+    scans = t["scans"].with_columns(pl.lit("a" * 64).alias("water_sha256"), pl.lit("b" * 64).alias("fat_sha256"))
+    segs = t["metrics"].filter(pl.col("muscle") == "back_total").select(
+        "pseudonym", "batch_key", "delivery_id", pl.lit("/nonexistent.nii.gz").alias("label_path"),
+        pl.lit("c" * 64).alias("label_sha256"), pl.lit("d" * 64).alias("model_sha256"))
+    (Path(root) / "warehouse").mkdir(parents=True, exist_ok=True)
+    wh = Warehouse(database=str(Path(root) / "warehouse" / "cbp.duckdb"))
+    for name, df in (("participant_covariates", t["covariates"]), ("raw_mri_scans", scans),
+                     ("muscle_metrics", t["metrics"]), ("quarantine", t["quarantine"]),
+                     ("muscle_segmentations", segs)):
+        wh.replace_rows(name, df, {})
+    return t

@@ -15,26 +15,10 @@ import numpy as np
 import polars as pl
 import pytest
 
-from tests.analysis.synthetic import warehouse_tables
+from tests.analysis.synthetic import write_warehouse
 
 COHORT_ASSETS = ("analysis_cohort", "cbp_association_model", "pain_intensity_model", "table_one",
                  "stratified_comparisons", "physical_activity_prevalence", "published_results")
-
-
-def _load_warehouse(root: Path, n: int, seed: int) -> dict:
-    from resources import Warehouse
-
-    t = warehouse_tables(n, seed=seed, batches=3)
-    scans = t["scans"].with_columns(pl.lit("a" * 64).alias("water_sha256"), pl.lit("b" * 64).alias("fat_sha256"))
-    segs = t["metrics"].filter(pl.col("muscle") == "back_total").select(
-        "pseudonym", "batch_key", "delivery_id", pl.lit("/nonexistent.nii.gz").alias("label_path"),
-        pl.lit("c" * 64).alias("label_sha256"), pl.lit("d" * 64).alias("model_sha256"))
-    wh = Warehouse(database=str(root / "warehouse" / "cbp.duckdb"))
-    for name, df in (("participant_covariates", t["covariates"]), ("raw_mri_scans", scans),
-                     ("muscle_metrics", t["metrics"]), ("quarantine", t["quarantine"]),
-                     ("muscle_segmentations", segs)):
-        wh.replace_rows(name, df, {})
-    return t
 
 
 def _refresh(root: Path):
@@ -59,9 +43,8 @@ def refreshed(tmp_path_factory):
     from assets.runner import pipeline_environment
 
     root = tmp_path_factory.mktemp("analysis")
-    (root / "warehouse").mkdir()
     with pipeline_environment(root):
-        tables = _load_warehouse(root, 4000, seed=11)
+        tables = write_warehouse(root, 4000, seed=11)
         inst, res = _refresh(root)
         yield root, inst, res, tables
 
@@ -180,9 +163,8 @@ def test_cbp_lineage_prints_the_chain_and_a_participant_path(refreshed, capsys):
 def test_too_few_events_fails_with_a_named_model_check(tmp_path):
     from assets.runner import pipeline_environment
 
-    (tmp_path / "warehouse").mkdir()
     with pipeline_environment(tmp_path):
-        _load_warehouse(tmp_path, 250, seed=12)
+        write_warehouse(tmp_path, 250, seed=12)
         inst, res = _refresh(tmp_path)
     assert not res.success
     failures = [e for e in res.all_events if e.event_type_value == "STEP_FAILURE"]
