@@ -27,6 +27,10 @@ GROUP = "analysis"
 PUBLISHED_DIR = "published"
 
 
+# the report's names of the two models (cbp_platform.analysis.report: MODEL_LABELS, the paper's values)
+REPORT_MODEL_KEY = {"cbp_association_model": "cbp", "pain_intensity_model": "nrs_high"}
+
+
 class CohortConfig(dg.Config):
     lmm_normaliser: str = "weight_per_height"   # weight_per_height (cm3/(kg/m), the paper's), per_height2, ...
 
@@ -61,6 +65,7 @@ def _cohort_hash(warehouse: Warehouse) -> str:
                       "cohort hash (content of the analysed frame) is its data version.")
 def analysis_cohort(context: dg.AssetExecutionContext, config: CohortConfig, warehouse: Warehouse) -> dg.MaterializeResult:
     from cbp_platform.analysis.cohort import build_analysis_cohort
+    from cbp_platform.analysis.report import markdown_table
 
     cov = warehouse.query("SELECT * FROM participant_covariates")
     scans = warehouse.query("SELECT * FROM raw_mri_scans")
@@ -82,9 +87,8 @@ def analysis_cohort(context: dg.AssetExecutionContext, config: CohortConfig, war
     warehouse.replace_rows("analysis_cohort_meta", meta, {})
     _record_lineage(context, warehouse, cohort.cohort_hash, [a.key.to_user_string() for a in PER_BATCH],
                     cohort.cohort_hash)
-    flow_md = "\n".join(["| step | excluded | remaining |", "|---|---|---|"]
-                        + [f"| {r['description']} | {r['excluded'] if r['excluded'] is not None else ''} | "
-                           f"{r['remaining']} |" for r in cohort.flow.iter_rows(named=True)])
+    flow_md = markdown_table(cohort.flow.select("description", pl.col("excluded").cast(pl.String),
+                                                pl.col("remaining").cast(pl.String)))
     context.log.info(f"analysis cohort: {cohort.n} analysed from {len(batches)} batches "
                      f"(hash {cohort.cohort_hash[:12]})")
     return dg.MaterializeResult(metadata={
@@ -202,10 +206,6 @@ def _frame(warehouse: Warehouse) -> pl.DataFrame:
     return f.with_columns(pl.col("met_category").cast(pl.String).cast(MET_CATEGORY)) if f.height else f
 
 
-COHORT_ASSETS = ("analysis_cohort", "cbp_association_model", "pain_intensity_model", "table_one",
-                 "stratified_comparisons", "physical_activity_prevalence")
-
-
 def _latest(instance: dg.DagsterInstance, key: dg.AssetKey, partition: str | None = None) -> dict:
     recs = instance.fetch_materializations(
         dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition] if partition else None), limit=1).records
@@ -217,16 +217,18 @@ def _latest(instance: dg.DagsterInstance, key: dg.AssetKey, partition: str | Non
             "timestamp": str(datetime.fromtimestamp(r.timestamp, tz=timezone.utc))}
 
 
-@dg.asset(deps=[table_one, stratified_comparisons, physical_activity_prevalence, cbp_association_model,
-                pain_intensity_model, segmentation_model],
-          code_version=REPORT_VERSION, group_name=GROUP, kinds={"html", "markdown"},
+REPORT_INPUTS = (table_one, stratified_comparisons, physical_activity_prevalence, cbp_association_model,
+                 pain_intensity_model, segmentation_model)
+
+
+@dg.asset(deps=list(REPORT_INPUTS), code_version=REPORT_VERSION, group_name=GROUP, kinds={"html", "markdown"},
           description="The report (Markdown and HTML, PNG figures, published CSV tables) under "
                       "$CBP_DATA_ROOT/published/<cohort hash>/ with its lineage manifest lineage.json. Cells "
                       "under 5 suppressed; no pseudonym anywhere.")
 def published_results(context: dg.AssetExecutionContext, data_root: DataRootResource, warehouse: Warehouse,
                       runtime: SegmentationRuntime) -> dg.MaterializeResult:
-    from cbp_platform.analysis.report import paper_vs_run_table, render_report
-    from cbp_platform.imaging.nifti import atomic_write_bytes
+    from cbp_platform.analysis.report import markdown_table, paper_vs_run_table, render_report
+    from cbp_platform.imaging.nifti import atomic_write_bytes, sha256_file
     from cbp_platform.lineage import (MANIFEST_NAME, MANIFEST_VERSION, code_version, delivery_checksums,
                                       input_digests, package_versions, write_manifest)
     from cbp_platform.warehouse import now_utc
@@ -246,21 +248,24 @@ def published_results(context: dg.AssetExecutionContext, data_root: DataRootReso
                      ("stratified_comparisons", strat), ("model_fits", fits)):
         if df.height == 0:
             raise dg.Failure(description=f"{name} is empty: materialise the analysis assets first")
-    stale = [r["analysis"] for r in fits.iter_rows(named=True) if r["cohort_hash"] != cohort_hash]
+    lineage_rows = warehouse.query("SELECT * FROM asset_lineage")
+    made_on = {r["asset"]: r["cohort_hash"] for r in lineage_rows.iter_rows(named=True)}
+    stale = [a.key.to_user_string() for a in REPORT_INPUTS if a is not segmentation_model
+             and made_on.get(a.key.to_user_string()) != cohort_hash]
     if stale:
-        raise dg.Failure(description=f"model fits {stale} were made on another analysis cohort; re-materialise them")
-    models = {r["analysis"]: results.filter((pl.col("analysis") == r["analysis"])
-                                            & (pl.col("model") == r["primary_model"]))
+        raise dg.Failure(description=f"{stale} were not computed on the current analysis cohort "
+                                     f"({cohort_hash[:12]}); re-materialise them first")
+    models = {REPORT_MODEL_KEY[r["analysis"]]: results.filter((pl.col("analysis") == r["analysis"])
+                                                              & (pl.col("model") == r["primary_model"]))
               for r in fits.iter_rows(named=True)}
     summaries = {}
     for r in fits.iter_rows(named=True):
-        summaries[r["analysis"]] = (f"{r['method']} (nAGQ {r['nagq']}), {r['nobs']} participants, {r['events']} "
+        summaries[REPORT_MODEL_KEY[r["analysis"]]] = (f"{r['method']} (nAGQ {r['nagq']}), {r['nobs']} participants, {r['events']} "
                                     f"events, {r['n_groups']} sites; site variance {r['site_variance']:.4f}; "
                                     f"log-likelihood {r['loglik']:.3f} (Laplace {r['laplace_loglik']:.3f}); "
                                     f"converged {r['converged']}\n\n" + _sensitivity_text(results, r["analysis"]))
     paper_vs_run = paper_vs_run_table(flow=flow, table_one=t1, pa_prevalence=pa, stratified=strat,
-                                      model_results={("cbp" if "cbp" in n else "nrs_high"): df
-                                                     for n, df in models.items()})
+                                      model_results=models)
 
     # lineage: per-batch data versions and runs from the Dagster instance; files and weights from the warehouse
     instance = context.instance
@@ -273,7 +278,6 @@ def published_results(context: dg.AssetExecutionContext, data_root: DataRootReso
     segs = warehouse.query("SELECT pseudonym, label_sha256, model_sha256 FROM muscle_segmentations")
     analysed = warehouse.query("SELECT pseudonym FROM analysis_cohort")["pseudonym"].to_list()
     cur = json.loads(runtime.current_pointer.read_text()) if runtime.current_pointer.exists() else {}
-    lineage_rows = warehouse.query("SELECT * FROM asset_lineage")
     cohort_assets = {}
     for r in lineage_rows.iter_rows(named=True):
         cohort_assets[r["asset"]] = {"run_id": r["run_id"], "data_version": r["data_version"],
@@ -281,9 +285,7 @@ def published_results(context: dg.AssetExecutionContext, data_root: DataRootReso
                                      "timestamp": str(r["recorded_at"])}
     cohort_assets["published_results"] = {"run_id": context.run.run_id, "data_version": cohort_hash,
                                           "code_version": REPORT_VERSION, "timestamp": str(now_utc()),
-                                          "upstream": ["table_one", "stratified_comparisons",
-                                                       "physical_activity_prevalence", "cbp_association_model",
-                                                       "pain_intensity_model", "segmentation_model"]}
+                                          "upstream": [a.key.to_user_string() for a in REPORT_INPUTS]}
     cohort_assets["segmentation_model"] = {**_latest(instance, dg.AssetKey("segmentation_model")),
                                            "code_version": "", "upstream": []}
     flow_rows = {r["criterion"]: r for r in flow.iter_rows(named=True)}
@@ -311,15 +313,12 @@ def published_results(context: dg.AssetExecutionContext, data_root: DataRootReso
                       "manifest": MANIFEST_NAME}
     try:
         written = render_report(out_dir, flow=flow, table_one=t1, pa_prevalence=pa, stratified=strat,
-                                model_results={("cbp" if "cbp" in n else "nrs_high"): df
-                                               for n, df in models.items()},
-                                model_summaries={("cbp" if "cbp" in n else "nrs_high"): s
-                                                 for n, s in summaries.items()},
+                                model_results=models, model_summaries=summaries,
                                 paper_vs_run=paper_vs_run, lineage=report_lineage, known_pseudonyms=analysed,
                                 standardisation=json.loads(meta["standardisation"]), lmm_unit=meta["lmm_unit"])
     except Exception as exc:   # noqa: BLE001  (a disclosure guard or rendering failure, reported by name)
         raise dg.Failure(description=f"published_results: {type(exc).__name__}: {exc}") from None
-    manifest["files"] = {k: {"path": str(p.relative_to(out_dir)), "sha256": _sha(p)} for k, p in written.items()}
+    manifest["files"] = {k: {"path": str(p.relative_to(out_dir)), "sha256": sha256_file(p)} for k, p in written.items()}
     write_manifest(out_dir / MANIFEST_NAME, manifest)
     atomic_write_bytes(data_root.path / PUBLISHED_DIR / "latest.json",
                        json.dumps({"path": str(out_dir), "cohort_hash": cohort_hash,
@@ -331,20 +330,9 @@ def published_results(context: dg.AssetExecutionContext, data_root: DataRootReso
         "report_md": dg.MetadataValue.path(str(written["report_md"])),
         "lineage_manifest": dg.MetadataValue.path(str(out_dir / MANIFEST_NAME)),
         "cohort_hash": cohort_hash, "analysed": meta["n_analysed"],
-        "paper_vs_run": dg.MetadataValue.md(_md(paper_vs_run.select("section", "quantity", "paper", "this_run")))},
+        "paper_vs_run": dg.MetadataValue.md(markdown_table(paper_vs_run.select("section", "quantity", "paper",
+                                                                               "this_run")))},
         data_version=dg.DataVersion(cohort_hash))
-
-
-def _sha(p) -> str:
-    from cbp_platform.imaging.nifti import sha256_file
-
-    return sha256_file(p)
-
-
-def _md(df: pl.DataFrame) -> str:
-    rows = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
-    rows += ["| " + " | ".join("" if v is None else str(v) for v in r) + " |" for r in df.iter_rows()]
-    return "\n".join(rows)
 
 
 def _sensitivity_text(results: pl.DataFrame, analysis: str) -> str:

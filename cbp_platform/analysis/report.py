@@ -401,7 +401,8 @@ def _md_cell(v: str) -> str:
     return v.replace("|", "\\|").replace("\n", " ")
 
 
-def _md_table(df: pl.DataFrame) -> str:
+def markdown_table(df: pl.DataFrame) -> str:
+    """A text table as GitHub Markdown (cells escaped; nulls empty)."""
     lines = ["| " + " | ".join(_md_cell(c) for c in df.columns) + " |",
              "|" + "|".join("---" for _ in df.columns) + "|"]
     lines += ["| " + " | ".join(_md_cell(v or "") for v in row) + " |" for row in df.iter_rows()]
@@ -446,7 +447,7 @@ class _Doc:
         self.html.append(f"<p{cls}>{html.escape(text)}</p>")
 
     def table(self, df: pl.DataFrame) -> None:
-        self.md += [_md_table(df), ""]
+        self.md += [markdown_table(df), ""]
         self.html.append(_html_table(df))
 
     def figure(self, rel: str, alt: str) -> None:

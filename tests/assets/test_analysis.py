@@ -188,3 +188,27 @@ def test_the_refresh_computes_cohort_level_assets_only():
     assert all(graph.get(k).partitions_def is None for k in keys)
     sched = defs.resolve_schedule_def("daily_cohort_refresh")
     assert sched.job_name == "cohort_refresh" and sched.default_status == dg.DefaultScheduleStatus.RUNNING
+
+
+def test_report_refuses_inputs_from_another_analysis_cohort(tmp_path):
+    """Re-materialising analysis_cohort (here with another LMM normaliser) makes every table and model stale; the
+    report is not published from such a mix."""
+    from assets.runner import pipeline_environment
+    from cbp_platform.definitions import build_definitions
+
+    with pipeline_environment(tmp_path):
+        write_warehouse(tmp_path, 1500, seed=13)
+        inst, res = _refresh(tmp_path)
+        assert res.success
+        job = build_definitions().resolve_job_def("cohort_refresh")
+        res = job.execute_in_process(
+            instance=inst, raise_on_error=False, asset_selection=[dg.AssetKey("analysis_cohort")],
+            run_config={"ops": {"analysis_cohort": {"config": {"lmm_normaliser": "per_height2"}}}})
+        assert res.success
+        res = job.execute_in_process(instance=inst, raise_on_error=False,
+                                     asset_selection=[dg.AssetKey("published_results")])
+    assert not res.success
+    (failure,) = [e for e in res.all_events if e.event_type_value == "STEP_FAILURE"]
+    msg = failure.event_specific_data.error.message
+    assert "not computed on the current analysis cohort" in msg and "cbp_association_model" in msg
+    assert "table_one" in msg
