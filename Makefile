@@ -16,7 +16,7 @@ DEMO_K ?= 4
 DEMO_SEED ?= 20140501
 DEMO_FAULTS ?= 0.02
 
-.PHONY: venv demo test bench dev clean
+.PHONY: venv sysdeps demo test test-ui bench dev clean
 
 venv: $(STAMP)
 
@@ -29,9 +29,25 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
 
-$(DAGSTER_HOME)/dagster.yaml:
-	@mkdir -p $(DAGSTER_HOME)
-	cp deploy/dagster.local.yaml $@
+# The instance for the deployment profile (CBP_DEPLOYMENT: local by default; production needs CBP_PG_*).
+$(DAGSTER_HOME)/dagster.yaml: | $(STAMP)
+	$(VENV)/bin/cbp instance init --dagster-home $(DAGSTER_HOME)
+
+# System packages the browser and database tests need: Debian's chromium (Playwright drives it; no browser
+# download) and postgresql (the tests start their own server in a temp directory). Installed when missing.
+SYSDEPS_STAMP := $(VENV)/.sysdeps
+sysdeps: $(SYSDEPS_STAMP)
+$(SYSDEPS_STAMP): | $(STAMP)
+	@missing=""; command -v chromium >/dev/null || missing="$$missing chromium"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO="sudo"; \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing >/dev/null \
+	  || { $$SUDO apt-get update -q >/dev/null && \
+	       $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing >/dev/null; }; \
+	fi
+	@touch $@
 
 # The main job on the simulated cohort: simulate (once), then sensor + every batch + cohort refresh through
 # Dagster against the persistent instance in $(DAGSTER_HOME) (`make dev` shows the runs afterwards).
@@ -43,8 +59,14 @@ demo: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
 	@echo "Lineage: $(VENV)/bin/cbp lineage    accuracy: $(VENV)/bin/cbp accuracy"
 	@echo "Open the UI: make dev   (then http://127.0.0.1:$${DAGSTER_PORT:-3000})"
 
-test: $(STAMP)
-	$(PY) -m pytest -q
+# The whole suite, browser (tests/ui) and Postgres (tests/deploy) tests included: with the system packages
+# installed, a missing one is a failure, not a skip.
+test: $(STAMP) $(SYSDEPS_STAMP)
+	CBP_REQUIRE_SYSTEM_TESTS=1 $(PY) -m pytest -q
+
+# The browser tests alone (screenshots in artifacts/ui/).
+test-ui: $(STAMP) $(SYSDEPS_STAMP)
+	CBP_REQUIRE_SYSTEM_TESTS=1 $(PY) -m pytest -q -m ui
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py

@@ -16,7 +16,10 @@ import polars as pl
 
 from assets.ingestion import participant_covariates, raw_mri_scans
 from assets.segmentation import muscle_metrics, muscle_segmentations, segmentation_model
+from cbp_platform.deployment import k8s_step_tags
 from resources import DataRootResource, SegmentationRuntime, Warehouse
+
+COHORT_STEP = k8s_step_tags("cpu-large")    # whole-cohort steps: Kubernetes CPU nodes with memory headroom
 
 COHORT_VERSION = "analysis_cohort/1"
 MODEL_VERSION = "association_models/1"
@@ -59,7 +62,8 @@ def _cohort_hash(warehouse: Warehouse) -> str:
     return m["cohort_hash"][0]
 
 
-@dg.asset(deps=list(PER_BATCH), code_version=COHORT_VERSION, group_name=GROUP, kinds={"polars", "duckdb"},
+@dg.asset(op_tags=COHORT_STEP,
+          deps=list(PER_BATCH), code_version=COHORT_VERSION, group_name=GROUP, kinds={"polars", "duckdb"},
           description="All materialised batches joined: inclusion rules with the exclusion flow (start -> one row "
                       "per reason -> analysed), LMM index, MET categories, NRS >= 4, exposures per 2 SD. The "
                       "cohort hash (content of the analysed frame) is its data version.")
@@ -142,7 +146,8 @@ def _fit_model(context: dg.AssetExecutionContext, config: ModelConfig, warehouse
         "table_checksum": checksum}, data_version=dg.DataVersion(checksum))
 
 
-@dg.asset(deps=[analysis_cohort], code_version=MODEL_VERSION, group_name=GROUP, kinds={"statsmodels"},
+@dg.asset(op_tags=COHORT_STEP,
+          deps=[analysis_cohort], code_version=MODEL_VERSION, group_name=GROUP, kinds={"statsmodels"},
           description="Mixed logistic regression, CBP ~ LMM + InterMAT (per 2 SD) + age + sex + diabetes + "
                       "dyslipidemia + osteoporosis + osteoarthritis + physical activity, site as random intercept "
                       "(ML, adaptive Gauss-Hermite quadrature; Laplace and sensitivity fits beside it).")
@@ -152,7 +157,8 @@ def cbp_association_model(context: dg.AssetExecutionContext, config: ModelConfig
                       population="all analysed participants")
 
 
-@dg.asset(deps=[analysis_cohort], code_version=MODEL_VERSION, group_name=GROUP, kinds={"statsmodels"},
+@dg.asset(op_tags=COHORT_STEP,
+          deps=[analysis_cohort], code_version=MODEL_VERSION, group_name=GROUP, kinds={"statsmodels"},
           description="The same model for pain intensity NRS >= 4 (vs < 4), fitted on the analysed participants "
                       "who answered the NRS question (with or without CBP), as the paper's abstract reports it "
                       "for the cohort.")
@@ -171,7 +177,8 @@ def _table_asset(context, warehouse: Warehouse, table: str, df: pl.DataFrame) ->
                                 data_version=dg.DataVersion(checksum))
 
 
-@dg.asset(deps=[analysis_cohort], code_version=TABLES_VERSION, group_name=GROUP, kinds={"polars"},
+@dg.asset(op_tags=COHORT_STEP,
+          deps=[analysis_cohort], code_version=TABLES_VERSION, group_name=GROUP, kinds={"polars"},
           description="Table 1: characteristics by CBP group (n, %, medians and IQRs) with Mann-Whitney U / "
                       "chi-square tests.")
 def table_one(context: dg.AssetExecutionContext, warehouse: Warehouse) -> dg.MaterializeResult:
@@ -182,7 +189,8 @@ def table_one(context: dg.AssetExecutionContext, warehouse: Warehouse) -> dg.Mat
                         build(_frame(warehouse), lmm_unit=meta["lmm_unit"][0] if meta.height else "cm3/(kg/m)"))
 
 
-@dg.asset(deps=[analysis_cohort], code_version=TABLES_VERSION, group_name=GROUP, kinds={"polars"},
+@dg.asset(op_tags=COHORT_STEP,
+          deps=[analysis_cohort], code_version=TABLES_VERSION, group_name=GROUP, kinds={"polars"},
           description="Osteoarthritis and osteoporosis strata: LMM and InterMAT in CBP vs no CBP (Mann-Whitney U).")
 def stratified_comparisons(context: dg.AssetExecutionContext, warehouse: Warehouse) -> dg.MaterializeResult:
     from cbp_platform.analysis.tables import stratified_comparisons as build
@@ -190,7 +198,8 @@ def stratified_comparisons(context: dg.AssetExecutionContext, warehouse: Warehou
     return _table_asset(context, warehouse, "stratified_comparisons", build(_frame(warehouse)))
 
 
-@dg.asset(deps=[analysis_cohort], code_version=TABLES_VERSION, group_name=GROUP, kinds={"polars"},
+@dg.asset(op_tags=COHORT_STEP,
+          deps=[analysis_cohort], code_version=TABLES_VERSION, group_name=GROUP, kinds={"polars"},
           description="CBP prevalence per MET category (< 500, 500-5000, > 5000) with Wilson CIs and the "
                       "chi-square test of the 3 x 2 table.")
 def physical_activity_prevalence(context: dg.AssetExecutionContext, warehouse: Warehouse) -> dg.MaterializeResult:
@@ -221,7 +230,8 @@ REPORT_INPUTS = (table_one, stratified_comparisons, physical_activity_prevalence
                  pain_intensity_model, segmentation_model)
 
 
-@dg.asset(deps=list(REPORT_INPUTS), code_version=REPORT_VERSION, group_name=GROUP, kinds={"html", "markdown"},
+@dg.asset(op_tags=COHORT_STEP,
+          deps=list(REPORT_INPUTS), code_version=REPORT_VERSION, group_name=GROUP, kinds={"html", "markdown"},
           description="The report (Markdown and HTML, PNG figures, published CSV tables) under "
                       "$CBP_DATA_ROOT/published/<cohort hash>/ with its lineage manifest lineage.json. Cells "
                       "under 5 suppressed; no pseudonym anywhere.")

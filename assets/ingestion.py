@@ -13,10 +13,12 @@ import dagster as dg
 import polars as pl
 
 from assets.partitions import batches_partitions
+from cbp_platform.deployment import k8s_step_tags
 from cbp_platform.ingest.batch import earlier_pseudonyms, facts_frame, ingest_scans
 from cbp_platform.ingest.covariates import parse_covariates
 from cbp_platform.ingest.deliveries import load_manifest
 from cbp_platform.landing import COVARIATES_NAME
+from cbp_platform.progress import RateLogger
 from cbp_platform.warehouse import provenance_frame, quarantine_frame
 from resources import DataRootResource, Warehouse
 
@@ -54,6 +56,7 @@ def _batch(context: dg.AssetExecutionContext, data_root: DataRootResource):
     partitions_def=batches_partitions,
     code_version=RAW_MRI_SCANS_VERSION,
     group_name="ingestion",
+    op_tags=k8s_step_tags("cpu"),
     kinds={"duckdb", "nifti"},
     description="One row per participant with validated Dixon scan facts (paths, sha256 verified against the "
                 "manifest, shape, spacing, orientation, affine, dtype, intensity range, channels, swap QC). "
@@ -64,13 +67,12 @@ def raw_mri_scans(context: dg.AssetExecutionContext, data_root: DataRootResource
     batch, ddir, manifest = _batch(context, data_root)
     dups = earlier_pseudonyms(data_root.path, batch.delivery_id)
     t0 = time.perf_counter()
-    last = [t0]
+    steady = RateLogger(context.log.info, len(manifest["participants"]), f"batch {batch.key}: validated",
+                        unit="scans")
 
     def progress(done: int, total: int) -> None:
-        now = time.perf_counter()
-        if now - last[0] >= 10 or done == total:
-            last[0] = now
-            context.log.info(f"scans {done}/{total} ({done / max(now - t0, 1e-9):.1f}/s)")
+        steady.total = total
+        steady(done)
 
     facts, quarantine = ingest_scans(batch, ddir, manifest, duplicates=dups, threads=data_root.ingest_threads,
                                      progress=progress)
@@ -111,6 +113,7 @@ def raw_mri_scans(context: dg.AssetExecutionContext, data_root: DataRootResource
     partitions_def=batches_partitions,
     code_version=COVARIATES_VERSION,
     group_name="ingestion",
+    op_tags=k8s_step_tags("cpu"),
     kinds={"duckdb", "polars"},
     description="The batch's rows of covariates.csv in the typed participant schema (docs/covariates.md). "
                 "Unparseable, out-of-range, missing or duplicated rows go to the quarantine table.",

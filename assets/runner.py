@@ -21,6 +21,7 @@ from assets.partitions import BATCHES
 from assets.schedules import COHORT_LEVEL  # noqa: F401  (documents what the refresh covers)
 from assets.sensors import INGEST_JOB, PROCESS_JOB, batch_already_ingested, delivery_sensor
 from cbp_platform.definitions import build_definitions
+from cbp_platform.progress import bar
 from resources import DataRootResource, SegmentationRuntime
 
 CURSOR_FILE = "demo_sensor_cursor.json"
@@ -48,7 +49,7 @@ def pipeline_environment(root: Path):
 
 def run_pending(instance: dg.DagsterInstance, data_root: DataRootResource | None = None, *,
                 refresh: bool = True, log=print, log_level: str = "WARNING", job_name: str = PROCESS_JOB,
-                model_config: dict | None = None) -> dict:
+                model_config: dict | None = None, progress: bool | None = False) -> dict:
     defs = build_definitions()
     data_root = data_root or DataRootResource()
     cursor_path = data_root.path / "registry" / CURSOR_FILE
@@ -77,15 +78,20 @@ def run_pending(instance: dg.DagsterInstance, data_root: DataRootResource | None
             return {"batches": len(keys), "ran": 0, "failed": ["segmentation_model"], "seconds": 0.0}
     summary = {"batches": len(keys), "ran": 0, "failed": []}
     t0 = time.perf_counter()
+    pbar = bar(total=len(pending), desc="batches", unit="batch", enabled=progress)
     for i, key in enumerate(pending, start=1):
         t = time.perf_counter()
         res = job.execute_in_process(partition_key=key, instance=instance, raise_on_error=False, run_config=quiet,
                                      tags={"cbp/batch": key, "cbp/delivery": key.rpartition(".b")[0]})
         status = "ok" if res.success else "FAILED"
-        log(f"  [{i}/{len(pending)}] batch {key}: {status} in {time.perf_counter() - t:.1f} s (run {res.run_id[:8]})")
+        with pbar.external_write_mode():
+            log(f"  [{i}/{len(pending)}] batch {key}: {status} in {time.perf_counter() - t:.1f} s "
+                f"(run {res.run_id[:8]})")
+        pbar.update(1)
         summary["ran"] += 1
         if not res.success:
             summary["failed"].append(key)
+    pbar.close()
     if refresh and keys:
         # after ingestion-only runs there is nothing to analyse yet: refresh the ingestion summary alone
         only = [dg.AssetKey("ingestion_summary")] if job_name == INGEST_JOB else None
@@ -102,10 +108,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m assets.runner", description=__doc__.splitlines()[0])
     ap.add_argument("--no-refresh", action="store_true", help="skip the cohort-level refresh")
     ap.add_argument("--log-level", default="WARNING", help="Dagster console log level of the runs (INFO, DEBUG)")
+    ap.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                    help="progress bar over the batches (default: on a terminal only)")
     args = ap.parse_args(argv)
     instance = dg.DagsterInstance.get()
     print(f"Dagster instance: {instance.root_directory}")
-    summary = run_pending(instance, refresh=not args.no_refresh, log_level=args.log_level)
+    summary = run_pending(instance, refresh=not args.no_refresh, log_level=args.log_level, progress=args.progress)
     print(json.dumps(summary))
     latest = DataRootResource().path / "published" / "latest.json"
     if latest.exists():

@@ -14,6 +14,7 @@ from assets.ingestion import participant_covariates, raw_mri_scans
 from assets.segmentation import muscle_metrics, muscle_segmentations, segmentation_model
 from assets.sensors import INGEST_JOB, PROCESS_JOB
 from assets.summary import ingestion_summary
+from cbp_platform.deployment import automation_running
 
 ingest_batch_job = dg.define_asset_job(
     INGEST_JOB, selection=dg.AssetSelection.assets(raw_mri_scans, participant_covariates),
@@ -39,4 +40,4 @@ cohort_refresh_job = dg.define_asset_job("cohort_refresh", selection=COHORT_LEVE
 
 daily_cohort_refresh = dg.ScheduleDefinition(
     name="daily_cohort_refresh", job=cohort_refresh_job, cron_schedule="0 5 * * *", execution_timezone="UTC",
-    default_status=dg.DefaultScheduleStatus.RUNNING)
+    default_status=dg.DefaultScheduleStatus.RUNNING if automation_running() else dg.DefaultScheduleStatus.STOPPED)

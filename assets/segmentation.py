@@ -15,6 +15,8 @@ import polars as pl
 
 from assets.ingestion import raw_mri_scans
 from assets.partitions import batches_partitions
+from cbp_platform.deployment import k8s_step_tags
+from cbp_platform.progress import RateLogger
 from resources import DataRootResource, SegmentationRuntime, Warehouse
 
 MODEL_VERSION = "segmentation_model/1"
@@ -39,6 +41,7 @@ def current_model(runtime: SegmentationRuntime) -> dict:
 
 
 @dg.asset(code_version=MODEL_VERSION, group_name="segmentation", kinds={"pytorch", "monai"},
+          op_tags=k8s_step_tags("gpu"),
           description="The back-muscle segmentation model (MONAI 3D residual UNet) as a versioned bundle: trained "
                       "on simulated labelled scans kept apart from the deliveries, or loaded from `bundle_path`. "
                       "Its weights' sha256 is its identity in lineage.")
@@ -101,7 +104,7 @@ def segmentation_model_dice(runtime: SegmentationRuntime) -> dg.AssetCheckResult
 
 @dg.asset(partitions_def=batches_partitions, deps=[raw_mri_scans, segmentation_model], pool="gpu",
           code_version=SEGMENTATIONS_VERSION, group_name="segmentation", kinds={"pytorch", "nifti"},
-          op_tags={"cbp/resource": "gpu"},
+          op_tags=k8s_step_tags("gpu"),
           description="Label maps (NIfTI, the scan's grid and affine) of the batch's valid scans; suspected "
                       "fat-water swaps are excluded (quarantine). Runs in the concurrency pool `gpu`.")
 def muscle_segmentations(context: dg.AssetExecutionContext, data_root: DataRootResource, warehouse: Warehouse,
@@ -125,12 +128,8 @@ def muscle_segmentations(context: dg.AssetExecutionContext, data_root: DataRootR
     items = [{"pseudonym": r["pseudonym"], "water": str(ddir / r["water_path"]), "fat": str(ddir / r["fat_path"])}
              for r in todo.iter_rows(named=True)]
     out_dir = data_root.path / "derived" / "segmentations" / batch.delivery_id
-    last = [0.0]
-
-    def progress(done, total, elapsed):
-        if elapsed - last[0] >= 10 or done == total:
-            last[0] = elapsed
-            context.log.info(f"segmented {done}/{total} ({done / max(elapsed, 1e-9):.2f} scans/s, {seg.device})")
+    progress = RateLogger(context.log.info, len(items), f"batch {key}: segmented", unit="scans",
+                          suffix=f"on {seg.device}")
 
     t0 = time.perf_counter()
     results, failures = segment_scans(items, seg, out_dir, num_workers=runtime.num_workers, progress=progress)
@@ -165,6 +164,7 @@ def muscle_segmentations(context: dg.AssetExecutionContext, data_root: DataRootR
 
 
 @dg.asset(partitions_def=batches_partitions, deps=[muscle_segmentations], code_version=METRICS_VERSION,
+          op_tags=k8s_step_tags("cpu"),
           group_name="segmentation", kinds={"duckdb"},
           description="Per participant and muscle (and the back total): compartment, fat and lean volume (cm3), "
                       "InterMAT % (voxel fat fraction >= 0.5) and MFI (mean fat fraction of lean voxels).")
@@ -181,7 +181,9 @@ def muscle_metrics(context: dg.AssetExecutionContext, data_root: DataRootResourc
                            "WHERE s.batch_key = ? ORDER BY s.pseudonym", [key])
     ddir = data_root.landing / batch.delivery_id
     out, quarantine, prov = [], [], []
-    for r in rows.iter_rows(named=True):
+    steady = RateLogger(context.log.info, rows.height, f"batch {key}: measured", unit="label maps")
+    for i, r in enumerate(rows.iter_rows(named=True), start=1):
+        steady(i)
         try:
             ms = metrics_for(r["label_path"], str(ddir / r["water_path"]), str(ddir / r["fat_path"]))
         except Exception as exc:

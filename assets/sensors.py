@@ -14,6 +14,7 @@ import json
 import dagster as dg
 
 from assets.partitions import BATCHES
+from cbp_platform.deployment import automation_running
 from cbp_platform.ingest.batch import register_delivery
 from cbp_platform.ingest.deliveries import scan_landing
 from resources import DataRootResource
@@ -31,7 +32,8 @@ def _load_cursor(raw: str | None) -> dict:
     return doc
 
 
-@dg.sensor(job_name=PROCESS_JOB, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING,
+@dg.sensor(job_name=PROCESS_JOB, minimum_interval_seconds=30,
+           default_status=dg.DefaultSensorStatus.RUNNING if automation_running() else dg.DefaultSensorStatus.STOPPED,
            description="Registers complete deliveries as batches and requests a processing run per batch.")
 def delivery_sensor(context: dg.SensorEvaluationContext, data_root: DataRootResource) -> dg.SensorResult:
     cur = _load_cursor(context.cursor)

@@ -5,6 +5,7 @@ import dagster as dg
 import polars as pl
 
 from assets.ingestion import participant_covariates, raw_mri_scans
+from cbp_platform.deployment import k8s_step_tags
 from cbp_platform.ingest.batch import registered_deliveries
 from resources import DataRootResource, Warehouse
 
@@ -15,6 +16,7 @@ SUMMARY_VERSION = "ingestion_summary/1"
     deps=[raw_mri_scans, participant_covariates],
     code_version=SUMMARY_VERSION,
     group_name="ingestion",
+    op_tags=k8s_step_tags("cpu"),
     kinds={"duckdb"},
     description="Per delivery: registered participants, valid scans, valid covariate rows, participants with "
                 "both, quarantined participants by stage and reason, suspected fat-water swaps.",

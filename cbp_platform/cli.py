@@ -4,6 +4,8 @@
 ``cbp calibration-report``  paper (STUDY.md) vs simulated cohort figures, computed from a fresh draw
 ``cbp accuracy``            segmentation Dice, and ICC / bias / limits of agreement of LMM and InterMAT vs truth
 ``cbp lineage``             the chain behind the published results; ``--participant`` one participant's path
+``cbp instance init``       write ``$DAGSTER_HOME/dagster.yaml`` for the deployment profile, size the gpu pool
+``cbp k8s-plan``            the Kubernetes Job every step would get in the kubernetes profile
 """
 
 from __future__ import annotations
@@ -19,6 +21,17 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):  # noqa: D401
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _progress_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--progress", dest="progress", action="store_const", const=True, default=None,
+                   help="always show the progress bar (default: only on a terminal)")
+    g.add_argument("--quiet", "-q", dest="progress", action="store_const", const=False, help="no progress bar")
+
+
+def _progress_flag(args: argparse.Namespace) -> bool | None:
+    return getattr(args, "progress", None)
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
@@ -37,7 +50,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         res = synthesize(participants=args.participants, deliveries=args.deliveries, seed=args.seed,
                          resolution=args.resolution, data_root=args.data_root, fault_rate=args.faults,
                          in_opp=args.in_opp, workers=args.workers, delivery_prefix=args.delivery_prefix,
-                         progress=not args.quiet and sys.stderr.isatty())
+                         progress=_progress_flag(args))
     except SynthError as exc:
         print(f"cbp synth: error: {exc}", file=sys.stderr)
         return 2
@@ -79,7 +92,7 @@ def _cmd_accuracy(args: argparse.Namespace) -> int:
         return 2
     finally:
         con.close()
-    rep = evaluate(segs, mets, layout.truth)
+    rep = evaluate(segs, mets, layout.truth, progress=_progress_flag(args))
     print(json.dumps(rep, indent=1) if args.json else format_report(rep))
     return 0 if rep.get("n") else 2
 
@@ -168,6 +181,53 @@ def _participant_lineage(pseudonym: str, db) -> int:
     return 0 if (t["covariates"].height or t["scans"].height or t["quarantine"].height) else 1
 
 
+def _cmd_instance_init(args: argparse.Namespace) -> int:
+    import os
+
+    from cbp_platform import deployment
+
+    home = Path(args.dagster_home or os.environ.get("DAGSTER_HOME") or "")
+    if not str(home):
+        print("cbp instance init: error: set DAGSTER_HOME or pass --dagster-home", file=sys.stderr)
+        return 2
+    try:
+        name = args.profile or deployment.profile()
+        target, doc = deployment.write_instance_config(home, name, args.gpus)
+    except deployment.DeploymentError as exc:
+        print(f"cbp instance init: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{target}: profile {name}")
+    pools = (doc.get("concurrency") or {}).get("pools")
+    if pools is None:
+        print("  pools: no limit (local profile)")
+        return 0
+    from cbp_platform.definitions import set_pool_limit
+
+    try:   # the explicit limit of pool `gpu` (the UI's concurrency page shows it); creates the schema on first use
+        storage = set_pool_limit(home, deployment.GPU_POOL, int(pools["default_limit"]))
+    except Exception as exc:  # a database that is not reachable yet: say which and how
+        print(f"cbp instance init: error: {target} written, but the instance storage is not reachable: {exc}",
+              file=sys.stderr)
+        return 1
+    runs = (doc.get("concurrency") or {}).get("runs", {})
+    print(f"  storage {storage}; pool {deployment.GPU_POOL}: {pools['default_limit']} slot(s); "
+          f"at most {runs.get('max_concurrent_runs', 'unlimited')} runs at once")
+    return 0
+
+
+def _cmd_k8s_plan(args: argparse.Namespace) -> int:
+    from cbp_platform.definitions import render_step_jobs, step_summary
+
+    rows = step_summary(render_step_jobs(args.job, image=args.image))
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"{'step':<48} {'node pool':<10} {'cpu req/lim':<12} {'memory req/lim':<16} gpu")
+    for r in rows:
+        print(f"{r['step']:<48} {r['node_pool']:<10} {r['cpu']:<12} {r['memory']:<16} {r['gpu']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="cbp", description="cbp-platform: MRI back-muscle composition and chronic back pain")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -188,12 +248,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--delivery-prefix", default=None, help="delivery id prefix (default sim<seed>)")
     s.add_argument("--if-absent", action="store_true",
                    help="exit 0 without writing when these deliveries are already complete")
-    s.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    _progress_args(s)
     s.set_defaults(func=_cmd_synth)
 
     a = sub.add_parser("accuracy", help="segmentation and metric accuracy against the simulated ground truth")
     a.add_argument("--data-root", default=None)
     a.add_argument("--json", action="store_true")
+    _progress_args(a)
     a.set_defaults(func=_cmd_accuracy)
 
     g = sub.add_parser("lineage", help="where a published number comes from, or one participant's path",
@@ -207,6 +268,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--manifest", default=None, help="a lineage.json (default: the latest published report's)")
     g.add_argument("--participant", default=None, metavar="PSEUDONYM")
     g.set_defaults(func=_cmd_lineage)
+
+    i = sub.add_parser("instance", help="the Dagster instance of a deployment profile")
+    isub = i.add_subparsers(dest="instance_command", required=True, parser_class=_Parser)
+    ii = isub.add_parser("init", help="write $DAGSTER_HOME/dagster.yaml for the profile; size the gpu pool",
+                         description="Render deploy/dagster.<profile>.yaml into $DAGSTER_HOME/dagster.yaml (profile "
+                                     "from --profile or CBP_DEPLOYMENT) with the gpu pool sized to the GPU count, "
+                                     "and set that pool's limit in the instance storage.")
+    ii.add_argument("--profile", default=None, help="local, production or kubernetes (default $CBP_DEPLOYMENT)")
+    ii.add_argument("--gpus", type=int, default=None, help="GPU count (default $CBP_GPU_COUNT or nvidia-smi)")
+    ii.add_argument("--dagster-home", default=None, help="default $DAGSTER_HOME")
+    ii.set_defaults(func=_cmd_instance_init)
+
+    k = sub.add_parser("k8s-plan", help="the Kubernetes Job each step would get (kubernetes profile), no cluster",
+                       description="Render every step's Kubernetes Job as the k8s_job_executor would build it and "
+                                   "print node pool, CPU and memory requests/limits and GPUs per step.")
+    k.add_argument("--job", default="process_batch", help="process_batch, cohort_refresh, train_segmentation_model")
+    k.add_argument("--image", default=None, help="image (default: the one in deploy/helm/values.yaml)")
+    k.add_argument("--json", action="store_true")
+    k.set_defaults(func=_cmd_k8s_plan)
 
     c = sub.add_parser("calibration-report", help="paper vs simulated cohort figures (markdown)")
     c.add_argument("--participants", "-n", type=int, default=30868)

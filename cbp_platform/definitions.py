@@ -2,6 +2,10 @@
 
 This is the only module of :mod:`cbp_platform` that imports Dagster. Heavy libraries (torch, Great
 Expectations) are imported inside the functions that use them, so the location loads in seconds.
+
+The deployment profile (``CBP_DEPLOYMENT``, :mod:`cbp_platform.deployment`) picks the executor: multiprocess for
+``local`` and ``production``, ``k8s_job_executor`` (one Kubernetes Job per step, resources from each asset's
+``dagster-k8s/config`` tag, CPU-node defaults for the rest) for ``kubernetes``.
 """
 
 from __future__ import annotations
@@ -19,10 +23,43 @@ from assets.summary import ingestion_summary
 from checks.analysis import analysis_cohort_expectations, cbp_model_checks, pain_model_checks
 from checks.ingestion import covariates_expectations, fat_water_swap_qc, scan_facts_expectations
 from checks.segmentation import segmentation_plausibility
+from cbp_platform import deployment
 from resources import DataRootResource, SegmentationRuntime, Warehouse
 
 
-def build_definitions() -> dg.Definitions:
+def set_pool_limit(home, pool: str, limit: int) -> str:
+    """Set a concurrency pool's limit in the instance at ``home`` (``cbp instance init``); returns the run
+    storage's class name. Opening the instance creates its schema (Postgres) on first use."""
+    with dg.DagsterInstance.from_config(str(home)) as inst:
+        inst.event_log_storage.set_concurrency_slots(pool, int(limit))
+        return type(inst.run_storage).__name__
+
+
+def render_step_jobs(job_name: str = "process_batch", image: str | None = None) -> dict:
+    """The Kubernetes Job of every step of ``job_name`` in the kubernetes profile (:mod:`assets.k8s_plan`)."""
+    from assets.k8s_plan import render_step_jobs as render
+
+    return render(job_name, image)
+
+
+def step_summary(jobs: dict) -> list[dict]:
+    from assets.k8s_plan import step_summary as summary
+
+    return summary(jobs)
+
+
+def executor_for(profile: str) -> dg.ExecutorDefinition:
+    if profile == "kubernetes":
+        from dagster_k8s import k8s_job_executor
+
+        cfg = deployment.k8s_executor_config()
+        cfg["step_k8s_config"] = deployment.k8s_step_config("cpu")   # checks and any untagged step
+        return k8s_job_executor.configured(cfg, name="k8s_job_executor")
+    return dg.multiprocess_executor
+
+
+def build_definitions(profile: str | None = None) -> dg.Definitions:
+    profile = profile or deployment.profile()
     return dg.Definitions(
         assets=[raw_mri_scans, participant_covariates, ingestion_summary, segmentation_model,
                 muscle_segmentations, muscle_metrics, analysis_cohort, cbp_association_model, pain_intensity_model,
@@ -33,6 +70,7 @@ def build_definitions() -> dg.Definitions:
         sensors=[delivery_sensor],
         schedules=[daily_cohort_refresh],
         resources={"data_root": DataRootResource(), "warehouse": Warehouse(), "runtime": SegmentationRuntime()},
+        executor=executor_for(profile),
     )
 
 

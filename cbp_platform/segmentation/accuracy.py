@@ -13,6 +13,7 @@ import polars as pl
 
 from cbp_platform.metrics.agreement import bland_altman, icc_a1
 from cbp_platform.metrics.body_composition import MUSCLES, dice_per_class
+from cbp_platform.progress import bar
 
 TARGETS = {"dice": 0.90, "icc": 0.95, "abs_bias_pct": 2.0}
 
@@ -23,8 +24,10 @@ def truth_table(truth_root: Path, delivery_ids: list[str]) -> pl.DataFrame:
     return pl.concat(frames, how="diagonal_relaxed") if frames else pl.DataFrame()
 
 
-def evaluate(segs: pl.DataFrame, metrics: pl.DataFrame, truth_root: Path) -> dict:
-    """segs: delivery_id, pseudonym, label_path; metrics: long muscle_metrics rows (back_total used)."""
+def evaluate(segs: pl.DataFrame, metrics: pl.DataFrame, truth_root: Path, progress: bool | None = False) -> dict:
+    """segs: delivery_id, pseudonym, label_path; metrics: long muscle_metrics rows (back_total used).
+
+    ``progress``: a bar over the label maps compared (None: on a terminal only)."""
     if segs.height == 0:
         return {"n": 0}
     truth = truth_table(truth_root, segs["delivery_id"].to_list())
@@ -39,7 +42,7 @@ def evaluate(segs: pl.DataFrame, metrics: pl.DataFrame, truth_root: Path) -> dic
     if j.height == 0:
         return {"n": 0}
     dice = {c: [] for c in MUSCLES}
-    for r in j.iter_rows(named=True):
+    for r in bar(j.iter_rows(named=True), total=j.height, desc="accuracy", unit="label map", enabled=progress):
         pred = np.asarray(nib.load(r["label_path"]).dataobj)
         tpath = truth_root / r["delivery_id"] / "labels" / f"{r['pseudonym']}_labels.nii.gz"
         true = np.asarray(nib.load(tpath).dataobj)

@@ -50,6 +50,8 @@ def segment_scans(items: list[dict], segmenter: Segmenter, out_dir: Path, *, num
         it = items[prep["index"]]
         if prep["error"]:
             failures.append({"pseudonym": it["pseudonym"], "reason": "unreadable_scan", "message": prep["error"]})
+            if progress is not None:
+                progress(k, len(items), time.perf_counter() - t0)
             continue
         labels = segmenter.predict(prep)
         affine = np.asarray(prep["affine"])

@@ -18,6 +18,7 @@ from monai.transforms import (Compose, MapTransform, RandAffined, RandBiasFieldd
                               RandomizableTransform, RandScaleIntensityd, RandShiftIntensityd)
 from monai.utils import set_determinism
 
+from cbp_platform.progress import RateLogger
 from cbp_platform.segmentation.data import LR_SWAP, normalise
 from cbp_platform.synth.cohort import simulate_cohort
 from cbp_platform.synth.phantom import PRESETS, Subject, render_phantom
@@ -105,6 +106,7 @@ def train(network: torch.nn.Module, *, n_train: int = 120, budget_s: float = 360
     t0 = time.perf_counter()
     loss_v = float("nan")
     done = False
+    steady = RateLogger(log, max_iterations, "training", unit="iterations", every_s=15.0) if log else None
     while not done:
         for batch in loader:
             opt.zero_grad()
@@ -114,8 +116,9 @@ def train(network: torch.nn.Module, *, n_train: int = 120, budget_s: float = 360
             sched.step()
             it += 1
             loss_v = float(loss.detach())
-            if log is not None and it % 50 == 0:
-                log(f"iteration {it}: loss {loss_v:.4f} ({time.perf_counter() - t0:.0f} s)")
+            if steady is not None:
+                steady.suffix = f"loss {loss_v:.4f}"
+                steady(it)
             if time.perf_counter() - t0 >= budget_s or it >= max_iterations:
                 done = True
                 break

@@ -17,7 +17,6 @@ import io
 import json
 import os
 import shutil
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from cbp_platform.landing import (COVARIATE_COLUMNS, COVARIATES_NAME, DELIVERY_I
                                   PSEUDONYM_ALPHABET, PSEUDONYM_LENGTH, SCHEMA_VERSION, SITES,
                                   SUCCESS_MARKER, scan_relpath)
 from cbp_platform.paths import DataLayout
+from cbp_platform.progress import bar
 from cbp_platform.synth import faults as F
 from cbp_platform.synth.cohort import CohortParameters, beta_2sd, simulate_cohort, site_effects
 from cbp_platform.synth.phantom import LABELS, PRESETS, Subject, render_phantom
@@ -281,19 +281,9 @@ def _apply_covariate_fault(cells: list[str], kind: str, variant: str) -> tuple[l
     return cells, "met_min_week=-30"
 
 
-def _progress(done: int, total: int, t0: float, stream=sys.stderr) -> None:
-    rate = done / max(time.perf_counter() - t0, 1e-9)
-    width = 30
-    fill = int(width * done / max(total, 1))
-    stream.write(f"\r  [{'#' * fill}{'.' * (width - fill)}] {done}/{total} participants  {rate:5.1f}/s")
-    if done == total:
-        stream.write("\n")
-    stream.flush()
-
-
 def synthesize(*, participants: int, deliveries: int, seed: int, resolution: str = "fast",
                data_root: str | os.PathLike[str] | None = None, fault_rate: float = 0.0, in_opp: bool = False,
-               workers: int | None = None, delivery_prefix: str | None = None, progress: bool = False,
+               workers: int | None = None, delivery_prefix: str | None = None, progress: bool | None = False,
                params: CohortParameters | None = None) -> SynthResult:
     """Write ``deliveries`` complete deliveries of ``participants`` simulated participants in total."""
     workers = workers if workers is not None else (os.cpu_count() or 1)
@@ -328,8 +318,9 @@ def synthesize(*, participants: int, deliveries: int, seed: int, resolution: str
     result = SynthResult(ids, [], [], participants, 0, 0.0)
     ctx = get_context("fork")
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx) if workers > 1 else None
+    # progress: True/False forces the bar on stderr; None shows it on a terminal only
+    pbar = bar(total=participants, desc="synth", unit="participant", enabled=progress)
     try:
-        done = 0
         for did, chunk in zip(ids, chunks):
             ddir = layout.landing / did
             tdir = layout.truth / did
@@ -353,9 +344,7 @@ def synthesize(*, participants: int, deliveries: int, seed: int, resolution: str
             outputs = []
             for out in mapper:
                 outputs.append(out)
-                done += 1
-                if progress and (done % 10 == 0 or done == participants):
-                    _progress(done, participants, t0)
+                pbar.update(1)
             result.bytes_written += _finish_delivery(
                 did, ddir, tdir, chunk, outputs, rows, delivered_pseudonym, fault_of, result)
             result.landing_dirs.append(ddir)
@@ -366,6 +355,7 @@ def synthesize(*, participants: int, deliveries: int, seed: int, resolution: str
             shutil.rmtree(d, ignore_errors=True)
         raise
     finally:
+        pbar.close()
         if pool:
             pool.shutdown(cancel_futures=True)
     result.seconds = time.perf_counter() - t0

@@ -1,0 +1,126 @@
+"""The kubernetes profile, checked on paper: the definitions load with the k8s_job_executor, every step's
+Kubernetes Job is rendered by dagster-k8s itself, and only segmentation asks for a GPU. The Helm values agree
+with the code (namespace, data volume, profile, Postgres driver, run queue, pool, slot release)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from assets.k8s_plan import helm_values, render_step_jobs, step_summary
+from cbp_platform import deployment
+
+ROOT = Path(__file__).resolve().parents[2]
+GPU_STEPS = {"muscle_segmentations", "segmentation_model"}
+
+
+@pytest.fixture(scope="module")
+def k8s_env():
+    old = os.environ.get("CBP_DEPLOYMENT")
+    os.environ["CBP_DEPLOYMENT"] = "kubernetes"
+    yield
+    if old is None:
+        os.environ.pop("CBP_DEPLOYMENT")
+    else:
+        os.environ["CBP_DEPLOYMENT"] = old
+
+
+def test_profile_selects_the_executor_by_configuration_only(k8s_env):
+    from cbp_platform.definitions import build_definitions
+
+    for job in ("process_batch", "cohort_refresh", "train_segmentation_model"):
+        assert build_definitions().resolve_job_def(job).executor_def.name == "k8s_job_executor"
+        assert build_definitions("local").resolve_job_def(job).executor_def.name == "multiprocess"
+    os.environ["CBP_DEPLOYMENT"] = "staging"
+    try:
+        with pytest.raises(deployment.DeploymentError, match="CBP_DEPLOYMENT='staging'"):
+            deployment.profile()
+    finally:
+        os.environ["CBP_DEPLOYMENT"] = "kubernetes"
+
+
+@pytest.mark.parametrize("job", ["process_batch", "cohort_refresh", "train_segmentation_model"])
+def test_rendered_step_jobs_gpu_only_on_segmentation(k8s_env, job):
+    jobs = render_step_jobs(job)
+    assert jobs
+    for key, k8s_job in jobs.items():
+        pod = k8s_job.spec.template.spec
+        c = pod.containers[0]
+        limits = c.resources.limits or {}
+        pool = (pod.node_selector or {}).get(deployment.NODE_POOL_LABEL)
+        if key in GPU_STEPS:
+            assert limits.get("nvidia.com/gpu") == "1", key
+            assert pool == "gpu" and any(t.key == "nvidia.com/gpu" for t in pod.tolerations or []), key
+        else:
+            assert "nvidia.com/gpu" not in limits and "nvidia.com/gpu" not in (c.resources.requests or {}), key
+            assert pool == "cpu" and not pod.tolerations, key
+            assert limits.get("memory"), key
+        # every step pod sees the shared data root and runs the same profile
+        assert [(m.name, m.mount_path) for m in c.volume_mounts] == [("cbp-data", "/data")]
+        assert pod.volumes[0].persistent_volume_claim.claim_name == "cbp-data"
+        env = {e.name: e.value for e in c.env}
+        assert env["CBP_DATA_ROOT"] == "/data" and env["CBP_DEPLOYMENT"] == "kubernetes"
+        assert k8s_job.metadata.namespace == "cbp"
+        assert c.args[:3] == ["dagster", "api", "execute_step"]
+    if job == "process_batch":
+        assert {"muscle_segmentations", "raw_mri_scans", "muscle_metrics"} <= set(jobs)
+        rows = {r["step"]: r for r in step_summary(jobs)}
+        assert rows["muscle_segmentations"]["gpu"] == "1" and rows["muscle_metrics"]["gpu"] == "0"
+    if job == "cohort_refresh":   # whole-cohort steps get the large CPU profile
+        lim = jobs["cbp_association_model"].spec.template.spec.containers[0].resources.limits
+        assert lim["memory"] == deployment.STEP_RESOURCES["cpu-large"]["limits"]["memory"]
+
+
+def test_helm_values_agree_with_the_code():
+    v = helm_values()
+    assert v["runLauncher"]["type"] == "K8sRunLauncher"
+    launcher = v["runLauncher"]["config"]["k8sRunLauncher"]
+    exe = deployment.k8s_executor_config()
+    assert launcher["jobNamespace"] == exe["job_namespace"]
+    assert launcher["volumes"][0]["persistentVolumeClaim"]["claimName"] == exe["volumes"][0][
+        "persistent_volume_claim"]["claim_name"]
+    assert launcher["volumeMounts"][0]["mountPath"] == exe["volume_mounts"][0]["mount_path"]
+    assert "CBP_DEPLOYMENT=kubernetes" in launcher["envVars"]
+    dep = v["dagster-user-deployments"]["deployments"][0]
+    env = {e["name"]: e["value"] for e in dep["env"]}
+    assert env["CBP_DEPLOYMENT"] == "kubernetes" and env["CBP_DATA_ROOT"] == "/data"
+    assert dep["dagsterApiGrpcArgs"] == ["--module-name", "cbp_platform.definitions"]
+    assert v["postgresql"]["postgresqlScheme"] == "postgresql+psycopg2"
+    daemon = v["dagsterDaemon"]
+    assert daemon["runCoordinator"]["type"] == "QueuedRunCoordinator"
+    assert daemon["runMonitoring"]["freeSlotsAfterRunEndSeconds"] > 0
+    assert v["concurrency"]["pools"]["defaultLimit"] >= 1
+    # the storage manifest provides what the values refer to
+    docs = list(yaml.safe_load_all((ROOT / "deploy" / "k8s" / "storage.yaml").read_text()))
+    kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    assert ("PersistentVolumeClaim", "cbp-data") in kinds
+    assert ("Secret", v["global"]["postgresqlSecretName"]) in kinds
+    pvc = next(d for d in docs if d["kind"] == "PersistentVolumeClaim")
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+def test_instance_templates_and_gpu_pool_sizing(tmp_path, monkeypatch):
+    monkeypatch.setenv("CBP_GPU_COUNT", "3")
+    path, doc = deployment.write_instance_config(tmp_path, "production")
+    assert doc["concurrency"]["pools"]["default_limit"] == 3
+    assert doc["run_monitoring"]["free_slots_after_run_end_seconds"] == 300
+    assert doc["storage"]["postgres"]["postgres_db"]["hostname"] == {"env": "CBP_PG_HOST"}
+    assert yaml.safe_load(path.read_text()) == doc
+    _, local = deployment.write_instance_config(tmp_path / "l", "local")
+    assert "storage" not in local and "pools" not in local.get("concurrency", {})
+    monkeypatch.setenv("CBP_GPU_COUNT", "0")       # CPU-only production host: one segmentation step at a time
+    assert deployment.instance_config("production")["concurrency"]["pools"]["default_limit"] == 1
+    monkeypatch.setenv("CBP_GPU_COUNT", "two")
+    with pytest.raises(deployment.DeploymentError, match="CBP_GPU_COUNT='two'"):
+        deployment.gpu_count()
+
+
+def test_cli_k8s_plan_prints_the_gpu_step():
+    out = subprocess.run([str(Path(sys.executable).with_name("cbp")), "k8s-plan", "--job", "process_batch"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    line = next(ln for ln in out.stdout.splitlines() if ln.startswith("muscle_segmentations "))
+    assert line.split()[1] == "gpu" and line.split()[-1] == "1"
