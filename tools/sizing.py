@@ -1,0 +1,94 @@
+"""Capacity plan for NAKO baseline + follow-up (docs/operator-guide.md, section Sizing), from measured figures.
+
+Inputs, all measured on this code base, none typed in:
+* bytes per participant on disk: a simulated NAKO-resolution delivery (1.41 x 1.41 x 3 mm, water + fat, gzip
+  NIfTI) written now by ``cbp synth --resolution nako``, plus its label maps (one per participant, uint8 gzip);
+* seconds per NAKO-resolution volume (segmentation, CPU, 2 cores) and per-batch figures: the newest
+  ``bench-results/bench-*.json`` written by ``make bench``.
+
+Scaling assumptions (stated in the output): the simulated volume covers the lumbar field of view
+(288 x 224 x 96 voxels); a whole-body NAKO Dixon series (several stations stitched) has about ``--wb-factor``
+times the voxels. Segmentation time and bytes are scaled by that factor for the whole-body column.
+
+``python tools/sizing.py [--baseline 30868] [--followup 20000] [--gpu-speedup 10]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def measured_bytes_per_participant(n: int = 4) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "CBP_DATA_ROOT": tmp}
+        subprocess.run([str(Path(sys.executable).with_name("cbp")), "synth", "-n", str(n), "--seed", "77",
+                        "--resolution", "nako", "--workers", "1", "--quiet"], env=env, check=True,
+                       capture_output=True)
+        mri = sum(p.stat().st_size for p in Path(tmp, "landing").rglob("*.nii.gz"))
+        labels = sum(p.stat().st_size for p in Path(tmp, "truth").rglob("*_labels.nii.gz"))
+    return {"scans": mri / n, "labels": labels / n}
+
+
+def latest_bench() -> dict:
+    files = sorted(glob.glob(str(ROOT / "bench-results" / "bench-*.json")))
+    if not files:
+        raise SystemExit("no bench-results/bench-*.json: run `make bench` first")
+    return json.loads(Path(files[-1]).read_text()) | {"_file": Path(files[-1]).name}
+
+
+def plan(n: int, per: dict, bench: dict, wb: float, gpu_speedup: float, gpus: int, cpu_nodes: int) -> list[tuple]:
+    seg = bench["segmentation"]
+    s_nako = seg["nako"]["cpu"]["seconds"]
+    batch_s_per_participant = seg["batch_run_s"] / 250.0          # bench batch: 250 fast-preset participants
+    rows = []
+    for label, factor in (("simulated lumbar FOV", 1.0), (f"whole body (x{wb:g} voxels)", wb)):
+        cpu_h = n * s_nako * factor / 3600
+        gpu_h = cpu_h / gpu_speedup
+        tb = n * (per["scans"] + per["labels"]) * factor / 1e12
+        wall_gpu_h = gpu_h / gpus
+        rows.append((label, f"{cpu_h:,.0f}", f"{gpu_h:,.1f}", f"{wall_gpu_h:,.1f}", f"{tb:,.2f}"))
+    ingest_h = n * batch_s_per_participant / 3600 / cpu_nodes
+    rows.append(("per-batch CPU work (ingest + metrics + checks, fast preset), wall on "
+                 f"{cpu_nodes} CPU nodes", f"{n * batch_s_per_participant / 3600:,.1f}", "-", f"{ingest_h:,.1f}", "-"))
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--baseline", type=int, default=30868)
+    ap.add_argument("--followup", type=int, default=20000)
+    ap.add_argument("--wb-factor", type=float, default=6.5,
+                    help="whole-body / simulated voxel count (NAKO: ~4 stations of ~320 x 260 x ~120)")
+    ap.add_argument("--gpu-speedup", type=float, default=10.0,
+                    help="assumed GPU vs 2-core CPU speed-up of segmentation (not measured here: no GPU)")
+    ap.add_argument("--gpus", type=int, default=4)
+    ap.add_argument("--cpu-nodes", type=int, default=8)
+    args = ap.parse_args(argv)
+    per = measured_bytes_per_participant()
+    bench = latest_bench()
+    n = args.baseline + args.followup
+    print(f"participants: {args.baseline:,} baseline + {args.followup:,} follow-up = {n:,}")
+    print(f"measured: {per['scans'] / 1e6:.1f} MB scans + {per['labels'] / 1e6:.2f} MB label map per participant "
+          f"(simulated NAKO resolution); segmentation {bench['segmentation']['nako']['cpu']['seconds']:.2f} s per "
+          f"volume on 2 CPU cores, peak RSS {bench['segmentation']['nako']['peak_rss_mb']:,.0f} MB "
+          f"({bench['_file']})")
+    print(f"assumed: whole body = x{args.wb_factor:g} voxels; GPU = x{args.gpu_speedup:g} the 2-core CPU; "
+          f"{args.gpus} GPUs; {args.cpu_nodes} CPU nodes\n")
+    print("| volume | segmentation CPU-hours (2 cores) | GPU-hours | wall hours | storage TB |")
+    print("|---|---|---|---|---|")
+    for r in plan(n, per, bench, args.wb_factor, args.gpu_speedup, args.gpus, args.cpu_nodes):
+        print("| " + " | ".join(r) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
