@@ -160,15 +160,20 @@ def test_materialise_one_batch_from_the_ui_and_see_its_checks(ui, page):
     _shot(page, "02-batches-of-raw_mri_scans")
 
     page.get_by_role("button", name="Materialize…").click()
-    dialog = page.get_by_role("dialog")
+    dialog = page.locator("[role=dialog][aria-modal=true]")     # the launch dialog (its popovers are dialogs too)
     dialog.get_by_text("Launch runs to materialize raw_mri_scans").wait_for()
     dialog.get_by_text("Select a partition or create one").click()
     page.get_by_placeholder("Filter partitions").fill(key)
     page.get_by_text(key, exact=True).filter(visible=True).last.click()     # the batch's row in the list
+    dialog.get_by_text("1 partition", exact=True).wait_for()
+    box = dialog.bounding_box()                              # close the partition list: a click on the empty
+    page.mouse.click(box["x"] + 30, box["y"] + box["height"] - 20)   # left end of the dialog's footer
+    page.get_by_placeholder("Filter partitions").wait_for(state="hidden")
     launch = dialog.get_by_role("button", name="Launch 1 run")
     launch.wait_for()
     _shot(page, "03-launch-dialog")
     launch.click()
+    dialog.wait_for(state="hidden")                          # the dialog closes once the run is submitted
 
     # the Runs page: the run appears, tagged with the partition, and ends in Success
     page.goto(ui["url"] + "/runs", wait_until="networkidle")
