@@ -40,7 +40,7 @@ def current_model(runtime: SegmentationRuntime) -> dict:
     return json.loads(p.read_text())
 
 
-@dg.asset(code_version=MODEL_VERSION, group_name="segmentation", kinds={"pytorch", "monai"},
+@dg.asset(code_version=MODEL_VERSION, group_name="segmentation", kinds={"pytorch", "monai"}, pool="gpu",
           op_tags=k8s_step_tags("gpu"),
           description="The back-muscle segmentation model (MONAI 3D residual UNet) as a versioned bundle: trained "
                       "on simulated labelled scans kept apart from the deliveries, or loaded from `bundle_path`. "

@@ -74,6 +74,15 @@ def test_rendered_step_jobs_gpu_only_on_segmentation(k8s_env, job):
         assert lim["memory"] == deployment.STEP_RESOURCES["cpu-large"]["limits"]["memory"]
 
 
+def test_gpu_requests_and_the_gpu_pool_cover_the_same_steps():
+    from cbp_platform.definitions import build_definitions
+
+    defs = build_definitions("kubernetes")
+    ops = {k.to_user_string(): defs.resolve_assets_def(k).op for k in defs.resolve_asset_graph().get_all_asset_keys()}
+    assert {k for k, op in ops.items() if op.pool == deployment.GPU_POOL} == GPU_STEPS
+    assert {k for k, op in ops.items() if op.tags.get("cbp/resource") == "gpu"} == GPU_STEPS
+
+
 def test_helm_values_agree_with_the_code():
     v = helm_values()
     assert v["runLauncher"]["type"] == "K8sRunLauncher"
