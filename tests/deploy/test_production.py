@@ -33,17 +33,10 @@ def production(pg, tmp_path_factory):
     env = {**os.environ, **pg.env(), "CBP_DEPLOYMENT": "production", "DAGSTER_HOME": str(home),
            "CBP_DATA_ROOT": str(root), "CBP_GPU_COUNT": "2"}
     init = subprocess.run([CBP, "instance", "init"], env=env, capture_output=True, text=True, timeout=300)
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update({k: env[k] for k in (*pg.env(), "CBP_DEPLOYMENT", "DAGSTER_HOME", "CBP_DATA_ROOT",
-                                          "CBP_GPU_COUNT")})
-    try:
+    with pytest.MonkeyPatch.context() as mp:        # the tests below open the instance in this process too
+        for k in (*pg.env(), "CBP_DEPLOYMENT", "DAGSTER_HOME", "CBP_DATA_ROOT", "CBP_GPU_COUNT"):
+            mp.setenv(k, env[k])
         yield root, home, init
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def test_instance_init_renders_postgres_queue_and_gpu_pool(production, pg):
