@@ -229,5 +229,7 @@ def _accuracy_metadata(data_root: DataRootResource, warehouse: Warehouse, key: s
         a = r[name]
         md.update({f"accuracy_{name}_icc": round(a["icc"], 4), f"accuracy_{name}_bias_pct": round(a["bias"], 3),
                    f"accuracy_{name}_loa_pct": dg.MetadataValue.json([round(a["loa_low"], 3),
-                                                                      round(a["loa_high"], 3)])})
+                                                                      round(a["loa_high"], 3)]),
+                   f"accuracy_{name}_proportional_bias": dg.MetadataValue.json(
+                       {k: round(v, 4) for k, v in a["proportional"].items()})})
     return md

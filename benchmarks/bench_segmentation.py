@@ -94,7 +94,9 @@ def run() -> dict:
     if accuracy:
         print(f"accuracy on the 250 (fast preset): Dice {json.dumps({k: round(v, 3) for k, v in accuracy['dice'].items()})}, "
               f"LMM ICC {accuracy['lmm']['icc']:.3f} bias {accuracy['lmm']['bias']:+.2f} %, "
-              f"InterMAT ICC {accuracy['imat']['icc']:.3f} bias {accuracy['imat']['bias']:+.2f} %")
+              f"InterMAT ICC {accuracy['imat']['icc']:.3f} bias {accuracy['imat']['bias']:+.2f} % "
+              f"(measured - true = {accuracy['imat']['proportional']['intercept']:+.2f} "
+              f"{accuracy['imat']['proportional']['slope']:+.3f} x true, pp)")
     return dict(fast_participants_per_s=fast_rate, batch_run_s=run_s, dagster_overhead_s=overhead, checks_s=checks,
                 nako=nako, accuracy=accuracy, validation_dice=cur["validation_dice"])
 

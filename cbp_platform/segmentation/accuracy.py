@@ -2,7 +2,8 @@
 
 Dice per class (predicted vs true label maps), and for the LMM index (lean back-muscle volume / (weight kg /
 height m)) and InterMAT % the ICC(A,1), mean relative bias and 95 % limits of agreement of measured vs true
-values. Works on any set of (pseudonym, delivery) pairs that have both a segmentation and a truth row.
+values, and the proportional bias (Bland-Altman regression of the difference on the true value). Works on any set
+of (pseudonym, delivery) pairs that have both a segmentation and a truth row.
 """
 
 from pathlib import Path
@@ -11,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import polars as pl
 
-from cbp_platform.metrics.agreement import bland_altman, icc_a1
+from cbp_platform.metrics.agreement import bland_altman, icc_a1, proportional_bias
 from cbp_platform.metrics.body_composition import MUSCLES, dice_per_class
 from cbp_platform.progress import bar
 
@@ -55,8 +56,10 @@ def evaluate(segs: pl.DataFrame, metrics: pl.DataFrame, truth_root: Path, progre
         "n": j.height,
         "dice": {MUSCLES[c]: float(np.mean(v)) for c, v in dice.items()},
         "dice_min_participant": {MUSCLES[c]: float(np.min(v)) for c, v in dice.items()},
-        "lmm": {"icc": icc_a1(lmm, lmm_true), **bland_altman(lmm, lmm_true)},
-        "imat": {"icc": icc_a1(imat, imat_true), **bland_altman(imat, imat_true)},
+        "lmm": {"icc": icc_a1(lmm, lmm_true), **bland_altman(lmm, lmm_true),
+                "proportional": proportional_bias(lmm, lmm_true)},
+        "imat": {"icc": icc_a1(imat, imat_true), **bland_altman(imat, imat_true),
+                 "proportional": proportional_bias(imat, imat_true)},
     }
     out["meets_targets"] = bool(
         min(out["dice"].values()) >= TARGETS["dice"]
@@ -77,6 +80,9 @@ def format_report(r: dict) -> str:
         lines.append(f"| {label}: ICC(A,1) | {a['icc']:.4f} | >= 0.95 |")
         lines.append(f"| {label}: mean bias (% of true) | {a['bias']:+.2f} % | abs < 2 % |")
         lines.append(f"| {label}: 95 % limits of agreement | {a['loa_low']:+.2f} % to {a['loa_high']:+.2f} % | |")
+        p = a["proportional"]
+        lines.append(f"| {label}: proportional bias, measured - true = a + b x true | a {p['intercept']:+.3f}, "
+                     f"b {p['slope']:+.3f} (SE {p['slope_se']:.3f}) | |")
     lines.append("")
     lines.append("all targets met" if r["meets_targets"] else "TARGETS NOT MET")
     return "\n".join(lines)

