@@ -109,7 +109,7 @@ def test_cuda_path_matches_cpu(tmp_path):
 def processed(tmp_path_factory):
     """One delivery (with a few fat-water swaps) through model training and the whole batch job.
 
-    120 participants (about 105 segmented with truth): the mean relative InterMAT bias has a per-participant SD of
+    120 participants (110 segmented with truth): the mean relative InterMAT bias has a per-participant SD of
     about 5 %, so this many put its standard error near 0.5 %, small enough to test the 2 % target; 30 did not."""
     from assets.runner import pipeline_environment, run_pending
 
