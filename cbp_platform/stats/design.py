@@ -267,13 +267,57 @@ def clustered_design(seed: int = 20250101) -> pl.DataFrame:
     return pl.DataFrame({"site": site, "cbp": y, "x1": np.round(x1, 6), "x2": x2})
 
 
-def design_sha256(frame: pl.DataFrame) -> str:
+# Columns of :func:`simulated_design` whose values pass through a transcendental function (``np.exp`` draws BMI
+# and InterMAT in the cohort model): numpy's float64 ``exp`` has its own AVX-512 kernel (dispatch target X86_V4)
+# beside the AVX2 / scalar libm one, and the two differ in the last bit of some results. These columns hold across
+# machines only within :data:`DESIGN_ATOL`. Every other column is an integer, a 0/1 flag, a site label or a
+# correctly rounded IEEE-754 operation on integers (``age_10y``), which are bitwise on any machine.
+INEXACT_DESIGN_COLUMNS = ("lmm_z2", "imat_z2")
+# A one-ulp difference in exp (2.2e-16 relative) reaches a per-2-SD exposure (|z| < 6, raw values < 60 over 2 SD
+# > 4) as < 1e-14 absolute, through the mean and SD too (math.fsum); 1e-12 leaves a 100-fold margin and is eight
+# orders below the lme4 comparisons' tolerances, so no estimate can feel it.
+DESIGN_ATOL = 1e-12
+
+
+def design_differences(frame: pl.DataFrame, reference: pl.DataFrame, inexact: Sequence[str] = INEXACT_DESIGN_COLUMNS,
+                       atol: float = DESIGN_ATOL) -> list[str]:
+    """What differs between a regenerated design and its reference values (empty: the same design).
+
+    Columns, row count and every column not in ``inexact`` must be equal exactly; ``inexact`` columns within
+    ``atol`` (absolute), the tolerance the cross-machine numerics justify (see :data:`DESIGN_ATOL`).
+    """
+    if frame.columns != reference.columns:
+        return [f"columns {frame.columns} differ from the reference's {reference.columns}"]
+    if frame.height != reference.height:
+        return [f"{frame.height} rows, the reference has {reference.height}"]
+    out = []
+    for name in frame.columns:
+        a, b = frame.get_column(name), reference.get_column(name)
+        if name in inexact:
+            x, y = a.cast(pl.Float64).to_numpy(), b.cast(pl.Float64).to_numpy()
+            if not np.allclose(x, y, rtol=0.0, atol=atol, equal_nan=True):
+                out.append(f"{name}: max |difference| {float(np.nanmax(np.abs(x - y))):.3g} > {atol:g}")
+        elif a.dtype in (pl.String, pl.Categorical, pl.Enum) or b.dtype in (pl.String, pl.Categorical, pl.Enum):
+            n = int((a.cast(pl.String) != b.cast(pl.String)).sum())
+            if n:
+                out.append(f"{name}: {n} rows differ")
+        else:
+            x, y = a.cast(pl.Float64).to_numpy(), b.cast(pl.Float64).to_numpy()
+            n = int((~((x == y) | (np.isnan(x) & np.isnan(y)))).sum())
+            if n:
+                out.append(f"{name}: {n} rows differ (an exact column)")
+    return out
+
+
+def design_sha256(frame: pl.DataFrame, columns: Sequence[str] | None = None) -> str:
     """sha256 of a design frame's values (column names, then each column's raw little-endian bytes).
 
-    Hashes the numbers, not a text rendering, so it does not depend on how a CSV writer formats floats.
+    Hashes the numbers, not a text rendering, so it does not depend on how a CSV writer formats floats. Over all
+    columns it identifies a design on one machine only (see :data:`INEXACT_DESIGN_COLUMNS`); over the exact
+    columns (``columns=``, e.g. :func:`exact_columns`) it holds on any machine.
     """
     h = hashlib.sha256()
-    for name in frame.columns:
+    for name in (frame.columns if columns is None else columns):
         s = frame.get_column(name)
         h.update(name.encode() + b"\0")
         if s.dtype in (pl.String, pl.Categorical, pl.Enum):
@@ -282,3 +326,8 @@ def design_sha256(frame: pl.DataFrame) -> str:
             h.update(np.ascontiguousarray(s.cast(pl.Float64).to_numpy(), dtype="<f8").tobytes())
         h.update(b"\0")
     return h.hexdigest()
+
+
+def exact_columns(frame: pl.DataFrame, inexact: Sequence[str] = INEXACT_DESIGN_COLUMNS) -> list[str]:
+    """The columns of a design that are bitwise on any machine (all but ``inexact``)."""
+    return [c for c in frame.columns if c not in inexact]

@@ -4,8 +4,11 @@
     python -m cbp_platform.stats.reference --n 2240 --seed 3 --out /tmp/lme4/small.csv
     python -m cbp_platform.stats.reference --clustered --seed 20250101 --out /tmp/lme4/clustered.csv
 
-The meta file carries (n, seed), the fixed effects and the design's sha256 (:func:`design_sha256`); the R
-script copies it into the fixture, so the tests can rebuild the same design and check it before comparing.
+The meta file carries (n, seed), the fixed effects, the design's sha256 (:func:`design_sha256`: this machine's
+bits) and the sha256 of its exact columns (the same on any machine); the R script copies it into the fixture.
+Beside the CSV, ``<name>.design.parquet`` holds the design's values (the CSV's numbers, losslessly), which the
+tests compare the regenerated design with (:func:`design_differences`: exact columns equal, the exposures
+within ``DESIGN_ATOL``), so the check holds on any machine, not just on the one that wrote the fixture.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from cbp_platform.stats.design import PAPER_COVARIATES, clustered_design, design_sha256, simulated_design
+from cbp_platform.stats.design import (DESIGN_ATOL, PAPER_COVARIATES, clustered_design, design_sha256, exact_columns,
+                                       simulated_design)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -39,9 +43,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             ap.error("--n is required unless --clustered")
         d = simulated_design(a.n, a.seed)
         d.frame.write_csv(a.out)
+        values = a.out.with_suffix(".design.parquet")
+        d.frame.write_parquet(values, compression="zstd", compression_level=19)
         meta = {"n_simulated": d.n, "seed": d.seed, "outcome": "cbp", "group": "site",
                 "fixed": list(PAPER_COVARIATES), "n_obs": d.frame.height,
                 "events": int(d.frame.get_column("cbp").sum()), "design_sha256": d.sha256(),
+                "exact_columns_sha256": design_sha256(d.frame, exact_columns(d.frame)),
+                "values": values.name, "inexact_atol": DESIGN_ATOL,
                 "scale": {k: {"mean": v[0], "sd": v[1]} for k, v in d.scale.items()}}
     a.out.with_suffix(".meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     print(json.dumps(meta, indent=2))

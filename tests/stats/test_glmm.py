@@ -3,8 +3,10 @@
 Reference values: ``tests/fixtures/lme4/{small,paper,clustered}.json``, written by ``tools/lme4_reference.R``.
 ``small`` and ``paper`` are the paper's adjusted model on the design that :func:`simulated_design` rebuilds here
 from (n, seed); ``clustered`` (150 clusters of 2-12, site SD 1.2, where Laplace and AGQ differ clearly) is a
-committed CSV. The design's sha256 is compared first, so a change in the simulator fails loudly instead of
-comparing different data. The comparisons use lme4's "tight" refits (optimiser converged to the last digit), so
+committed CSV. The regenerated design is compared with the fixture's values first (``<name>.design.parquet``):
+the integer, flag and site columns exactly, the two exposures (which pass through ``np.exp``, whose last bits
+depend on the CPU's SIMD kernel) within ``DESIGN_ATOL``; so a change in the simulator fails loudly instead of
+comparing different data, on any machine. The comparisons use lme4's "tight" refits (optimiser converged to the last digit), so
 that what is compared is the objective function, and lme4's default fits with the same tolerance.
 """
 
@@ -26,7 +28,8 @@ from cbp_platform.stats import (DATA_CHECKS, FIT_CHECKS, PAPER_COVARIATES, TIDY_
                                 per_sd_odds_ratio, sensitivity_table, simulated_design, standardise_2sd)
 from cbp_platform.stats._likelihood import GroupedLogitLikelihood, gauss_hermite
 from cbp_platform.stats.checks import logistic_mle
-from cbp_platform.stats.design import INTERCEPT, build_design, design_sha256
+from cbp_platform.stats.design import (DESIGN_ATOL, INEXACT_DESIGN_COLUMNS, INTERCEPT, build_design, design_differences,
+                                      design_sha256, exact_columns)
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "lme4"
 CASES = ("small", "paper", "clustered")
@@ -79,12 +82,51 @@ def fits(data):
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_fixture_design_is_regenerated_identically(data, name):
-    ref = _reference(name)
+def test_fixture_design_is_regenerated(data, designs, name):
+    """Same design as the fixture's: exact columns bit for bit (their hash too), the exposures within tolerance."""
+    ref = _reference(name)["design"]
     frame, fixed = data[name]
-    assert design_sha256(frame) == ref["design"]["design_sha256"]
-    assert frame.height == ref["design"]["n_obs"] and int(frame["cbp"].sum()) == ref["design"]["events"]
-    assert list(ref["design"]["fixed"]) == fixed
+    assert frame.height == ref["n_obs"] and int(frame["cbp"].sum()) == ref["events"]
+    assert list(ref["fixed"]) == fixed
+    if "values" not in ref:                 # clustered: the committed CSV is the design itself
+        assert design_sha256(frame) == ref["design_sha256"]
+        return
+    assert design_differences(frame, pl.read_parquet(FIXTURES / ref["values"])) == []
+    assert design_sha256(frame, exact_columns(frame)) == ref["exact_columns_sha256"]
+    for k in ("lmm", "imat"):                # the scale the fits saw, 15 digits as the fixture stores them
+        assert np.allclose(designs[name].scale[k], (ref["scale"][k]["mean"], ref["scale"][k]["sd"]),
+                           rtol=1e-13, atol=0)
+
+
+def test_design_check_absorbs_another_cpus_exp_and_catches_real_changes(monkeypatch, designs):
+    """Another CPU's float64 exp (numpy's AVX-512 kernel on one machine, AVX2 / libm on another) differs from this
+    one's by at most one ulp. Emulated here, with every np.exp result moved one ulp at random: the exposures move
+    well inside DESIGN_ATOL and every other column stays bit for bit. A real change of the design is still
+    caught: one exposure off by 1e-9, one outcome flipped."""
+    ref = designs["small"].frame
+    rng = np.random.default_rng(11)
+    exp = np.exp
+
+    def other_cpu_exp(*args, **kw):
+        out = exp(*args, **kw)
+        if isinstance(out, np.ndarray) and out.dtype == np.float64:
+            out = np.where(rng.random(out.shape) < 0.5, np.nextafter(out, np.inf), np.nextafter(out, -np.inf))
+        return out
+
+    monkeypatch.setattr(np, "exp", other_cpu_exp)
+    moved = simulated_design(2240, 3).frame
+    monkeypatch.undo()
+    assert design_sha256(moved) != design_sha256(ref)                  # the bits did move ...
+    assert design_differences(moved, ref) == []                         # ... within the tolerance
+    assert design_sha256(moved, exact_columns(moved)) == design_sha256(ref, exact_columns(ref))
+    worst = max(float(np.max(np.abs(moved[c].to_numpy() - ref[c].to_numpy()))) for c in INEXACT_DESIGN_COLUMNS)
+    assert 0 < worst < DESIGN_ATOL / 10
+    shifted = ref.with_columns(pl.when(pl.int_range(pl.len()) == 7).then(pl.col("imat_z2") + 1e-9)
+                               .otherwise(pl.col("imat_z2")).alias("imat_z2"))
+    assert design_differences(shifted, ref) == [f"imat_z2: max |difference| {1e-9:.3g} > {DESIGN_ATOL:g}"]
+    flipped = ref.with_columns(pl.when(pl.int_range(pl.len()) == 0).then(1 - pl.col("cbp"))
+                               .otherwise(pl.col("cbp")).alias("cbp"))
+    assert design_differences(flipped, ref) == ["cbp: 1 rows differ (an exact column)"]
 
 
 def test_gauss_hermite_rule_is_lme4s():
