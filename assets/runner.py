@@ -67,9 +67,13 @@ def run_pending(instance: dg.DagsterInstance, data_root: DataRootResource | None
     job = defs.resolve_job_def(job_name)
     quiet = {"loggers": {"console": {"config": {"log_level": log_level}}}}
     if job_name == PROCESS_JOB and pending and not SegmentationRuntime().current_pointer.exists():
-        # the per-batch job needs the model: train (or load) it once, with its Dice check
+        # the per-batch job needs the model: train (or load) it once, with its Dice check. Training is the longest
+        # single step (minutes, an hour on a loaded machine): its console logger shows INFO, so its progress lines
+        # (iterations, rate, ETA, loss: every 15 s) reach the console, not only the Dagster event log
         t = time.perf_counter()
-        cfg = {**quiet, "ops": {"segmentation_model": {"config": model_config or {}}}}
+        log("  segmentation model: training (progress every 15 s below)")
+        cfg = {"loggers": {"console": {"config": {"log_level": "DEBUG" if log_level.upper() == "DEBUG" else "INFO"}}},
+               "ops": {"segmentation_model": {"config": model_config or {}}}}
         res = defs.resolve_job_def("train_segmentation_model").execute_in_process(
             instance=instance, raise_on_error=False, run_config=cfg)
         log(f"  segmentation model: {'ok' if res.success else 'FAILED'} in {time.perf_counter() - t:.0f} s "

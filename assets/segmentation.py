@@ -27,9 +27,12 @@ METRICS_VERSION = "muscle_metrics/1"
 class SegmentationModelConfig(dg.Config):
     bundle_path: str = ""          # a bundle folder to load instead of training (bring your own weights)
     max_iterations: int = 900      # training length: a fixed iteration count keeps the model reproducible
-    train_budget_s: float = 3600.0  # wall-clock cap, a safety net only (900 iterations take ~7 min on 2 idle cores)
+    # optional wall-clock cap (s), 0 = none. Reaching it fails the asset: a model trained for fewer iterations is
+    # another model, never published silently (900 iterations take ~7 min on 2 idle cores, an hour on a loaded one)
+    train_budget_s: float = 0.0
     n_train: int = 120             # simulated training scans (their own cohort seed), rendered in memory
     n_val: int = 10                # held-out simulated scans for the Dice figures
+    n_calibration: int = 120       # held-out simulated scans (seed + 2000) that calibrate the border (InterMAT)
     seed: int = 1000
 
 
@@ -49,9 +52,10 @@ def segmentation_model(context: dg.AssetExecutionContext, config: SegmentationMo
                        runtime: SegmentationRuntime) -> dg.MaterializeResult:
     from cbp_platform.imaging.nifti import atomic_write_bytes
     from cbp_platform.segmentation.bundle import BundleError, build_network, load_bundle, save_bundle
+    from cbp_platform.segmentation.calibrate import calibrate_network
     from cbp_platform.segmentation.infer import Segmenter
     from cbp_platform.segmentation.pipeline import configure_threads, validate
-    from cbp_platform.segmentation.train import train
+    from cbp_platform.segmentation.train import TrainingCapReached, train
 
     configure_threads(runtime.threads)
     t0 = time.perf_counter()
@@ -63,12 +67,22 @@ def segmentation_model(context: dg.AssetExecutionContext, config: SegmentationMo
         trained = None
         context.log.info(f"loaded bundle {bundle.path} (weights {bundle.sha256[:12]})")
     else:
-        res = train(build_network(), n_train=config.n_train, budget_s=config.train_budget_s, seed=config.seed,
-                    max_iterations=config.max_iterations, log=context.log.info)
+        try:
+            res = train(build_network(), n_train=config.n_train, budget_s=config.train_budget_s, seed=config.seed,
+                        max_iterations=config.max_iterations, log=context.log.info)
+        except TrainingCapReached as exc:
+            raise dg.Failure(description=str(exc)) from None
+        cal = calibrate_network(res.network, n=config.n_calibration, seed=config.seed + 2000, device=runtime.device,
+                                sw_batch_size=runtime.sw_batch_size,
+                                progress=RateLogger(context.log.info, config.n_calibration, "border calibration",
+                                                    unit="scans"))
+        context.log.info(f"border calibration: background offset {cal.offset:+.2f}, InterMAT bias on "
+                         f"{cal.n} held-out scans {cal.imat_bias_before:+.2f} % -> {cal.imat_bias_after:+.2f} %")
         tmp = runtime.models_path / ".training"
         sha = save_bundle(tmp, res.network, {"training": {**res.provenance, "iterations": res.iterations,
                                                           "seconds": round(res.seconds, 1),
-                                                          "final_loss": res.final_loss}})
+                                                          "final_loss": res.final_loss},
+                                             "calibration": cal.as_dict()})
         final = runtime.models_path / f"cbp_back_muscles-{sha[:12]}"
         if final.exists():
             import shutil
@@ -90,6 +104,10 @@ def segmentation_model(context: dg.AssetExecutionContext, config: SegmentationMo
     if trained is not None:
         md.update(training_seconds=round(trained.seconds, 1), training_iterations=trained.iterations,
                   n_training_scans=config.n_train)
+    if "calibration" in bundle.metadata:
+        c = bundle.metadata["calibration"]
+        md.update(background_offset=c["offset"], n_calibration_scans=c["n"],
+                  calibration_imat_bias_before=c["imat_bias_before"], calibration_imat_bias_after=c["imat_bias_after"])
     return dg.MaterializeResult(metadata=md, data_version=dg.DataVersion(bundle.sha256))
 
 

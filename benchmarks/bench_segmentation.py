@@ -1,6 +1,7 @@
 """Segmentation figures: participants/s for segmentation + metrics at the fast preset, seconds and peak RSS for
 one NAKO-size volume (targets: <= 20 s, <= 4 GiB on 2 cores), Dagster overhead as a share of a batch run, and
-GPU figures where CUDA is present. Trains a model with the default budget first (reported too)."""
+GPU figures where CUDA is present. Trains (and calibrates) a model with the default configuration first (reported
+too); the spread over training seeds is bench_seeds.py's."""
 
 import json
 import os

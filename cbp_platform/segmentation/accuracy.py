@@ -13,7 +13,7 @@ import numpy as np
 import polars as pl
 
 from cbp_platform.metrics.agreement import bland_altman, icc_a1, proportional_bias
-from cbp_platform.metrics.body_composition import MUSCLES, dice_per_class
+from cbp_platform.metrics.body_composition import MUSCLES, dice_per_class, muscle_metrics
 from cbp_platform.progress import bar
 
 TARGETS = {"dice": 0.90, "icc": 0.95, "abs_bias_pct": 2.0}
@@ -50,10 +50,34 @@ def evaluate(segs: pl.DataFrame, metrics: pl.DataFrame, truth_root: Path, progre
         for c, d in dice_per_class(pred, true).items():
             dice[c].append(d)
     lmm = (j["lean_ml"] / (j["weight_kg"] / (j["height_cm"] / 100.0))).to_numpy()
-    lmm_true = j["lmm_index_true"].to_numpy()
-    imat, imat_true = j["imat_pct"].to_numpy(), j["imat_pct_true"].to_numpy()
+    return summarise(dice, lmm, j["lmm_index_true"].to_numpy(), j["imat_pct"].to_numpy(),
+                     j["imat_pct_true"].to_numpy())
+
+
+def evaluate_items(segmenter, items: list[dict], voxel_ml: float, progress=None) -> dict:
+    """The same figures for labelled in-memory scans (``water``, ``fat``, ``affine``, ``labels``, ``truth`` as
+    :func:`~cbp_platform.segmentation.train.simulated_set` makes them), segmented by ``segmenter``."""
+    dice = {c: [] for c in MUSCLES}
+    lmm, lmm_true, imat, imat_true = [], [], [], []
+    for k, it in enumerate(items, start=1):
+        pred = segmenter.segment(it["water"], it["fat"], it["affine"])
+        for c, d in dice_per_class(pred, it["labels"]).items():
+            dice[c].append(d)
+        tot = {r["muscle"]: r for r in muscle_metrics(pred, it["water"], it["fat"], voxel_ml)}["back_total"]
+        t = it["truth"]
+        lmm.append(t["lmm_index"] * tot["lean_ml"] / t["lean_ml"])      # lean / (weight / height), same person
+        lmm_true.append(t["lmm_index"])
+        imat.append(tot["imat_pct"])
+        imat_true.append(t["imat_pct"])
+        if progress is not None:
+            progress(k)
+    return summarise(dice, np.array(lmm), np.array(lmm_true), np.array(imat), np.array(imat_true))
+
+
+def summarise(dice: dict[int, list[float]], lmm, lmm_true, imat, imat_true) -> dict:
+    """Dice per class, and ICC, Bland-Altman and proportional bias of the LMM index and InterMAT %."""
     out = {
-        "n": j.height,
+        "n": int(len(imat)),
         "dice": {MUSCLES[c]: float(np.mean(v)) for c, v in dice.items()},
         "dice_min_participant": {MUSCLES[c]: float(np.min(v)) for c, v in dice.items()},
         "lmm": {"icc": icc_a1(lmm, lmm_true), **bland_altman(lmm, lmm_true),

@@ -4,7 +4,10 @@
 <bundle>/configs/metadata.json   inputs, outputs, classes, spacing, network, training provenance, validation
 <bundle>/models/model.pt         the weights (a state dict)
 ```
-The sha256 of ``models/model.pt`` is the model's identity everywhere in lineage.
+The sha256 of ``models/model.pt`` is the model's identity everywhere in lineage. Besides the network's
+parameters it holds the border calibration (buffer ``background_logit_offset``,
+:mod:`cbp_platform.segmentation.calibrate`), so the identity covers the decision rule too; a bundle written
+before calibration existed loads with offset 0.
 """
 
 import json
@@ -20,6 +23,7 @@ from cbp_platform.segmentation.data import MODEL_ORIENTATION, MODEL_SPACING, NUM
 
 METADATA = "configs/metadata.json"
 WEIGHTS = "models/model.pt"
+OFFSET_BUFFER = "background_logit_offset"
 CLASSES = {0: "background", 1: "autochthonous_left", 2: "autochthonous_right", 3: "psoas_left", 4: "psoas_right"}
 
 # A 3D residual UNet (MONAI): four levels, 16-128 channels, one residual unit per level, batch norm; ~1.2 M
@@ -46,9 +50,20 @@ def build_network(spec: dict | None = None) -> torch.nn.Module:
     s = dict(spec or NETWORK)
     if s.pop("name", NETWORK["name"]) != NETWORK["name"]:
         raise BundleError(f"unsupported network {spec.get('name')!r}")
-    return UNet(spatial_dims=s["spatial_dims"], in_channels=s["in_channels"], out_channels=s["out_channels"],
-                channels=tuple(s["channels"]), strides=tuple(s["strides"]), num_res_units=s["num_res_units"],
-                norm=s["norm"])
+    net = UNet(spatial_dims=s["spatial_dims"], in_channels=s["in_channels"], out_channels=s["out_channels"],
+               channels=tuple(s["channels"]), strides=tuple(s["strides"]), num_res_units=s["num_res_units"],
+               norm=s["norm"])
+    net.register_buffer(OFFSET_BUFFER, torch.zeros((), dtype=torch.float64))
+    return net
+
+
+def background_offset(network: torch.nn.Module) -> float:
+    """The calibrated offset added to the background log-probability before the argmax (0: uncalibrated)."""
+    return float(getattr(network, OFFSET_BUFFER, torch.zeros(())))
+
+
+def set_background_offset(network: torch.nn.Module, offset: float) -> None:
+    getattr(network, OFFSET_BUFFER).fill_(float(offset))
 
 
 def save_bundle(path: Path, network: torch.nn.Module, metadata: dict) -> str:
@@ -95,6 +110,7 @@ def load_bundle(path: str | Path) -> Bundle:
     net = build_network(meta["network"])
     try:
         state = torch.load(w_p, map_location="cpu", weights_only=True)
+        state.setdefault(OFFSET_BUFFER, torch.zeros((), dtype=torch.float64))   # bundles from before calibration
         net.load_state_dict(state)
     except Exception as exc:
         raise BundleError(f"{w_p}: cannot load weights ({type(exc).__name__}: {str(exc)[:200]})") from None

@@ -7,11 +7,13 @@ segmented mirrored left-right and the two softmaxes averaged (test-time augmenta
 the compute).
 """
 
+import math
+
 import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 
-from cbp_platform.segmentation.bundle import Bundle
+from cbp_platform.segmentation.bundle import Bundle, background_offset
 from cbp_platform.segmentation.data import (LR_SWAP, NUM_CLASSES, from_model_orientation, model_shape, normalise,
                                             resample, spacing_in_model_orientation, to_model_orientation)
 
@@ -49,6 +51,7 @@ class Segmenter:
         if self.device.type == "cpu":
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.net = bundle.network.to(self.device).eval()
+        self.offset = background_offset(bundle.network)
         self.predictor = FlipAveraged(self.net) if flip_tta else self.net
         self.sw_batch_size = sw_batch_size
         self.overlap = overlap
@@ -59,7 +62,8 @@ class Segmenter:
         return {"image": img, "back": back, "spacing": spacing_in_model_orientation(affine)}
 
     @torch.no_grad()
-    def predict(self, prepared: dict) -> np.ndarray:
+    def probabilities(self, prepared: dict) -> np.ndarray:
+        """Class probabilities (C, X, Y, Z) on the scan's grid, still in model orientation."""
         img = torch.from_numpy(np.asarray(prepared["image"]))[None].float()
         native = tuple(img.shape[-3:])
         target = model_shape(native, tuple(prepared["spacing"]))
@@ -68,10 +72,16 @@ class Segmenter:
             logits = sliding_window_inference(x, roi_size=ROI, sw_batch_size=self.sw_batch_size, predictor=self.predictor,
                                               overlap=self.overlap, mode="gaussian")
         probs = torch.softmax(logits.float(), dim=1)
-        probs = resample(probs.cpu(), native)[0].numpy()
+        return resample(probs.cpu(), native)[0].numpy()
+
+    def predict(self, prepared: dict) -> np.ndarray:
+        """Label map on the scan's grid: argmax of the probabilities with the background's weighted by
+        exp(offset), the model's calibrated border (:mod:`cbp_platform.segmentation.calibrate`)."""
+        probs = self.probabilities(prepared)
+        if self.offset:
+            probs[0] *= math.exp(self.offset)
         labels = probs.argmax(axis=0).astype(np.uint8)
-        back = np.asarray(prepared["back"])
-        return from_model_orientation(labels, back)
+        return from_model_orientation(labels, np.asarray(prepared["back"]))
 
     def segment(self, water: np.ndarray, fat: np.ndarray, affine: np.ndarray) -> np.ndarray:
         return self.predict(self.prepare(water, fat, affine))

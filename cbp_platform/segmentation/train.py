@@ -4,7 +4,8 @@ The training and held-out sets are drawn from their own cohort seeds and rendere
 renderer, so they never overlap the analysed deliveries. Augmentation (MONAI transforms): intensity scale and
 shift, a smooth multiplicative bias field, small affine (rotation, scale), Gaussian noise, and a left-right flip
 that swaps the left and right labels. Training runs a fixed number of iterations under a one-cycle learning-rate
-schedule (reproducible); a wall-clock budget is only a safety net.
+schedule (reproducible). An optional wall-clock cap never shortens training silently: reaching it raises
+:class:`TrainingCapReached` and no model comes out, since a model trained for fewer iterations is another model.
 """
 
 import time
@@ -77,6 +78,13 @@ def simulated_set(n: int, seed: int, preset: str = "fast") -> list[dict]:
     return out
 
 
+INITIALISATION = "reset_parameters() after seeding"   # recorded in the provenance: the weights follow the seed
+
+
+class TrainingCapReached(RuntimeError):
+    """The wall-clock cap was reached before the fixed iteration count: no (shorter-trained) model is returned."""
+
+
 @dataclass
 class TrainResult:
     network: torch.nn.Module
@@ -86,10 +94,19 @@ class TrainResult:
     provenance: dict
 
 
-def train(network: torch.nn.Module, *, n_train: int = 120, budget_s: float = 3600.0, max_iterations: int = 900,
+def train(network: torch.nn.Module, *, n_train: int = 120, budget_s: float | None = None, max_iterations: int = 900,
           seed: int = 1000, batch_size: int = 2, lr: float = 3e-3, log=None) -> TrainResult:
+    """Train ``network`` for exactly ``max_iterations`` iterations.
+
+    ``budget_s``: an optional wall-clock cap (None or <= 0: none). Reaching it raises :class:`TrainingCapReached`.
+    """
     set_determinism(seed)
     torch.manual_seed(seed)
+    # the initial weights from the seed too: ``network`` was built before this call, from whatever state the
+    # process's torch generator was in (other models, tests), so two trainings with one seed differed
+    for m in network.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
     t_data = time.perf_counter()
     items = simulated_set(n_train, seed)
     data = [{"image": it["image"], "label": it["label"]} for it in items]
@@ -119,12 +136,18 @@ def train(network: torch.nn.Module, *, n_train: int = 120, budget_s: float = 360
             if steady is not None:
                 steady.suffix = f"loss {loss_v:.4f}"
                 steady(it)
-            if time.perf_counter() - t0 >= budget_s or it >= max_iterations:
+            if it >= max_iterations:
                 done = True
                 break
+            if budget_s and budget_s > 0 and time.perf_counter() - t0 >= budget_s:
+                raise TrainingCapReached(
+                    f"training reached its wall-clock cap of {budget_s:g} s after {it} of {max_iterations} iterations; "
+                    "a shorter-trained model is a different model, so none was kept. Raise train_budget_s (0: no "
+                    "cap) or lower max_iterations deliberately")
     network.eval()
     seconds = time.perf_counter() - t0
     prov = {"generator": "cbp_platform.synth (phantom renderer), in memory", "cohort_seed": seed, "n_train": n_train,
+            "initialisation": INITIALISATION,
             "preset": "fast", "fat_water_swaps": "none in training", "data_seconds": round(data_s, 1),
             "augmentation": ["lr_flip_with_label_swap", "affine(p 0.15, rot z 0.08 rad, scale 5 %)", "bias_field",
                              "intensity_scale", "intensity_shift", "gaussian_noise"],

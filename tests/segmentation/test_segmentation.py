@@ -13,7 +13,7 @@ import torch
 
 from cbp_platform.metrics.agreement import bland_altman, icc_a1, proportional_bias
 from cbp_platform.metrics.body_composition import muscle_metrics
-from cbp_platform.segmentation.bundle import BundleError, build_network, load_bundle, save_bundle
+from cbp_platform.segmentation.bundle import BundleError, background_offset, build_network, load_bundle, save_bundle
 from cbp_platform.segmentation.train import RandFlipLRd
 from cbp_platform.synth.cohort import CohortParameters
 from cbp_platform.synth.delivery import synthesize
@@ -89,6 +89,42 @@ def test_agreement_statistics():
     assert np.isnan(proportional_bias(x, np.ones(4))["slope"])
 
 
+def test_training_is_a_function_of_its_seed():
+    """Same seed, same weights, whatever the process's torch generator did before (the network passed in is built
+    from that state: training re-initialises it from the seed); another seed, other weights."""
+    from cbp_platform.segmentation.train import train
+
+    def weights(seed: int) -> list[torch.Tensor]:
+        torch.rand(int(torch.randint(1, 1000, (1,))))          # disturb the global generator
+        net = train(build_network(), n_train=2, max_iterations=2, seed=seed).network
+        return [t.clone() for t in net.state_dict().values()]
+
+    a, b, c = weights(5), weights(5), weights(6)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))
+
+
+def test_training_cap_fails_instead_of_shortening_the_model(tmp_path):
+    """A wall-clock cap never yields a shorter-trained model: train() raises, the asset fails with the reason and
+    no model pointer is written. Without a cap the iteration count is exactly the configured one."""
+    from assets.runner import pipeline_environment
+    from cbp_platform.definitions import build_definitions
+    from cbp_platform.segmentation.train import TrainingCapReached, train
+
+    with pytest.raises(TrainingCapReached, match=r"cap of 1e-09 s after 1 of 40 iterations"):
+        train(build_network(), n_train=2, max_iterations=40, budget_s=1e-9)
+    assert train(build_network(), n_train=2, max_iterations=3, budget_s=None).iterations == 3
+    with pipeline_environment(tmp_path):
+        res = build_definitions().resolve_job_def("train_segmentation_model").execute_in_process(
+            instance=dg.DagsterInstance.get(), raise_on_error=False,
+            run_config={"ops": {"segmentation_model": {"config": {"max_iterations": 40, "n_train": 2,
+                                                                   "train_budget_s": 1e-9}}}})
+        assert not res.success
+        failure = next(e for e in res.all_events if e.event_type_value == "STEP_FAILURE")
+        assert "wall-clock cap" in failure.step_failure_data.error.message
+        assert not (tmp_path / "models" / "current.json").exists()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 def test_cuda_path_matches_cpu(tmp_path):
     from cbp_platform.segmentation.infer import Segmenter
@@ -121,8 +157,7 @@ def processed(tmp_path_factory):
         # 120 participants are too few for the association models (their checks would fail by design); the
         # cohort-level half is tested in tests/assets/test_analysis.py
         summary = run_pending(inst, log=lambda *_: None, refresh=False,
-                              model_config={"max_iterations": 900, "train_budget_s": 1e6, "n_train": 120,
-                                            "n_val": 6})
+                              model_config={"max_iterations": 900, "n_train": 120, "n_val": 6})
         yield root, inst, summary
 
 
@@ -140,6 +175,11 @@ def test_model_trains_passes_dice_and_is_identified_by_its_weights(processed):
     cur = json.loads((root / "models" / "current.json").read_text())
     b = load_bundle(cur["path"])
     assert b.sha256 == cur["weights_sha256"] and min(cur["validation_dice"].values()) >= 0.90
+    # trained for exactly the configured iterations, then its border calibrated on its own held-out scans
+    assert b.metadata["training"]["iterations"] == 900
+    cal = b.metadata["calibration"]
+    assert cal["n"] == 120 and cal["seed"] == 3000 and cal["within_range"] and abs(cal["imat_bias_after"]) < 0.5
+    assert background_offset(b.network) == pytest.approx(cal["offset"])
     ev = inst.get_latest_materialization_event(dg.AssetKey("segmentation_model")).asset_materialization
     assert ev.metadata["weights_sha256"].value == b.sha256
     key = dg.AssetCheckKey(dg.AssetKey("segmentation_model"), "segmentation_model_dice")
@@ -194,9 +234,12 @@ def test_accuracy_meets_dice_icc_and_lmm_bias_targets(processed, capsys):
 
 
 def test_imat_bias_target(processed, capsys):
-    """InterMAT's mean relative bias < 2 % on the ~105 unseen participants. Its proportional part (low InterMAT
-    over-, high under-estimated at the fascial border) is reported too, and stays within what the mean can carry:
-    a slope of measured - true on true well short of -0.3 (a third of the fat missed)."""
+    """InterMAT's mean relative bias < 2 % on the 110 unseen participants, for the model this machine trained.
+    The threshold is the target itself: five calibrated models from five training seeds (benchmarks/bench_seeds.py,
+    docs/segmentation.md) lie within -0.45 % to +0.35 % on 120 held-out scans, and this sample's standard error is
+    about 0.5 %, so a model trained on any machine stays a point inside it; uncalibrated, two of the five missed.
+    Its proportional part (low InterMAT over-, high under-estimated at the fascial border) stays within what the
+    mean can carry: a slope of measured - true on true well short of -0.3 (a third of the fat missed)."""
     rep = _accuracy(processed, capsys)
     prop = rep["imat"]["proportional"]
     assert -0.3 < prop["slope"] < 0.1 and abs(prop["intercept"]) < 2.5, prop
