@@ -1,4 +1,4 @@
-"""House rules of the layering (shared/ARCHITECTURE.md) that code review alone would let slip."""
+"""House rules of the layering (the design's architecture document) that code review alone would let slip."""
 
 from __future__ import annotations
 

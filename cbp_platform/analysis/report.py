@@ -33,8 +33,8 @@ from cbp_platform.analysis.disclosure import MIN_COUNT, SUPPRESSED, assert_no_ps
 from cbp_platform.analysis.tables import format_p, p_phrase, publishable, suppression_cells
 from cbp_platform.imaging.nifti import atomic_write_bytes
 
-# The paper's numbers, transcribed from /work/shared/STUDY.md (Ziegelmayer et al., Lancet Reg Health Eur 54:101323,
-# 2025; abstract). Men overall: STUDY.md notes the abstract's 14,605 does not add up and 15,325 does.
+# The paper's numbers, transcribed from the study's abstract (Ziegelmayer et al., Lancet Reg Health Eur 54:101323,
+# 2025). Men overall: the abstract's 14,605 does not add up; 15,325 does.
 PAPER: dict = {
     "start_n": 30868,
     "analysed_n": 27518,

@@ -20,10 +20,7 @@ def muscle_metrics(labels: np.ndarray, water: np.ndarray, fat: np.ndarray, voxel
                    threshold: float = 0.5) -> list[dict]:
     if labels.shape != water.shape or water.shape != fat.shape:
         raise ValueError(f"label map {labels.shape} and images {water.shape}/{fat.shape} differ in shape")
-    w = np.nan_to_num(np.asarray(water, np.float64), nan=0.0, posinf=0.0, neginf=0.0).clip(min=0)
-    f = np.nan_to_num(np.asarray(fat, np.float64), nan=0.0, posinf=0.0, neginf=0.0).clip(min=0)
-    s = w + f
-    ff = np.divide(f, s, out=np.zeros_like(s), where=s > 0)
+    ff = signal_fat_fraction(water, fat)
     rows = []
     tot = dict(voxels=0, fat=0, ff_lean_sum=0.0)
     for lab, name in MUSCLES.items():
@@ -39,6 +36,14 @@ def muscle_metrics(labels: np.ndarray, water: np.ndarray, fat: np.ndarray, voxel
         tot["ff_lean_sum"] += float(lean_ff.sum())
     rows.append(_row("back_total", tot["voxels"], tot["fat"], tot["ff_lean_sum"], voxel_ml))
     return rows
+
+
+def signal_fat_fraction(water: np.ndarray, fat: np.ndarray) -> np.ndarray:
+    """F / (W + F) per voxel, non-finite or negative signal taken as 0 (0 where there is no signal)."""
+    w = np.nan_to_num(np.asarray(water, np.float64), nan=0.0, posinf=0.0, neginf=0.0).clip(min=0)
+    f = np.nan_to_num(np.asarray(fat, np.float64), nan=0.0, posinf=0.0, neginf=0.0).clip(min=0)
+    s = w + f
+    return np.divide(f, s, out=np.zeros_like(s), where=s > 0)
 
 
 def _row(name: str, n: int, nf: int, ff_lean_sum: float, voxel_ml: float) -> dict:

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from cbp_platform.metrics.body_composition import signal_fat_fraction
 from cbp_platform.segmentation.data import from_model_orientation
 
 GRID = np.round(np.arange(-2.0, 2.0 + 1e-9, 0.01), 2)
@@ -54,14 +55,6 @@ def border_counts(probs: np.ndarray, fat_fraction: np.ndarray, threshold: float 
     s_all, s_fat = np.sort(margin), np.sort(margin[fat])
     return (np.searchsorted(s_all, -grid, side="left").astype(np.int64),
             np.searchsorted(s_fat, -grid, side="left").astype(np.int64))
-
-
-def fat_fraction(water: np.ndarray, fat: np.ndarray) -> np.ndarray:
-    """The signal fat fraction F / (W + F) as :func:`~cbp_platform.metrics.body_composition.muscle_metrics` uses it."""
-    w = np.nan_to_num(np.asarray(water, np.float64), nan=0.0, posinf=0.0, neginf=0.0).clip(min=0)
-    f = np.nan_to_num(np.asarray(fat, np.float64), nan=0.0, posinf=0.0, neginf=0.0).clip(min=0)
-    s = w + f
-    return np.divide(f, s, out=np.zeros_like(s), where=s > 0)
 
 
 def choose_offset(comp: np.ndarray, fat: np.ndarray, imat_true: np.ndarray, lean_true_voxels: np.ndarray,
@@ -97,7 +90,7 @@ def calibrate(segmenter, items: list[dict], seed: int, voxel_ml: float, progress
     for k, it in enumerate(items, start=1):
         prepared = segmenter.prepare(it["water"], it["fat"], it["affine"])
         probs = from_model_orientation(segmenter.probabilities(prepared), np.asarray(prepared["back"]))
-        c, f = border_counts(probs, fat_fraction(it["water"], it["fat"]))
+        c, f = border_counts(probs, signal_fat_fraction(it["water"], it["fat"]))
         comp.append(c)
         fat.append(f)
         imat_true.append(it["truth"]["imat_pct"])

@@ -7,7 +7,8 @@ import torch
 
 from cbp_platform.segmentation.bundle import (background_offset, build_network, load_bundle, save_bundle,
                                               set_background_offset)
-from cbp_platform.segmentation.calibrate import GRID, border_counts, choose_offset, fat_fraction
+from cbp_platform.metrics.body_composition import signal_fat_fraction
+from cbp_platform.segmentation.calibrate import GRID, border_counts, choose_offset
 from cbp_platform.segmentation.infer import Segmenter
 from cbp_platform.synth.phantom import PRESETS, Subject, render_phantom
 
@@ -40,7 +41,7 @@ def test_offset_travels_in_the_weights_and_the_segmenter_applies_it(tmp_path, sc
     back = np.asarray(prep["back"])
     np.testing.assert_array_equal(labels, from_model_orientation(p.argmax(0).astype(np.uint8), back))
     # and the counting shortcut of the calibration agrees with it at that offset and at others
-    ff = fat_fraction(scan.water, scan.fat)
+    ff = signal_fat_fraction(scan.water, scan.fat)
     native = from_model_orientation(probs, back)
     comp, fat = border_counts(native, ff)
     for off in (-0.5, 0.0, 0.7, 1.3):
