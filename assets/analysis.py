@@ -288,6 +288,7 @@ def published_results(context: dg.AssetExecutionContext, data_root: DataRootReso
     segs = warehouse.query("SELECT pseudonym, label_sha256, model_sha256 FROM muscle_segmentations")
     analysed = warehouse.query("SELECT pseudonym FROM analysis_cohort")["pseudonym"].to_list()
     cur = json.loads(runtime.current_pointer.read_text()) if runtime.current_pointer.exists() else {}
+    comparisons = _current_comparisons(warehouse, cur.get("weights_sha256"))
     cohort_assets = {}
     for r in lineage_rows.iter_rows(named=True):
         cohort_assets[r["asset"]] = {"run_id": r["run_id"], "data_version": r["data_version"],
@@ -309,7 +310,12 @@ def published_results(context: dg.AssetExecutionContext, data_root: DataRootReso
         "deliveries": delivery_checksums(data_root.landing, scans["delivery_id"].to_list() if scans.height else []),
         "inputs": input_digests(analysed, scans, segs),
         "model": {"weights_sha256": cur.get("weights_sha256"), "bundle_path": cur.get("path"),
+                  "name": cur.get("name"), "backend": cur.get("backend"),
                   "validation_dice": cur.get("validation_dice"), "source": "models/current.json"},
+        "model_comparisons": [{"model_name": c["other"]["name"], "backend": c["other"]["backend"],
+                               "weights_sha256": c["other"]["weights_sha256"], "batches": c["batches"],
+                               "primary_sha256": c["primary"]["weights_sha256"], "run_id": c["run_id"]}
+                              for c in comparisons],
         "code": code_version(),
         "packages": package_versions(),
         "cohort_assets": cohort_assets,
@@ -325,7 +331,8 @@ def published_results(context: dg.AssetExecutionContext, data_root: DataRootReso
         written = render_report(out_dir, flow=flow, table_one=t1, pa_prevalence=pa, stratified=strat,
                                 model_results=models, model_summaries=summaries,
                                 paper_vs_run=paper_vs_run, lineage=report_lineage, known_pseudonyms=analysed,
-                                standardisation=json.loads(meta["standardisation"]), lmm_unit=meta["lmm_unit"])
+                                standardisation=json.loads(meta["standardisation"]), lmm_unit=meta["lmm_unit"],
+                                comparisons=comparisons)
     except Exception as exc:   # noqa: BLE001  (a disclosure guard or rendering failure, reported by name)
         raise dg.Failure(description=f"published_results: {type(exc).__name__}: {exc}") from None
     manifest["files"] = {k: {"path": str(p.relative_to(out_dir)), "sha256": sha256_file(p)} for k, p in written.items()}
@@ -343,6 +350,15 @@ def published_results(context: dg.AssetExecutionContext, data_root: DataRootReso
         "paper_vs_run": dg.MetadataValue.md(markdown_table(paper_vs_run.select("section", "quantity", "paper",
                                                                                "this_run")))},
         data_version=dg.DataVersion(cohort_hash))
+
+
+def _current_comparisons(warehouse: Warehouse, primary_sha256: str | None) -> list[dict]:
+    """The model comparisons made against the current primary model (one per compared model, the latest)."""
+    rows = warehouse.query("SELECT * FROM model_comparisons ORDER BY model_name")
+    if rows.height == 0:
+        return []
+    return [{**json.loads(r["comparison"]), "run_id": r["run_id"]} for r in rows.iter_rows(named=True)
+            if r["primary_sha256"] == primary_sha256]
 
 
 def _sensitivity_text(results: pl.DataFrame, analysis: str) -> str:

@@ -45,7 +45,11 @@ def render_step_jobs(job_name: str = "process_batch", image: str | None = None) 
                                run_k8s_config=UserDefinedDagsterK8sConfig.from_dict(cfg.get("step_k8s_config", {})))
     launcher = _run_launcher_stand_in(values)
     out = {}
-    for step in create_execution_plan(job).steps:
+    # the comparison jobs need a model name to be planned (the steps do not depend on which)
+    model = {"config": {"model": "<registered model>"}}
+    run_config = {"compare_model_batch": {"ops": {"comparison_metrics": model}},
+                  "compare_models": {"ops": {"model_comparison": model}}}.get(job_name, {})
+    for step in create_execution_plan(job, run_config=run_config).steps:
         ctx = base.merge(K8sContainerContext(run_k8s_config=get_user_defined_k8s_config(step.tags)))
         k8s_job = construct_dagster_k8s_job(ctx.get_k8s_job_config(image, launcher), args=["dagster", "api",
                                             "execute_step"], job_name=f"dagster-step-{step.key.replace('_', '-')}"[:63],

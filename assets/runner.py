@@ -108,6 +108,53 @@ def run_pending(instance: dg.DagsterInstance, data_root: DataRootResource | None
     return summary
 
 
+def compare_with(instance: dg.DagsterInstance, model: str, *, log=print, log_level: str = "WARNING",
+                 refresh: bool = True) -> dict:
+    """Compare the registered ``model`` with the primary: ``compare_model_batch`` for every batch the primary
+    segmented, then ``compare_models``, then the report (``published_results``) so the comparison shows in it."""
+    from resources import Warehouse
+
+    defs = build_definitions()
+    wh = Warehouse()
+    done = wh.query("SELECT DISTINCT batch_key FROM muscle_segmentations ORDER BY batch_key")
+    keys = done["batch_key"].to_list() if done.height else []
+    summary = {"model": model, "batches": len(keys), "failed": []}
+    if not keys:
+        log("  no segmented batches yet: run the pipeline (make demo) first")
+        summary["failed"].append("no batches")
+        return summary
+    quiet = {"loggers": {"console": {"config": {"log_level": log_level}}}}
+    job = defs.resolve_job_def("compare_model_batch")
+    t0 = time.perf_counter()
+    for i, key in enumerate(keys, start=1):
+        t = time.perf_counter()
+        res = job.execute_in_process(partition_key=key, instance=instance, raise_on_error=False,
+                                     run_config={**quiet, "ops": {"comparison_metrics": {"config": {"model": model}}}},
+                                     tags={"cbp/batch": key, "cbp/compared_model": model})
+        log(f"  [{i}/{len(keys)}] batch {key}: {model} {'ok' if res.success else 'FAILED'} in "
+            f"{time.perf_counter() - t:.1f} s (run {res.run_id[:8]})")
+        if not res.success:
+            summary["failed"].append(key)
+    if summary["failed"]:
+        return summary
+    res = defs.resolve_job_def("compare_models").execute_in_process(
+        instance=instance, raise_on_error=False,
+        run_config={**quiet, "ops": {"model_comparison": {"config": {"model": model}}}})
+    log(f"  model comparison: {'ok' if res.success else 'FAILED'} (run {res.run_id[:8]})")
+    if not res.success:
+        summary["failed"].append("model_comparison")
+        return summary
+    if refresh:
+        res = defs.resolve_job_def("cohort_refresh").execute_in_process(
+            instance=instance, raise_on_error=False, run_config=quiet,
+            asset_selection=[dg.AssetKey("published_results")])
+        log(f"  report: {'ok' if res.success else 'FAILED'} (run {res.run_id[:8]})")
+        if not res.success:
+            summary["failed"].append("published_results")
+    summary["seconds"] = round(time.perf_counter() - t0, 1)
+    return summary
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m assets.runner", description=__doc__.splitlines()[0])
     ap.add_argument("--no-refresh", action="store_true", help="skip the cohort-level refresh")

@@ -8,6 +8,7 @@ cohort, models, tables, published report) once a day (05:00 UTC), after the nigh
 
 import dagster as dg
 
+from assets.comparison import comparison_metrics, model_comparison
 from assets.analysis import (analysis_cohort, cbp_association_model, pain_intensity_model,
                              physical_activity_prevalence, published_results, stratified_comparisons, table_one)
 from assets.ingestion import participant_covariates, raw_mri_scans
@@ -28,6 +29,16 @@ process_batch_job = dg.define_asset_job(
 
 model_job = dg.define_asset_job("train_segmentation_model", selection=dg.AssetSelection.assets(segmentation_model),
                                 description="Train (or load) the segmentation model and check its Dice.")
+
+compare_batch_job = dg.define_asset_job(
+    "compare_model_batch", selection=dg.AssetSelection.assets(comparison_metrics),
+    description="A second registered model (run config: ops.comparison_metrics.config.model) segments and measures "
+                "one batch beside the primary model (`cbp model compare` runs it for every batch).")
+
+model_comparison_job = dg.define_asset_job(
+    "compare_models", selection=dg.AssetSelection.assets(model_comparison),
+    description="Compare the primary model with a registered model over the batches both measured (run config: "
+                "ops.model_comparison.config.model); the next report publishes it.")
 
 # Cohort-level assets: recomputed from all materialised batches. Nothing per batch is in this selection, so a
 # refresh never recomputes a batch; new batches are computed by the sensor's per-batch runs.

@@ -15,6 +15,7 @@ import polars as pl
 
 from assets.ingestion import raw_mri_scans
 from assets.partitions import batches_partitions
+from cbp_platform.classes import BACK_TOTAL
 from cbp_platform.deployment import k8s_step_tags
 from cbp_platform.progress import RateLogger
 from resources import DataRootResource, SegmentationRuntime, Warehouse
@@ -25,7 +26,8 @@ METRICS_VERSION = "muscle_metrics/1"
 
 
 class SegmentationModelConfig(dg.Config):
-    bundle_path: str = ""          # a bundle folder to load instead of training (bring your own weights)
+    model: str = ""                # a registered model (`cbp model register`) to use instead of training
+    bundle_path: str = ""          # a MONAI bundle folder to load instead of training (registered on the fly)
     max_iterations: int = 900      # training length: a fixed iteration count keeps the model reproducible
     # optional wall-clock cap (s), 0 = none. Reaching it fails the asset: a model trained for fewer iterations is
     # another model, never published silently (900 iterations take ~7 min on 2 idle cores, an hour on a loaded one)
@@ -43,29 +45,52 @@ def current_model(runtime: SegmentationRuntime) -> dict:
     return json.loads(p.read_text())
 
 
+def primary_manifest(runtime: SegmentationRuntime):
+    """The primary model's manifest, its weights checked against the registration (a Failure naming the file
+    otherwise)."""
+    from cbp_platform.segmentation.manifest import ManifestError
+    from cbp_platform.segmentation.registry import manifest_for_pointer
+
+    try:
+        return manifest_for_pointer(current_model(runtime), runtime.registry_path)
+    except ManifestError as exc:
+        raise dg.Failure(description=str(exc)) from None
+
+
 @dg.asset(code_version=MODEL_VERSION, group_name="segmentation", kinds={"pytorch", "monai"}, pool="gpu",
           op_tags=k8s_step_tags("gpu"),
-          description="The back-muscle segmentation model (MONAI 3D residual UNet) as a versioned bundle: trained "
-                      "on simulated labelled scans kept apart from the deliveries, or loaded from `bundle_path`. "
-                      "Its weights' sha256 is its identity in lineage.")
+          description="The primary back-muscle segmentation model: trained here (MONAI 3D residual UNet, on "
+                      "simulated labelled scans kept apart from the deliveries), loaded from `bundle_path`, or a "
+                      "registered model (`model`: e.g. an nnU-Net v2 folder of MRSegmentator). Its manifest "
+                      "(backend, classes, geometry, weights sha256) is its identity in lineage.")
 def segmentation_model(context: dg.AssetExecutionContext, config: SegmentationModelConfig,
                        runtime: SegmentationRuntime) -> dg.MaterializeResult:
     from cbp_platform.imaging.nifti import atomic_write_bytes
-    from cbp_platform.segmentation.bundle import BundleError, build_network, load_bundle, save_bundle
+    from cbp_platform.segmentation.backends import describe_monai_bundle, load_runner
+    from cbp_platform.segmentation.bundle import build_network, save_bundle
     from cbp_platform.segmentation.calibrate import calibrate_network
-    from cbp_platform.segmentation.infer import Segmenter
+    from cbp_platform.segmentation.manifest import ManifestError, load_manifest, save_manifest
     from cbp_platform.segmentation.pipeline import configure_threads, validate
     from cbp_platform.segmentation.train import TrainingCapReached, train
 
     configure_threads(runtime.threads)
     t0 = time.perf_counter()
-    if config.bundle_path:
-        try:
-            bundle = load_bundle(config.bundle_path)
-        except BundleError as exc:
-            raise dg.Failure(description=str(exc)) from None
-        trained = None
-        context.log.info(f"loaded bundle {bundle.path} (weights {bundle.sha256[:12]})")
+    trained = None
+    if config.model and config.bundle_path:
+        raise dg.Failure(description="give either `model` (a registered model) or `bundle_path`, not both")
+    try:
+        if config.model:
+            manifest = load_manifest(runtime.registry_path, config.model)
+            source = "registered"
+        elif config.bundle_path:
+            manifest = describe_monai_bundle(config.bundle_path)
+            save_manifest(runtime.registry_path, manifest)
+            source = "loaded"
+    except ManifestError as exc:
+        raise dg.Failure(description=str(exc)) from None
+    if config.model or config.bundle_path:
+        context.log.info(f"{source} model {manifest.name} ({manifest.backend}, {manifest.folder}, weights "
+                         f"{manifest.sha256[:12]})")
     else:
         try:
             res = train(build_network(), n_train=config.n_train, budget_s=config.train_budget_s, seed=config.seed,
@@ -88,36 +113,60 @@ def segmentation_model(context: dg.AssetExecutionContext, config: SegmentationMo
             import shutil
             shutil.rmtree(final)
         tmp.replace(final)
-        bundle = load_bundle(final)
-        trained = res
-    dice = validate(Segmenter(bundle, device=runtime.device, sw_batch_size=runtime.sw_batch_size),
-                    n=config.n_val, seed=config.seed + 1000)
-    pointer = {"path": str(bundle.path), "weights_sha256": bundle.sha256, "validation_dice": dice,
+        manifest = describe_monai_bundle(final, name=final.name)
+        save_manifest(runtime.registry_path, manifest)
+        trained, source = res, "trained"
+    try:
+        runner = load_runner(manifest, device=runtime.device, sw_batch_size=runtime.sw_batch_size)
+    except ManifestError as exc:
+        raise dg.Failure(description=str(exc)) from None
+    dice = validate(runner, n=config.n_val, seed=config.seed + 1000) if config.n_val else {}
+    pointer = {"name": manifest.name, "backend": manifest.backend, "path": manifest.folder,
+               "weights_sha256": manifest.sha256, "source": source, "validation_dice": dice,
                "n_val": config.n_val, "validation_seed": config.seed + 1000}
     atomic_write_bytes(runtime.current_pointer, json.dumps(pointer, indent=1).encode())
     seconds = time.perf_counter() - t0
-    context.log.info(f"model {bundle.sha256[:12]}: held-out Dice {dice}")
-    md = {"weights_sha256": bundle.sha256, "bundle_path": str(bundle.path),
+    context.log.info(f"model {manifest.name} ({manifest.sha256[:12]}): Dice on {config.n_val} held-out simulated "
+                     f"scans {dice}")
+    md = {"model_name": manifest.name, "backend": manifest.backend, "backend_version": manifest.backend_version,
+          "weights_sha256": manifest.sha256, "bundle_path": manifest.folder, "preset": manifest.preset or "-",
+          "inputs": ", ".join(manifest.inputs), "orientation": manifest.orientation,
+          "spacing_mm": dg.MetadataValue.json(list(manifest.spacing_mm)),
+          "labels": dg.MetadataValue.json({str(k): v for k, v in sorted(manifest.labels.items())}),
           "validation_dice": dg.MetadataValue.json({k: round(v, 4) for k, v in dice.items()}),
-          "min_dice": round(min(dice.values()), 4), "n_validation_scans": config.n_val,
-          "source": "loaded" if trained is None else "trained", "seconds": round(seconds, 1)}
+          "min_dice": round(min(dice.values()), 4) if dice else float("nan"), "n_validation_scans": config.n_val,
+          "source": source, "seconds": round(seconds, 1)}
     if trained is not None:
         md.update(training_seconds=round(trained.seconds, 1), training_iterations=trained.iterations,
                   n_training_scans=config.n_train)
-    if "calibration" in bundle.metadata:
-        c = bundle.metadata["calibration"]
-        md.update(background_offset=c["offset"], n_calibration_scans=c["n"],
-                  calibration_imat_bias_before=c["imat_bias_before"], calibration_imat_bias_after=c["imat_bias_after"])
-    return dg.MaterializeResult(metadata=md, data_version=dg.DataVersion(bundle.sha256))
+    cal = getattr(runner, "bundle", None) and runner.bundle.metadata.get("calibration")
+    if cal:
+        md.update(background_offset=cal["offset"], n_calibration_scans=cal["n"],
+                  calibration_imat_bias_before=cal["imat_bias_before"],
+                  calibration_imat_bias_after=cal["imat_bias_after"])
+    return dg.MaterializeResult(metadata=md, data_version=dg.DataVersion(manifest.sha256))
 
 
 @dg.asset_check(asset=segmentation_model, blocking=True,
-                description="Dice >= 0.90 for every class on held-out simulated scans.")
+                description="A model trained or loaded here: Dice >= 0.90 for every class on held-out simulated "
+                            "scans. A registered model (validated by its publisher on real scans, where phantom "
+                            "Dice says little): its weight files still match their registration; its phantom "
+                            "Dice is reported.")
 def segmentation_model_dice(runtime: SegmentationRuntime) -> dg.AssetCheckResult:
+    from cbp_platform.segmentation.manifest import ManifestError, verify_weights
+
     cur = current_model(runtime)
     dice = cur["validation_dice"]
-    return dg.AssetCheckResult(passed=min(dice.values()) >= 0.90, metadata={
-        "dice": dg.MetadataValue.json(dice), "threshold": 0.90, "weights_sha256": cur["weights_sha256"]})
+    md = {"dice": dg.MetadataValue.json(dice), "weights_sha256": cur["weights_sha256"], "model_name": cur.get("name")}
+    if cur.get("source") == "registered":
+        try:
+            verify_weights(primary_manifest(runtime))
+            return dg.AssetCheckResult(passed=True, metadata={**md, "rule": "weights match the registration"})
+        except (ManifestError, dg.Failure) as exc:
+            return dg.AssetCheckResult(passed=False, metadata={**md, "rule": "weights match the registration",
+                                                               "problem": str(getattr(exc, "description", exc))})
+    return dg.AssetCheckResult(passed=bool(dice) and min(dice.values()) >= 0.90,
+                               metadata={**md, "rule": "phantom Dice", "threshold": 0.90})
 
 
 @dg.asset(partitions_def=batches_partitions, deps=[raw_mri_scans, segmentation_model], pool="gpu",
@@ -127,17 +176,21 @@ def segmentation_model_dice(runtime: SegmentationRuntime) -> dg.AssetCheckResult
                       "fat-water swaps are excluded (quarantine). Runs in the concurrency pool `gpu`.")
 def muscle_segmentations(context: dg.AssetExecutionContext, data_root: DataRootResource, warehouse: Warehouse,
                          runtime: SegmentationRuntime) -> dg.MaterializeResult:
-    from cbp_platform.segmentation.bundle import load_bundle
-    from cbp_platform.segmentation.infer import Segmenter
-    from cbp_platform.segmentation.pipeline import configure_threads, segment_scans
+    from cbp_platform.segmentation.backends import load_runner
+    from cbp_platform.segmentation.manifest import ManifestError
+    from cbp_platform.segmentation.pipeline import VOXEL_SCHEMA, configure_threads, segment_scans
     from cbp_platform.warehouse import provenance_frame, quarantine_frame
 
     key = context.partition_key
     batch = data_root.registry.read(key)
     configure_threads(runtime.threads)
-    cur = current_model(runtime)
-    bundle = load_bundle(cur["path"])
-    seg = Segmenter(bundle, device=runtime.device, sw_batch_size=runtime.sw_batch_size)
+    manifest = primary_manifest(runtime)
+    try:
+        seg = load_runner(manifest, device=runtime.device, sw_batch_size=runtime.sw_batch_size)
+    except ManifestError as exc:
+        raise dg.Failure(description=str(exc)) from None
+    context.log.info(f"batch {key}: model {manifest.name} ({manifest.backend}, weights {manifest.sha256[:12]}) "
+                     f"loaded once for {seg.device}")
     scans = warehouse.query("SELECT pseudonym, water_path, fat_path, water_sha256, fat_sha256, swap_suspected "
                             "FROM raw_mri_scans WHERE batch_key = ? ORDER BY pseudonym", [key])
     ddir = data_root.landing / batch.delivery_id
@@ -156,9 +209,9 @@ def muscle_segmentations(context: dg.AssetExecutionContext, data_root: DataRootR
                               "message": "excluded from segmentation by the swap policy (ingestion QC flag)"}
                              for p in (swapped["pseudonym"].to_list() if swapped.height else [])]
     df = pl.DataFrame(results, schema={"pseudonym": pl.String, "label_path": pl.String, "label_sha256": pl.String,
-                                       **{f"voxels_{c}": pl.Int64 for c in (1, 2, 3, 4)}})
+                                       **{k: getattr(pl, v) for k, v in VOXEL_SCHEMA.items()}})
     df = df.with_columns(pl.lit(key).alias("batch_key"), pl.lit(batch.delivery_id).alias("delivery_id"),
-                         pl.lit(bundle.sha256).alias("model_sha256"))
+                         pl.lit(manifest.sha256).alias("model_sha256"))
     checksum = warehouse.replace_rows("muscle_segmentations", df, {"batch_key": key})
     run_id = context.run.run_id
     warehouse.replace_rows("quarantine", quarantine_frame(quarantine, delivery_id=batch.delivery_id, batch_key=key,
@@ -167,7 +220,7 @@ def muscle_segmentations(context: dg.AssetExecutionContext, data_root: DataRootR
     src = {r["pseudonym"]: r for r in scans.iter_rows(named=True)} if scans.height else {}
     prov = [dict(pseudonym=r["pseudonym"], output=r["label_sha256"],
                  inputs={"water": src[r["pseudonym"]]["water_sha256"], "fat": src[r["pseudonym"]]["fat_sha256"],
-                         "model": bundle.sha256}) for r in results]
+                         "model": manifest.sha256}) for r in results]
     warehouse.replace_rows("provenance", provenance_frame(prov, delivery_id=batch.delivery_id, batch_key=key,
                                                           stage="muscle_segmentations",
                                                           code_version=SEGMENTATIONS_VERSION, run_id=run_id),
@@ -175,7 +228,8 @@ def muscle_segmentations(context: dg.AssetExecutionContext, data_root: DataRootR
     context.log.info(f"batch {key}: {len(results)} segmented, {len(quarantine)} excluded, {seconds:.1f} s")
     return dg.MaterializeResult(metadata={
         "dagster/row_count": len(results), "excluded_swap_suspected": swapped.height if scans.height else 0,
-        "failed": len(failures), "model_sha256": bundle.sha256, "device": str(seg.device),
+        "failed": len(failures), "model_sha256": manifest.sha256, "model_name": manifest.name,
+        "backend": manifest.backend, "model_folder": manifest.folder, "device": str(seg.device),
         "seconds": round(seconds, 2), "scans_per_second": round(len(results) / max(seconds, 1e-9), 2),
         "table_checksum": checksum, "output_dir": str(out_dir)},
         data_version=dg.DataVersion(checksum))
@@ -220,7 +274,7 @@ def muscle_metrics(context: dg.AssetExecutionContext, data_root: DataRootResourc
                                                           stage="muscle_metrics", code_version=METRICS_VERSION,
                                                           run_id=run_id),
                            {"batch_key": key, "stage": "muscle_metrics"})
-    tot = df.filter(pl.col("muscle") == "back_total")
+    tot = df.filter(pl.col("muscle") == BACK_TOTAL)
     md = {"participants": tot.height, "quarantined": len(quarantine), "table_checksum": checksum}
     if tot.height:
         md.update(median_back_compartment_ml=round(float(tot["compartment_ml"].median()), 1),

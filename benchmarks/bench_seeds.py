@@ -68,11 +68,11 @@ def run() -> dict:
     rows = []
     for seed in SEEDS:
         net, prov, cached = _trained(seed)
-        raw = evaluate_items(Segmenter(Bundle(None, {}, "", copy.deepcopy(net)), device="cpu"), held_out, vml)
+        raw = evaluate_items(Segmenter(Bundle.in_memory(copy.deepcopy(net)), device="cpu"), held_out, vml)
         t = time.perf_counter()
         cal = calibrate_network(net, n=N_CAL, seed=seed + 2000, device="cpu")
         cal_s = time.perf_counter() - t
-        acc = evaluate_items(Segmenter(Bundle(None, {}, "", net), device="cpu"), held_out, vml)
+        acc = evaluate_items(Segmenter(Bundle.in_memory(net), device="cpu"), held_out, vml)
         row = {"seed": seed, "training_seconds": prov.get("seconds"), "cached": cached, "offset": cal.offset,
                "calibration_seconds": round(cal_s, 1), "calibration": cal.as_dict(),
                "uncalibrated": _figures(raw), "calibrated": _figures(acc)}

@@ -13,8 +13,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import (bench_analysis, bench_ingest, bench_seeds, bench_segmentation, bench_stats,  # noqa: E402
-                        bench_synth)
+from benchmarks import (bench_analysis, bench_ingest, bench_nnunet, bench_seeds, bench_segmentation,  # noqa: E402
+                        bench_stats, bench_synth)
 
 
 def main() -> int:
@@ -23,7 +23,8 @@ def main() -> int:
     only = sys.argv[1:]
     results = {}
     for name, mod in (("synth", bench_synth), ("ingest", bench_ingest), ("segmentation", bench_segmentation),
-                      ("seeds", bench_seeds), ("stats", bench_stats), ("analysis", bench_analysis)):
+                      ("seeds", bench_seeds), ("nnunet", bench_nnunet), ("stats", bench_stats),
+                      ("analysis", bench_analysis)):
         if not only or name in only:
             results[name] = mod.run()
     stamp = time.strftime("%Y%m%dT%H%M%S")

@@ -15,8 +15,9 @@ import dagster as dg
 from assets.analysis import (analysis_cohort, cbp_association_model, pain_intensity_model,
                              physical_activity_prevalence, published_results, stratified_comparisons, table_one)
 from assets.ingestion import participant_covariates, raw_mri_scans
-from assets.schedules import (cohort_refresh_job, daily_cohort_refresh, ingest_batch_job, model_job,
-                              process_batch_job)
+from assets.comparison import comparison_metrics, model_comparison
+from assets.schedules import (cohort_refresh_job, compare_batch_job, daily_cohort_refresh, ingest_batch_job,
+                              model_comparison_job, model_job, process_batch_job)
 from assets.segmentation import muscle_metrics, muscle_segmentations, segmentation_model, segmentation_model_dice
 from assets.sensors import delivery_sensor
 from assets.summary import ingestion_summary
@@ -48,6 +49,14 @@ def step_summary(jobs: dict) -> list[dict]:
     return summary(jobs)
 
 
+def compare_models(name: str, log=print) -> dict:
+    """``cbp model compare``: the registered model ``name`` on every processed batch, the comparison, the report
+    (:func:`assets.runner.compare_with`)."""
+    from assets.runner import compare_with
+
+    return compare_with(dg.DagsterInstance.get(), name, log=log)
+
+
 def executor_for(profile: str) -> dg.ExecutorDefinition:
     if profile == "kubernetes":
         from dagster_k8s import k8s_job_executor
@@ -63,10 +72,12 @@ def build_definitions(profile: str | None = None) -> dg.Definitions:
     return dg.Definitions(
         assets=[raw_mri_scans, participant_covariates, ingestion_summary, segmentation_model,
                 muscle_segmentations, muscle_metrics, analysis_cohort, cbp_association_model, pain_intensity_model,
-                table_one, stratified_comparisons, physical_activity_prevalence, published_results],
+                table_one, stratified_comparisons, physical_activity_prevalence, published_results,
+                comparison_metrics, model_comparison],
         asset_checks=[covariates_expectations, scan_facts_expectations, fat_water_swap_qc, segmentation_model_dice,
                       segmentation_plausibility, analysis_cohort_expectations, cbp_model_checks, pain_model_checks],
-        jobs=[ingest_batch_job, process_batch_job, model_job, cohort_refresh_job],
+        jobs=[ingest_batch_job, process_batch_job, model_job, cohort_refresh_job, compare_batch_job,
+              model_comparison_job],
         sensors=[delivery_sensor],
         schedules=[daily_cohort_refresh],
         resources={"data_root": DataRootResource(), "warehouse": Warehouse(), "runtime": SegmentationRuntime()},

@@ -144,7 +144,11 @@ def format_chain(m: dict, asset: str | None = None) -> str:
     lines.append(f"  <- label maps: {i['label_maps']['count']}, checksum digest {i['label_maps']['sha256_digest']}")
     mdl = m["model"]
     lines.append(f"  <- segmentation weights sha256 {', '.join(i['segmentation_weights_sha256']) or 'none'} "
-                 f"(bundle {mdl.get('bundle_path', '?')}; {mdl.get('source', '?')})")
+                 f"(model {mdl.get('name') or '?'}, backend {mdl.get('backend') or 'monai-bundle'}, folder "
+                 f"{mdl.get('bundle_path', '?')}; {mdl.get('source', '?')})")
+    for c in m.get("model_comparisons", []):
+        lines.append(f"  (compared with {c['model_name']}: {c['backend']}, weights sha256 {c['weights_sha256']}, "
+                     f"{len(c['batches'])} batches, run {str(c['run_id'])[:8]})")
     cv = m["code"]
     lines.append(f"  <- code: git {cv['git_commit']}{' (uncommitted changes)' if cv.get('dirty') else ''}; "
                  + ", ".join(f"{k} {v}" for k, v in sorted(m["packages"].items())))

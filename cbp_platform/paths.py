@@ -5,6 +5,7 @@ writes:
 
 ``$CBP_DATA_ROOT/landing``   deliveries as the data centre (or ``cbp synth``) writes them; read-only to the platform
 ``$CBP_DATA_ROOT/truth``     ground truth of simulated cohorts; never inside the landing zone
+``$CBP_DATA_ROOT/models``    trained bundles, ``current.json`` (the primary model), ``registry/<name>.json`` manifests
 """
 
 from __future__ import annotations
@@ -38,3 +39,12 @@ class DataLayout:
     @property
     def truth(self) -> Path:
         return self.root / "truth"
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    @staticmethod
+    def model_registry(models: Path) -> Path:
+        """Registered model manifests under a models folder (:mod:`cbp_platform.segmentation.manifest`)."""
+        return Path(models) / "registry"

@@ -3,6 +3,8 @@
 import dagster as dg
 import polars as pl
 
+from cbp_platform.classes import BACK_TOTAL, LR_PAIRS, NAMES
+
 from assets.partitions import batches_partitions
 from assets.segmentation import muscle_metrics
 from resources import Warehouse
@@ -18,13 +20,11 @@ def evaluate(df: pl.DataFrame) -> dict:
         return {"participants": 0, "empty_masks": 0, "lr_ratio_out_of_bounds": 0, "volume_out_of_range": 0}
     wide = df.pivot(on="muscle", index="pseudonym", values=["compartment_ml", "imat_pct"])
     c = lambda m: pl.col(f"compartment_ml_{m}")  # noqa: E731
-    empty = wide.filter(pl.any_horizontal([c(m) <= 0 for m in ("autochthonous_left", "autochthonous_right",
-                                                                 "psoas_left", "psoas_right")]))
-    ratio = wide.filter(
-        ~(c("autochthonous_left") / c("autochthonous_right")).is_between(*LR_RATIO)
-        | ~(c("psoas_left") / c("psoas_right")).is_between(*LR_RATIO))
-    vol = wide.filter(~c("back_total").is_between(*BACK_TOTAL_ML)
-                      | ~pl.col("imat_pct_back_total").is_between(*IMAT_PCT))
+    empty = wide.filter(pl.any_horizontal([c(m) <= 0 for m in NAMES.values()]))
+    ratio = wide.filter(pl.any_horizontal([~(c(left.name) / c(right.name)).is_between(*LR_RATIO)
+                                           for left, right in LR_PAIRS]))
+    vol = wide.filter(~c(BACK_TOTAL).is_between(*BACK_TOTAL_ML)
+                      | ~pl.col(f"imat_pct_{BACK_TOTAL}").is_between(*IMAT_PCT))
     return {"participants": wide.height, "empty_masks": empty.height, "lr_ratio_out_of_bounds": ratio.height,
             "volume_out_of_range": vol.height}
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from cbp_platform.paths import data_root
+from cbp_platform.paths import DataLayout
 
 
 class SegmentationRuntime(dg.ConfigurableResource):
@@ -18,7 +18,11 @@ class SegmentationRuntime(dg.ConfigurableResource):
 
     @property
     def models_path(self) -> Path:
-        return Path(self.models_dir) if self.models_dir else data_root() / "models"
+        return Path(self.models_dir) if self.models_dir else DataLayout.from_env().models
+
+    @property
+    def registry_path(self) -> Path:
+        return DataLayout.model_registry(self.models_path)
 
     @property
     def current_pointer(self) -> Path:

@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 
 import polars as pl
 
+from cbp_platform.classes import BACK_TOTAL
+
 COHORT_HASH_VERSION = "cbp-analysis-cohort/1"
 AGE_RANGE = (19, 74)
 COMORBIDITIES = ("diabetes", "dyslipidemia", "osteoporosis", "osteoarthritis")
@@ -47,7 +49,7 @@ NRS_HIGH_THRESHOLD = 4                        # pain intensity NRS >= 4 is "high
 AGE_CENTRE = 50                               # age_10y = (age - 50) / 10, as the cohort model
 MET_CATEGORIES = ("<500", "500-5000", ">5000")
 MET_CATEGORY = pl.Enum(list(MET_CATEGORIES))
-TOTAL_MUSCLE = "back_total"
+TOTAL_MUSCLE = BACK_TOTAL
 
 # (code, description) in the order the rules are applied.
 EXCLUSION_RULES: tuple[tuple[str, str], ...] = (

@@ -339,6 +339,88 @@ def figure_forest(model_results: Mapping[str, pl.DataFrame]) -> tuple[bytes, lis
     return _png(fig), labels
 
 
+def figure_comparison(forest: pl.DataFrame, models: list[str]) -> tuple[bytes, list[str]]:
+    """The exposures' ORs of each model side by side (log scale): one row per (analysis, exposure), one marker per
+    model. ``forest``: analysis, term, model, or, or_low, or_high (:func:`~cbp_platform.segmentation.compare.
+    forest_rows`)."""
+    keys = [(a, t) for a in dict.fromkeys(forest["analysis"].to_list()) for t in ("lmm_z2", "imat_z2")
+            if forest.filter((pl.col("analysis") == a) & (pl.col("term") == t)).height]
+    fig = Figure(figsize=(7.0, 1.4 + 0.55 * max(len(keys), 1)))
+    ax = fig.add_subplot()
+    colours = ("#4c78a8", "#f58518", "#54a24b", "#b279a2")
+    labels, ticks = [], []
+    step = 0.6 / max(len(models), 1)
+    for i, (analysis, term) in enumerate(keys):
+        y = -float(i)
+        ticks.append(y)
+        m = paper_model_of(analysis)
+        labels.append(f"{MODEL_LABELS.get(m, analysis)}: {term_label(term)}")
+        for k, model in enumerate(models):
+            r = forest.filter((pl.col("analysis") == analysis) & (pl.col("term") == term) & (pl.col("model") == model))
+            if not r.height:
+                continue
+            o, lo, hi = r["or"][0], r["or_low"][0], r["or_high"][0]
+            if not all(isinstance(v, float) and math.isfinite(v) and v > 0 for v in (o, lo, hi)):
+                continue
+            ax.errorbar(o, y + 0.3 - (k + 0.5) * step, xerr=[[o - lo], [hi - o]], fmt="o", capsize=3,
+                        color=colours[k % len(colours)], label=model if i == 0 else None)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(FixedLocator(OR_TICKS))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.axvline(1.0, color="grey", linewidth=0.8)
+    ax.set_yticks(ticks, labels)
+    ax.set_ylim(-len(keys) + 0.4, 0.6)
+    ax.set_xlabel("Odds ratio per 2 SD (95 % CI), log scale")
+    ax.set_title("The study's odds ratios by segmentation model")
+    if keys:
+        fig.legend(loc="lower center", ncol=len(models), fontsize=8, frameon=False)
+    else:
+        ax.text(0.5, 0.5, "no model results", transform=ax.transAxes, ha="center")
+    fig.tight_layout(rect=(0, 0.08 if keys else 0, 1, 1))
+    return _png(fig), labels + list(models)
+
+
+def comparison_tables(c: Mapping) -> dict[str, pl.DataFrame]:
+    """The report's tables of one model comparison (:func:`cbp_platform.segmentation.compare` output)."""
+    a, b = c["primary"]["name"], c["other"]["name"]
+    dice = pl.DataFrame([{"Class": k, "Mean Dice": f"{v['mean']:.3f}", "Worst participant": f"{v['min']:.3f}",
+                          "Participants": str(v["n"])} for k, v in c["label_dice"].items()])
+    ag = c["agreement"]
+    rows = []
+    for key, label in (("lmm", "LMM index"), ("imat", "InterMAT %")):
+        if key in ag:
+            x = ag[key]
+            rows.append({"Measure": label, "ICC(A,1)": f"{x['icc']:.4f}",
+                         "Mean difference (% of primary)": f"{x['bias']:+.2f} %",
+                         "95 % limits of agreement": f"{x['loa_low']:+.2f} % to {x['loa_high']:+.2f} %",
+                         "Proportional (slope)": f"{x['proportional']['slope']:+.3f}"})
+    agree = pl.DataFrame(rows, schema=["Measure", "ICC(A,1)", "Mean difference (% of primary)",
+                                       "95 % limits of agreement", "Proportional (slope)"])
+    ors = []
+    for r in pl.DataFrame(c["forest"]).iter_rows(named=True) if c["forest"] else []:
+        ors.append({"Analysis": MODEL_LABELS.get(paper_model_of(r["analysis"]), r["analysis"]),
+                    "Exposure": term_label(r["term"]), "Model": r["model"],
+                    "OR (95 % CI)": _fmt_or(r["or"], r["or_low"], r["or_high"]), "p": format_p(r["p"])})
+    ors_df = pl.DataFrame(ors, schema=["Analysis", "Exposure", "Model", "OR (95 % CI)", "p"])
+    truth = []
+    for side in ("primary", "other"):
+        t = c[side].get("truth") or {}
+        if t.get("n"):
+            truth.append({"Model": c[side]["name"], "Participants": str(t["n"]),
+                          "Min Dice": f"{min(t['dice'].values()):.3f}",
+                          "LMM ICC / bias": f"{t['lmm']['icc']:.4f} / {t['lmm']['bias']:+.2f} %",
+                          "InterMAT ICC / bias": f"{t['imat']['icc']:.4f} / {t['imat']['bias']:+.2f} %"})
+    truth_df = pl.DataFrame(truth, schema=["Model", "Participants", "Min Dice", "LMM ICC / bias",
+                                           "InterMAT ICC / bias"])
+    models = pl.DataFrame([{"Role": role, "Model": c[side]["name"], "Backend": c[side]["backend"],
+                            "Weights sha256": c[side]["weights_sha256"][:16] + "...",
+                            "Participants": str(c[side].get("segmented", ""))}
+                           for role, side in (("primary", "primary"), ("compared", "other"))])
+    return {"models": models, "dice": dice, "agreement": agree, "odds_ratios": ors_df, "truth": truth_df,
+            "names": pl.DataFrame({"a": [a], "b": [b]})}
+
+
 def figure_flow(flow: pl.DataFrame) -> tuple[bytes, list[str]]:
     """The exclusion flow as a diagram: start and analysed boxes, one side box per exclusion rule (PNG, labels)."""
     fl = list(flow.iter_rows(named=True))
@@ -479,6 +561,7 @@ def render_report(out_dir: str | Path, *, flow: pl.DataFrame, table_one: pl.Data
                   paper_vs_run: pl.DataFrame, lineage: Mapping, known_pseudonyms: Iterable[str] = (),
                   standardisation: Mapping[str, Mapping[str, float]] | None = None,
                   lmm_unit: str = "cm3/(kg/m)", min_count: int = MIN_COUNT,
+                  comparisons: Iterable[Mapping] = (),
                   title: str = "Back-muscle composition and chronic back pain") -> dict[str, Path]:
     """Write the report, its figures and published tables under ``out_dir``; returns name -> path.
 
@@ -581,6 +664,35 @@ def render_report(out_dir: str | Path, *, flow: pl.DataFrame, table_one: pl.Data
         **{f"tables/{k}.csv": v.write_csv().encode() for k, v in pub.items()},
         **{f"tables/model_{k}.csv": v.write_csv().encode() for k, v in models.items()},
     }
+    comparisons = list(comparisons)
+    if comparisons:
+        doc.heading("9. Segmentation model comparison", "model-comparison")
+        doc.para("A second registered model segmented the same participants (its results never replace the "
+                 "primary's). Dice between the two models' label maps, agreement of their metrics (the compared "
+                 "model minus the primary, in % of the primary), the study's odds ratios computed from each "
+                 "model's metrics through the same cohort rules and mixed model, and each model against the "
+                 "simulated truth where one exists.", note=True)
+    for c in comparisons:
+        name = c["other"]["name"]
+        t = comparison_tables(c)
+        doc.heading(f"{c['primary']['name']} vs {name}", _anchor(f"comparison-{name}"), level=3)
+        doc.table(t["models"])
+        doc.table(t["dice"])
+        doc.table(t["agreement"])
+        doc.table(t["odds_ratios"])
+        if t["truth"].height:
+            doc.table(t["truth"])
+        key = f"comparison_{_anchor(name)}"
+        figures[key] = figure_comparison(pl.DataFrame(c["forest"]) if c["forest"] else
+                                         pl.DataFrame(schema=["analysis", "term", "model", "or", "or_low",
+                                                              "or_high"]),
+                                         [c["primary"]["name"], name])
+        doc.figure(f"figures/{key}.png", f"Odds ratios by model: {c['primary']['name']} and {name}")
+        for tname in ("dice", "agreement", "odds_ratios"):
+            texts[f"tables/{key}_{tname}.csv"] = t[tname].write_csv().encode()
+    if comparisons:
+        texts["report.md"] = doc.markdown().encode()
+        texts["report.html"] = doc.html_page(title).encode()
     known = set(known_pseudonyms)
     for rel, payload in texts.items():
         assert_no_pseudonyms(payload.decode(), known, where=rel)

@@ -1,6 +1,6 @@
 """Per-muscle body-composition metrics from a label map and the Dixon water/fat images.
 
-For each compartment (label 1-4) and for their total ("back_total"):
+For each compartment (the classes of :mod:`cbp_platform.classes`) and for their total ("back_total"):
 * ``compartment_ml``: labelled volume (cm3), fat inside the fascia included;
 * ``fat_ml``: voxels whose signal fat fraction F / (W + F) is >= ``threshold`` (default 0.5);
 * ``lean_ml`` = compartment - fat; ``imat_pct`` = 100 fat / compartment (InterMAT);
@@ -11,7 +11,9 @@ NaN or infinite voxels are treated as zero signal, so NaNs never reach the metri
 import numpy as np
 import polars as pl
 
-MUSCLES = {1: "autochthonous_left", 2: "autochthonous_right", 3: "psoas_left", 4: "psoas_right"}
+from cbp_platform.classes import BACK_TOTAL, IDS, NAMES
+
+MUSCLES = NAMES
 METRIC_SCHEMA = {"muscle": pl.String, "voxels": pl.Int64, "compartment_ml": pl.Float64, "fat_ml": pl.Float64,
                  "lean_ml": pl.Float64, "imat_pct": pl.Float64, "mfi": pl.Float64}
 
@@ -34,7 +36,7 @@ def muscle_metrics(labels: np.ndarray, water: np.ndarray, fat: np.ndarray, voxel
         tot["voxels"] += n
         tot["fat"] += nf
         tot["ff_lean_sum"] += float(lean_ff.sum())
-    rows.append(_row("back_total", tot["voxels"], tot["fat"], tot["ff_lean_sum"], voxel_ml))
+    rows.append(_row(BACK_TOTAL, tot["voxels"], tot["fat"], tot["ff_lean_sum"], voxel_ml))
     return rows
 
 
@@ -53,7 +55,7 @@ def _row(name: str, n: int, nf: int, ff_lean_sum: float, voxel_ml: float) -> dic
             "mfi": ff_lean_sum / lean if lean else float("nan")}
 
 
-def dice_per_class(pred: np.ndarray, truth: np.ndarray, classes=(1, 2, 3, 4)) -> dict[int, float]:
+def dice_per_class(pred: np.ndarray, truth: np.ndarray, classes=IDS) -> dict[int, float]:
     out = {}
     for c in classes:
         a, b = pred == c, truth == c

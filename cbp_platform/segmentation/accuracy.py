@@ -12,6 +12,7 @@ import nibabel as nib
 import numpy as np
 import polars as pl
 
+from cbp_platform.classes import BACK_TOTAL
 from cbp_platform.metrics.agreement import bland_altman, icc_a1, proportional_bias
 from cbp_platform.metrics.body_composition import MUSCLES, dice_per_class, muscle_metrics
 from cbp_platform.progress import bar
@@ -35,7 +36,7 @@ def evaluate(segs: pl.DataFrame, metrics: pl.DataFrame, truth_root: Path, progre
     if truth.height == 0:
         return {"n": 0}
     truth = truth.filter(pl.col("fault").is_null() | (pl.col("fault") == ""))
-    tot = metrics.filter(pl.col("muscle") == "back_total").select("delivery_id", "pseudonym", "lean_ml", "imat_pct")
+    tot = metrics.filter(pl.col("muscle") == BACK_TOTAL).select("delivery_id", "pseudonym", "lean_ml", "imat_pct")
     j = (segs.select("delivery_id", "pseudonym", "label_path")
          .join(tot, on=["delivery_id", "pseudonym"])
          .join(truth.select("delivery_id", "pseudonym", "weight_kg", "height_cm", "lean_ml", "imat_pct_true",
@@ -63,7 +64,7 @@ def evaluate_items(segmenter, items: list[dict], voxel_ml: float, progress=None)
         pred = segmenter.segment(it["water"], it["fat"], it["affine"])
         for c, d in dice_per_class(pred, it["labels"]).items():
             dice[c].append(d)
-        tot = {r["muscle"]: r for r in muscle_metrics(pred, it["water"], it["fat"], voxel_ml)}["back_total"]
+        tot = {r["muscle"]: r for r in muscle_metrics(pred, it["water"], it["fat"], voxel_ml)}[BACK_TOTAL]
         t = it["truth"]
         lmm.append(t["lmm_index"] * tot["lean_ml"] / t["lean_ml"])      # lean / (weight / height), same person
         lmm_true.append(t["lmm_index"])

@@ -112,8 +112,7 @@ def calibrate_network(network, *, n: int, seed: int, device: str = "auto", sw_ba
     from cbp_platform.synth.phantom import PRESETS
 
     items = simulated_set(n, seed)
-    seg = Segmenter(Bundle(path=None, metadata={}, sha256="", network=network), device=device,
-                    sw_batch_size=sw_batch_size)
+    seg = Segmenter(Bundle.in_memory(network), device=device, sw_batch_size=sw_batch_size)
     cal = calibrate(seg, items, seed, PRESETS["fast"].voxel_ml, progress=progress)
     set_background_offset(network, cal.offset)
     network.cpu().eval()

@@ -1,11 +1,11 @@
 """Model-space preprocessing shared by training and inference.
 
-* Orientation: images are brought to ``L A S`` (index i towards the participant's left), the orientation the
-  network is trained in, so left and right labels keep their anatomical meaning whatever the delivery's
-  orientation; labels are mapped back to the scan's own grid afterwards.
-* Spacing: the network works at ``MODEL_SPACING`` (4 x 4 x 6 mm). Other spacings (NAKO's 1.41 x 1.41 x 3 mm)
-  are resampled trilinearly to it, and class probabilities are resampled back to the native grid before the
-  argmax, so label maps have the scan's shape and affine.
+* Orientation: images are brought to the orientation the model declares (the default model's is ``L A S``, index
+  i towards the participant's left), so left and right labels keep their anatomical meaning whatever the
+  delivery's orientation; labels are mapped back to the scan's own grid afterwards.
+* Spacing: the network works at the spacing its bundle declares (the default model's 4 x 4 x 6 mm). Other
+  spacings (NAKO's 1.41 x 1.41 x 3 mm) are resampled trilinearly to it, and class probabilities are resampled
+  back to the native grid before the argmax, so label maps have the scan's shape and affine.
 * Normalisation: both channels are divided by the 99th percentile of water + fat over the volume and clipped
   to [0, 2]: robust to scanner gain, coil bias scale and fat/water balance, and identical for both channels so
   the fat fraction is preserved.
@@ -16,11 +16,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-MODEL_SPACING = (4.0, 4.0, 6.0)
-MODEL_ORIENTATION = ("L", "A", "S")
-NUM_CLASSES = 5
-LR_SWAP = {1: 2, 2: 1, 3: 4, 4: 3}     # left <-> right labels under a left-right flip
-
 
 def normalise(water: np.ndarray, fat: np.ndarray) -> np.ndarray:
     w = np.nan_to_num(np.asarray(water, np.float32), nan=0.0, posinf=0.0, neginf=0.0)
@@ -30,10 +25,11 @@ def normalise(water: np.ndarray, fat: np.ndarray) -> np.ndarray:
     return np.clip(np.stack([w / ref, f / ref]), 0.0, 2.0).astype(np.float32)
 
 
-def to_model_orientation(arr: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Reorient the last three axes of ``arr`` to LAS; returns (array, orientation transform back)."""
+def to_model_orientation(arr: np.ndarray, affine: np.ndarray, orientation: str) -> tuple[np.ndarray, np.ndarray]:
+    """Reorient the last three axes of ``arr`` to ``orientation`` (nibabel axis codes of the voxel axes, e.g.
+    ``LAS``); returns (array, orientation transform back)."""
     cur = nib.orientations.io_orientation(affine)
-    tgt = nib.orientations.axcodes2ornt(MODEL_ORIENTATION)
+    tgt = nib.orientations.axcodes2ornt(tuple(orientation))
     fwd = nib.orientations.ornt_transform(cur, tgt)
     back = nib.orientations.ornt_transform(tgt, cur)
     if arr.ndim == 4:
@@ -49,17 +45,20 @@ def from_model_orientation(arr: np.ndarray, back: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(nib.orientations.apply_orientation(arr, back))
 
 
-def spacing_in_model_orientation(affine: np.ndarray) -> tuple[float, float, float]:
+def spacing_in_model_orientation(affine: np.ndarray, orientation: str) -> tuple[float, float, float]:
+    """The voxel spacing (mm) along the axes of ``orientation`` (after :func:`to_model_orientation`)."""
     zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
-    cur = nib.orientations.io_orientation(affine)
+    cur = nib.orientations.ornt_transform(nib.orientations.io_orientation(affine),
+                                          nib.orientations.axcodes2ornt(tuple(orientation)))
     out = [0.0, 0.0, 0.0]
     for ax, (tgt_ax, _) in enumerate(cur):
         out[int(tgt_ax)] = float(zooms[ax])
     return tuple(out)
 
 
-def model_shape(shape: tuple[int, int, int], spacing: tuple[float, float, float]) -> tuple[int, int, int]:
-    return tuple(max(8, int(round(n * s / m))) for n, s, m in zip(shape, spacing, MODEL_SPACING))
+def model_shape(shape: tuple[int, int, int], spacing: tuple[float, float, float],
+                model_spacing: tuple[float, float, float]) -> tuple[int, int, int]:
+    return tuple(max(8, int(round(n * s / m))) for n, s, m in zip(shape, spacing, model_spacing))
 
 
 def resample(t: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
@@ -68,9 +67,3 @@ def resample(t: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
         return t
     return F.interpolate(t, size=size, mode="trilinear", align_corners=False)
 
-
-def flip_lr_labels(label: np.ndarray) -> np.ndarray:
-    out = label.copy()
-    for a, b in LR_SWAP.items():
-        out[label == a] = b
-    return out

@@ -8,10 +8,19 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from cbp_platform.classes import IDS, NAMES, NUM_CLASSES
 from cbp_platform.imaging.nifti import atomic_write_bytes, nifti_bytes, sha256_bytes
 from cbp_platform.metrics.body_composition import dice_per_class, muscle_metrics
 from cbp_platform.segmentation.infer import Segmenter
 from cbp_platform.segmentation.train import simulated_set
+
+
+def voxel_column(class_id: int) -> str:
+    """The muscle_segmentations column counting a class's voxels."""
+    return f"voxels_{class_id}"
+
+
+VOXEL_SCHEMA = {voxel_column(c): "Int64" for c in IDS}
 
 
 class _Scans(Dataset):
@@ -58,9 +67,9 @@ def segment_scans(items: list[dict], segmenter: Segmenter, out_dir: Path, *, num
         payload = nifti_bytes(labels.astype(np.uint8), affine)
         path = out_dir / f"{it['pseudonym']}_seg.nii.gz"
         atomic_write_bytes(path, payload)
-        counts = np.bincount(labels.ravel(), minlength=5)
+        counts = np.bincount(labels.ravel(), minlength=NUM_CLASSES)
         results.append({"pseudonym": it["pseudonym"], "label_path": str(path), "label_sha256": sha256_bytes(payload),
-                        **{f"voxels_{c}": int(counts[c]) for c in (1, 2, 3, 4)}})
+                        **{voxel_column(c): int(counts[c]) for c in IDS}})
         if progress is not None:
             progress(k, len(items), time.perf_counter() - t0)
     return results, failures
@@ -79,13 +88,12 @@ def metrics_for(label_path: str, water_path: str, fat_path: str, threshold: floa
 
 def validate(segmenter: Segmenter, n: int = 10, seed: int = 2000) -> dict[str, float]:
     """Mean Dice per class on ``n`` held-out simulated scans (their own cohort seed)."""
-    names = {1: "autochthonous_left", 2: "autochthonous_right", 3: "psoas_left", 4: "psoas_right"}
-    acc = {c: [] for c in names}
+    acc = {c: [] for c in IDS}
     for item in simulated_set(n, seed):
         pred = segmenter.segment(item["water"], item["fat"], item["affine"])
         for c, d in dice_per_class(pred, item["labels"]).items():
             acc[c].append(d)
-    return {names[c]: float(np.mean(v)) for c, v in acc.items()}
+    return {NAMES[c]: float(np.mean(v)) for c, v in acc.items()}
 
 
 def configure_threads(threads: int) -> None:

@@ -20,7 +20,8 @@ from monai.transforms import (Compose, MapTransform, RandAffined, RandBiasFieldd
 from monai.utils import set_determinism
 
 from cbp_platform.progress import RateLogger
-from cbp_platform.segmentation.data import LR_SWAP, normalise
+from cbp_platform.classes import swap_lr
+from cbp_platform.segmentation.data import normalise
 from cbp_platform.synth.cohort import simulate_cohort
 from cbp_platform.synth.phantom import PRESETS, Subject, render_phantom
 
@@ -38,11 +39,7 @@ class RandFlipLRd(RandomizableTransform, MapTransform):
         if not self._do_transform:
             return d
         d["image"] = torch.flip(torch.as_tensor(d["image"]), dims=[1])
-        lab = torch.flip(torch.as_tensor(d["label"]), dims=[1])
-        out = lab.clone()
-        for a, b in LR_SWAP.items():
-            out[lab == a] = b
-        d["label"] = out
+        d["label"] = swap_lr(torch.flip(torch.as_tensor(d["label"]), dims=[1]))
         return d
 
 

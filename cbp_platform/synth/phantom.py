@@ -29,8 +29,10 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage, special
 
-LABELS = {0: "background", 1: "autochthonous_left", 2: "autochthonous_right", 3: "psoas_left", 4: "psoas_right"}
-COMPARTMENTS = (1, 2, 3, 4)
+from cbp_platform import classes
+
+LABELS = classes.LABELS
+COMPARTMENTS = classes.IDS
 FAT_THRESHOLD = 0.5
 
 # tissue (proton density, fat fraction)

@@ -14,7 +14,7 @@ from assets.k8s_plan import helm_values, render_step_jobs, step_summary
 from cbp_platform import deployment
 
 ROOT = Path(__file__).resolve().parents[2]
-GPU_STEPS = {"muscle_segmentations", "segmentation_model"}
+GPU_STEPS = {"muscle_segmentations", "segmentation_model", "comparison_metrics"}
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,8 @@ def test_profile_selects_the_executor_by_configuration_only(k8s_env):
         os.environ["CBP_DEPLOYMENT"] = "kubernetes"
 
 
-@pytest.mark.parametrize("job", ["process_batch", "cohort_refresh", "train_segmentation_model"])
+@pytest.mark.parametrize("job", ["process_batch", "cohort_refresh", "train_segmentation_model",
+                                 "compare_model_batch", "compare_models"])
 def test_rendered_step_jobs_gpu_only_on_segmentation(k8s_env, job):
     jobs = render_step_jobs(job)
     assert jobs

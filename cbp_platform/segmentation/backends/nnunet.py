@@ -1,0 +1,280 @@
+"""The ``nnunetv2`` backend: a trained nnU-Net v2 model folder, run with nnU-Net's own predictor.
+
+A trained-model folder is what nnU-Net writes and what MRSegmentator, TotalVibeSegmentator and TotalSegmentator
+ship::
+
+    <folder>/dataset.json                 channel names, label names -> ids
+    <folder>/plans.json                   configurations (spacing, network), normalisation, image reader
+    <folder>/fold_<k>/checkpoint_final.pth   the weights of fold k (one fold, or several for an ensemble)
+
+What the platform reads from the folder, never assumes: the channel count (``dataset.json``), the label ids
+(``dataset.json``, checked against the manifest), the configuration's spacing (``plans.json``; nnU-Net resamples
+to it itself), and the orientation where the model states it: an ``orientation`` entry of its ``dataset.json``
+(TotalVibeSegmentator's convention), or a reader that reorients (``NibabelIOWithReorient``: RAS). Readers that keep
+the stored voxel order (``SimpleITKIO``, ``NibabelIO``) leave the orientation to the training data, so it comes from
+the preset's public source (the orientation the model's own inference code produces) or from the operator.
+
+Inference: :class:`nnUNetPredictor` with nnU-Net's own preprocessing (cropping, normalisation, resampling) and
+export resampling, sliding window with Gaussian weighting, the folds' logits averaged. The network is built from
+the plans with ``get_network_from_plans`` and handed to ``manual_initialization``: nnU-Net's lookup of the trainer
+class by name (``recursive_find_trainer_class_by_name``) imports every trainer variant until one matches, and some
+variants import timm and torchvision, whose PyPI wheels do not import next to the CPU torch. Building from the plans
+works whatever trainer name a checkpoint records. Mirroring test-time augmentation keeps the checkpoint's allowed
+axes except the left-right axis: the platform's classes are lateral, and nnU-Net averages mirrored logits without
+exchanging left and right.
+
+The model is loaded once (``NnunetRunner``) and predicts every scan of a batch. Nothing here opens a socket.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cbp_platform.classes import BACKGROUND
+from cbp_platform.segmentation.data import (from_model_orientation, spacing_in_model_orientation,
+                                            to_model_orientation)
+from cbp_platform.segmentation.manifest import (ManifestError, ModelManifest, hash_weights, valid_orientation,
+                                                verify_weights)
+
+CHECKPOINT = "checkpoint_final.pth"
+REORIENTING_READERS = {"NibabelIOWithReorient": "RAS"}     # readers that reorient: the orientation they produce
+STORED_ORDER_READERS = ("SimpleITKIO", "NibabelIO", "Tiff3DIO")
+
+
+def version() -> str:
+    from importlib.metadata import version as v
+
+    return v("nnunetv2")
+
+
+def _import_nnunet():
+    """nnU-Net prints a warning per unset nnUNet_* path variable on import; those paths are for training and
+    planning, not for a predictor given its folder, so the import stays quiet."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        import nnunetv2.inference.predict_from_raw_data as pred
+        from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+        from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    return pred.nnUNetPredictor, get_network_from_plans, determine_num_input_channels, PlansManager
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise ManifestError(f"{path}: missing (an nnU-Net v2 model folder has dataset.json, plans.json and "
+                            f"fold_<k>/{CHECKPOINT})")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{path}: not valid JSON ({exc})") from None
+
+
+def _folds(folder: Path, folds: list | tuple | None, checkpoint: str) -> list[str]:
+    found = sorted(p.name.removeprefix("fold_") for p in folder.glob("fold_*") if (p / checkpoint).is_file())
+    if folds:
+        want = [str(f) for f in folds]
+        missing = [f for f in want if f not in found]
+        if missing:
+            raise ManifestError(f"{folder / f'fold_{missing[0]}' / checkpoint}: missing (folds requested: "
+                                f"{', '.join(want)}; found: {', '.join(found) or 'none'})")
+        return want
+    if not found:
+        raise ManifestError(f"{folder}: no fold_<k>/{checkpoint} found")
+    return found
+
+
+def describe(folder: str | Path, *, name: str, labels: dict[int, str], inputs: tuple[str, ...],
+             orientation: str = "", orientation_key: str = "", folds: list | tuple | None = None,
+             configuration: str = "", checkpoint: str = CHECKPOINT, preset: str = "",
+             label_names: dict[int, str] | None = None, source: dict | None = None) -> ModelManifest:
+    """Read and check an nnU-Net v2 model folder; the manifest to register.
+
+    ``labels``: the model's label id -> platform class; ``label_names``: the names those ids must carry in the
+    folder's ``dataset.json`` (a preset's label table), checked so that a folder of another model or version fails.
+    """
+    folder = Path(folder).expanduser().resolve()
+    if not folder.is_dir():
+        raise ManifestError(f"{folder}: model folder not found")
+    ds = _read_json(folder / "dataset.json")
+    plans = _read_json(folder / "plans.json")
+    ds_labels = ds.get("labels")
+    if not isinstance(ds_labels, dict):
+        raise ManifestError(f"{folder / 'dataset.json'}: no 'labels' table")
+    by_id = {}
+    for lname, lid in ds_labels.items():
+        if isinstance(lid, int):
+            by_id[lid] = lname
+    for lid, cls in sorted(labels.items()):
+        if lid not in by_id:
+            raise ManifestError(f"{folder / 'dataset.json'}: label {lid} (for {cls}) missing; the folder has "
+                                f"{len(by_id)} labels, ids {min(by_id, default=0)}-{max(by_id, default=0)}")
+        if label_names and label_names.get(lid) and _norm(by_id[lid]) != _norm(label_names[lid]):
+            raise ManifestError(f"{folder / 'dataset.json'}: label {lid} is {by_id[lid]!r}, the preset expects "
+                                f"{label_names[lid]!r} (another model or version? register it without the preset, "
+                                "with --label for each class, if the mapping is known)")
+    channels = ds.get("channel_names") or ds.get("modality") or {}
+    if len(channels) != len(inputs):
+        raise ManifestError(f"{folder / 'dataset.json'}: the model takes {len(channels)} channel(s) "
+                            f"({', '.join(map(str, channels.values()))}), the manifest feeds {len(inputs)} "
+                            f"({', '.join(inputs)})")
+    confs = plans.get("configurations") or {}
+    use_folds = _folds(folder, folds, checkpoint)
+    ckpt = folder / f"fold_{use_folds[0]}" / checkpoint
+    meta = _load_checkpoint(ckpt)
+    conf = configuration or meta.get("init_args", {}).get("configuration", "")
+    if conf not in confs:
+        raise ManifestError(f"{folder / 'plans.json'}: configuration {conf!r} (from {ckpt.name}) not among "
+                            f"{', '.join(confs) or 'none'}")
+    reader = str(plans.get("image_reader_writer", ""))
+    if orientation_key and ds.get(orientation_key):
+        stated = "".join(str(c) for c in ds[orientation_key]).upper()
+        if not valid_orientation(stated):
+            raise ManifestError(f"{folder / 'dataset.json'}: {orientation_key!r} is {ds[orientation_key]!r}, not "
+                                "three axis codes")
+        orientation, how = stated, f"dataset.json {orientation_key}"
+    elif reader in REORIENTING_READERS:
+        declared = REORIENTING_READERS[reader]
+        if orientation and orientation.upper() != declared:
+            raise ManifestError(f"{folder / 'plans.json'}: its reader {reader} reorients to {declared}, not the "
+                                f"given orientation {orientation}")
+        orientation, how = declared, f"plans.json image_reader_writer {reader}"
+    elif not orientation:
+        raise ManifestError(f"{folder / 'plans.json'}: its reader {reader or '(none)'} keeps the stored voxel order, "
+                            "so the orientation of the model's training data must be given (a preset's, or "
+                            "--orientation)")
+    else:
+        how = "preset or operator (the reader keeps the stored voxel order)"
+    spacing = _spacing_ijk(plans, conf)
+    rel = [f"fold_{f}/{checkpoint}" for f in use_folds]
+    return ModelManifest(
+        name=name, backend="nnunetv2", backend_version=version(), folder=str(folder), inputs=tuple(inputs),
+        labels=dict(labels), spacing_mm=spacing, orientation=orientation.upper(), weights=hash_weights(folder, rel),
+        preset=preset,
+        options={"configuration": conf, "folds": use_folds, "checkpoint": checkpoint,
+                 "trainer_name": str(meta.get("trainer_name", "")), "image_reader_writer": reader,
+                 "mirror_axes": (None if meta.get("inference_allowed_mirroring_axes") is None
+                                 else [int(a) for a in meta["inference_allowed_mirroring_axes"]]),
+                 "model_label_names": {str(k): by_id[k] for k in sorted(labels)}},
+        source={"spacing": f"plans.json configurations.{conf}.spacing", "orientation": how,
+                "labels": "dataset.json labels, mapped by the preset or operator", **(source or {})})
+
+
+def _norm(label_name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", str(label_name).lower())
+
+
+def _spacing_ijk(plans: dict, conf: str) -> tuple[float, float, float]:
+    """The configuration's spacing along the image's voxel axes i, j, k. nnU-Net arrays are (k, j, i) (SimpleITK
+    order), and the plans' spacing follows ``transpose_forward`` of those axes."""
+    c = plans["configurations"][conf]
+    sp = c.get("spacing")
+    if sp is None and c.get("inherits_from"):
+        return _spacing_ijk(plans, c["inherits_from"])
+    tf = plans.get("transpose_forward", [0, 1, 2])
+    arr = [0.0, 0.0, 0.0]
+    for t, a in enumerate(tf):
+        arr[a] = float(sp[t])
+    return (arr[2], arr[1], arr[0])
+
+
+def _load_checkpoint(path: Path) -> dict:
+    """A checkpoint's contents. ``weights_only`` first; nnU-Net's own checkpoints need full unpickling (their
+    ``init_args`` hold a ``torch.device`` and numpy values). At registration the operator vouches for the folder;
+    at every later use the file is unpickled only after its sha256 matched the registration."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        pass
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise ManifestError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {str(exc)[:200]})") from None
+
+
+class NnunetRunner:
+    """One loaded nnU-Net model (every fold of the manifest) that segments scans one after another."""
+
+    def __init__(self, manifest: ModelManifest, device: str = "auto", tile_step_size: float = 0.5,
+                 mirroring: bool = True):
+        from cbp_platform.segmentation.infer import pick_device
+
+        verify_weights(manifest)
+        self.manifest = manifest
+        self.device = pick_device(device)
+        nnUNetPredictor, get_network_from_plans, determine_num_input_channels, PlansManager = _import_nnunet()
+        folder = Path(manifest.folder)
+        ds = _read_json(folder / "dataset.json")
+        plans = PlansManager(_read_json(folder / "plans.json"))
+        opts = manifest.options
+        cm = plans.get_configuration(opts["configuration"])
+        n_in = determine_num_input_channels(plans, cm, ds)
+        if n_in != len(manifest.inputs):
+            raise ManifestError(f"{folder / 'dataset.json'}: {n_in} input channels, the manifest feeds "
+                                f"{len(manifest.inputs)}")
+        n_out = plans.get_label_manager(ds).num_segmentation_heads
+        net = get_network_from_plans(cm.network_arch_class_name, cm.network_arch_init_kwargs,
+                                     cm.network_arch_init_kwargs_req_import, n_in, n_out, allow_init=False,
+                                     deep_supervision=False)
+        params = []
+        for rel in sorted(manifest.weights):
+            ck = _load_checkpoint(folder / rel)
+            if "network_weights" not in ck:
+                raise ManifestError(f"{folder / rel}: no 'network_weights' in the checkpoint")
+            params.append(ck["network_weights"])
+        try:
+            net.load_state_dict(params[0])
+        except RuntimeError as exc:
+            raise ManifestError(f"{folder / sorted(manifest.weights)[0]}: weights do not fit the network of "
+                                f"plans.json ({str(exc)[:200]})") from None
+        axes = opts.get("mirror_axes")
+        if axes is not None:
+            lr_array_axis = 2 - [c in "LR" for c in manifest.orientation].index(True)   # arrays are (k, j, i)
+            tf = list(plans.transpose_forward)
+            axes = tuple(a for a in axes if tf[a] != lr_array_axis)
+        use_mirroring = bool(mirroring and axes)
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.predictor = nnUNetPredictor(tile_step_size=tile_step_size, use_gaussian=True,
+                                             use_mirroring=use_mirroring,
+                                             perform_everything_on_device=self.device.type == "cuda",
+                                             device=self.device, verbose=False, verbose_preprocessing=False,
+                                             allow_tqdm=False)
+        self.predictor.manual_initialization(net.to(self.device).eval(), plans, cm, params, ds,
+                                             opts.get("trainer_name") or "nnUNetTrainer", axes)
+        self.mirror_axes = axes if use_mirroring else ()
+        self.lut = np.zeros(max(max(manifest.labels) + 1, n_out), np.uint8)
+        for model_id, platform_id in manifest.classes.items():
+            self.lut[model_id] = platform_id
+
+    def prepare(self, water: np.ndarray, fat: np.ndarray, affine: np.ndarray) -> dict:
+        """CPU-side work: the manifest's contrasts in channel order, in the model's orientation, as nnU-Net arrays."""
+        img = contrast_stack(self.manifest.inputs, water, fat)
+        img, back = to_model_orientation(img, affine, self.manifest.orientation)
+        si, sj, sk = spacing_in_model_orientation(affine, self.manifest.orientation)
+        return {"image": np.ascontiguousarray(img.transpose(0, 3, 2, 1)), "back": back, "spacing": [sk, sj, si]}
+
+    @torch.inference_mode()
+    def predict(self, prepared: dict) -> np.ndarray:
+        """The platform's label map on the scan's grid."""
+        with contextlib.redirect_stdout(io.StringIO()):
+            seg = self.predictor.predict_single_npy_array(np.asarray(prepared["image"], np.float32),
+                                                          {"spacing": list(prepared["spacing"])}, None, None, False)
+        seg = np.asarray(seg)
+        labels = np.where(seg < self.lut.size, self.lut[np.clip(seg, 0, self.lut.size - 1)], BACKGROUND)
+        return from_model_orientation(labels.astype(np.uint8).transpose(2, 1, 0), np.asarray(prepared["back"]))
+
+    def segment(self, water: np.ndarray, fat: np.ndarray, affine: np.ndarray) -> np.ndarray:
+        return self.predict(self.prepare(water, fat, affine))
+
+
+def contrast_stack(inputs: tuple[str, ...], water: np.ndarray, fat: np.ndarray) -> np.ndarray:
+    """(C, X, Y, Z) float32: each contrast of ``inputs`` from the water and fat images (see ``CONTRASTS``)."""
+    w = np.nan_to_num(np.asarray(water, np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    f = np.nan_to_num(np.asarray(fat, np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    make = {"water": lambda: w, "fat": lambda: f, "in_phase": lambda: w + f, "opposed_phase": lambda: np.abs(w - f)}
+    return np.stack([make[c]() for c in inputs]).astype(np.float32)

@@ -1,0 +1,66 @@
+"""Registering models: a folder (and a preset, or explicit labels and inputs) becomes a checked manifest.
+
+``cbp model register --preset mrsegmentator --folder /secure/models/...`` and the ``segmentation_model`` asset's
+``model`` config both end here. Registration reads the folder, checks it against the preset (label ids and names,
+channel count, readable checkpoints), hashes every weight file and writes ``<registry>/<name>.json``. From then on
+every use hashes the files again (:func:`~cbp_platform.segmentation.manifest.verify_weights`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cbp_platform.segmentation.manifest import (ManifestError, ModelManifest, load_manifest, save_manifest)
+from cbp_platform.segmentation.presets import PRESETS
+
+
+def register(registry_dir: Path, folder: str | Path, *, preset: str = "", name: str = "", backend: str = "",
+             labels: dict[int, str] | None = None, inputs: tuple[str, ...] | None = None, orientation: str = "",
+             folds: list | None = None, configuration: str = "") -> tuple[ModelManifest, Path]:
+    """Describe ``folder`` with ``preset`` (or explicit ``backend``/``labels``/``inputs``), check it, save it."""
+    from cbp_platform.segmentation.backends import describe_monai_bundle
+    from cbp_platform.segmentation.backends import nnunet
+
+    p = None
+    if preset:
+        if preset not in PRESETS:
+            raise ManifestError(f"unknown preset {preset!r}; known: {', '.join(sorted(PRESETS))}")
+        p = PRESETS[preset]
+    backend = backend or (p.backend if p else "")
+    name = name or (p.name if p else "")
+    if not name:
+        raise ManifestError("a model without a preset needs --name")
+    if backend == "monai-bundle":
+        m = describe_monai_bundle(folder, name=name, preset=preset)
+    elif backend == "nnunetv2":
+        labels = labels or (dict(p.labels) if p else None)
+        inputs = tuple(inputs or (p.inputs if p else ()))
+        if not labels or not inputs:
+            raise ManifestError(f"{folder}: an nnunetv2 model without a preset needs its labels "
+                                "(--label CLASS=ID for every platform class) and inputs (--inputs)")
+        m = nnunet.describe(folder, name=name, labels=labels, inputs=inputs,
+                            orientation=orientation or (p.orientation if p else ""),
+                            orientation_key="" if orientation else (p.orientation_key if p else ""),
+                            folds=folds or (p.folds if p else None),
+                            configuration=configuration or (p.configuration if p else ""), preset=preset,
+                            label_names=dict(p.label_names) if p else None,
+                            source={"preset": p.citation} if p else {"labels": "operator (cbp model register)"})
+    else:
+        raise ManifestError(f"{folder}: unknown backend {backend!r} (monai-bundle or nnunetv2)")
+    return m, save_manifest(registry_dir, m)
+
+
+def manifest_for_pointer(pointer: dict, registry_dir: Path) -> ModelManifest:
+    """The manifest the primary-model pointer (``models/current.json``) names. A pointer written before manifests
+    existed (a trained bundle's path only) is registered on first use."""
+    if pointer.get("name"):
+        return load_manifest(registry_dir, pointer["name"])
+    from cbp_platform.segmentation.backends import describe_monai_bundle
+
+    folder = Path(pointer["path"])
+    m = describe_monai_bundle(folder, name=folder.name)
+    if m.sha256 != pointer.get("weights_sha256"):
+        raise ManifestError(f"{folder}: weights {m.sha256[:12]}... differ from models/current.json's "
+                            f"{str(pointer.get('weights_sha256'))[:12]}...")
+    save_manifest(registry_dir, m)
+    return m

@@ -1,0 +1,326 @@
+"""The nnunetv2 backend for real: a small nnU-Net v2 model trained here by nnU-Net itself (planning,
+preprocessing, the stock nnUNetTrainer), registered, run through Dagster's process_batch, and compared."""
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+import duckdb
+import nibabel as nib
+import numpy as np
+import polars as pl
+import pytest
+
+from cbp_platform.segmentation.backends import nnunet_phantom as phantom
+from cbp_platform.segmentation.manifest import ManifestError, load_manifest
+from cbp_platform.segmentation.registry import register
+
+LABEL_ARGS = {v: k for k, v in phantom.PLATFORM_OF.items()}      # platform class -> this model's label id
+
+
+def _register(registry: Path, folder: Path, name: str = "phantom-nnunet", **kw):
+    kw.setdefault("labels", dict(phantom.PLATFORM_OF))
+    kw.setdefault("inputs", ("water", "fat"))
+    kw.setdefault("orientation", phantom.ORIENTATION)
+    return register(registry, folder, backend="nnunetv2", name=name, **kw)
+
+
+def _scan(root: Path, delivery: str, p: str):
+    w = nib.load(root / "landing" / delivery / "mri" / p / f"{p}_water.nii.gz")
+    f = nib.load(root / "landing" / delivery / "mri" / p / f"{p}_fat.nii.gz")
+    return np.asarray(w.dataobj), np.asarray(f.dataobj), w.affine
+
+
+def test_the_model_folder_is_nnunets_own_and_needed_neither_timm_nor_torchvision(nnunet_model):
+    folder, report = nnunet_model
+    assert not report["timm_imported"] and not report["torchvision_imported"]
+    assert folder.name == phantom.TRAINER_FOLDER
+    assert {p.name for p in folder.iterdir()} >= {"dataset.json", "plans.json", "fold_0"}
+    ds = json.loads((folder / "dataset.json").read_text())
+    assert ds["labels"] == phantom.LABELS and ds["channel_names"] == {"0": "water", "1": "fat"}
+    import torch
+
+    ck = torch.load(folder / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert ck["trainer_name"] == "nnUNetTrainer"
+
+
+def test_registration_reads_labels_channels_and_geometry_from_the_folder(nnunet_model, tmp_path):
+    folder, _ = nnunet_model
+    m, path = _register(tmp_path / "registry", folder)
+    assert load_manifest(tmp_path / "registry", m.name) == m and path.exists()
+    plans = json.loads((folder / "plans.json").read_text())
+    sp = plans["configurations"]["3d_fullres"]["spacing"]          # nnU-Net's (k, j, i) order
+    assert m.spacing_mm == pytest.approx(tuple(reversed(sp)))
+    assert m.spacing_mm == pytest.approx((8.0, 8.0, 12.0))
+    assert m.orientation == "LAS" and m.inputs == ("water", "fat") and m.backend == "nnunetv2"
+    assert m.options["trainer_name"] == "nnUNetTrainer" and m.options["folds"] == ["0"]
+    assert m.options["model_label_names"] == {"2": "iliopsoas_left", "3": "iliopsoas_right", "4": "autochthon_left",
+                                              "5": "autochthon_right"}
+    assert m.classes == {4: 1, 5: 2, 2: 3, 3: 4}
+    # the model was trained without left-right mirroring, and its checkpoint says so: the classes are lateral
+    assert plans["transpose_forward"].index(2) not in (m.options["mirror_axes"] or [])
+
+
+def test_folders_that_do_not_fit_fail_naming_the_file_and_the_problem(nnunet_model, tmp_path, capsys):
+    from cbp_platform.cli import main
+    from cbp_platform.segmentation.backends import load_runner
+
+    folder, _ = nnunet_model
+    copy = tmp_path / "copy" / folder.name
+    shutil.copytree(folder, copy)
+    reg = tmp_path / "registry"
+    with pytest.raises(ManifestError, match=r"dataset.json: label 31 \(for autochthonous_left\) missing"):
+        register(reg, copy, preset="mrsegmentator")
+    with pytest.raises(ManifestError, match=r"dataset.json: the model takes 2 channel\(s\) \(water, fat\), the "
+                                            r"manifest feeds 1 \(water\)"):
+        _register(reg, copy, inputs=("water",))
+    with pytest.raises(ManifestError, match="keeps the stored voxel order, so the orientation"):
+        _register(reg, copy, orientation="")
+    ds = json.loads((copy / "dataset.json").read_text())
+    ds["labels"].pop("iliopsoas_right")
+    (copy / "dataset.json").write_text(json.dumps(ds))
+    with pytest.raises(ManifestError, match=r"dataset.json: label 3 \(for psoas_right\) missing"):
+        _register(reg, copy)
+    shutil.copy(folder / "dataset.json", copy / "dataset.json")
+    m, _ = _register(reg, copy)
+    ck = copy / "fold_0" / "checkpoint_final.pth"
+    ck.write_bytes(ck.read_bytes()[:-1000])
+    with pytest.raises(ManifestError, match=r"fold_0/checkpoint_final.pth: weights changed since registration"):
+        load_runner(m, device="cpu")
+    ck.write_bytes(b"not a checkpoint")
+    with pytest.raises(ManifestError, match=r"fold_0/checkpoint_final.pth: unreadable checkpoint"):
+        _register(reg, copy)
+    (copy / "plans.json").unlink()
+    assert main(["model", "register", "--folder", str(copy), "--backend", "nnunetv2", "--name", "x", "--inputs",
+                 "water,fat", "--orientation", "LAS", "--models-dir", str(tmp_path / "m")]
+                + [a for c, i in LABEL_ARGS.items() for a in ("--label", f"{c}={i}")]) == 2
+    assert "plans.json: missing" in capsys.readouterr().err
+
+
+class _NoNetwork:
+    """Records every attempt to open an internet socket or resolve a name while active (a CPython audit hook:
+    it sees what any library does, not only what a patched function would)."""
+
+    events: list = []
+    active = False
+    installed = False
+
+    @classmethod
+    def hook(cls, event, args):
+        if not cls.active:
+            return
+        if event == "socket.__new__" and args and args[1] in (socket.AF_INET, socket.AF_INET6):
+            cls.events.append((event, args))
+        elif event in ("socket.connect", "socket.getaddrinfo", "socket.gethostbyname", "urllib.Request"):
+            cls.events.append((event, args))
+
+    def __enter__(self):
+        if not _NoNetwork.installed:
+            sys.addaudithook(_NoNetwork.hook)
+            _NoNetwork.installed = True
+        _NoNetwork.events = []
+        _NoNetwork.active = True
+        return self
+
+    def __exit__(self, *exc):
+        _NoNetwork.active = False
+
+
+def test_registration_loading_and_inference_open_no_network_socket(nnunet_model, tmp_path):
+    from cbp_platform.segmentation.backends import load_runner
+    from cbp_platform.segmentation.train import simulated_set
+
+    folder, _ = nnunet_model
+    item = simulated_set(1, 77)[0]
+    with _NoNetwork():
+        # the audit hook is live: this socket is what it must see
+        socket.socket(socket.AF_INET, socket.SOCK_STREAM).close()
+        assert _NoNetwork.events, "the audit hook does not see sockets"
+        _NoNetwork.events = []
+        m, _ = _register(tmp_path / "registry", folder)
+        labels = load_runner(m, device="cpu").segment(item["water"], item["fat"], item["affine"])
+        seen = list(_NoNetwork.events)
+    assert seen == []
+    assert labels.shape == item["labels"].shape
+
+
+def test_labels_are_nnunets_prediction_mapped_onto_the_platforms_classes(nnunet_model, tmp_path):
+    """The runner's label map equals nnU-Net's own prediction on the same arrays, mapped through the manifest:
+    model ids 4/5/2/3 become 1/2/3/4, the model's adipose_tissue (1) becomes background."""
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from cbp_platform.segmentation.backends import load_runner
+    from cbp_platform.segmentation.train import simulated_set
+
+    folder, _ = nnunet_model
+    m, _ = _register(tmp_path / "registry", folder)
+    item = simulated_set(1, 78)[0]
+    runner = load_runner(m, device="cpu")
+    ours = runner.segment(item["water"], item["fat"], item["affine"])
+    pm = PlansManager(json.loads((folder / "plans.json").read_text()))
+    cm = pm.get_configuration("3d_fullres")
+    ds = json.loads((folder / "dataset.json").read_text())
+    ck = torch.load(folder / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    net = get_network_from_plans(cm.network_arch_class_name, cm.network_arch_init_kwargs,
+                                 cm.network_arch_init_kwargs_req_import, 2, 6, allow_init=False,
+                                 deep_supervision=False)
+    pred = nnUNetPredictor(tile_step_size=0.5, use_mirroring=bool(runner.mirror_axes),
+                           perform_everything_on_device=False, device=torch.device("cpu"), allow_tqdm=False)
+    pred.manual_initialization(net, pm, cm, [ck["network_weights"]], ds, "nnUNetTrainer", runner.mirror_axes or None)
+    img = np.stack([item["water"], item["fat"]]).astype(np.float32).transpose(0, 3, 2, 1)   # phantoms are LAS
+    sp = np.sqrt((item["affine"][:3, :3] ** 2).sum(0))
+    raw = np.asarray(pred.predict_single_npy_array(img, {"spacing": list(sp[::-1])}, None, None, False))
+    raw = raw.transpose(2, 1, 0)
+    expected = np.zeros_like(raw, dtype=np.uint8)
+    for model_id, platform_id in m.classes.items():
+        expected[raw == model_id] = platform_id
+    np.testing.assert_array_equal(ours, expected)
+    found = set(np.unique(raw).tolist())
+    assert found & {2, 3, 4, 5}, f"the test model predicts no muscle at all ({found})"
+    assert set(np.unique(ours).tolist()) <= {0, 1, 2, 3, 4}
+
+
+def test_an_ensemble_of_folds_is_one_identity_and_averages_the_folds(nnunet_model, tmp_path):
+    from cbp_platform.segmentation.backends import load_runner
+    from cbp_platform.segmentation.train import simulated_set
+
+    folder, _ = nnunet_model
+    two = tmp_path / folder.name
+    shutil.copytree(folder, two)
+    shutil.copytree(two / "fold_0", two / "fold_1")
+    single, _ = _register(tmp_path / "r", folder, name="one")
+    m, _ = _register(tmp_path / "r", two, name="two")
+    assert m.options["folds"] == ["0", "1"] and len(m.weights) == 2 and m.sha256 not in m.weights.values()
+    item = simulated_set(1, 79)[0]
+    a = load_runner(single, device="cpu").segment(item["water"], item["fat"], item["affine"])
+    b = load_runner(m, device="cpu").segment(item["water"], item["fat"], item["affine"])
+    assert np.mean(a == b) > 0.999          # two identical folds average to the single fold (float rounding aside)
+
+
+def test_one_unreadable_scan_is_reported_and_the_rest_segmented(nnunet_model, tmp_path):
+    from cbp_platform.segmentation.backends import load_runner
+    from cbp_platform.segmentation.pipeline import segment_scans
+    from cbp_platform.segmentation.train import simulated_set
+
+    folder, _ = nnunet_model
+    m, _ = _register(tmp_path / "registry", folder)
+    items = []
+    for i, it in enumerate(simulated_set(2, 80)):
+        for c in ("water", "fat"):
+            nib.save(nib.Nifti1Image(it[c], it["affine"]), tmp_path / f"p{i}_{c}.nii.gz")
+        items.append({"pseudonym": f"P{i}", "water": str(tmp_path / f"p{i}_water.nii.gz"),
+                      "fat": str(tmp_path / f"p{i}_fat.nii.gz")})
+    (tmp_path / "p1_water.nii.gz").write_bytes(b"\x1f\x8b damaged")
+    results, failures = segment_scans(items, load_runner(m, device="cpu"), tmp_path / "out", num_workers=0)
+    assert [r["pseudonym"] for r in results] == ["P0"]
+    assert [f["pseudonym"] for f in failures] == ["P1"] and "p1_water.nii.gz" in failures[0]["message"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# process_batch through Dagster with the nnU-Net model as the primary model, then a comparison
+
+
+@pytest.fixture(scope="module")
+def nnunet_pipeline(nnunet_model, tmp_path_factory):
+    from assets.runner import compare_with, pipeline_environment, run_pending
+    from cbp_platform.synth.cohort import CohortParameters
+    from cbp_platform.synth.delivery import synthesize
+
+    folder, _ = nnunet_model
+    root = tmp_path_factory.mktemp("nnunet-pipeline")
+    synthesize(participants=12, deliveries=1, seed=31, data_root=root, workers=2,
+               params=CohortParameters(p_fat_water_swap=0.2))
+    two = root / "models-in" / "ensemble" / folder.name
+    shutil.copytree(folder, two)
+    shutil.copytree(two / "fold_0", two / "fold_1")
+    with pipeline_environment(root):
+        _register(root / "models" / "registry", folder)
+        _register(root / "models" / "registry", two, name="phantom-ensemble")
+        inst = dg.DagsterInstance.get()
+        summary = run_pending(inst, log=lambda *_: None, refresh=False,
+                              model_config={"model": "phantom-nnunet", "n_val": 2})
+        compared = compare_with(inst, "phantom-ensemble", log=lambda *_: None, refresh=False)
+        yield root, inst, summary, compared
+
+
+def _q(root: Path, sql: str) -> pl.DataFrame:
+    con = duckdb.connect(str(root / "warehouse" / "cbp.duckdb"), read_only=True)
+    try:
+        return pl.from_arrow(con.sql(sql).to_arrow_table())
+    finally:
+        con.close()
+
+
+def test_process_batch_runs_the_registered_nnunet_model_with_its_identity_in_lineage(nnunet_pipeline):
+    """Segmentation, metrics, lineage and quarantine with the nnU-Net model. The test model's psoas (Dice 0.3-0.6
+    after its minutes of training) trips the blocking per-batch plausibility check, as it must: the platform's QC
+    holds every model, public or not, to the same rules, and only that check fails."""
+    root, inst, summary, _ = nnunet_pipeline
+    assert summary["failed"] == ["sim31-d01.b001"], summary
+    key = dg.AssetCheckKey(dg.AssetKey("muscle_metrics"), "segmentation_plausibility")
+    rec = inst.event_log_storage.get_asset_check_execution_history(key, limit=1)[0]
+    ev = rec.event.dagster_event.event_specific_data
+    assert not ev.passed
+    bad = {k: ev.metadata[k].value for k in ("empty_masks", "lr_ratio_out_of_bounds", "volume_out_of_range")}
+    assert sum(bad.values()) > 0, bad
+    run = inst.get_run_by_id(rec.run_id)
+    failed = [s.step_key for s in inst.get_run_step_stats(run.run_id) if s.status.value == "FAILURE"]
+    assert failed == ["muscle_metrics_segmentation_plausibility"], failed
+    m = load_manifest(root / "models" / "registry", "phantom-nnunet")
+    cur = json.loads((root / "models" / "current.json").read_text())
+    assert (cur["name"], cur["backend"], cur["source"], cur["weights_sha256"]) == \
+        ("phantom-nnunet", "nnunetv2", "registered", m.sha256)
+    key = dg.AssetCheckKey(dg.AssetKey("segmentation_model"), "segmentation_model_dice")
+    rec = inst.event_log_storage.get_asset_check_execution_history(key, limit=1)[0]
+    assert rec.event.dagster_event.event_specific_data.passed     # weights match the registration
+    md = inst.get_latest_materialization_event(dg.AssetKey("muscle_segmentations")).asset_materialization.metadata
+    assert md["backend"].value == "nnunetv2" and md["model_sha256"].value == m.sha256
+    assert md["model_folder"].value == m.folder
+    segs = _q(root, "SELECT * FROM muscle_segmentations")
+    truth = pl.read_csv(root / "truth" / "sim31-d01" / "participants.csv")
+    swapped = set(truth.filter(pl.col("fat_water_swap") != "none")["pseudonym"].to_list())
+    assert swapped and set(segs["pseudonym"].to_list()) == set(truth["pseudonym"].to_list()) - swapped
+    q = _q(root, "SELECT pseudonym, reason FROM quarantine WHERE stage = 'muscle_segmentations'")
+    assert set(q["pseudonym"].to_list()) == swapped
+    assert set(segs["model_sha256"].to_list()) == {m.sha256}
+    prov = _q(root, "SELECT input_checksums FROM provenance WHERE stage = 'muscle_segmentations'")
+    assert {json.loads(x)["model"] for x in prov["input_checksums"]} == {m.sha256}
+    any_muscle = False
+    for r in segs.iter_rows(named=True):
+        lab = nib.load(r["label_path"])
+        w, f, aff = _scan(root, "sim31-d01", r["pseudonym"])
+        np.testing.assert_allclose(lab.affine, aff)
+        vals = set(np.unique(np.asarray(lab.dataobj)).tolist())
+        assert vals <= {0, 1, 2, 3, 4}, vals
+        any_muscle |= bool(vals - {0})
+    assert any_muscle
+    met = _q(root, "SELECT * FROM muscle_metrics")
+    assert met.height == 5 * segs.height
+
+
+def test_compare_keeps_the_primary_untouched_and_two_equal_models_agree(nnunet_pipeline):
+    root, inst, _, compared = nnunet_pipeline
+    assert compared["failed"] == [], compared
+    segs = _q(root, "SELECT * FROM muscle_segmentations")
+    other = _q(root, "SELECT * FROM comparison_segmentations")
+    assert set(other["pseudonym"].to_list()) == set(segs["pseudonym"].to_list())
+    assert set(other["model_name"].to_list()) == {"phantom-ensemble"}
+    assert not set(other["label_path"].to_list()) & set(segs["label_path"].to_list())
+    assert set(segs["model_sha256"].to_list()) == {load_manifest(root / "models" / "registry",
+                                                                 "phantom-nnunet").sha256}
+    row = _q(root, "SELECT * FROM model_comparisons")
+    assert row.height == 1
+    c = json.loads(row["comparison"][0])
+    assert c["primary"]["name"] == "phantom-nnunet" and c["other"]["name"] == "phantom-ensemble"
+    for cls, d in c["label_dice"].items():
+        if d["n"]:
+            assert d["mean"] > 0.99, (cls, d)
+    md = inst.get_latest_materialization_event(dg.AssetKey("model_comparison")).asset_materialization.metadata
+    assert md["participants"].value == segs.height
