@@ -108,10 +108,11 @@ def run_pending(instance: dg.DagsterInstance, data_root: DataRootResource | None
     return summary
 
 
-def compare_with(instance: dg.DagsterInstance, model: str, *, log=print, log_level: str = "WARNING",
+def compare_with(instance: dg.DagsterInstance, model: str, *, log=print, log_level: str = "INFO",
                  refresh: bool = True) -> dict:
     """Compare the registered ``model`` with the primary: ``compare_model_batch`` for every batch the primary
-    segmented, then ``compare_models``, then the report (``published_results``) so the comparison shows in it."""
+    segmented, then ``compare_models``, then the report (``published_results``) so the comparison shows in it.
+    The runs log at INFO on the console, so each batch's progress (scans, rate, ETA) shows while it runs."""
     from resources import Warehouse
 
     defs = build_definitions()
