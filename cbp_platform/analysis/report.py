@@ -365,14 +365,14 @@ def figure_comparison(forest: pl.DataFrame, models: list[str]) -> tuple[bytes, l
             ax.errorbar(o, y + 0.3 - (k + 0.5) * step, xerr=[[o - lo], [hi - o]], fmt="o", capsize=3,
                         color=colours[k % len(colours)], label=model if i == 0 else None)
     ax.set_xscale("log")
-    ax.xaxis.set_major_locator(FixedLocator(OR_TICKS))
+    ax.xaxis.set_major_locator(FixedLocator((0.25, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0, 4.0)))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.axvline(1.0, color="grey", linewidth=0.8)
     ax.set_yticks(ticks, labels)
     ax.set_ylim(-len(keys) + 0.4, 0.6)
     ax.set_xlabel("Odds ratio per 2 SD (95 % CI), log scale")
-    ax.set_title("The study's odds ratios by segmentation model")
+    ax.set_title("Odds ratios by segmentation model")
     if keys:
         fig.legend(loc="lower center", ncol=len(models), fontsize=8, frameon=False)
     else:
