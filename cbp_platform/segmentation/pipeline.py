@@ -11,7 +11,6 @@ from torch.utils.data import DataLoader, Dataset
 from cbp_platform.classes import IDS, NAMES, NUM_CLASSES
 from cbp_platform.imaging.nifti import atomic_write_bytes, nifti_bytes, sha256_bytes
 from cbp_platform.metrics.body_composition import dice_per_class, muscle_metrics
-from cbp_platform.segmentation.infer import Segmenter
 from cbp_platform.segmentation.train import simulated_set
 
 
@@ -26,7 +25,7 @@ VOXEL_SCHEMA = {voxel_column(c): "Int64" for c in IDS}
 class _Scans(Dataset):
     """Loads and preprocesses scans in DataLoader workers while the model runs in the main process."""
 
-    def __init__(self, items: list[dict], segmenter: Segmenter):
+    def __init__(self, items: list[dict], segmenter):
         self.items = items
         self.seg = segmenter
 
@@ -45,9 +44,10 @@ class _Scans(Dataset):
         return prepared
 
 
-def segment_scans(items: list[dict], segmenter: Segmenter, out_dir: Path, *, num_workers: int = 1,
+def segment_scans(items: list[dict], segmenter, out_dir: Path, *, num_workers: int = 1,
                   progress=None) -> tuple[list[dict], list[dict]]:
-    """Segment each item (``pseudonym``, ``water``, ``fat`` paths); write ``<pseudonym>_seg.nii.gz`` atomically.
+    """Segment each item (``pseudonym``, ``water``, ``fat`` paths) with ``segmenter``, a runner of any backend
+    (:func:`cbp_platform.segmentation.backends.load_runner`); write ``<pseudonym>_seg.nii.gz`` atomically.
 
     Returns (results with label path, sha256 and voxel counts; failures with messages).
     """
@@ -86,7 +86,7 @@ def metrics_for(label_path: str, water_path: str, fat_path: str, threshold: floa
                           threshold)
 
 
-def validate(segmenter: Segmenter, n: int = 10, seed: int = 2000) -> dict[str, float]:
+def validate(segmenter, n: int = 10, seed: int = 2000) -> dict[str, float]:
     """Mean Dice per class on ``n`` held-out simulated scans (their own cohort seed)."""
     acc = {c: [] for c in IDS}
     for item in simulated_set(n, seed):
