@@ -67,11 +67,10 @@ def segmentation_model(context: dg.AssetExecutionContext, config: SegmentationMo
                        runtime: SegmentationRuntime) -> dg.MaterializeResult:
     from cbp_platform.imaging.nifti import atomic_write_bytes
     from cbp_platform.segmentation.backends import describe_monai_bundle, load_runner
-    from cbp_platform.segmentation.bundle import build_network, save_bundle
-    from cbp_platform.segmentation.calibrate import calibrate_network
     from cbp_platform.segmentation.manifest import ManifestError, load_manifest, save_manifest
     from cbp_platform.segmentation.pipeline import configure_threads, validate
-    from cbp_platform.segmentation.train import TrainingCapReached, train
+    from cbp_platform.segmentation.registry import train_default_model
+    from cbp_platform.segmentation.train import TrainingCapReached
 
     configure_threads(runtime.threads)
     t0 = time.perf_counter()
@@ -93,29 +92,17 @@ def segmentation_model(context: dg.AssetExecutionContext, config: SegmentationMo
                          f"{manifest.sha256[:12]})")
     else:
         try:
-            res = train(build_network(), n_train=config.n_train, budget_s=config.train_budget_s, seed=config.seed,
-                        max_iterations=config.max_iterations, log=context.log.info)
+            manifest, trained, cal = train_default_model(
+                runtime.models_path, runtime.registry_path, n_train=config.n_train, budget_s=config.train_budget_s,
+                seed=config.seed, max_iterations=config.max_iterations, n_calibration=config.n_calibration,
+                device=runtime.device, sw_batch_size=runtime.sw_batch_size, log=context.log.info,
+                calibration_progress=RateLogger(context.log.info, config.n_calibration, "border calibration",
+                                                unit="scans"))
         except TrainingCapReached as exc:
             raise dg.Failure(description=str(exc)) from None
-        cal = calibrate_network(res.network, n=config.n_calibration, seed=config.seed + 2000, device=runtime.device,
-                                sw_batch_size=runtime.sw_batch_size,
-                                progress=RateLogger(context.log.info, config.n_calibration, "border calibration",
-                                                    unit="scans"))
         context.log.info(f"border calibration: background offset {cal.offset:+.2f}, InterMAT bias on "
                          f"{cal.n} held-out scans {cal.imat_bias_before:+.2f} % -> {cal.imat_bias_after:+.2f} %")
-        tmp = runtime.models_path / ".training"
-        sha = save_bundle(tmp, res.network, {"training": {**res.provenance, "iterations": res.iterations,
-                                                          "seconds": round(res.seconds, 1),
-                                                          "final_loss": res.final_loss},
-                                             "calibration": cal.as_dict()})
-        final = runtime.models_path / f"cbp_back_muscles-{sha[:12]}"
-        if final.exists():
-            import shutil
-            shutil.rmtree(final)
-        tmp.replace(final)
-        manifest = describe_monai_bundle(final, name=final.name)
-        save_manifest(runtime.registry_path, manifest)
-        trained, source = res, "trained"
+        source = "trained"
     try:
         runner = load_runner(manifest, device=runtime.device, sw_batch_size=runtime.sw_batch_size)
     except ManifestError as exc:

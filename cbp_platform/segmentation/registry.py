@@ -50,6 +50,36 @@ def register(registry_dir: Path, folder: str | Path, *, preset: str = "", name: 
     return m, save_manifest(registry_dir, m)
 
 
+def train_default_model(models_dir: Path, registry_dir: Path, *, n_train: int, budget_s: float | None, seed: int,
+                        max_iterations: int, n_calibration: int, device: str = "auto", sw_batch_size: int = 2,
+                        log=None, calibration_progress=None):
+    """Train the default model from ``seed``, calibrate its border, save it as the bundle
+    ``<models_dir>/cbp_back_muscles-<sha256[:12]>`` and register it; returns (manifest, training result,
+    calibration). Raises :class:`~cbp_platform.segmentation.train.TrainingCapReached` at a wall-clock cap."""
+    import shutil
+
+    from cbp_platform.segmentation.backends import describe_monai_bundle
+    from cbp_platform.segmentation.bundle import build_network, save_bundle
+    from cbp_platform.segmentation.calibrate import calibrate_network
+    from cbp_platform.segmentation.train import train
+
+    res = train(build_network(), n_train=n_train, budget_s=budget_s, seed=seed, max_iterations=max_iterations,
+                log=log)
+    cal = calibrate_network(res.network, n=n_calibration, seed=seed + 2000, device=device,
+                            sw_batch_size=sw_batch_size, progress=calibration_progress)
+    tmp = Path(models_dir) / ".training"
+    sha = save_bundle(tmp, res.network, {"training": {**res.provenance, "iterations": res.iterations,
+                                                      "seconds": round(res.seconds, 1), "final_loss": res.final_loss},
+                                         "calibration": cal.as_dict()})
+    final = Path(models_dir) / f"cbp_back_muscles-{sha[:12]}"
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.replace(final)
+    manifest = describe_monai_bundle(final, name=final.name)
+    save_manifest(registry_dir, manifest)
+    return manifest, res, cal
+
+
 def manifest_for_pointer(pointer: dict, registry_dir: Path) -> ModelManifest:
     """The manifest the primary-model pointer (``models/current.json``) names. A pointer written before manifests
     existed (a trained bundle's path only) is registered on first use."""
