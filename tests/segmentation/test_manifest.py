@@ -200,3 +200,18 @@ def test_a_folder_of_another_model_or_version_is_refused_by_name(tmp_path):
         register(tmp_path / "r", four, preset="mrsegmentator")
     with pytest.raises(ManifestError, match="unknown preset 'mrseg'"):
         register(tmp_path / "r", four, preset="mrseg")
+
+
+def test_every_fold_of_an_ensemble_is_checked_at_registration(tmp_path):
+    f = _public_like_folder(tmp_path / "mrs", "mrsegmentator", folds=range(5))
+    torch.save({"trainer_name": "nnUNetTrainer", "network_weights": {}, "init_args": {"configuration": "2d"}},
+               f / "fold_3" / "checkpoint_final.pth")
+    with pytest.raises(ManifestError, match=r"fold_3/checkpoint_final.pth: trained with configuration '2d'"):
+        register(tmp_path / "r", f, preset="mrsegmentator")
+    (f / "fold_3" / "checkpoint_final.pth").write_bytes(b"\x00garbage")
+    with pytest.raises(ManifestError, match=r"fold_3/checkpoint_final.pth: unreadable checkpoint"):
+        register(tmp_path / "r", f, preset="mrsegmentator")
+    torch.save({"trainer_name": "nnUNetTrainer"}, f / "fold_3" / "checkpoint_final.pth")
+    with pytest.raises(ManifestError, match=r"fold_3/checkpoint_final.pth: no 'network_weights'"):
+        register(tmp_path / "r", f, preset="mrsegmentator")
+    assert not (tmp_path / "r").exists()

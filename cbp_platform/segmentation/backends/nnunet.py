@@ -127,6 +127,16 @@ def describe(folder: str | Path, *, name: str, labels: dict[int, str], inputs: t
     use_folds = _folds(folder, folds, checkpoint)
     ckpt = folder / f"fold_{use_folds[0]}" / checkpoint
     meta = _load_checkpoint(ckpt)
+    for f in use_folds:            # every fold readable, with weights, from the same configuration
+        other = meta if f == use_folds[0] else _load_checkpoint(folder / f"fold_{f}" / checkpoint)
+        path = folder / f"fold_{f}" / checkpoint
+        if "network_weights" not in other:
+            raise ManifestError(f"{path}: no 'network_weights' in the checkpoint (not an nnU-Net v2 checkpoint?)")
+        if other.get("init_args", {}).get("configuration") != meta.get("init_args", {}).get("configuration"):
+            raise ManifestError(f"{path}: trained with configuration "
+                                f"{other.get('init_args', {}).get('configuration')!r}, fold {use_folds[0]} with "
+                                f"{meta.get('init_args', {}).get('configuration')!r}: not one ensemble")
+        del other
     conf = configuration or meta.get("init_args", {}).get("configuration", "")
     if conf not in confs:
         raise ManifestError(f"{folder / 'plans.json'}: configuration {conf!r} (from {ckpt.name}) not among "
