@@ -259,20 +259,22 @@ def _q(root: Path, sql: str) -> pl.DataFrame:
 
 
 def test_process_batch_runs_the_registered_nnunet_model_with_its_identity_in_lineage(nnunet_pipeline):
-    """Segmentation, metrics, lineage and quarantine with the nnU-Net model. The test model's psoas (Dice 0.3-0.6
-    after its minutes of training) trips the blocking per-batch plausibility check, as it must: the platform's QC
-    holds every model, public or not, to the same rules, and only that check fails."""
+    """Segmentation, metrics, lineage and quarantine with the nnU-Net model. The test model's psoas (Dice 0.3-0.7
+    after its minutes of training; nnU-Net's augmentation is not seeded, so each build differs a little) may trip
+    the blocking per-batch plausibility check, as it must: the platform's QC holds every model to the same rules.
+    Either the run succeeds with the check passed, or that check is the only failed step, with its counts."""
     root, inst, summary, _ = nnunet_pipeline
-    assert summary["failed"] == ["sim31-d01.b001"], summary
     key = dg.AssetCheckKey(dg.AssetKey("muscle_metrics"), "segmentation_plausibility")
     rec = inst.event_log_storage.get_asset_check_execution_history(key, limit=1)[0]
     ev = rec.event.dagster_event.event_specific_data
-    assert not ev.passed
     bad = {k: ev.metadata[k].value for k in ("empty_masks", "lr_ratio_out_of_bounds", "volume_out_of_range")}
-    assert sum(bad.values()) > 0, bad
     run = inst.get_run_by_id(rec.run_id)
     failed = [s.step_key for s in inst.get_run_step_stats(run.run_id) if s.status.value == "FAILURE"]
-    assert failed == ["muscle_metrics_segmentation_plausibility"], failed
+    if ev.passed:
+        assert summary["failed"] == [] and failed == [] and sum(bad.values()) == 0, (summary, failed, bad)
+    else:
+        assert summary["failed"] == ["sim31-d01.b001"], summary
+        assert failed == ["muscle_metrics_segmentation_plausibility"] and sum(bad.values()) > 0, (failed, bad)
     m = load_manifest(root / "models" / "registry", "phantom-nnunet")
     cur = json.loads((root / "models" / "current.json").read_text())
     assert (cur["name"], cur["backend"], cur["source"], cur["weights_sha256"]) == \

@@ -91,8 +91,15 @@ def build(out: Path, *, n_train: int = 10, seed: int = 4242, epochs: int = 20, i
         os.environ[k] = str(v)
     os.environ["nnUNet_n_proc_DA"] = "1"           # the planner sets torch threads from it (0 breaks planning)
     os.environ["nnUNet_def_n_proc"] = "1"
+    import random
+
+    import numpy as np
     import torch
 
+    # nnU-Net's sampling and augmentation draw from the global generators: seeded, a build repeats more closely
+    # (not bit for bit: CPU kernels and thread scheduling still vary)
+    random.seed(seed)
+    np.random.seed(seed)
     torch.manual_seed(seed)
     from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
     from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
