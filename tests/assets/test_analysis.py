@@ -10,12 +10,12 @@ import re
 from pathlib import Path
 
 import dagster as dg
-import duckdb
 import numpy as np
 import polars as pl
 import pytest
 
 from tests.analysis.synthetic import write_warehouse
+from tests.warehouse_query import query as _q
 
 COHORT_ASSETS = ("analysis_cohort", "cbp_association_model", "pain_intensity_model", "table_one",
                  "stratified_comparisons", "physical_activity_prevalence", "published_results")
@@ -29,13 +29,6 @@ def _refresh(root: Path):
     job = defs.resolve_job_def("cohort_refresh")
     return inst, job.execute_in_process(instance=inst, raise_on_error=False)
 
-
-def _q(root: Path, sql: str) -> pl.DataFrame:
-    con = duckdb.connect(str(root / "warehouse" / "cbp.duckdb"), read_only=True)
-    try:
-        return pl.from_arrow(con.sql(sql).to_arrow_table())
-    finally:
-        con.close()
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,11 @@ import textwrap
 from pathlib import Path
 
 import dagster as dg
-import duckdb
 import polars as pl
 import pytest
 
 from cbp_platform.synth.delivery import synthesize
+from tests.warehouse_query import query as _q
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -45,17 +45,6 @@ def ingested(env):
     summary = run_pending(instance, log=lambda *_: None, job_name="ingest_batch")
     return env, instance, summary
 
-
-def _wh(root: Path) -> duckdb.DuckDBPyConnection:
-    return duckdb.connect(str(root / "warehouse" / "cbp.duckdb"), read_only=True)
-
-
-def _q(root: Path, sql: str) -> pl.DataFrame:
-    con = _wh(root)
-    try:
-        return pl.from_arrow(con.sql(sql).to_arrow_table())
-    finally:
-        con.close()
 
 
 def test_code_location_validates_and_loads_light(tmp_path):

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import dagster as dg
-import duckdb
 import nibabel as nib
 import numpy as np
 import polars as pl
@@ -18,6 +17,7 @@ import pytest
 from cbp_platform.segmentation.backends import nnunet_phantom as phantom
 from cbp_platform.segmentation.manifest import ManifestError, load_manifest
 from cbp_platform.segmentation.registry import register
+from tests.warehouse_query import query as _q
 
 LABEL_ARGS = {v: k for k, v in phantom.PLATFORM_OF.items()}      # platform class -> this model's label id
 
@@ -249,13 +249,6 @@ def nnunet_pipeline(nnunet_model, tmp_path_factory):
         compared = compare_with(inst, "phantom-ensemble", log=lambda *_: None, refresh=False)
         yield root, inst, summary, compared
 
-
-def _q(root: Path, sql: str) -> pl.DataFrame:
-    con = duckdb.connect(str(root / "warehouse" / "cbp.duckdb"), read_only=True)
-    try:
-        return pl.from_arrow(con.sql(sql).to_arrow_table())
-    finally:
-        con.close()
 
 
 def test_process_batch_runs_the_registered_nnunet_model_with_its_identity_in_lineage(nnunet_pipeline):

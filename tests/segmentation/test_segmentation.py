@@ -4,7 +4,6 @@ import json
 from pathlib import Path
 
 import dagster as dg
-import duckdb
 import nibabel as nib
 import numpy as np
 import polars as pl
@@ -18,6 +17,7 @@ from cbp_platform.segmentation.train import RandFlipLRd
 from cbp_platform.synth.cohort import CohortParameters
 from cbp_platform.synth.delivery import synthesize
 from cbp_platform.synth.phantom import PRESETS, Subject, render_phantom
+from tests.warehouse_query import query as _q
 
 
 def test_bundle_roundtrip_and_clear_errors(tmp_path):
@@ -160,13 +160,6 @@ def processed(tmp_path_factory):
                               model_config={"max_iterations": 900, "n_train": 120, "n_val": 6})
         yield root, inst, summary
 
-
-def _q(root: Path, sql: str) -> pl.DataFrame:
-    con = duckdb.connect(str(root / "warehouse" / "cbp.duckdb"), read_only=True)
-    try:
-        return pl.from_arrow(con.sql(sql).to_arrow_table())
-    finally:
-        con.close()
 
 
 def test_model_trains_passes_dice_and_is_identified_by_its_weights(processed):
