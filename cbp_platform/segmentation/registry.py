@@ -84,7 +84,14 @@ def manifest_for_pointer(pointer: dict, registry_dir: Path) -> ModelManifest:
     """The manifest the primary-model pointer (``models/current.json``) names. A pointer written before manifests
     existed (a trained bundle's path only) is registered on first use."""
     if pointer.get("name"):
-        return load_manifest(registry_dir, pointer["name"])
+        m = load_manifest(registry_dir, pointer["name"])
+        want = pointer.get("weights_sha256")
+        if want and m.sha256 != want:
+            # the name was registered again with other weights: never swap the primary model silently
+            raise ManifestError(f"{registry_dir}/{m.name}.json: weights {m.sha256[:12]}... differ from the "
+                                f"primary model's {want[:12]}... named in models/current.json; register the new model under "
+                                "another name, or make it primary with the segmentation_model asset")
+        return m
     from cbp_platform.segmentation.backends import describe_monai_bundle
 
     folder = Path(pointer["path"])

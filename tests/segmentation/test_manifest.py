@@ -109,6 +109,20 @@ def test_a_pointer_from_before_manifests_is_registered_on_first_use(bundle, tmp_
         load_manifest(tmp_path / "reg", "nope")
 
 
+def test_registering_other_weights_under_the_primarys_name_never_swaps_the_primary(bundle, tmp_path):
+    m0, _ = register(tmp_path / "reg", bundle, name="primary", backend="monai-bundle")
+    pointer = {"name": "primary", "path": str(bundle), "weights_sha256": m0.sha256}
+    assert manifest_for_pointer(pointer, tmp_path / "reg").sha256 == m0.sha256
+    torch.manual_seed(4)
+    other = tmp_path / "other"                                   # other weights, registered under the same name
+    save_bundle(other, build_network(), {"training": {"note": "another model"}})
+    m1, _ = register(tmp_path / "reg", other, name="primary", backend="monai-bundle")
+    assert m1.sha256 != m0.sha256
+    with pytest.raises(ManifestError, match=rf"primary.json: weights {m1.sha256[:12]}\.\.\. differ from the "
+                                            rf"primary model's {m0.sha256[:12]}"):
+        manifest_for_pointer(pointer, tmp_path / "reg")
+
+
 def test_bundle_metadata_must_declare_geometry_and_every_class(bundle, tmp_path):
     import shutil
 
