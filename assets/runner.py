@@ -113,6 +113,7 @@ def compare_with(instance: dg.DagsterInstance, model: str, *, log=print, log_lev
     """Compare the registered ``model`` with the primary: ``compare_model_batch`` for every batch the primary
     segmented, then ``compare_models``, then the report (``published_results``) so the comparison shows in it.
     The runs log at INFO on the console, so each batch's progress (scans, rate, ETA) shows while it runs."""
+    from cbp_platform.segmentation.manifest import load_manifest
     from resources import Warehouse
 
     defs = build_definitions()
@@ -126,13 +127,19 @@ def compare_with(instance: dg.DagsterInstance, model: str, *, log=print, log_lev
         return summary
     quiet = {"loggers": {"console": {"config": {"log_level": log_level}}}}
     job = defs.resolve_job_def("compare_model_batch")
+    sha = load_manifest(SegmentationRuntime().registry_path, model).sha256
+    tags = {"cbp/compared_model": model, "cbp/compared_sha256": sha}
+    todo = [k for k in keys if not _compared_since_segmented(instance, k, tags)]
+    if len(todo) < len(keys):
+        log(f"  {len(keys) - len(todo)} of {len(keys)} batches already compared with these weights "
+            f"({sha[:12]}) since their segmentation: skipped")
     t0 = time.perf_counter()
-    for i, key in enumerate(keys, start=1):
+    for i, key in enumerate(todo, start=1):
         t = time.perf_counter()
         res = job.execute_in_process(partition_key=key, instance=instance, raise_on_error=False,
                                      run_config={**quiet, "ops": {"comparison_metrics": {"config": {"model": model}}}},
-                                     tags={"cbp/batch": key, "cbp/compared_model": model})
-        log(f"  [{i}/{len(keys)}] batch {key}: {model} {'ok' if res.success else 'FAILED'} in "
+                                     tags={"cbp/batch": key, **tags})
+        log(f"  [{i}/{len(todo)}] batch {key}: {model} {'ok' if res.success else 'FAILED'} in "
             f"{time.perf_counter() - t:.1f} s (run {res.run_id[:8]})")
         if not res.success:
             summary["failed"].append(key)
@@ -154,6 +161,22 @@ def compare_with(instance: dg.DagsterInstance, model: str, *, log=print, log_lev
             summary["failed"].append("published_results")
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     return summary
+
+
+def _latest_success(instance: dg.DagsterInstance, job_name: str, tags: dict):
+    runs = instance.get_run_records(filters=dg.RunsFilter(job_name=job_name, tags=tags,
+                                                          statuses=[dg.DagsterRunStatus.SUCCESS]), limit=1)
+    return runs[0] if runs else None
+
+
+def _compared_since_segmented(instance: dg.DagsterInstance, key: str, tags: dict) -> bool:
+    """A successful ``compare_model_batch`` run of this batch with these weights, later than the batch's latest
+    successful processing (a re-segmented batch is compared again)."""
+    cmp = _latest_success(instance, "compare_model_batch", {"cbp/batch": key, **tags})
+    if cmp is None:
+        return False
+    seg = _latest_success(instance, PROCESS_JOB, {"cbp/batch": key})
+    return seg is None or cmp.create_timestamp > seg.create_timestamp
 
 
 def main(argv=None) -> int:

@@ -319,3 +319,17 @@ def test_compare_keeps_the_primary_untouched_and_two_equal_models_agree(nnunet_p
             assert d["mean"] > 0.99, (cls, d)
     md = inst.get_latest_materialization_event(dg.AssetKey("model_comparison")).asset_materialization.metadata
     assert md["participants"].value == segs.height
+
+
+def test_compare_again_skips_batches_already_compared_with_the_same_weights(nnunet_pipeline):
+    from assets.runner import compare_with, pipeline_environment
+
+    root, inst, _, _ = nnunet_pipeline
+    before = len(inst.get_run_records(filters=dg.RunsFilter(job_name="compare_model_batch")))
+    lines = []
+    with pipeline_environment(root):
+        again = compare_with(inst, "phantom-ensemble", log=lines.append, refresh=False)
+    assert again["failed"] == [], again
+    assert any("1 of 1 batches already compared with these weights" in x for x in lines), lines
+    assert len(inst.get_run_records(filters=dg.RunsFilter(job_name="compare_model_batch"))) == before
+    assert _q(root, "SELECT count(*) AS n FROM model_comparisons")["n"][0] == 1
