@@ -11,7 +11,7 @@ warnings.filterwarnings("ignore", message="Specifying a partitions_def on an Ass
 from assets.ingestion import participant_covariates, raw_mri_scans
 from assets.partitions import batches_partitions
 from cbp_platform.ingest.covariates import REQUIRED, RULES
-from cbp_platform.ingest.scans import SPACING_RANGE
+from cbp_platform.ingest.scans import RULES as SCAN_RULES
 from cbp_platform.landing import SITES
 from checks.gx import outcomes_metadata, run_suite
 from resources import Warehouse
@@ -31,18 +31,20 @@ def covariate_expectations() -> list:
 
 
 def scan_expectations() -> list:
+    """The scan rules (:data:`cbp_platform.ingest.scans.RULES`) that ingestion applies per participant, as a GX
+    suite: a failure here means a batch-level breakage (the facts table, the code), never one bad scan."""
     exp = [("ExpectColumnValuesToNotBeNull", {"column": c})
            for c in ("pseudonym", "water_sha256", "fat_sha256", "affine", "orientation")]
     exp.append(("ExpectColumnValuesToBeUnique", {"column": "pseudonym"}))
     for c in ("spacing_x", "spacing_y", "spacing_z"):
-        exp.append(("ExpectColumnValuesToBeBetween", {"column": c, "min_value": SPACING_RANGE[0],
-                                                      "max_value": SPACING_RANGE[1]}))
+        exp.append(("ExpectColumnValuesToBeBetween", {"column": c, "min_value": SCAN_RULES.spacing_mm[0],
+                                                      "max_value": SCAN_RULES.spacing_mm[1]}))
     for c in ("shape_x", "shape_y", "shape_z"):
-        exp.append(("ExpectColumnValuesToBeBetween", {"column": c, "min_value": 16, "max_value": 1024}))
-    exp.append(("ExpectColumnValuesToBeInSet", {"column": "dtype",
-                                                "value_set": ["int16", "uint16", "float32", "float64", "int32"]}))
-    exp.append(("ExpectColumnValuesToBeBetween", {"column": "water_min", "min_value": 0}))
-    exp.append(("ExpectColumnValuesToBeBetween", {"column": "fat_min", "min_value": 0}))
+        exp.append(("ExpectColumnValuesToBeBetween", {"column": c, "min_value": SCAN_RULES.shape[0],
+                                                      "max_value": SCAN_RULES.shape[1]}))
+    exp.append(("ExpectColumnValuesToBeInSet", {"column": "dtype", "value_set": list(SCAN_RULES.dtypes)}))
+    exp.append(("ExpectColumnValuesToBeBetween", {"column": "water_min", "min_value": SCAN_RULES.min_signal}))
+    exp.append(("ExpectColumnValuesToBeBetween", {"column": "fat_min", "min_value": SCAN_RULES.min_signal}))
     return exp
 
 

@@ -10,7 +10,7 @@ import polars as pl
 
 from cbp_platform.imaging.nifti import atomic_write_bytes
 from cbp_platform.ingest.deliveries import Batch, BatchRegistry, plan_batches
-from cbp_platform.ingest.scans import SCAN_FACTS_SCHEMA, ScanProblem, inspect_participant
+from cbp_platform.ingest.scans import SCAN_FACTS_SCHEMA, ByteBudget, ScanProblem, inspect_participant
 
 
 def _delivery_record_path(root: Path, delivery_id: str) -> Path:
@@ -59,27 +59,35 @@ def earlier_pseudonyms(root: Path, delivery_id: str) -> set[str]:
     return out
 
 
-def ingest_scans(batch: Batch, delivery_dir: Path, manifest: dict, *, duplicates: set[str],
-                 threads: int = 2, progress=None) -> tuple[list[dict], list[dict]]:
-    """Validate every participant of ``batch``: (facts rows, quarantine rows). Never raises per participant."""
+def ingest_scans(batch: Batch, delivery_dir: Path, manifest: dict, *, duplicates: set[str] | dict[str, str],
+                 threads: int = 2, progress=None, budget: ByteBudget | None = None) -> tuple[list[dict], list[dict]]:
+    """Validate every participant of ``batch``: (facts rows, quarantine rows). Never raises per participant.
+
+    ``duplicates``: pseudonyms that belong to another delivery (with that delivery's id when known)."""
     files = {f["path"]: f for f in manifest["files"]}
+    index = {f["path"]: i for i, f in enumerate(manifest["files"])}
+    budget = budget or ByteBudget()
     facts: list[dict] = []
     quarantine: list[dict] = []
     todo = []
     for p in batch.participants:
         if p in duplicates:
+            owner = duplicates[p] if isinstance(duplicates, dict) else ""
             quarantine.append(dict(pseudonym=p, reason="duplicate_pseudonym",
-                                   message=f"{delivery_dir}: pseudonym already delivered in an earlier delivery"))
+                                   message=f"{batch.delivery_id}: participant already registered "
+                                           f"{f'by delivery {owner}' if owner else 'by an earlier delivery'} "
+                                           "(first registered wins)"))
         else:
             todo.append(p)
 
     def one(p: str):
         try:
-            return inspect_participant(delivery_dir, p, files), None
+            return inspect_participant(delivery_dir, p, files, budget=budget, files_index=index), None
         except ScanProblem as exc:
-            return None, dict(pseudonym=p, reason=exc.reason, message=exc.message)
+            return None, dict(pseudonym=p, reason=exc.reason, message=f"{batch.delivery_id}: {exc.message}")
         except Exception as exc:  # an unforeseen failure quarantines one scan, not the batch
-            return None, dict(pseudonym=p, reason="unreadable", message=f"{delivery_dir}/mri/{p}: {exc!r}")
+            text = redact(f"{type(exc).__name__}: {exc}", p, delivery_dir)
+            return None, dict(pseudonym=p, reason="unreadable", message=f"{batch.delivery_id}: {text}")
 
     with ThreadPoolExecutor(max_workers=max(threads, 1)) as pool:
         for i, (ok, bad) in enumerate(pool.map(one, todo), start=1):
@@ -90,6 +98,13 @@ def ingest_scans(batch: Batch, delivery_dir: Path, manifest: dict, *, duplicates
             if progress is not None:
                 progress(i, len(todo))
     return facts, quarantine
+
+
+def redact(text: str, pseudonym: str, delivery_dir: Path | None = None) -> str:
+    """``text`` without the pseudonym or the delivery folder's path (for messages that operators read)."""
+    if delivery_dir is not None:
+        text = text.replace(str(delivery_dir), "<delivery>")
+    return text.replace(pseudonym, "<participant>")
 
 
 def facts_frame(facts: list[dict], batch: Batch) -> pl.DataFrame:
