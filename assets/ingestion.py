@@ -122,7 +122,10 @@ def participant_covariates(context: dg.AssetExecutionContext, data_root: DataRoo
                            warehouse: Warehouse) -> dg.MaterializeResult:
     batch, ddir, manifest = _batch(context, data_root)
     dups = earlier_pseudonyms(data_root.path, batch.delivery_id)
-    res = parse_covariates(ddir / COVARIATES_NAME, batch.participants, dups)
+    k, entry = next(((i, f) for i, f in enumerate(manifest["files"]) if f["path"] == COVARIATES_NAME), (None, None))
+    res = parse_covariates(ddir / COVARIATES_NAME, batch.participants, dups, delivery_dir=ddir, entry=entry,
+                           verify=True, label=f"{batch.delivery_id}: {COVARIATES_NAME} "
+                                              f"({'not in the manifest' if k is None else f'files[{k}]'})")
     df = res.rows.with_columns(pl.lit(batch.key).alias("batch_key"), pl.lit(batch.delivery_id).alias("delivery_id"))
     df = df.select(["batch_key", "delivery_id", *res.rows.columns])
     run_id = context.run.run_id
@@ -131,7 +134,7 @@ def participant_covariates(context: dg.AssetExecutionContext, data_root: DataRoo
                                                           batch_key=batch.key, stage="participant_covariates",
                                                           run_id=run_id),
                            {"batch_key": batch.key, "stage": "participant_covariates"})
-    cov_sha = next((f["sha256"] for f in manifest["files"] if f["path"] == COVARIATES_NAME), "")
+    cov_sha = entry["sha256"] if entry else ""
     prov = [dict(pseudonym=p, inputs={"covariates.csv": cov_sha}) for p in df["pseudonym"].to_list()]
     warehouse.replace_rows("provenance", provenance_frame(prov, delivery_id=batch.delivery_id, batch_key=batch.key,
                                                           stage="participant_covariates",

@@ -7,7 +7,10 @@ Polars. The plausibility rules live in :data:`RULES` and are shared with the Gre
 
 from __future__ import annotations
 
+import codecs
 import csv
+import hashlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,62 +67,139 @@ def _reject(out: list[dict], pseudonym: str, reason: str, message: str) -> None:
     out.append(dict(pseudonym=pseudonym, reason=reason, message=message))
 
 
+def _undecodable(text: str) -> int | None:
+    """Position of the first byte that was not UTF-8 (decoded with ``surrogateescape``), or None."""
+    m = _SURROGATE.search(text)
+    return None if m is None else m.start()
+
+
+_SURROGATE = re.compile("[\udc80-\udcff]")
+
+
+def _verify(path: Path, delivery_dir: Path | None, entry: dict | None, verify: bool, label: str) -> str | None:
+    """Problem with the file as a whole (reason, message), or None: a link or non-file, another size or
+    checksum than the manifest's. Nothing is opened before the path is known to be a regular file."""
+    from cbp_platform.ingest.scans import ScanProblem, check_regular_file
+
+    if delivery_dir is not None:
+        try:
+            check_regular_file(delivery_dir, path.name, label)
+        except ScanProblem as exc:
+            if exc.reason == "missing_file":
+                return ("no_covariates_file", f"{label}: missing")
+            return (exc.reason, exc.message)
+    if not verify:
+        return None
+    if entry is None:
+        return ("not_in_manifest", f"{label}: present but not listed in the manifest")
+    try:
+        payload = path.read_bytes()
+    except FileNotFoundError:
+        return ("no_covariates_file", f"{label}: missing")
+    if len(payload) != entry["size"]:
+        return ("size_mismatch", f"{label}: {len(payload)} bytes, the manifest says {entry['size']}")
+    digest = hashlib.sha256(payload).hexdigest()
+    if digest != entry["sha256"]:
+        return ("checksum_mismatch", f"{label}: sha256 {digest[:12]}... differs from the manifest's "
+                                     f"{entry['sha256'][:12]}...")
+    return None
+
+
 def parse_covariates(path: Path, participants: list[str] | set[str],
-                     duplicates_elsewhere: set[str] | frozenset[str] = frozenset()) -> CovariateResult:
+                     duplicates_elsewhere: set[str] | frozenset[str] | dict[str, str] = frozenset(), *,
+                     delivery_dir: Path | None = None, entry: dict | None = None, verify: bool = False,
+                     label: str | None = None) -> CovariateResult:
     """Typed rows of ``path`` for ``participants``; every other outcome is a quarantine entry.
 
-    ``duplicates_elsewhere``: pseudonyms already delivered in an earlier delivery (quarantined here).
+    The file is read row by row: a row that cannot be decoded (bytes outside UTF-8) or parsed is quarantined
+    with its line number, and the other rows are kept. A UTF-8 byte-order mark is accepted.
+    ``duplicates_elsewhere``: pseudonyms registered by another delivery (quarantined here).
+    ``delivery_dir``: refuse a link or a non-file without opening it; ``verify``: check the size and sha256
+    against the manifest ``entry``. ``label``: how messages name the file (default: its path).
     """
     wanted = set(participants)
     quarantine: list[dict] = []
-    try:
-        fh = path.open(newline="", encoding="utf-8")
-    except FileNotFoundError:
+    label = label or str(path)
+    empty = CovariateResult(pl.DataFrame(schema=SCHEMA), quarantine)
+
+    def everyone(reason: str, message: str) -> CovariateResult:
         for p in sorted(wanted):
-            _reject(quarantine, p, "no_covariates_file", f"{path}: missing")
-        return CovariateResult(pl.DataFrame(schema=SCHEMA), quarantine)
-    with fh:
-        reader = csv.reader(fh)
+            _reject(quarantine, p, reason, message)
+        return empty
+
+    problem = _verify(path, delivery_dir, entry, verify, label)
+    if problem:
+        return everyone(*problem)
+    try:
+        payload = path.read_bytes()
+    except FileNotFoundError:
+        return everyone("no_covariates_file", f"{label}: missing")
+    except OSError as exc:
+        return everyone("unreadable_covariates", f"{label}: cannot be read ({exc.strerror})")
+    if payload.startswith(codecs.BOM_UTF8):
+        payload = payload[len(codecs.BOM_UTF8):]
+    lines = payload.decode("utf-8", errors="surrogateescape").split("\n")
+    if not payload.strip():
+        return everyone("unreadable_covariates", f"{label}: empty file, no header")
+    header_text = lines[0].rstrip("\r")
+    if _undecodable(header_text) is not None:
+        return everyone("unreadable_covariates", f"{label} line 1: the header holds bytes that are not UTF-8")
+    try:
+        header = next(csv.reader([header_text]))
+    except (StopIteration, csv.Error) as exc:
+        return everyone("unreadable_covariates", f"{label} line 1: header cannot be parsed ({exc})")
+    if tuple(h.strip() for h in header) != COVARIATE_COLUMNS:
+        return everyone("unexpected_columns", f"{label}: header {header} is not the contract's")
+    raw: list[list[str]] = []
+    seen: dict[str, int] = {}
+    unattributed: list[int] = []
+    for lineno, line in enumerate(lines[1:], start=2):
+        line = line.rstrip("\r")
+        if not line.strip():
+            continue
+        where = f"{label} line {lineno}"
         try:
-            header = next(reader)
-        except (StopIteration, csv.Error, UnicodeDecodeError) as exc:
-            for p in sorted(wanted):
-                _reject(quarantine, p, "unreadable_covariates", f"{path}: no header ({exc})")
-            return CovariateResult(pl.DataFrame(schema=SCHEMA), quarantine)
-        if tuple(header) != COVARIATE_COLUMNS:
-            for p in sorted(wanted):
-                _reject(quarantine, p, "unexpected_columns", f"{path}: header {header} is not the contract's")
-            return CovariateResult(pl.DataFrame(schema=SCHEMA), quarantine)
-        raw: list[list[str]] = []
-        seen: dict[str, int] = {}
-        try:
-            for lineno, cells in enumerate(reader, start=2):
-                if not cells:
-                    continue
-                p = cells[0]
-                if p not in wanted:
-                    continue
-                if len(cells) != len(COVARIATE_COLUMNS):
-                    _reject(quarantine, p, "malformed_row",
-                            f"{path}:{lineno}: {len(cells)} fields, header has {len(COVARIATE_COLUMNS)}")
-                    seen[p] = lineno
-                    continue
-                if p in seen:
-                    _reject(quarantine, p, "duplicate_pseudonym",
-                            f"{path}:{lineno}: pseudonym repeated (first on line {seen[p]})")
-                    raw = [r for r in raw if r[0] != p]
-                    continue
-                seen[p] = lineno
-                if p in duplicates_elsewhere:
-                    _reject(quarantine, p, "duplicate_pseudonym",
-                            f"{path}:{lineno}: pseudonym already delivered in an earlier delivery")
-                    continue
-                raw.append(cells + [str(lineno)])
-        except (csv.Error, UnicodeDecodeError) as exc:
-            for p in sorted(wanted - set(seen)):
-                _reject(quarantine, p, "unreadable_covariates", f"{path}: {exc}")
+            cells = next(csv.reader([line]))
+        except (StopIteration, csv.Error) as exc:
+            first = line.split(",", 1)[0].strip()
+            if first in wanted:
+                _reject(quarantine, first, "malformed_row", f"{where}: cannot be parsed ({exc})")
+                seen[first] = lineno
+            else:
+                unattributed.append(lineno)
+            continue
+        p = cells[0].strip() if cells else ""
+        if p not in wanted:
+            if _undecodable(p) is not None or not PSEUDONYM_RE.match(p):
+                unattributed.append(lineno)
+            continue
+        bad = next((c for c, v in zip(COVARIATE_COLUMNS, cells) if _undecodable(v) is not None), None)
+        if bad is not None or _undecodable(line) is not None:
+            _reject(quarantine, p, "undecodable_row",
+                    f"{where}: bytes that are not UTF-8{f' in {bad}' if bad else ''}; the other rows are kept")
+            seen[p] = lineno
+            continue
+        if len(cells) != len(COVARIATE_COLUMNS):
+            _reject(quarantine, p, "malformed_row",
+                    f"{where}: {len(cells)} fields, header has {len(COVARIATE_COLUMNS)}")
+            seen[p] = lineno
+            continue
+        if p in seen:
+            _reject(quarantine, p, "duplicate_pseudonym", f"{where}: pseudonym repeated (first on line {seen[p]})")
+            raw = [r for r in raw if r[0] != p]
+            continue
+        seen[p] = lineno
+        if p in duplicates_elsewhere:
+            owner = duplicates_elsewhere[p] if isinstance(duplicates_elsewhere, dict) else ""
+            by = f"by delivery {owner}" if owner else "by an earlier delivery"
+            _reject(quarantine, p, "duplicate_pseudonym",
+                    f"{where}: participant already registered {by} (first registered wins)")
+            continue
+        raw.append(cells + [str(lineno)])
+    hint = (f" (line{'s' if len(unattributed) > 1 else ''} {', '.join(map(str, unattributed[:5]))}"
+            f"{' ...' if len(unattributed) > 5 else ''} could not be read or attributed)") if unattributed else ""
     for p in sorted(wanted - set(seen)):
-        _reject(quarantine, p, "no_covariate_row", f"{path}: no row for this participant")
+        _reject(quarantine, p, "no_covariate_row", f"{label}: no row for this participant{hint}")
 
     cols = list(COVARIATE_COLUMNS) + ["_line"]
     df = pl.DataFrame(raw, schema={c: pl.String for c in cols}, orient="row")
@@ -144,7 +224,7 @@ def parse_covariates(path: Path, participants: list[str] | set[str],
     keep = []
     for row in t.iter_rows(named=True):
         p = row["r_pseudonym"]
-        where = f"{path}:{row['_line']}"
+        where = f"{label} line {row['_line']}"
         problem = None
         if not PSEUDONYM_RE.match(p):
             problem = ("invalid_value", f"{where}: pseudonym {p!r} malformed")
