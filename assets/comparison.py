@@ -15,7 +15,9 @@ import polars as pl
 
 from assets.partitions import batches_partitions
 from assets.segmentation import muscle_metrics, muscle_segmentations
+from assets.writes import run_is_live
 from cbp_platform.deployment import k8s_step_tags
+from cbp_platform.ingest.batch import redact
 from cbp_platform.progress import RateLogger
 from resources import DataRootResource, SegmentationRuntime, Warehouse
 
@@ -77,12 +79,14 @@ def comparison_metrics(context: dg.AssetExecutionContext, config: ComparisonConf
         try:
             ms = metrics_for(r["label_path"], str(ddir / s["water_path"]), str(ddir / s["fat_path"]))
         except Exception as exc:  # noqa: BLE001  (one participant's failure is quarantined, the batch goes on)
-            failures.append({"pseudonym": r["pseudonym"], "reason": "metrics_failed", "message": str(exc)})
+            failures.append({"pseudonym": r["pseudonym"], "reason": "metrics_failed",
+                             "message": f"{type(exc).__name__}: {exc}"})
             continue
         metrics += [{"pseudonym": r["pseudonym"], **m} for m in ms]
         prov.append({"pseudonym": r["pseudonym"], "output": r["label_sha256"],
                      "inputs": {"water": s["water_sha256"], "fat": s["fat_sha256"], "model": manifest.sha256}})
     seconds = time.perf_counter() - t0
+    failures = [{**f, "message": redact(f["message"], f["pseudonym"], ddir)} for f in failures]
     ident = [pl.lit(key).alias("batch_key"), pl.lit(batch.delivery_id).alias("delivery_id"),
              pl.lit(manifest.name).alias("model_name"), pl.lit(manifest.sha256).alias("model_sha256")]
     segs = pl.DataFrame(results, schema={"pseudonym": pl.String, "label_path": pl.String, "label_sha256": pl.String,
@@ -91,13 +95,13 @@ def comparison_metrics(context: dg.AssetExecutionContext, config: ComparisonConf
     where = {"batch_key": key, "model_name": manifest.name}
     stage = f"comparison_metrics:{manifest.name}"
     run_id = context.run.run_id
-    warehouse.replace_rows("comparison_segmentations", segs, where)
-    checksum = warehouse.replace_rows("comparison_metrics", met, where)
-    warehouse.replace_rows("quarantine", quarantine_frame(failures, delivery_id=batch.delivery_id, batch_key=key,
-                                                          stage=stage, run_id=run_id), {"batch_key": key, "stage": stage})
-    warehouse.replace_rows("provenance", provenance_frame(prov, delivery_id=batch.delivery_id, batch_key=key,
-                                                          stage=stage, code_version=COMPARISON_METRICS_VERSION,
-                                                          run_id=run_id), {"batch_key": key, "stage": stage})
+    q = quarantine_frame(failures, delivery_id=batch.delivery_id, batch_key=key, stage=stage, run_id=run_id)
+    pv = provenance_frame(prov, delivery_id=batch.delivery_id, batch_key=key, stage=stage,
+                          code_version=COMPARISON_METRICS_VERSION, run_id=run_id)
+    checksum = warehouse.replace_many([("comparison_segmentations", segs, where), ("comparison_metrics", met, where),
+                                       ("quarantine", q, {"batch_key": key, "stage": stage}),
+                                       ("provenance", pv, {"batch_key": key, "stage": stage})],
+                                      guard=run_is_live(context))[1]
     context.log.info(f"batch {key}: {manifest.name} segmented and measured {len(prov)} participants, "
                      f"{len(failures)} failed, {seconds:.1f} s")
     return dg.MaterializeResult(metadata={

@@ -12,6 +12,7 @@ from collections import Counter
 import dagster as dg
 import polars as pl
 
+from assets.writes import write_stage
 from assets.partitions import batches_partitions
 from cbp_platform.deployment import k8s_step_tags
 from cbp_platform.ingest.batch import earlier_pseudonyms, facts_frame, ingest_scans
@@ -19,7 +20,6 @@ from cbp_platform.ingest.covariates import parse_covariates
 from cbp_platform.ingest.deliveries import load_manifest
 from cbp_platform.landing import COVARIATES_NAME
 from cbp_platform.progress import RateLogger
-from cbp_platform.warehouse import provenance_frame, quarantine_frame
 from resources import DataRootResource, Warehouse
 
 RAW_MRI_SCANS_VERSION = "raw_mri_scans/1"
@@ -77,17 +77,9 @@ def raw_mri_scans(context: dg.AssetExecutionContext, data_root: DataRootResource
     facts, quarantine = ingest_scans(batch, ddir, manifest, duplicates=dups, threads=data_root.ingest_threads,
                                      progress=progress)
     df = facts_frame(facts, batch)
-    run_id = context.run.run_id
-    checksum = warehouse.replace_rows("raw_mri_scans", df, {"batch_key": batch.key})
-    warehouse.replace_rows("quarantine", quarantine_frame(quarantine, delivery_id=batch.delivery_id,
-                                                          batch_key=batch.key, stage="raw_mri_scans", run_id=run_id),
-                           {"batch_key": batch.key, "stage": "raw_mri_scans"})
     prov = [dict(pseudonym=r["pseudonym"], inputs={"water": r["water_sha256"], "fat": r["fat_sha256"]})
             for r in df.iter_rows(named=True)]
-    warehouse.replace_rows("provenance", provenance_frame(prov, delivery_id=batch.delivery_id, batch_key=batch.key,
-                                                          stage="raw_mri_scans", code_version=RAW_MRI_SCANS_VERSION,
-                                                          run_id=run_id),
-                           {"batch_key": batch.key, "stage": "raw_mri_scans"})
+    checksum = write_stage(warehouse, context, "raw_mri_scans", df, batch, quarantine, prov, RAW_MRI_SCANS_VERSION)
     seconds = time.perf_counter() - t0
     reasons = _reasons(quarantine)
     context.log.info(f"batch {batch.key}: {df.height} scans valid, {len(quarantine)} quarantined {reasons}, "
@@ -128,18 +120,10 @@ def participant_covariates(context: dg.AssetExecutionContext, data_root: DataRoo
                                               f"({'not in the manifest' if k is None else f'files[{k}]'})")
     df = res.rows.with_columns(pl.lit(batch.key).alias("batch_key"), pl.lit(batch.delivery_id).alias("delivery_id"))
     df = df.select(["batch_key", "delivery_id", *res.rows.columns])
-    run_id = context.run.run_id
-    checksum = warehouse.replace_rows("participant_covariates", df, {"batch_key": batch.key})
-    warehouse.replace_rows("quarantine", quarantine_frame(res.quarantine, delivery_id=batch.delivery_id,
-                                                          batch_key=batch.key, stage="participant_covariates",
-                                                          run_id=run_id),
-                           {"batch_key": batch.key, "stage": "participant_covariates"})
     cov_sha = entry["sha256"] if entry else ""
     prov = [dict(pseudonym=p, inputs={"covariates.csv": cov_sha}) for p in df["pseudonym"].to_list()]
-    warehouse.replace_rows("provenance", provenance_frame(prov, delivery_id=batch.delivery_id, batch_key=batch.key,
-                                                          stage="participant_covariates",
-                                                          code_version=COVARIATES_VERSION, run_id=run_id),
-                           {"batch_key": batch.key, "stage": "participant_covariates"})
+    checksum = write_stage(warehouse, context, "participant_covariates", df, batch, res.quarantine, prov,
+                           COVARIATES_VERSION)
     reasons = _reasons(res.quarantine)
     context.log.info(f"batch {batch.key}: {df.height} covariate rows valid, {len(res.quarantine)} quarantined "
                      f"{reasons}")

@@ -15,8 +15,10 @@ import polars as pl
 
 from assets.ingestion import raw_mri_scans
 from assets.partitions import batches_partitions
+from assets.writes import write_stage
 from cbp_platform.classes import BACK_TOTAL
 from cbp_platform.deployment import k8s_step_tags
+from cbp_platform.ingest.batch import redact
 from cbp_platform.progress import RateLogger
 from resources import DataRootResource, SegmentationRuntime, Warehouse
 
@@ -166,7 +168,6 @@ def muscle_segmentations(context: dg.AssetExecutionContext, data_root: DataRootR
     from cbp_platform.segmentation.backends import load_runner
     from cbp_platform.segmentation.manifest import ManifestError
     from cbp_platform.segmentation.pipeline import VOXEL_SCHEMA, configure_threads, segment_scans
-    from cbp_platform.warehouse import provenance_frame, quarantine_frame
 
     key = context.partition_key
     batch = data_root.registry.read(key)
@@ -192,6 +193,7 @@ def muscle_segmentations(context: dg.AssetExecutionContext, data_root: DataRootR
     t0 = time.perf_counter()
     results, failures = segment_scans(items, seg, out_dir, num_workers=runtime.num_workers, progress=progress)
     seconds = time.perf_counter() - t0
+    failures = [{**f, "message": redact(f["message"], f["pseudonym"], ddir)} for f in failures]
     quarantine = failures + [{"pseudonym": p, "reason": "fat_water_swap_suspected",
                               "message": "excluded from segmentation by the swap policy (ingestion QC flag)"}
                              for p in (swapped["pseudonym"].to_list() if swapped.height else [])]
@@ -199,19 +201,12 @@ def muscle_segmentations(context: dg.AssetExecutionContext, data_root: DataRootR
                                        **{k: getattr(pl, v) for k, v in VOXEL_SCHEMA.items()}})
     df = df.with_columns(pl.lit(key).alias("batch_key"), pl.lit(batch.delivery_id).alias("delivery_id"),
                          pl.lit(manifest.sha256).alias("model_sha256"))
-    checksum = warehouse.replace_rows("muscle_segmentations", df, {"batch_key": key})
-    run_id = context.run.run_id
-    warehouse.replace_rows("quarantine", quarantine_frame(quarantine, delivery_id=batch.delivery_id, batch_key=key,
-                                                          stage="muscle_segmentations", run_id=run_id),
-                           {"batch_key": key, "stage": "muscle_segmentations"})
     src = {r["pseudonym"]: r for r in scans.iter_rows(named=True)} if scans.height else {}
     prov = [dict(pseudonym=r["pseudonym"], output=r["label_sha256"],
                  inputs={"water": src[r["pseudonym"]]["water_sha256"], "fat": src[r["pseudonym"]]["fat_sha256"],
                          "model": manifest.sha256}) for r in results]
-    warehouse.replace_rows("provenance", provenance_frame(prov, delivery_id=batch.delivery_id, batch_key=key,
-                                                          stage="muscle_segmentations",
-                                                          code_version=SEGMENTATIONS_VERSION, run_id=run_id),
-                           {"batch_key": key, "stage": "muscle_segmentations"})
+    checksum = write_stage(warehouse, context, "muscle_segmentations", df, batch, quarantine, prov,
+                           SEGMENTATIONS_VERSION)
     context.log.info(f"batch {key}: {len(results)} segmented, {len(quarantine)} excluded, {seconds:.1f} s")
     return dg.MaterializeResult(metadata={
         "dagster/row_count": len(results), "excluded_swap_suspected": swapped.height if scans.height else 0,
@@ -231,7 +226,6 @@ def muscle_metrics(context: dg.AssetExecutionContext, data_root: DataRootResourc
                    warehouse: Warehouse) -> dg.MaterializeResult:
     from cbp_platform.metrics.body_composition import METRIC_SCHEMA
     from cbp_platform.segmentation.pipeline import metrics_for
-    from cbp_platform.warehouse import provenance_frame, quarantine_frame
 
     key = context.partition_key
     batch = data_root.registry.read(key)
@@ -246,21 +240,14 @@ def muscle_metrics(context: dg.AssetExecutionContext, data_root: DataRootResourc
         try:
             ms = metrics_for(r["label_path"], str(ddir / r["water_path"]), str(ddir / r["fat_path"]))
         except Exception as exc:
-            quarantine.append({"pseudonym": r["pseudonym"], "reason": "metrics_failed", "message": str(exc)})
+            quarantine.append({"pseudonym": r["pseudonym"], "reason": "metrics_failed",
+                               "message": redact(f"{type(exc).__name__}: {exc}", r["pseudonym"], ddir)})
             continue
         out += [{"pseudonym": r["pseudonym"], **m} for m in ms]
         prov.append({"pseudonym": r["pseudonym"], "inputs": {"labels": r["label_sha256"]}})
     df = pl.DataFrame(out, schema={"pseudonym": pl.String, **METRIC_SCHEMA}).with_columns(
         pl.lit(key).alias("batch_key"), pl.lit(batch.delivery_id).alias("delivery_id"))
-    checksum = warehouse.replace_rows("muscle_metrics", df, {"batch_key": key})
-    run_id = context.run.run_id
-    warehouse.replace_rows("quarantine", quarantine_frame(quarantine, delivery_id=batch.delivery_id, batch_key=key,
-                                                          stage="muscle_metrics", run_id=run_id),
-                           {"batch_key": key, "stage": "muscle_metrics"})
-    warehouse.replace_rows("provenance", provenance_frame(prov, delivery_id=batch.delivery_id, batch_key=key,
-                                                          stage="muscle_metrics", code_version=METRICS_VERSION,
-                                                          run_id=run_id),
-                           {"batch_key": key, "stage": "muscle_metrics"})
+    checksum = write_stage(warehouse, context, "muscle_metrics", df, batch, quarantine, prov, METRICS_VERSION)
     tot = df.filter(pl.col("muscle") == BACK_TOTAL)
     md = {"participants": tot.height, "quarantined": len(quarantine), "table_checksum": checksum}
     if tot.height:

@@ -19,6 +19,19 @@ PROVENANCE_SCHEMA = {
 }
 
 
+# One row per participant and stage, whatever the delivery ids, the order of processing or concurrent runs: the
+# warehouse holds a unique index on these keys (a duplicate fails its write), beside the per-batch and the
+# cohort-wide uniqueness checks.
+UNIQUE_KEYS: dict[str, tuple[str, ...]] = {
+    "raw_mri_scans": ("pseudonym",),
+    "participant_covariates": ("pseudonym",),
+    "muscle_segmentations": ("pseudonym",),
+    "muscle_metrics": ("pseudonym", "muscle"),
+    "comparison_segmentations": ("pseudonym", "model_name"),
+    "comparison_metrics": ("pseudonym", "model_name", "muscle"),
+}
+
+
 def now_utc() -> datetime:
     return datetime.now(timezone.utc)
 

@@ -19,12 +19,16 @@ import polars as pl
 from dagster_duckdb import DuckDBResource
 
 from cbp_platform.paths import data_root
-from cbp_platform.warehouse import table_checksum
+from cbp_platform.warehouse import UNIQUE_KEYS, table_checksum
 
 
 def _is_lock_error(exc: BaseException) -> bool:
     text = str(exc).lower()
     return "lock" in text or "conflicting" in text or "being used" in text
+
+
+class DuplicateRows(RuntimeError):
+    """A write would have put a second row for the same participant (and key) into a stage table."""
 
 
 class Warehouse(DuckDBResource):
@@ -61,27 +65,54 @@ class Warehouse(DuckDBResource):
         with self.connection() as conn:
             yield conn
 
-    def replace_rows(self, table: str, df: pl.DataFrame, where: dict[str, str]) -> str:
+    def replace_rows(self, table: str, df: pl.DataFrame, where: dict[str, str], *, guard=None) -> str:
         """Atomically replace the rows of ``table`` matching ``where`` by ``df``; return df's checksum."""
-        checksum = table_checksum(df)
-        cond = " AND ".join(f'"{k}" = ?' for k in where) or "TRUE"
-        params = list(where.values())
-        arrow = df.to_arrow()
+        return self.replace_many([(table, df, where)], guard=guard)[0]
+
+    def replace_many(self, writes: list[tuple[str, pl.DataFrame, dict[str, str]]], *, guard=None) -> list[str]:
+        """Replace several tables' rows in **one** transaction (a stage's rows, its quarantine and its provenance):
+        a crash leaves all of them or none. Tables with a key in :data:`~cbp_platform.warehouse.UNIQUE_KEYS` get a
+        unique index, so a second row for the same participant fails the write instead of landing. ``guard``
+        (no argument) runs inside the transaction just before the commit; raising there discards every write
+        (a step whose run was marked failed meanwhile never commits). Returns each frame's checksum."""
+        checksums = [table_checksum(df) for _, df, _ in writes]
         with self.connection() as conn:
-            conn.register("incoming", arrow)
-            conn.execute(f'CREATE TABLE IF NOT EXISTS "{table}" AS SELECT * FROM incoming LIMIT 0')
-            conn.execute("BEGIN TRANSACTION")
+            names = []
             try:
-                conn.execute(f'DELETE FROM "{table}" WHERE {cond}', params)
-                if df.height:
-                    conn.execute(f'INSERT INTO "{table}" BY NAME SELECT * FROM incoming')
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+                for i, (table, df, _) in enumerate(writes):
+                    name = f"incoming_{i}"
+                    conn.register(name, df.to_arrow())
+                    names.append(name)
+                    conn.execute(f'CREATE TABLE IF NOT EXISTS "{table}" AS SELECT * FROM {name} LIMIT 0')
+                    keys = UNIQUE_KEYS.get(table)
+                    if keys:
+                        cols = ", ".join(f'"{c}"' for c in keys)
+                        try:
+                            conn.execute(f'CREATE UNIQUE INDEX IF NOT EXISTS "{table}_unique" ON "{table}" ({cols})')
+                        except duckdb.ConstraintException as exc:
+                            raise DuplicateRows(f"{self.path}: table {table} already holds more than one row per "
+                                                f"({', '.join(keys)}); remove the duplicates ({exc})") from None
+                conn.execute("BEGIN TRANSACTION")
+                try:
+                    for (table, df, where), name in zip(writes, names):
+                        cond = " AND ".join(f'"{k}" = ?' for k in where) or "TRUE"
+                        conn.execute(f'DELETE FROM "{table}" WHERE {cond}', list(where.values()))
+                        if df.height:
+                            conn.execute(f'INSERT INTO "{table}" BY NAME SELECT * FROM {name}')
+                    if guard is not None:
+                        guard()
+                    conn.execute("COMMIT")
+                except duckdb.ConstraintException as exc:
+                    conn.execute("ROLLBACK")
+                    raise DuplicateRows(f"{self.path}: refused a second row for the same key ({exc}); nothing of "
+                                        "this write was kept") from None
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
             finally:
-                conn.unregister("incoming")
-        return checksum
+                for name in names:
+                    conn.unregister(name)
+        return checksums
 
     def query(self, sql: str, params: list | None = None) -> pl.DataFrame:
         with self.connection() as conn:

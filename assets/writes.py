@@ -1,0 +1,47 @@
+"""How batch assets write: one transaction per stage, committed only while the run is live.
+
+When a run worker dies (killed, out of memory, node lost), run monitoring marks the run FAILURE, but a step
+process it had started may still be running. Every batch asset writes its rows, quarantine and provenance in one
+transaction (:meth:`resources.warehouse.Warehouse.replace_many`) and calls this guard just before the commit: if
+the run is no longer STARTED, the transaction is rolled back, so a failed run never leaves a batch half written.
+"""
+
+import dagster as dg
+import polars as pl
+
+from cbp_platform.warehouse import provenance_frame, quarantine_frame
+from resources import Warehouse
+
+LIVE = {dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.NOT_STARTED}
+
+
+class RunNotLive(Exception):
+    pass
+
+
+def run_is_live(context: dg.AssetExecutionContext):
+    """A guard for :meth:`~resources.warehouse.Warehouse.replace_many` bound to this step's run."""
+    instance, run_id = context.instance, context.run.run_id
+
+    def guard() -> None:
+        run = instance.get_run_by_id(run_id)
+        if run is not None and run.status not in LIVE:
+            raise RunNotLive(f"run {run_id[:8]} is {run.status.value}: this step's writes were discarded "
+                             "(re-run the batch)")
+
+    return guard
+
+
+def write_stage(warehouse: Warehouse, context: dg.AssetExecutionContext, stage: str, rows: pl.DataFrame, batch,
+                quarantine: list[dict], provenance: list[dict], code_version: str, *, table: str | None = None,
+                where: dict | None = None) -> str:
+    """A batch stage's rows, quarantine rows and provenance rows in one transaction, committed only while the
+    run is live; returns the rows' checksum."""
+    run_id = context.run.run_id
+    key = {"batch_key": batch.key, "stage": stage}
+    q = quarantine_frame(quarantine, delivery_id=batch.delivery_id, batch_key=batch.key, stage=stage, run_id=run_id)
+    pv = provenance_frame(provenance, delivery_id=batch.delivery_id, batch_key=batch.key, stage=stage,
+                          code_version=code_version, run_id=run_id)
+    return warehouse.replace_many([(table or stage, rows, where or {"batch_key": batch.key}),
+                                   ("quarantine", q, key), ("provenance", pv, key)],
+                                  guard=run_is_live(context))[0]
