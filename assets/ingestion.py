@@ -15,9 +15,9 @@ import polars as pl
 from assets.writes import write_stage
 from assets.partitions import batches_partitions
 from cbp_platform.deployment import k8s_step_tags
-from cbp_platform.ingest.batch import earlier_pseudonyms, facts_frame, ingest_scans
+from cbp_platform.ingest.batch import facts_frame, ingest_scans
 from cbp_platform.ingest.covariates import parse_covariates
-from cbp_platform.ingest.deliveries import load_manifest
+from cbp_platform.ingest.registry import duplicates_of, registered_manifest
 from cbp_platform.landing import COVARIATES_NAME
 from cbp_platform.progress import RateLogger
 from resources import DataRootResource, Warehouse
@@ -25,6 +25,15 @@ from resources import DataRootResource, Warehouse
 RAW_MRI_SCANS_VERSION = "raw_mri_scans/1"
 COVARIATES_VERSION = "participant_covariates/1"
 PREVIEW_ROWS = 5
+
+
+LANDING_ZONE = dg.AssetKey("landing_zone")
+
+landing_zone = dg.AssetSpec(
+    LANDING_ZONE, group_name="ingestion", kinds={"filesystem"},
+    description="The landing zone ($CBP_DATA_ROOT/landing), written by the data centre and never by the platform. "
+                "delivery_sensor observes it: deliveries by state (waiting, refused, registered, changed, gone) "
+                "with the reason of each that is not registered. `cbp status` prints the same from the shell.")
 
 
 def _preview(df: pl.DataFrame, cols: list[str]) -> dg.MetadataValue:
@@ -48,12 +57,13 @@ def _batch(context: dg.AssetExecutionContext, data_root: DataRootResource):
     key = context.partition_key
     batch = data_root.registry.read(key)
     ddir = data_root.landing / batch.delivery_id
-    manifest = load_manifest(ddir)
+    manifest = registered_manifest(data_root.path, batch.delivery_id, data_root.landing)   # never the edited one
     return batch, ddir, manifest
 
 
 @dg.asset(
     partitions_def=batches_partitions,
+    deps=[landing_zone],
     code_version=RAW_MRI_SCANS_VERSION,
     group_name="ingestion",
     op_tags=k8s_step_tags("cpu"),
@@ -65,7 +75,7 @@ def _batch(context: dg.AssetExecutionContext, data_root: DataRootResource):
 def raw_mri_scans(context: dg.AssetExecutionContext, data_root: DataRootResource,
                   warehouse: Warehouse) -> dg.MaterializeResult:
     batch, ddir, manifest = _batch(context, data_root)
-    dups = earlier_pseudonyms(data_root.path, batch.delivery_id)
+    dups = duplicates_of(data_root.path, batch.delivery_id)
     t0 = time.perf_counter()
     steady = RateLogger(context.log.info, len(manifest["participants"]), f"batch {batch.key}: validated",
                         unit="scans")
@@ -103,6 +113,7 @@ def raw_mri_scans(context: dg.AssetExecutionContext, data_root: DataRootResource
 
 @dg.asset(
     partitions_def=batches_partitions,
+    deps=[landing_zone],
     code_version=COVARIATES_VERSION,
     group_name="ingestion",
     op_tags=k8s_step_tags("cpu"),
@@ -113,7 +124,7 @@ def raw_mri_scans(context: dg.AssetExecutionContext, data_root: DataRootResource
 def participant_covariates(context: dg.AssetExecutionContext, data_root: DataRootResource,
                            warehouse: Warehouse) -> dg.MaterializeResult:
     batch, ddir, manifest = _batch(context, data_root)
-    dups = earlier_pseudonyms(data_root.path, batch.delivery_id)
+    dups = duplicates_of(data_root.path, batch.delivery_id)
     k, entry = next(((i, f) for i, f in enumerate(manifest["files"]) if f["path"] == COVARIATES_NAME), (None, None))
     res = parse_covariates(ddir / COVARIATES_NAME, batch.participants, dups, delivery_dir=ddir, entry=entry,
                            verify=True, label=f"{batch.delivery_id}: {COVARIATES_NAME} "

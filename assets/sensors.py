@@ -1,59 +1,66 @@
-"""``delivery_sensor``: complete deliveries -> batches (dynamic partitions) -> one run request per batch.
+"""``delivery_sensor``: closed deliveries -> batches (dynamic partitions) -> one run request per batch, and what
+every delivery in the landing zone is waiting for.
 
 Exactly-once: batches with a successful run (tag ``cbp/batch``) are not requested again, the cursor records
-every delivery already registered (and malformed ones with their manifest's
-modification time, so a corrected manifest is looked at again); each run request's ``run_key`` is its batch
-key, so even a lost cursor never launches a batch twice. Registering a delivery writes its batch membership
-files first and the delivery record last; partitions and run requests are then returned together in one
-``SensorResult``. A tick lists the landing zone once and stats only deliveries it has not registered yet.
+every delivery already registered (and refused ones with their manifest's modification time, so a corrected
+manifest is looked at again); each run request's ``run_key`` is its batch key, so even a lost cursor never
+launches a batch twice. Registering a delivery writes its batch membership files first and the delivery record
+last (:mod:`cbp_platform.ingest.registry`); partitions and run requests are then returned together in one
+``SensorResult``. Deliveries closed in the same tick register oldest manifest first (first registered wins).
+
+Each tick also checks registered deliveries for changes (a stat of the manifest and the covariates file) and
+reports every delivery that is waiting, refused, changed or gone: in the tick's message in the UI, in the log
+(once per new reason), and as an observation of the ``landing_zone`` asset whenever the picture changes.
+Messages name deliveries and files by id and manifest position, never by a path holding a pseudonym.
 """
 
 
+import hashlib
 import json
 
 import dagster as dg
 
+from assets.ingestion import LANDING_ZONE
 from assets.partitions import BATCHES
 from cbp_platform.deployment import automation_running
-from cbp_platform.ingest.batch import register_delivery
-from cbp_platform.ingest.deliveries import scan_landing
+from cbp_platform.ingest.deliveries import READY, REFUSED, REGISTERED, WAITING, scan_landing
+from cbp_platform.ingest.registry import register_delivery, registered_deliveries, registered_state
 from resources import DataRootResource
 
 INGEST_JOB = "ingest_batch"
 PROCESS_JOB = "process_batch"
-
-
 def _load_cursor(raw: str | None) -> dict:
-    if not raw:
-        return {"registered": [], "malformed": {}}
-    doc = json.loads(raw)
+    doc = json.loads(raw) if raw else {}
     doc.setdefault("registered", [])
-    doc.setdefault("malformed", {})
+    doc.setdefault("refused", doc.pop("malformed", {}))
+    doc.setdefault("problems", {})
+    doc.setdefault("observed", "")
     return doc
 
 
 @dg.sensor(job_name=PROCESS_JOB, minimum_interval_seconds=30,
            default_status=dg.DefaultSensorStatus.RUNNING if automation_running() else dg.DefaultSensorStatus.STOPPED,
-           description="Registers complete deliveries as batches and requests a processing run per batch.")
+           description="Registers closed deliveries as batches, requests a processing run per batch, and reports "
+                       "deliveries that are waiting, refused or changed (landing_zone observations).")
 def delivery_sensor(context: dg.SensorEvaluationContext, data_root: DataRootResource) -> dg.SensorResult:
     cur = _load_cursor(context.cursor)
     registered = set(cur["registered"])
-    malformed: dict = cur["malformed"]
+    refused: dict = cur["refused"]
+    landing = data_root.landing
+    # refused deliveries are looked at again only when their manifest changes
+    unchanged = {d for d, info in refused.items() if _manifest_mtime(landing / d) == info.get("mtime")}
+    statuses = scan_landing(landing, skip=registered | unchanged)
+    waiting = {s.delivery_id: s.reason for s in statuses if s.state == WAITING}
+    for st in statuses:
+        if st.state == REFUSED:
+            if refused.get(st.delivery_id, {}).get("reason") != st.reason:
+                context.log.warning(f"delivery refused: {st.reason}")
+            refused[st.delivery_id] = {"reason": st.reason, "mtime": _manifest_mtime(st.path)}
     new_keys: list[str] = []
     runs: list[dg.RunRequest] = []
-    waiting = 0
-    # malformed deliveries are looked at again only when their manifest changes
-    unchanged = {d for d, info in malformed.items() if _manifest_mtime(data_root.landing / d) == info.get("mtime")}
-    for st in scan_landing(data_root.landing, skip=registered | unchanged):
-        if st.state == "incomplete":
-            waiting += 1
-            continue
-        if st.state == "malformed":
-            mtime = _manifest_mtime(st.path)
-            context.log.warning(f"delivery {st.delivery_id} rejected: {st.reason}")
-            malformed[st.delivery_id] = {"reason": st.reason, "mtime": mtime}
-            continue
-        batches = register_delivery(data_root.path, st.manifest, data_root.batch_size)
+    for st in sorted((s for s in statuses if s.state == READY),
+                     key=lambda s: (s.manifest["created_at"], s.delivery_id)):
+        batches = register_delivery(data_root.path, st.path, st.manifest, st.manifest_bytes, data_root.batch_size)
         for b in batches:
             new_keys.append(b.key)
             if batch_already_ingested(context.instance, b.key):   # e.g. by `make demo` before the daemon ran
@@ -61,15 +68,47 @@ def delivery_sensor(context: dg.SensorEvaluationContext, data_root: DataRootReso
             runs.append(dg.RunRequest(run_key=b.key, partition_key=b.key,
                                       tags={"cbp/delivery": b.delivery_id, "cbp/batch": b.key}))
         registered.add(st.delivery_id)
-        malformed.pop(st.delivery_id, None)
-        context.log.info(f"delivery {st.delivery_id}: {len(st.manifest['participants'])} participants "
+        refused.pop(st.delivery_id, None)
+        context.log.info(f"delivery {st.delivery_id}: registered, {len(st.manifest['participants'])} participants "
                          f"in {len(batches)} batches")
-    cursor = json.dumps({"registered": sorted(registered), "malformed": malformed}, separators=(",", ":"))
+    # registered deliveries that changed or left the landing zone
+    problems = {}
+    recs = registered_deliveries(data_root.path)
+    for rec in recs:
+        state, reason = registered_state(data_root.path, landing, rec)
+        if state != REGISTERED:
+            problems[rec["delivery_id"]] = {"state": state, "reason": reason}
+            if cur["problems"].get(rec["delivery_id"], {}).get("reason") != reason:
+                context.log.warning(f"delivery {state}: {reason}")
+    refused = {d: v for d, v in refused.items() if (landing / d).exists() or (landing / d).is_symlink()}
+    counts = {"registered": len(recs) - len(problems), "waiting": len(waiting), "refused": len(refused),
+              **{s: sum(1 for p in problems.values() if p["state"] == s) for s in ("changed", "gone")}}
+    summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+    events = []
+    picture = {"counts": counts, "waiting": waiting, "refused": {d: v["reason"] for d, v in refused.items()},
+               "problems": problems}
+    digest = hashlib.sha256(json.dumps(picture, sort_keys=True).encode()).hexdigest()[:16]
+    if digest != cur["observed"]:
+        events.append(dg.AssetObservation(asset_key=LANDING_ZONE, metadata=_observation_metadata(picture)))
+    cursor = json.dumps({"registered": sorted(registered), "refused": refused, "problems": problems,
+                         "observed": digest}, separators=(",", ":"))
     if not new_keys:
-        reason = f"no new complete deliveries ({waiting} incomplete, {len(malformed)} malformed)"
-        return dg.SensorResult(skip_reason=reason, cursor=cursor)
-    return dg.SensorResult(run_requests=runs, cursor=cursor,
+        detail = "; ".join([f"{d}: {r}" for d, r in list(picture["refused"].items())[:3]]
+                           + [p["reason"] for p in list(problems.values())[:3]])
+        reason = f"no newly closed deliveries ({summary or 'landing zone empty'})" + (f": {detail}" if detail else "")
+        return dg.SensorResult(skip_reason=reason, cursor=cursor, asset_events=events)
+    return dg.SensorResult(run_requests=runs, cursor=cursor, asset_events=events,
                            dynamic_partitions_requests=[dg.AddDynamicPartitionsRequest(BATCHES, new_keys)])
+
+
+def _observation_metadata(picture: dict) -> dict:
+    rows = ([(d, "waiting", r) for d, r in picture["waiting"].items()]
+            + [(d, "refused", r) for d, r in picture["refused"].items()]
+            + [(d, p["state"], p["reason"]) for d, p in picture["problems"].items()])
+    table = "\n".join(["| delivery | state | reason |", "|---|---|---|"]
+                      + [f"| {d} | {s} | {r.replace('|', '/')} |" for d, s, r in sorted(rows)]) if rows else "_none_"
+    return {**{f"deliveries_{k}": v for k, v in picture["counts"].items()},
+            "not_registered_or_changed": dg.MetadataValue.md(table)}
 
 
 def batch_already_ingested(instance: dg.DagsterInstance, key: str, job_name: str = PROCESS_JOB) -> bool:

@@ -6,7 +6,7 @@ import polars as pl
 
 from assets.ingestion import participant_covariates, raw_mri_scans
 from cbp_platform.deployment import k8s_step_tags
-from cbp_platform.ingest.batch import registered_deliveries
+from cbp_platform.ingest.registry import registered_deliveries
 from resources import DataRootResource, Warehouse
 
 SUMMARY_VERSION = "ingestion_summary/1"

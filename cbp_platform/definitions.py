@@ -14,7 +14,7 @@ import dagster as dg
 
 from assets.analysis import (analysis_cohort, cbp_association_model, pain_intensity_model,
                              physical_activity_prevalence, published_results, stratified_comparisons, table_one)
-from assets.ingestion import participant_covariates, raw_mri_scans
+from assets.ingestion import landing_zone, participant_covariates, raw_mri_scans
 from assets.comparison import comparison_metrics, model_comparison
 from assets.schedules import (cohort_refresh_job, compare_batch_job, daily_cohort_refresh, ingest_batch_job,
                               model_comparison_job, model_job, process_batch_job)
@@ -70,7 +70,7 @@ def executor_for(profile: str) -> dg.ExecutorDefinition:
 def build_definitions(profile: str | None = None) -> dg.Definitions:
     profile = profile or deployment.profile()
     return dg.Definitions(
-        assets=[raw_mri_scans, participant_covariates, ingestion_summary, segmentation_model,
+        assets=[landing_zone, raw_mri_scans, participant_covariates, ingestion_summary, segmentation_model,
                 muscle_segmentations, muscle_metrics, analysis_cohort, cbp_association_model, pain_intensity_model,
                 table_one, stratified_comparisons, physical_activity_prevalence, published_results,
                 comparison_metrics, model_comparison],

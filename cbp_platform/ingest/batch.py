@@ -1,62 +1,14 @@
-"""Registering deliveries and ingesting one batch's scans (no Dagster here; the assets call these)."""
+"""Ingesting one batch's scans (no Dagster here; the assets call these). Registration: :mod:`.registry`."""
 
 from __future__ import annotations
 
-import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import polars as pl
 
-from cbp_platform.imaging.nifti import atomic_write_bytes
-from cbp_platform.ingest.deliveries import Batch, BatchRegistry, plan_batches
+from cbp_platform.ingest.deliveries import Batch
 from cbp_platform.ingest.scans import SCAN_FACTS_SCHEMA, ByteBudget, ScanProblem, inspect_participant
-
-
-def _delivery_record_path(root: Path, delivery_id: str) -> Path:
-    return root / "registry" / "deliveries" / f"{delivery_id}.json"
-
-
-def register_delivery(root: Path, manifest: dict, batch_size: int) -> list[Batch]:
-    """Write the delivery record and its batch membership files; idempotent (an existing split is kept)."""
-    reg = BatchRegistry(root)
-    rec_path = _delivery_record_path(root, manifest["delivery_id"])
-    if rec_path.exists():
-        rec = json.loads(rec_path.read_text())
-        return [reg.read(k) for k in rec["batches"]]
-    batches = plan_batches(manifest, batch_size)
-    for b in batches:
-        reg.write(b)
-    rec = {"delivery_id": manifest["delivery_id"], "created_at": manifest["created_at"],
-           "participants": sorted(set(manifest["participants"])), "batch_size": batch_size,
-           "batches": [b.key for b in batches]}
-    atomic_write_bytes(rec_path, json.dumps(rec).encode())   # written last: the delivery is now registered
-    return batches
-
-
-def registered_deliveries(root: Path) -> list[dict]:
-    d = root / "registry" / "deliveries"
-    if not d.exists():
-        return []
-    return [json.loads(p.read_text()) for p in sorted(d.glob("*.json"))]
-
-
-def earlier_pseudonyms(root: Path, delivery_id: str) -> set[str]:
-    """Pseudonyms of deliveries registered before ``delivery_id`` (ordered by created_at, then id).
-
-    The rule does not depend on which batch happens to run first: the earliest delivery of a pseudonym
-    keeps it, later ones are quarantined as duplicates.
-    """
-    recs = registered_deliveries(root)
-    me = next((r for r in recs if r["delivery_id"] == delivery_id), None)
-    if me is None:
-        return set()
-    key = (me["created_at"], me["delivery_id"])
-    out: set[str] = set()
-    for r in recs:
-        if (r["created_at"], r["delivery_id"]) < key:
-            out.update(r["participants"])
-    return out
 
 
 def ingest_scans(batch: Batch, delivery_dir: Path, manifest: dict, *, duplicates: set[str] | dict[str, str],

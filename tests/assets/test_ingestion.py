@@ -95,13 +95,13 @@ def test_sensor_registers_each_delivery_exactly_once(env, tmp_path):
         assert list(r1.dynamic_partitions_requests[0].partition_keys) == keys
         cur = json.loads(r1.cursor)
         assert cur["registered"] == ["sim21-d01"]
-        assert "not valid JSON" in cur["malformed"]["broken-d01"]["reason"]
+        assert "not valid JSON" in cur["refused"]["broken-d01"]["reason"]
         assert not (root / "registry" / "deliveries" / "broken-d01.json").exists()
         instance.add_dynamic_partitions(BATCHES, keys)
         # same cursor: nothing new
         with dg.build_sensor_context(instance=instance, cursor=r1.cursor, resources={"data_root": dr}) as ctx:
             r2 = delivery_sensor(ctx)
-        assert not r2.run_requests and "1 incomplete" in r2.skip_reason.skip_message
+        assert not r2.run_requests and "1 waiting" in r2.skip_reason.skip_message
         # the transfer completes: only the new delivery is registered
         (root / "landing" / "sim21-d02" / "_SUCCESS").write_text("")
         with dg.build_sensor_context(instance=instance, cursor=r2.cursor, resources={"data_root": dr}) as ctx:

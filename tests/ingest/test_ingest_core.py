@@ -55,7 +55,7 @@ def test_manifest_errors_name_the_file(tmp_path):
         load_manifest(d)
     (d / "_SUCCESS").write_text("")
     st = check_delivery(d)
-    assert st.state == "malformed" and "manifest.json" in st.reason
+    assert st.state == "refused" and "manifest.json" in st.reason
 
 
 def _write(d, name, payload):

@@ -1,0 +1,205 @@
+"""The delivery registry: what was registered, in which order, with which manifest, and who owns a pseudonym.
+
+Under ``<data root>/registry/deliveries/``:
+
+* ``<id>.manifest.json``: the manifest's bytes as registered. Ingestion checks every file against *this* copy,
+  so a manifest edited in the landing zone afterwards can never change what a batch accepts;
+* ``<id>.files.json``: size and modification time of every listed file at registration (for change detection);
+* ``<id>.json``: the record, written last (the delivery is registered once it exists): registration number
+  ``seq``, time, the manifest's sha256, participants, batch size and batch keys.
+
+Registration is serialised by a lock file (``registry/.lock``), so the daemon's sensor and a foreground runner
+never give two deliveries the same number.
+
+**First registered wins.** A pseudonym belongs to the delivery registered first (lowest ``seq``) that lists it;
+a later delivery's copy is quarantined as ``duplicate_pseudonym``, whatever the delivery ids or the order in
+which batches run. Deliveries found in the same sensor tick register in the order of their manifest's
+``created_at``, then id. Results never change retroactively when a re-send arrives.
+
+**Delivery ids are never reused.** A registered delivery whose manifest or files change is reported as
+``changed`` (sensor, ``cbp status``, the landing-zone observation); the registered version stands and nothing
+of the change is ingested (``docs/ingestion.md``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+
+from cbp_platform.imaging.nifti import atomic_write_bytes
+from cbp_platform.ingest.deliveries import (CHANGED, GONE, REGISTERED, Batch, BatchRegistry, load_manifest,
+                                            parse_manifest, plan_batches)
+from cbp_platform.landing import COVARIATES_NAME, MANIFEST_NAME
+
+
+def _dir(root: Path) -> Path:
+    return Path(root) / "registry" / "deliveries"
+
+
+def record_path(root: Path, delivery_id: str) -> Path:
+    return _dir(root) / f"{delivery_id}.json"
+
+
+def manifest_copy_path(root: Path, delivery_id: str) -> Path:
+    return _dir(root) / f"{delivery_id}.manifest.json"
+
+
+def files_path(root: Path, delivery_id: str) -> Path:
+    return _dir(root) / f"{delivery_id}.files.json"
+
+
+@contextlib.contextmanager
+def registry_lock(root: Path):
+    path = Path(root) / "registry" / ".lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _stat_listed(delivery_dir: Path, manifest: dict) -> dict[str, list[int]]:
+    out = {}
+    for name in [MANIFEST_NAME] + [f["path"] for f in manifest["files"]]:
+        try:
+            st = os.lstat(Path(delivery_dir) / name)
+            out[name] = [st.st_size, st.st_mtime_ns]
+        except OSError:
+            out[name] = [-1, 0]
+    return out
+
+
+def register_delivery(root: Path, delivery_dir: Path, manifest: dict, manifest_bytes: bytes,
+                      batch_size: int) -> list[Batch]:
+    """Register a closed delivery: batch membership, the manifest copy and file stats, then the record (last).
+    Idempotent: a registered delivery keeps its batches."""
+    reg = BatchRegistry(root)
+    did = manifest["delivery_id"]
+    with registry_lock(root):
+        rec_path = record_path(root, did)
+        if rec_path.exists():
+            rec = json.loads(rec_path.read_text())
+            return [reg.read(k) for k in rec["batches"]]
+        seq = 1 + max((r.get("seq") or 0 for r in registered_deliveries(root)), default=0)
+        batches = plan_batches(manifest, batch_size)
+        for b in batches:
+            reg.write(b)
+        atomic_write_bytes(manifest_copy_path(root, did), manifest_bytes)
+        atomic_write_bytes(files_path(root, did), json.dumps(_stat_listed(delivery_dir, manifest)).encode())
+        rec = {"delivery_id": did, "seq": seq, "registered_at": datetime.now(timezone.utc).isoformat(),
+               "created_at": manifest["created_at"], "manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(),
+               "participants": sorted(set(manifest["participants"])), "batch_size": batch_size,
+               "batches": [b.key for b in batches]}
+        atomic_write_bytes(rec_path, json.dumps(rec).encode())   # written last: the delivery is now registered
+    return batches
+
+
+def _order(rec: dict) -> tuple:
+    # records from before registration numbers existed come first, by creation time then id
+    return (rec.get("seq") or 0, rec.get("created_at", ""), rec["delivery_id"])
+
+
+def registered_deliveries(root: Path) -> list[dict]:
+    """Every delivery record, in registration order."""
+    d = _dir(root)
+    if not d.exists():
+        return []
+    recs = [json.loads(p.read_text()) for p in d.glob("*.json")
+            if not p.name.endswith((".manifest.json", ".files.json"))]
+    return sorted(recs, key=_order)
+
+
+def registered_manifest(root: Path, delivery_id: str, landing: Path) -> dict:
+    """The manifest as registered (the landing zone's copy for deliveries registered before copies were kept)."""
+    copy = manifest_copy_path(root, delivery_id)
+    if copy.exists():
+        return parse_manifest(Path(landing) / delivery_id, copy.read_bytes())
+    return load_manifest(Path(landing) / delivery_id)
+
+
+def owners(root: Path) -> dict[str, str]:
+    """pseudonym -> the delivery that registered it first."""
+    out: dict[str, str] = {}
+    for r in registered_deliveries(root):
+        for p in r["participants"]:
+            out.setdefault(p, r["delivery_id"])
+    return out
+
+
+def duplicates_of(root: Path, delivery_id: str) -> dict[str, str]:
+    """This delivery's pseudonyms that another delivery registered first, with that delivery's id."""
+    own = owners(root)
+    rec = next((r for r in registered_deliveries(root) if r["delivery_id"] == delivery_id), None)
+    if rec is None:
+        return {}
+    return {p: own[p] for p in rec["participants"] if own.get(p, delivery_id) != delivery_id}
+
+
+def _sha256(path: Path) -> str | None:
+    try:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            while block := fh.read(1 << 20):
+                h.update(block)
+        return h.hexdigest()
+    except OSError:
+        return None
+
+
+def registered_state(root: Path, landing: Path, rec: dict, *, deep: bool = False) -> tuple[str, str]:
+    """(state, reason) of a registered delivery: ``registered``, ``changed`` or ``gone``.
+
+    Cheap by default (the manifest and the covariates file: a stat, and a hash only when the stat differs);
+    ``deep`` looks at every listed file. A file whose stat changed but whose content did not (a copy that reset
+    modification times) is not a change."""
+    did = rec["delivery_id"]
+    ddir = Path(landing) / did
+    if not ddir.is_dir():
+        return GONE, f"{did}: registered, but the folder is no longer in the landing zone"
+    stats_path = files_path(root, did)
+    if not stats_path.exists():                           # registered before stats were kept: manifest only
+        if not deep:
+            return REGISTERED, ""
+        cur = _sha256(ddir / MANIFEST_NAME)
+        if rec.get("manifest_sha256") and cur != rec["manifest_sha256"]:
+            return CHANGED, _changed_message(did, [MANIFEST_NAME], {})
+        return REGISTERED, ""
+    stats = json.loads(stats_path.read_text())
+    names = list(stats) if deep else [n for n in (MANIFEST_NAME, COVARIATES_NAME) if n in stats]
+    sha: dict | None = None
+    changed = []
+    for name in names:
+        try:
+            st = os.lstat(ddir / name)
+            now = [st.st_size, st.st_mtime_ns]
+        except OSError:
+            now = [-1, 0]
+        if now == stats[name] or (now[0] == -1 and stats[name][0] == -1):
+            continue
+        if now[0] != -1 and now[0] == stats[name][0]:      # same size: look at the content
+            if sha is None:
+                man = registered_manifest(root, did, landing)
+                sha = {f["path"]: f["sha256"] for f in man["files"]} | {MANIFEST_NAME: rec.get("manifest_sha256")}
+            if sha.get(name) and _sha256(ddir / name) == sha[name]:
+                continue                                  # touched, not changed
+        changed.append(name)
+    index = {}
+    if changed and any(n not in (MANIFEST_NAME, COVARIATES_NAME) for n in changed):
+        index = {f["path"]: i for i, f in enumerate(registered_manifest(root, did, landing)["files"])}
+    if changed:
+        return CHANGED, _changed_message(did, changed, index)
+    return REGISTERED, ""
+
+
+def _changed_message(did: str, changed: list[str], index: dict[str, int]) -> str:
+    roles = [n if n in (MANIFEST_NAME, COVARIATES_NAME) else f"files[{index.get(n, '?')}]" for n in changed]
+    shown = ", ".join(roles[:5]) + (f" and {len(roles) - 5} more" if len(roles) > 5 else "")
+    return (f"{did}: changed since registration ({shown}); delivery ids are never reused, so the registered "
+            "version stands and nothing of the change is ingested (docs/ingestion.md, changed deliveries)")
