@@ -9,6 +9,7 @@
 ``cbp model register``      check and register a segmentation model folder (a preset, or labels and inputs)
 ``cbp model list``          the registered models, their backends, inputs and weights
 ``cbp model compare``       a registered model beside the primary on every batch; the comparison in the report
+``cbp status``              every delivery of the landing zone: state, reason, counts (no pseudonyms)
 """
 
 from __future__ import annotations
@@ -310,6 +311,59 @@ def _cmd_model_compare(args: argparse.Namespace) -> int:
     return 1 if summary["failed"] else 0
 
 
+def _status_counts(db) -> dict | None:
+    """Per delivery: valid scans and covariate rows, quarantined participants by reason; None without a warehouse
+    (or while a run holds its lock)."""
+    import duckdb
+
+    if not db.exists():
+        return None
+    try:
+        t = _warehouse_tables(db, {
+            "scans": ("SELECT delivery_id, count(*) AS n FROM raw_mri_scans GROUP BY delivery_id", None),
+            "cov": ("SELECT delivery_id, count(*) AS n FROM participant_covariates GROUP BY delivery_id", None),
+            "q": ("SELECT delivery_id, reason, count(DISTINCT pseudonym) AS n FROM quarantine "
+                  "WHERE stage IN ('raw_mri_scans', 'participant_covariates') GROUP BY delivery_id, reason", None),
+            "qn": ("SELECT delivery_id, count(DISTINCT pseudonym) AS n FROM quarantine "
+                   "WHERE stage IN ('raw_mri_scans', 'participant_covariates') GROUP BY delivery_id", None),
+        })
+    except duckdb.IOException:
+        return None
+    out: dict = {}
+    for name, col in (("scans", "scans_valid"), ("cov", "covariates_valid"), ("qn", "quarantined")):
+        for r in t[name].iter_rows(named=True) if t[name].height else []:
+            out.setdefault(r["delivery_id"], {})[col] = int(r["n"])
+    for r in t["q"].iter_rows(named=True) if t["q"].height else []:
+        out.setdefault(r["delivery_id"], {}).setdefault("quarantine_reasons", {})[r["reason"]] = int(r["n"])
+    for d in out.values():
+        for col in ("scans_valid", "covariates_valid", "quarantined"):
+            d.setdefault(col, 0)
+    return out
+
+
+def _cmd_status(args) -> int:
+    import os
+
+    from cbp_platform.ingest.status import format_report, landing_report
+    from cbp_platform.paths import DataLayout
+
+    layout = DataLayout.from_env(args.data_root)
+    counts = _status_counts(layout.root / "warehouse" / "cbp.duckdb")
+    runs = None
+    if os.environ.get("DAGSTER_HOME"):
+        from cbp_platform.definitions import batch_run_states
+
+        runs = batch_run_states()
+    reports = landing_report(layout.root, layout.landing, deep=args.deep, counts=counts, runs=runs)
+    if args.json:
+        print(json.dumps([r.as_dict() for r in reports], indent=1))
+    else:
+        print(f"landing zone {layout.landing}"
+              + ("" if counts is not None else " (no warehouse counts: none yet, or a run holds its lock)"))
+        print(format_report(reports))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="cbp", description="cbp-platform: MRI back-muscle composition and chronic back pain")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -404,6 +458,19 @@ def build_parser() -> argparse.ArgumentParser:
     mc.add_argument("name", help="a registered model (cbp model list)")
     mc.add_argument("--data-root", default=None)
     mc.set_defaults(func=_cmd_model_compare)
+
+    st = sub.add_parser("status", help="every delivery in the landing zone: state, reason and counts",
+                        description="List every delivery folder of the landing zone and every registered delivery "
+                                    "with its state (waiting, refused, ready, registered, changed, gone), the "
+                                    "reason when it is not registered, participants, batches (and their runs, "
+                                    "with $DAGSTER_HOME), valid scans and covariate rows, and quarantined "
+                                    "participants by reason. Names no pseudonym.")
+    st.add_argument("--data-root", default=None)
+    st.add_argument("--deep", action="store_true",
+                    help="check every listed file of registered deliveries for changes (default: the manifest "
+                         "and the covariates file)")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=_cmd_status)
 
     c = sub.add_parser("calibration-report", help="paper vs simulated cohort figures (markdown)")
     c.add_argument("--participants", "-n", type=int, default=30868)

@@ -57,6 +57,18 @@ def compare_models(name: str, log=print) -> dict:
     return compare_with(dg.DagsterInstance.get(), name, log=log)
 
 
+def batch_run_states(job_names: tuple[str, ...] = ("process_batch", "ingest_batch")) -> dict[str, str]:
+    """``cbp status``: batch key -> status of its latest run of ``job_names`` (``$DAGSTER_HOME``'s instance)."""
+    out: dict[str, str] = {}
+    with dg.DagsterInstance.get() as inst:
+        for rec in inst.get_run_records(order_by="create_timestamp", ascending=True):
+            run = rec.dagster_run
+            key = run.tags.get("cbp/batch")
+            if key and run.job_name in job_names:
+                out[key] = run.status.value
+    return out
+
+
 def executor_for(profile: str) -> dg.ExecutorDefinition:
     if profile == "kubernetes":
         from dagster_k8s import k8s_job_executor

@@ -1,0 +1,89 @@
+"""``cbp status``: every delivery of the landing zone (and every registered one) with its state, reason and counts.
+
+States (:data:`cbp_platform.ingest.deliveries.STATES`): ``waiting`` (no marker yet), ``refused`` (never
+registered; the reason says why), ``ready`` (closed; the next sensor tick registers it), ``registered``,
+``changed`` (registered, then changed in the landing zone: reported, never re-ingested) and ``gone``
+(registered, folder removed). Counts come from the registry and the warehouse: participants, batches, valid
+scans and covariate rows, quarantined participants by reason. Nothing here names a pseudonym.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from cbp_platform.ingest.deliveries import REGISTERED, scan_landing
+from cbp_platform.ingest.registry import registered_deliveries, registered_state
+
+
+@dataclass
+class DeliveryReport:
+    delivery_id: str
+    state: str
+    reason: str = ""
+    participants: int | None = None
+    batches: int | None = None
+    batch_runs: dict = field(default_factory=dict)        # run status -> batches (from the Dagster instance)
+    scans_valid: int | None = None
+    covariates_valid: int | None = None
+    quarantined: int | None = None
+    quarantine_reasons: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def landing_report(root: Path, landing: Path, *, deep: bool = False, counts: dict | None = None,
+                   runs: dict | None = None) -> list[DeliveryReport]:
+    """One report per delivery folder and per registered delivery, sorted by id.
+
+    ``counts``: delivery id -> warehouse counts (``scans_valid``, ``covariates_valid``, ``quarantined``,
+    ``quarantine_reasons``); ``runs``: batch key -> latest run status; ``deep``: look at every listed file of a
+    registered delivery for changes (a stat each; a hash when only the modification time moved)."""
+    recs = {r["delivery_id"]: r for r in registered_deliveries(root)}
+    out: dict[str, DeliveryReport] = {}
+    for st in scan_landing(Path(landing), skip=set(recs)):
+        rep = DeliveryReport(st.delivery_id, st.state, st.reason)
+        if st.manifest is not None:
+            rep.participants = len(set(st.manifest["participants"]))
+        out[st.delivery_id] = rep
+    for did, rec in recs.items():
+        state, reason = registered_state(root, landing, rec, deep=deep)
+        rep = DeliveryReport(did, state, reason, participants=len(rec["participants"]), batches=len(rec["batches"]))
+        if runs is not None:
+            for key in rec["batches"]:
+                s = runs.get(key, "not run")
+                rep.batch_runs[s] = rep.batch_runs.get(s, 0) + 1
+        for k, v in (counts or {}).get(did, {}).items():
+            setattr(rep, k, v)
+        if state == REGISTERED and counts is not None and did not in counts:
+            rep.scans_valid = rep.covariates_valid = rep.quarantined = 0
+        out[did] = rep
+    return [out[k] for k in sorted(out)]
+
+
+def format_report(reports: list[DeliveryReport]) -> str:
+    if not reports:
+        return "landing zone empty: no deliveries"
+    head = ("delivery", "state", "participants", "batches", "scans ok", "covariates ok", "quarantined", "reason")
+    rows = []
+    for r in reports:
+        batches = "" if r.batches is None else str(r.batches)
+        if r.batch_runs:
+            batches += " (" + ", ".join(f"{n} {s.lower()}" for s, n in sorted(r.batch_runs.items())) + ")"
+        q = "" if r.quarantined is None else str(r.quarantined)
+        if r.quarantine_reasons:
+            q += " (" + ", ".join(f"{k} {v}" for k, v in sorted(r.quarantine_reasons.items())) + ")"
+        rows.append((r.delivery_id, r.state, "" if r.participants is None else str(r.participants), batches,
+                     "" if r.scans_valid is None else str(r.scans_valid),
+                     "" if r.covariates_valid is None else str(r.covariates_valid), q, r.reason))
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head[:-1])]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(head[:-1], widths)) + "  " + head[-1]]
+    for row in rows:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(row[:-1], widths)) + "  " + row[-1])
+    by_state: dict[str, int] = {}
+    for r in reports:
+        by_state[r.state] = by_state.get(r.state, 0) + 1
+    lines.append("")
+    lines.append(f"{len(reports)} deliveries: " + ", ".join(f"{n} {s}" for s, n in sorted(by_state.items())))
+    return "\n".join(lines)
