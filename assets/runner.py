@@ -18,6 +18,7 @@ from pathlib import Path
 import dagster as dg
 
 from assets.partitions import BATCHES
+from assets.reaper import reap
 from assets.schedules import COHORT_LEVEL  # noqa: F401  (documents what the refresh covers)
 from assets.sensors import INGEST_JOB, PROCESS_JOB, batch_already_ingested, delivery_sensor
 from cbp_platform.definitions import build_definitions
@@ -52,6 +53,7 @@ def run_pending(instance: dg.DagsterInstance, data_root: DataRootResource | None
                 model_config: dict | None = None, progress: bool | None = False) -> dict:
     defs = build_definitions()
     data_root = data_root or DataRootResource()
+    reap(instance, log=lambda m: log(f"  {m}"))          # runs of an earlier, killed demo: marked failed first
     cursor_path = data_root.path / "registry" / CURSOR_FILE
     cursor = cursor_path.read_text() if cursor_path.exists() else None
     with dg.build_sensor_context(instance=instance, cursor=cursor, resources={"data_root": data_root}) as ctx:

@@ -3,12 +3,14 @@
 When a run worker dies (killed, out of memory, node lost), run monitoring marks the run FAILURE, but a step
 process it had started may still be running. Every batch asset writes its rows, quarantine and provenance in one
 transaction (:meth:`resources.warehouse.Warehouse.replace_many`) and calls this guard just before the commit: if
-the run is no longer STARTED, the transaction is rolled back, so a failed run never leaves a batch half written.
+the run is no longer STARTED, or (outside Kubernetes) its run worker process is gone, the transaction is rolled
+back, so a killed run's orphaned step never adds rows to a batch after the run failed.
 """
 
 import dagster as dg
 import polars as pl
 
+from cbp_platform.deployment import profile
 from cbp_platform.warehouse import provenance_frame, quarantine_frame
 from resources import Warehouse
 
@@ -28,6 +30,13 @@ def run_is_live(context: dg.AssetExecutionContext):
         if run is not None and run.status not in LIVE:
             raise RunNotLive(f"run {run_id[:8]} is {run.status.value}: this step's writes were discarded "
                              "(re-run the batch)")
+        if profile() != "kubernetes":            # step pods live in other pid namespaces
+            from assets.reaper import worker_gone
+
+            pid = worker_gone(instance, run_id)
+            if pid is not None:
+                raise RunNotLive(f"run {run_id[:8]}: its run worker (pid {pid}) is gone; this orphaned step's "
+                                 "writes were discarded (re-run the batch)")
 
     return guard
 

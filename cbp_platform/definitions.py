@@ -19,6 +19,7 @@ from assets.comparison import comparison_metrics, model_comparison
 from assets.schedules import (cohort_refresh_job, compare_batch_job, daily_cohort_refresh, ingest_batch_job,
                               model_comparison_job, model_job, process_batch_job)
 from assets.segmentation import muscle_metrics, muscle_segmentations, segmentation_model, segmentation_model_dice
+from assets.reaper import run_reaper
 from assets.sensors import delivery_sensor
 from assets.summary import ingestion_summary
 from checks.analysis import analysis_cohort_expectations, cbp_model_checks, pain_model_checks
@@ -90,7 +91,7 @@ def build_definitions(profile: str | None = None) -> dg.Definitions:
                       segmentation_plausibility, analysis_cohort_expectations, cbp_model_checks, pain_model_checks],
         jobs=[ingest_batch_job, process_batch_job, model_job, cohort_refresh_job, compare_batch_job,
               model_comparison_job],
-        sensors=[delivery_sensor],
+        sensors=[delivery_sensor] + ([] if profile == "kubernetes" else [run_reaper]),
         schedules=[daily_cohort_refresh],
         resources={"data_root": DataRootResource(), "warehouse": Warehouse(), "runtime": SegmentationRuntime()},
         executor=executor_for(profile),
