@@ -60,6 +60,8 @@ def run_pending(instance: dg.DagsterInstance, data_root: DataRootResource | None
         result = delivery_sensor(ctx)
     for req in result.dynamic_partitions_requests or []:
         instance.add_dynamic_partitions(BATCHES, list(req.partition_keys))
+    for event in result.asset_events or []:          # the landing_zone observation, as the daemon records it
+        instance.report_runless_asset_event(event)
     if result.cursor:
         cursor_path.parent.mkdir(parents=True, exist_ok=True)
         cursor_path.write_text(result.cursor)

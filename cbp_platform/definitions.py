@@ -23,7 +23,8 @@ from assets.reaper import run_reaper
 from assets.sensors import delivery_sensor
 from assets.summary import ingestion_summary
 from checks.analysis import analysis_cohort_expectations, cbp_model_checks, pain_model_checks
-from checks.ingestion import covariates_expectations, fat_water_swap_qc, scan_facts_expectations
+from checks.ingestion import (cohort_one_row_per_participant, covariates_expectations, fat_water_swap_qc,
+                              scan_facts_expectations)
 from checks.segmentation import segmentation_plausibility
 from cbp_platform import deployment
 from resources import DataRootResource, SegmentationRuntime, Warehouse
@@ -87,8 +88,9 @@ def build_definitions(profile: str | None = None) -> dg.Definitions:
                 muscle_segmentations, muscle_metrics, analysis_cohort, cbp_association_model, pain_intensity_model,
                 table_one, stratified_comparisons, physical_activity_prevalence, published_results,
                 comparison_metrics, model_comparison],
-        asset_checks=[covariates_expectations, scan_facts_expectations, fat_water_swap_qc, segmentation_model_dice,
-                      segmentation_plausibility, analysis_cohort_expectations, cbp_model_checks, pain_model_checks],
+        asset_checks=[covariates_expectations, scan_facts_expectations, fat_water_swap_qc,
+                      cohort_one_row_per_participant, segmentation_model_dice, segmentation_plausibility,
+                      analysis_cohort_expectations, cbp_model_checks, pain_model_checks],
         jobs=[ingest_batch_job, process_batch_job, model_job, cohort_refresh_job, compare_batch_job,
               model_comparison_job],
         sensors=[delivery_sensor] + ([] if profile == "kubernetes" else [run_reaper]),

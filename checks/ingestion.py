@@ -9,10 +9,12 @@ import dagster as dg
 warnings.filterwarnings("ignore", message="Specifying a partitions_def on an AssetCheckSpec", category=Warning)
 
 from assets.ingestion import participant_covariates, raw_mri_scans
+from assets.summary import ingestion_summary
 from assets.partitions import batches_partitions
 from cbp_platform.ingest.covariates import REQUIRED, RULES
 from cbp_platform.ingest.scans import RULES as SCAN_RULES
 from cbp_platform.landing import SITES
+from cbp_platform.warehouse import UNIQUE_KEYS
 from checks.gx import outcomes_metadata, run_suite
 from resources import Warehouse
 
@@ -94,3 +96,21 @@ def fat_water_swap_qc(context: dg.AssetCheckExecutionContext, warehouse: Warehou
         passed=share <= SWAP_SHARE_ALERT, severity=dg.AssetCheckSeverity.WARN,
         metadata={"scans": n, "swap_suspected": k, "share": round(share, 4),
                   "alert_above": SWAP_SHARE_ALERT})
+
+
+@dg.asset_check(asset=ingestion_summary, blocking=True,
+                description="Cohort-wide, beside the per-batch uniqueness expectations: one row per participant "
+                            "(and muscle, or model) in every stage table, whatever the delivery ids, the order "
+                            "of processing or concurrent runs (the warehouse's unique keys make a second row "
+                            "fail its write; this check catches a warehouse written before them).")
+def cohort_one_row_per_participant(warehouse: Warehouse) -> dg.AssetCheckResult:
+    dup = {}
+    for table, keys in UNIQUE_KEYS.items():
+        if not warehouse.has_table(table):
+            continue
+        cols = ", ".join(f'"{k}"' for k in keys)
+        n = warehouse.query(f'SELECT count(*) AS n FROM (SELECT {cols} FROM "{table}" GROUP BY {cols} '
+                            "HAVING count(*) > 1)")["n"][0]
+        dup[table] = int(n)
+    return dg.AssetCheckResult(passed=not any(dup.values()), severity=dg.AssetCheckSeverity.ERROR,
+                               metadata={"duplicated_keys": dg.MetadataValue.json(dup)})

@@ -210,10 +210,10 @@ class _Stream:
                     break
                 got += k
                 continue
+            if self.d.eof:               # the member ended (what follows is in unused_data)
+                break
             src = self.tail
             if not src:
-                if self.d.eof:
-                    break
                 src = self.fh.read(CHUNK)
                 if not src:
                     break
@@ -221,7 +221,7 @@ class _Stream:
                 out = self.d.decompress(src, n - got)
             except zlib.error as exc:
                 raise self._problem(exc) from None
-            self.tail = self.d.unconsumed_tail
+            self.tail = b"" if self.d.eof else self.d.unconsumed_tail   # zlib may keep a stale tail at the end
             buf[got:got + len(out)] = out
             got += len(out)
         return got
