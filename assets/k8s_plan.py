@@ -51,8 +51,10 @@ def render_step_jobs(job_name: str = "process_batch", image: str | None = None) 
                   "compare_models": {"ops": {"model_comparison": model}}}.get(job_name, {})
     for step in create_execution_plan(job, run_config=run_config).steps:
         ctx = base.merge(K8sContainerContext(run_k8s_config=get_user_defined_k8s_config(step.tags)))
+        # a readable Job name; its pod adds "-pod", and Kubernetes names stop at 63 characters
+        name = f"dagster-step-{step.key.replace('_', '-')}"[:59].rstrip("-")
         k8s_job = construct_dagster_k8s_job(ctx.get_k8s_job_config(image, launcher), args=["dagster", "api",
-                                            "execute_step"], job_name=f"dagster-step-{step.key.replace('_', '-')}"[:63],
+                                            "execute_step"], job_name=name,
                                             component="step_worker", user_defined_k8s_config=ctx.run_k8s_config,
                                             labels={"dagster/job": job_name, "dagster/op": step.key})
         k8s_job.metadata.namespace = ctx.namespace

@@ -102,6 +102,102 @@ def _sensor_ticks(n_deliveries: int = 3000) -> dict:
         shutil.rmtree(root, ignore_errors=True)
 
 
+_WORKER = """
+import json, resource, sys, time
+from pathlib import Path
+from cbp_platform.ingest.batch import ingest_scans
+from cbp_platform.ingest.deliveries import Batch, load_manifest
+d = Path(sys.argv[1])
+man = load_manifest(d)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+b = Batch(d.name + ".b001", d.name, 1, sorted(man["participants"]))
+t = time.perf_counter()
+facts, q = ingest_scans(b, d, man, duplicates={}, threads=2)
+print(json.dumps({"seconds": time.perf_counter() - t, "valid": len(facts), "reasons": sorted({x["reason"] for x in q}),
+                  "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "base_mb": base}))
+"""
+
+
+def _worker_rss(delivery: Path) -> dict:
+    """Peak RSS of a fresh ingest worker (2 threads, the memory budget) validating every scan of ``delivery``."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _WORKER, str(delivery)], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _relist(d: Path, rel: str) -> None:
+    from cbp_platform.imaging.nifti import sha256_file
+
+    man = json.loads((d / "manifest.json").read_text())
+    e = next(f for f in man["files"] if f["path"] == rel)
+    e.update(size=(d / rel).stat().st_size, sha256=sha256_file(d / rel))
+    (d / "manifest.json").write_text(json.dumps(man, indent=1))
+
+
+def _ingest_memory(bomb_gib: int = 4) -> dict:
+    """Peak RSS of one ingest worker: NAKO-size scans, gzip bombs, and images at the largest accepted size."""
+    import gzip
+    import os
+    import zlib
+
+    import numpy as np
+
+    from cbp_platform.imaging.nifti import nifti_bytes
+    from cbp_platform.ingest.scans import RULES
+    from cbp_platform.synth.delivery import synthesize
+
+    root = Path(tempfile.mkdtemp(prefix="cbp-bench-ingest-mem-"))
+    try:
+        synthesize(participants=8, deliveries=1, seed=78, data_root=root / "src", resolution="nako", workers=2)
+        (src,) = list((root / "src" / "landing").iterdir())
+        out = {"nako": _worker_rss(src)}
+        # gzip bombs: two participants' water = a valid NAKO image followed by GiBs of zeros (a few MB on disk)
+        bomb = root / "bomb" / src.name
+        shutil.copytree(src, bomb)
+        for p in sorted(os.listdir(bomb / "mri"))[:2]:
+            rel = f"mri/{p}/{p}_water.nii.gz"
+            path = bomb / rel
+            path.chmod(0o644)
+            image = gzip.decompress(path.read_bytes())
+            c = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+            zeros = bytes(64 << 20)
+            with open(path, "wb") as fh:
+                fh.write(c.compress(image))
+                for _ in range(bomb_gib * 16):
+                    fh.write(c.compress(zeros))
+                fh.write(c.flush())
+            (bomb / "manifest.json").chmod(0o644)
+            _relist(bomb, rel)
+        out["bomb"] = _worker_rss(bomb)
+        out["bomb"]["file_mb"] = path.stat().st_size / 1e6
+        out["bomb"]["declared_gib"] = bomb_gib
+        # the largest accepted image: water and fat of two participants at RULES.max_image_bytes each
+        big = root / "big" / src.name
+        shutil.copytree(src, big)
+        nz = RULES.max_image_bytes // (512 * 512 * 2)
+        i, j, k = np.meshgrid(np.arange(512, dtype=np.int16), np.arange(512, dtype=np.int16),
+                              np.arange(nz, dtype=np.int16), indexing="ij")
+        vol = (100 + (i + 2 * j + 3 * k) % 400).astype(np.int16)
+        del i, j, k
+        payload = nifti_bytes(vol, np.diag([1.0, 1.0, 2.0, 1.0]))
+        ps = sorted(os.listdir(big / "mri"))[:2]
+        (big / "manifest.json").chmod(0o644)
+        for p in ps:
+            for ch in ("water", "fat"):
+                rel = f"mri/{p}/{p}_{ch}.nii.gz"
+                (big / rel).chmod(0o644)
+                (big / rel).write_bytes(payload)
+                _relist(big, rel)
+        out["largest"] = _worker_rss(big)
+        out["largest"]["image_mib"] = vol.nbytes / 2**20
+        return out
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def run() -> dict:
     print("\n== ingestion ==")
     small = _batch_run(20, "fast")      # warm-up sized run: Dagster's fixed cost dominates
@@ -126,7 +222,18 @@ def run() -> dict:
     tick = _sensor_ticks()
     print(f"delivery_sensor with {tick['deliveries']} deliveries on disk: first tick (registers all) "
           f"{tick['first_tick_s']:.2f} s, steady tick {tick['steady_tick_s']:.3f} s, cursor {tick['cursor_kb']:.0f} KiB")
-    return dict(batch_small=small, batch_250=b250, batch_nako=nako, swap_detector=sw, sensor=tick)
+    mem = _ingest_memory()
+    limit = 1024
+    for name, what in (("nako", "8 NAKO-size participants"),
+                       ("bomb", f"8 NAKO-size participants, 2 of them gzip bombs ({mem['bomb']['declared_gib']} GiB "
+                                f"of zeros after the image, {mem['bomb']['file_mb']:.1f} MB on disk)"),
+                       ("largest", f"8 participants, 2 with water and fat at the largest accepted size "
+                                   f"({mem['largest']['image_mib']:.0f} MiB each)")):
+        r = mem[name]
+        print(f"ingest worker peak RSS, {what}: {r['rss_mb']:.0f} MiB (imports alone {r['base_mb']:.0f} MiB; "
+              f"target < {limit} MiB, ratio {r['rss_mb'] / limit:.2f}), {r['seconds']:.1f} s, {r['valid']} valid, "
+              f"reasons {r['reasons'] or 'none'}")
+    return dict(batch_small=small, batch_250=b250, batch_nako=nako, swap_detector=sw, sensor=tick, memory=mem)
 
 
 if __name__ == "__main__":

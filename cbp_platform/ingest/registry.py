@@ -87,18 +87,37 @@ def register_delivery(root: Path, delivery_dir: Path, manifest: dict, manifest_b
         if rec_path.exists():
             rec = json.loads(rec_path.read_text())
             return [reg.read(k) for k in rec["batches"]]
-        seq = 1 + max((r.get("seq") or 0 for r in registered_deliveries(root)), default=0)
+        seq = _next_seq(root)
         batches = plan_batches(manifest, batch_size)
         for b in batches:
             reg.write(b)
         atomic_write_bytes(manifest_copy_path(root, did), manifest_bytes)
-        atomic_write_bytes(files_path(root, did), json.dumps(_stat_listed(delivery_dir, manifest)).encode())
+        stats = _stat_listed(delivery_dir, manifest)
+        atomic_write_bytes(files_path(root, did), json.dumps(stats).encode())
         rec = {"delivery_id": did, "seq": seq, "registered_at": datetime.now(timezone.utc).isoformat(),
                "created_at": manifest["created_at"], "manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(),
                "participants": sorted(set(manifest["participants"])), "batch_size": batch_size,
-               "batches": [b.key for b in batches]}
+               "batches": [b.key for b in batches],
+               # what every sensor tick compares (cheap); <id>.files.json holds every listed file (cbp status --deep)
+               "watch": {n: stats[n] for n in WATCHED if n in stats}}
         atomic_write_bytes(rec_path, json.dumps(rec).encode())   # written last: the delivery is now registered
+        atomic_write_bytes(_seq_path(root), str(seq).encode())
     return batches
+
+
+WATCHED = (MANIFEST_NAME, COVARIATES_NAME)
+
+
+def _seq_path(root: Path) -> Path:
+    return Path(root) / "registry" / "delivery_seq"
+
+
+def _next_seq(root: Path) -> int:
+    """The next registration number (under the registry lock): one more than the last, however many exist."""
+    try:
+        return int(_seq_path(root).read_text()) + 1
+    except (FileNotFoundError, ValueError):
+        return 1 + max((r.get("seq") or 0 for r in registered_deliveries(root)), default=0)
 
 
 def _order(rec: dict) -> tuple:
@@ -164,15 +183,18 @@ def registered_state(root: Path, landing: Path, rec: dict, *, deep: bool = False
     if not ddir.is_dir():
         return GONE, f"{did}: registered, but the folder is no longer in the landing zone"
     stats_path = files_path(root, did)
-    if not stats_path.exists():                           # registered before stats were kept: manifest only
+    if deep and stats_path.exists():
+        stats = json.loads(stats_path.read_text())
+    elif not deep and "watch" in rec:
+        stats = rec["watch"]
+    else:                                                 # registered before stats were kept: the manifest only
         if not deep:
             return REGISTERED, ""
         cur = _sha256(ddir / MANIFEST_NAME)
         if rec.get("manifest_sha256") and cur != rec["manifest_sha256"]:
             return CHANGED, _changed_message(did, [MANIFEST_NAME], {})
         return REGISTERED, ""
-    stats = json.loads(stats_path.read_text())
-    names = list(stats) if deep else [n for n in (MANIFEST_NAME, COVARIATES_NAME) if n in stats]
+    names = list(stats)
     sha: dict | None = None
     changed = []
     for name in names:
