@@ -12,8 +12,8 @@ from collections import Counter
 import dagster as dg
 import polars as pl
 
-from assets.writes import write_stage
 from assets.partitions import batches_partitions
+from assets.writes import write_stage
 from cbp_platform.deployment import k8s_step_tags
 from cbp_platform.ingest.batch import facts_frame, ingest_scans
 from cbp_platform.ingest.covariates import parse_covariates
@@ -22,8 +22,8 @@ from cbp_platform.landing import COVARIATES_NAME
 from cbp_platform.progress import RateLogger
 from resources import DataRootResource, Warehouse
 
-RAW_MRI_SCANS_VERSION = "raw_mri_scans/1"
-COVARIATES_VERSION = "participant_covariates/1"
+RAW_MRI_SCANS_VERSION = "raw_mri_scans/2"        # 2: bounded, strict reading; reasons by role
+COVARIATES_VERSION = "participant_covariates/2"  # 2: row by row, BOM, checked against the manifest
 PREVIEW_ROWS = 5
 
 

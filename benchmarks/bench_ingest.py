@@ -102,19 +102,25 @@ def _sensor_ticks(n_deliveries: int = 3000) -> dict:
         shutil.rmtree(root, ignore_errors=True)
 
 
+# peak RSS from /proc/self/status (VmHWM: this process image's own high-water mark; getrusage's ru_maxrss would
+# carry the forking parent's peak across exec on Linux)
 _WORKER = """
-import json, resource, sys, time
+import json, sys, time
 from pathlib import Path
+def hwm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
 from cbp_platform.ingest.batch import ingest_scans
 from cbp_platform.ingest.deliveries import Batch, load_manifest
 d = Path(sys.argv[1])
 man = load_manifest(d)
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+base = hwm()
 b = Batch(d.name + ".b001", d.name, 1, sorted(man["participants"]))
 t = time.perf_counter()
 facts, q = ingest_scans(b, d, man, duplicates={}, threads=2)
 print(json.dumps({"seconds": time.perf_counter() - t, "valid": len(facts), "reasons": sorted({x["reason"] for x in q}),
-                  "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "base_mb": base}))
+                  "rss_mb": hwm(), "base_mb": base}))
 """
 
 

@@ -77,15 +77,22 @@ def input_digests(analysed: Iterable[str], scans: pl.DataFrame, segmentations: p
             "segmentation_weights_sha256": models}
 
 
-def delivery_checksums(landing: Path, delivery_ids: Iterable[str]) -> list[dict]:
-    """sha256 of each delivery's manifest (the delivery's own list of files and checksums)."""
+def delivery_checksums(landing: Path, delivery_ids: Iterable[str], registry_root: Path | None = None) -> list[dict]:
+    """sha256 of each delivery's manifest (the delivery's own list of files and checksums): the manifest as
+    registered (what was ingested) when ``registry_root`` holds its record, else the landing zone's copy."""
     from cbp_platform.imaging.nifti import sha256_file
     from cbp_platform.landing import MANIFEST_NAME as DELIVERY_MANIFEST
 
+    registered = {}
+    if registry_root is not None:
+        from cbp_platform.ingest.registry import registered_deliveries
+
+        registered = {r["delivery_id"]: r.get("manifest_sha256") for r in registered_deliveries(registry_root)}
     out = []
     for d in sorted(set(delivery_ids)):
         p = landing / d / DELIVERY_MANIFEST
-        out.append({"delivery_id": d, "manifest_sha256": sha256_file(p) if p.exists() else "missing"})
+        sha = registered.get(d) or (sha256_file(p) if p.exists() else "missing")
+        out.append({"delivery_id": d, "manifest_sha256": sha})
     return out
 
 

@@ -92,7 +92,7 @@ class ByteBudget:
     its whole need in one step (so two threads can never each hold half and wait for the other); a need larger
     than the limit runs alone."""
 
-    def __init__(self, limit: int = 512 << 20):
+    def __init__(self, limit: int = 384 << 20):
         self.limit = int(limit)
         self.used = 0
         self._cv = threading.Condition()
