@@ -10,9 +10,14 @@ failed; its step processes still running are sent SIGTERM, then SIGKILL. Their w
 (:mod:`assets.writes`). Dagster's run retries (``run_retries`` in the instance) then re-run a crashed batch a
 bounded number of times.
 
-``run_reaper`` runs this every minute; the foreground runner calls it before it starts. Not in the
-``kubernetes`` profile, whose pods live in other pid namespaces (the K8s run launcher's monitoring covers it).
+``run_reaper`` runs this every minute; the foreground runner calls it before it starts, for its own host's runs.
+Pids mean something only on their host: the daemon's sensor assumes the run workers it judges run beside it (the
+default launcher of the ``local`` and one-server ``production`` profiles), foreground runs carry their host in a
+tag. Not in the ``kubernetes`` profile, whose pods live in other pid namespaces (the K8s run launcher's
+monitoring covers it).
 """
+
+import socket
 
 import dagster as dg
 from dagster._core.events import JobFailureData, RunFailureReason
@@ -20,6 +25,7 @@ from dagster._core.events import JobFailureData, RunFailureReason
 from cbp_platform.deployment import automation_running, profile
 from cbp_platform.processes import alive, terminate
 
+HOST_TAG = "cbp/host"
 ACTIVE = [dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.CANCELING]
 
 
@@ -50,13 +56,26 @@ def worker_gone(instance: dg.DagsterInstance, run_id: str) -> int | None:
     return worker[0]
 
 
-def reap(instance: dg.DagsterInstance, log=print, grace_s: float = 10.0) -> list[str]:
-    """Mark failed every active run whose worker process is gone; stop its step processes. Returns run ids."""
+def host_tag() -> dict:
+    """Tag of runs executed in the foreground (``make demo``, ``cbp model compare``): the host they run on."""
+    return {HOST_TAG: socket.gethostname()}
+
+
+def reap(instance: dg.DagsterInstance, log=print, grace_s: float = 10.0, own_host_only: bool = False) -> list[str]:
+    """Mark failed every active run whose worker process is gone; stop its step processes. Returns run ids.
+
+    A pid means something only on its own host: a run tagged with another host is never touched, and with
+    ``own_host_only`` (the foreground runner, which may share a production database with other hosts) untagged
+    runs are left to the daemon's ``run_reaper``, which runs beside the launcher's run workers."""
     if profile() == "kubernetes":
         return []
+    me = socket.gethostname()
     reaped = []
     for rec in instance.get_run_records(filters=dg.RunsFilter(statuses=ACTIVE)):
         run = rec.dagster_run
+        host = run.tags.get(HOST_TAG)
+        if (host is not None and host != me) or (host is None and own_host_only):
+            continue
         worker, steps = run_processes(instance, run.run_id)
         if worker is None or alive(*worker):
             continue

@@ -18,7 +18,7 @@ from pathlib import Path
 import dagster as dg
 
 from assets.partitions import BATCHES
-from assets.reaper import reap
+from assets.reaper import host_tag, reap
 from assets.schedules import COHORT_LEVEL  # noqa: F401  (documents what the refresh covers)
 from assets.sensors import INGEST_JOB, PROCESS_JOB, batch_already_ingested, delivery_sensor
 from cbp_platform.definitions import build_definitions
@@ -53,7 +53,7 @@ def run_pending(instance: dg.DagsterInstance, data_root: DataRootResource | None
                 model_config: dict | None = None, progress: bool | None = False) -> dict:
     defs = build_definitions()
     data_root = data_root or DataRootResource()
-    reap(instance, log=lambda m: log(f"  {m}"))          # runs of an earlier, killed demo: marked failed first
+    reap(instance, log=lambda m: log(f"  {m}"), own_host_only=True)   # an earlier, killed demo's runs: failed first
     cursor_path = data_root.path / "registry" / CURSOR_FILE
     cursor = cursor_path.read_text() if cursor_path.exists() else None
     with dg.build_sensor_context(instance=instance, cursor=cursor, resources={"data_root": data_root}) as ctx:
@@ -79,7 +79,7 @@ def run_pending(instance: dg.DagsterInstance, data_root: DataRootResource | None
         cfg = {"loggers": {"console": {"config": {"log_level": "DEBUG" if log_level.upper() == "DEBUG" else "INFO"}}},
                "ops": {"segmentation_model": {"config": model_config or {}}}}
         res = defs.resolve_job_def("train_segmentation_model").execute_in_process(
-            instance=instance, raise_on_error=False, run_config=cfg)
+            instance=instance, raise_on_error=False, run_config=cfg, tags=host_tag())
         log(f"  segmentation model: {'ok' if res.success else 'FAILED'} in {time.perf_counter() - t:.0f} s "
             f"(run {res.run_id[:8]})")
         if not res.success:
@@ -90,7 +90,7 @@ def run_pending(instance: dg.DagsterInstance, data_root: DataRootResource | None
     for i, key in enumerate(pending, start=1):
         t = time.perf_counter()
         res = job.execute_in_process(partition_key=key, instance=instance, raise_on_error=False, run_config=quiet,
-                                     tags={"cbp/batch": key, "cbp/delivery": key.rpartition(".b")[0]})
+                                     tags={"cbp/batch": key, "cbp/delivery": key.rpartition(".b")[0], **host_tag()})
         status = "ok" if res.success else "FAILED"
         with pbar.external_write_mode():
             log(f"  [{i}/{len(pending)}] batch {key}: {status} in {time.perf_counter() - t:.1f} s "
@@ -104,7 +104,8 @@ def run_pending(instance: dg.DagsterInstance, data_root: DataRootResource | None
         # after ingestion-only runs there is nothing to analyse yet: refresh the ingestion summary alone
         only = [dg.AssetKey("ingestion_summary")] if job_name == INGEST_JOB else None
         res = defs.resolve_job_def("cohort_refresh").execute_in_process(instance=instance, raise_on_error=False,
-                                                                        run_config=quiet, asset_selection=only)
+                                                                        run_config=quiet, asset_selection=only,
+                                                                        tags=host_tag())
         log(f"  cohort-level refresh: {'ok' if res.success else 'FAILED'} (run {res.run_id[:8]})")
         if not res.success:
             summary["failed"].append("cohort_refresh")
@@ -142,7 +143,7 @@ def compare_with(instance: dg.DagsterInstance, model: str, *, log=print, log_lev
         t = time.perf_counter()
         res = job.execute_in_process(partition_key=key, instance=instance, raise_on_error=False,
                                      run_config={**quiet, "ops": {"comparison_metrics": {"config": {"model": model}}}},
-                                     tags={"cbp/batch": key, **tags})
+                                     tags={"cbp/batch": key, **tags, **host_tag()})
         log(f"  [{i}/{len(todo)}] batch {key}: {model} {'ok' if res.success else 'FAILED'} in "
             f"{time.perf_counter() - t:.1f} s (run {res.run_id[:8]})")
         if not res.success:
@@ -150,7 +151,7 @@ def compare_with(instance: dg.DagsterInstance, model: str, *, log=print, log_lev
     if summary["failed"]:
         return summary
     res = defs.resolve_job_def("compare_models").execute_in_process(
-        instance=instance, raise_on_error=False,
+        instance=instance, raise_on_error=False, tags=host_tag(),
         run_config={**quiet, "ops": {"model_comparison": {"config": {"model": model}}}})
     log(f"  model comparison: {'ok' if res.success else 'FAILED'} (run {res.run_id[:8]})")
     if not res.success:
@@ -158,7 +159,7 @@ def compare_with(instance: dg.DagsterInstance, model: str, *, log=print, log_lev
         return summary
     if refresh:
         res = defs.resolve_job_def("cohort_refresh").execute_in_process(
-            instance=instance, raise_on_error=False, run_config=quiet,
+            instance=instance, raise_on_error=False, run_config=quiet, tags=host_tag(),
             asset_selection=[dg.AssetKey("published_results")])
         log(f"  report: {'ok' if res.success else 'FAILED'} (run {res.run_id[:8]})")
         if not res.success:
