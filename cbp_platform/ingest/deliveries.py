@@ -1,4 +1,7 @@
-"""Finding complete deliveries in the landing zone and cutting them into batches.
+"""The state of each delivery in the landing zone (waiting, refused, closed), and cutting deliveries into batches.
+
+A delivery is closed once its ``_SUCCESS`` marker is present and its manifest is valid; its files are judged per
+participant at ingestion, never here. Registration and what happens after it: :mod:`.registry`.
 
 A batch is a slice of one delivery of at most ``batch_size`` participants, keyed ``<delivery_id>.b<NNN>``
 (for example ``sim1-d01.b002``). Membership is fixed when the delivery is registered (the sorted participant
