@@ -50,3 +50,14 @@ def test_the_same_seed_writes_the_same_bytes(tmp_path):
     a = write_series(vol, aff, tmp_path / "a", **kw)
     b = write_series(vol, aff, tmp_path / "b", **kw)
     assert [p.read_bytes() for p in a] == [p.read_bytes() for p in b]
+
+
+def test_anisotropic_in_plane_spacing_and_a_random_volume_survive_the_round_trip(tmp_path):
+    vol = np.random.default_rng(1).integers(1, 1000, (30, 20, 8)).astype(np.int16)
+    aff = np.array([[-1.4, 0, 0, 20.0], [0, 2.0, 0, -15.0], [0, 0, 3.0, -80.0], [0, 0, 0, 1.0]])
+    write_series(vol, aff, tmp_path / "d", contrast="opp", station=4, k_range=(0, 8), pseudonym="PPPPPPPPPP",
+                 seed=1, acquired=datetime(2016, 1, 1))
+    img = nib.as_closest_canonical(nib.load(_dcm2niix(tmp_path / "d", tmp_path / "n")))
+    want = nib.as_closest_canonical(nib.Nifti1Image(vol, aff))
+    np.testing.assert_allclose(img.affine, want.affine, atol=1e-3)
+    np.testing.assert_array_equal(np.asarray(img.dataobj), np.asarray(want.dataobj))
