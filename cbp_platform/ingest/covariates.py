@@ -76,26 +76,23 @@ def _undecodable(text: str) -> int | None:
 _SURROGATE = re.compile("[\udc80-\udcff]")
 
 
-def _verify(path: Path, delivery_dir: Path | None, entry: dict | None, verify: bool, label: str) -> str | None:
-    """Problem with the file as a whole (reason, message), or None: a link or non-file, another size or
-    checksum than the manifest's. Nothing is opened before the path is known to be a regular file."""
+def _path_problem(path: Path, delivery_dir: Path, label: str) -> tuple[str, str] | None:
+    """A link or non-file (never opened), or a missing file, as (reason, message); None for a regular file."""
     from cbp_platform.ingest.scans import ScanProblem, check_regular_file
 
-    if delivery_dir is not None:
-        try:
-            check_regular_file(delivery_dir, path.name, label)
-        except ScanProblem as exc:
-            if exc.reason == "missing_file":
-                return ("no_covariates_file", f"{label}: missing")
-            return (exc.reason, exc.message)
-    if not verify:
-        return None
+    try:
+        check_regular_file(delivery_dir, path.name, label)
+    except ScanProblem as exc:
+        if exc.reason == "missing_file":
+            return ("no_covariates_file", f"{label}: missing")
+        return (exc.reason, exc.message)
+    return None
+
+
+def _manifest_problem(payload: bytes, entry: dict | None, label: str) -> tuple[str, str] | None:
+    """The file's bytes against its manifest entry (listed, size, sha256), as (reason, message), or None."""
     if entry is None:
         return ("not_in_manifest", f"{label}: present but not listed in the manifest")
-    try:
-        payload = path.read_bytes()
-    except FileNotFoundError:
-        return ("no_covariates_file", f"{label}: missing")
     if len(payload) != entry["size"]:
         return ("size_mismatch", f"{label}: {len(payload)} bytes, the manifest says {entry['size']}")
     digest = hashlib.sha256(payload).hexdigest()
@@ -127,15 +124,18 @@ def parse_covariates(path: Path, participants: list[str] | set[str],
             _reject(quarantine, p, reason, message)
         return empty
 
-    problem = _verify(path, delivery_dir, entry, verify, label)
+    problem = _path_problem(path, delivery_dir, label) if delivery_dir is not None else None
     if problem:
         return everyone(*problem)
     try:
-        payload = path.read_bytes()
+        payload = path.read_bytes()                  # read once: checked against the manifest, then parsed
     except FileNotFoundError:
         return everyone("no_covariates_file", f"{label}: missing")
     except OSError as exc:
         return everyone("unreadable_covariates", f"{label}: cannot be read ({exc.strerror})")
+    problem = _manifest_problem(payload, entry, label) if verify else None
+    if problem:
+        return everyone(*problem)
     if payload.startswith(codecs.BOM_UTF8):
         payload = payload[len(codecs.BOM_UTF8):]
     lines = payload.decode("utf-8", errors="surrogateescape").split("\n")

@@ -143,10 +143,10 @@ def registered_manifest(root: Path, delivery_id: str, landing: Path) -> dict:
     return load_manifest(Path(landing) / delivery_id)
 
 
-def owners(root: Path) -> dict[str, str]:
+def owners(root: Path, records: list[dict] | None = None) -> dict[str, str]:
     """pseudonym -> the delivery that registered it first."""
     out: dict[str, str] = {}
-    for r in registered_deliveries(root):
+    for r in registered_deliveries(root) if records is None else records:
         for p in r["participants"]:
             out.setdefault(p, r["delivery_id"])
     return out
@@ -154,8 +154,9 @@ def owners(root: Path) -> dict[str, str]:
 
 def duplicates_of(root: Path, delivery_id: str) -> dict[str, str]:
     """This delivery's pseudonyms that another delivery registered first, with that delivery's id."""
-    own = owners(root)
-    rec = next((r for r in registered_deliveries(root) if r["delivery_id"] == delivery_id), None)
+    recs = registered_deliveries(root)
+    own = owners(root, recs)
+    rec = next((r for r in recs if r["delivery_id"] == delivery_id), None)
     if rec is None:
         return {}
     return {p: own[p] for p in rec["participants"] if own.get(p, delivery_id) != delivery_id}

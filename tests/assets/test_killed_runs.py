@@ -18,28 +18,13 @@ import pytest
 from cbp_platform.processes import alive
 from cbp_platform.synth.delivery import synthesize
 from cbp_platform.warehouse import table_checksum
+from tests.registration import register_batches
 from tests.warehouse_query import query
 
 ROOT = Path(__file__).resolve().parents[2]
 TABLES = {"raw_mri_scans": "*", "participant_covariates": "*",
           "quarantine": "delivery_id, batch_key, pseudonym, stage, reason, message",
           "provenance": "pseudonym, delivery_id, batch_key, stage, input_checksums, output_checksum, code_version"}
-
-
-def _register(root: Path) -> str:
-    from assets.partitions import BATCHES
-    from assets.runner import pipeline_environment
-    from assets.sensors import delivery_sensor
-    from resources import DataRootResource
-
-    with pipeline_environment(root):
-        with dg.DagsterInstance.get() as inst:
-            with dg.build_sensor_context(instance=inst, resources={"data_root": DataRootResource()}) as ctx:
-                res = delivery_sensor(ctx)
-            for req in res.dynamic_partitions_requests or []:
-                inst.add_dynamic_partitions(BATCHES, list(req.partition_keys))
-            (key,) = inst.get_dynamic_partitions(BATCHES)
-            return key
 
 
 def _rows(root: Path) -> dict:
@@ -72,7 +57,7 @@ def killed(tmp_path_factory):
     from cbp_platform.deployment import write_instance_config
 
     write_instance_config(root / "dagster_home", "local")     # the local profile's instance: run retries on
-    key = _register(root)
+    (key,) = register_batches(root)
     env = {**os.environ, "CBP_DATA_ROOT": str(root), "DAGSTER_HOME": str(root / "dagster_home"),
            "CBP_DEPLOYMENT": "local", "CBP_AUTOMATION": "stopped", "GX_ANALYTICS_ENABLED": "False"}
     out = {"root": root, "clean": clean, "key": key}

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.registration import register_batches
 from tests.system import chromium_path, free_port, require, wait_http
 
 pytestmark = pytest.mark.ui
@@ -31,24 +32,6 @@ ASSETS = {"raw_mri_scans", "participant_covariates", "ingestion_summary", "segme
 BATCH_CHECKS = {"scan_facts_expectations", "fat_water_swap_qc"}
 
 
-def _register_batches(root: Path) -> list[str]:
-    """What the sensor's first tick does (same function), without its run requests."""
-    import dagster as dg
-
-    from assets.partitions import BATCHES
-    from assets.runner import pipeline_environment
-    from assets.sensors import delivery_sensor
-    from resources import DataRootResource
-
-    with pipeline_environment(root):
-        with dg.DagsterInstance.get() as inst:
-            with dg.build_sensor_context(instance=inst, resources={"data_root": DataRootResource()}) as ctx:
-                res = delivery_sensor(ctx)
-            for req in res.dynamic_partitions_requests or []:
-                inst.add_dynamic_partitions(BATCHES, list(req.partition_keys))
-            return sorted(inst.get_dynamic_partitions(BATCHES))
-
-
 @pytest.fixture(scope="module")
 def ui(tmp_path_factory):
     require("Chromium", chromium_path() is not None, "install Debian's chromium package (make sysdeps)")
@@ -56,7 +39,7 @@ def ui(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("ui")
     synthesize(participants=10, deliveries=1, seed=5, data_root=root, workers=2)
-    keys = _register_batches(root)
+    keys = register_batches(root)
     port = free_port()
     env = {**os.environ, "CBP_DATA_ROOT": str(root), "DAGSTER_HOME": str(root / "dagster_home"),
            "CBP_AUTOMATION": "stopped", "GX_ANALYTICS_ENABLED": "False", "CBP_DEPLOYMENT": "local"}
