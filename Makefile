@@ -5,6 +5,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PIP_VERSION := 26.3
+# The demo cohort's scan format: nifti (default) or dicom (zipped DICOM stations, converted and stitched by the
+# platform: make demo DEMO_FORMAT=dicom). A DICOM demo gets its own data root, data-dicom/, unless CBP_DATA_ROOT is set.
+DEMO_FORMAT ?= nifti
+ifeq ($(DEMO_FORMAT),dicom)
+export CBP_DATA_ROOT ?= $(CURDIR)/data-dicom
+endif
 export CBP_DATA_ROOT ?= $(CURDIR)/data
 export GX_ANALYTICS_ENABLED := False
 export DAGSTER_HOME ?= $(CBP_DATA_ROOT)/dagster_home
@@ -52,7 +58,7 @@ $(SYSDEPS_STAMP): | $(STAMP)
 # The main job on the simulated cohort: simulate (once), then sensor + every batch + cohort refresh through
 # Dagster against the persistent instance in $(DAGSTER_HOME) (`make dev` shows the runs afterwards).
 demo: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
-	$(VENV)/bin/cbp synth --participants $(DEMO_N) --deliveries $(DEMO_K) --seed $(DEMO_SEED) --faults $(DEMO_FAULTS) --if-absent
+	$(VENV)/bin/cbp synth --participants $(DEMO_N) --deliveries $(DEMO_K) --seed $(DEMO_SEED) --faults $(DEMO_FAULTS) --format $(DEMO_FORMAT) --if-absent
 	$(PY) -m assets.runner
 	@echo "Landing zone: $(CBP_DATA_ROOT)/landing   warehouse: $(CBP_DATA_ROOT)/warehouse/cbp.duckdb"
 	@echo "Report: $$($(PY) -c 'import json,sys; print(json.load(open(sys.argv[1]))["path"])' $(CBP_DATA_ROOT)/published/latest.json 2>/dev/null || echo '(none: see the failures above)')/report.html"

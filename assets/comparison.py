@@ -17,7 +17,7 @@ from assets.partitions import batches_partitions
 from assets.segmentation import muscle_metrics, muscle_segmentations
 from assets.writes import run_is_live
 from cbp_platform.deployment import k8s_step_tags
-from cbp_platform.ingest.batch import redact
+from cbp_platform.ingest.batch import redact, scan_files
 from cbp_platform.progress import RateLogger
 from resources import DataRootResource, SegmentationRuntime, Warehouse
 
@@ -61,11 +61,11 @@ def comparison_metrics(context: dg.AssetExecutionContext, config: ComparisonConf
         runner = load_runner(manifest, device=runtime.device, sw_batch_size=runtime.sw_batch_size)
     except ManifestError as exc:
         raise dg.Failure(description=str(exc)) from None
-    rows = warehouse.query("SELECT s.pseudonym, r.water_path, r.fat_path, r.water_sha256, r.fat_sha256 "
+    rows = warehouse.query("SELECT s.pseudonym, r.water_path, r.fat_path, r.water_sha256, r.fat_sha256, r.source_format "
                            "FROM muscle_segmentations s JOIN raw_mri_scans r USING (batch_key, pseudonym) "
                            "WHERE s.batch_key = ? ORDER BY s.pseudonym", [key])
     ddir = data_root.landing / batch.delivery_id
-    items = [{"pseudonym": r["pseudonym"], "water": str(ddir / r["water_path"]), "fat": str(ddir / r["fat_path"])}
+    items = [{"pseudonym": r["pseudonym"], **scan_files(data_root.layout, batch.delivery_id, r)}
              for r in rows.iter_rows(named=True)]
     out_dir = data_root.path / "derived" / "comparisons" / manifest.name / batch.delivery_id
     t0 = time.perf_counter()
@@ -77,10 +77,11 @@ def comparison_metrics(context: dg.AssetExecutionContext, config: ComparisonConf
     for r in results:
         s = src[r["pseudonym"]]
         try:
-            ms = metrics_for(r["label_path"], str(ddir / s["water_path"]), str(ddir / s["fat_path"]))
+            ms = metrics_for(r["label_path"], *scan_files(data_root.layout, batch.delivery_id, s).values())
         except Exception as exc:  # noqa: BLE001  (one participant's failure is quarantined, the batch goes on)
-            failures.append({"pseudonym": r["pseudonym"], "reason": "metrics_failed",
-                             "message": f"{type(exc).__name__}: {exc}"})
+            cut = getattr(exc, "reason", "") == "muscle_at_fov_edge"
+            failures.append({"pseudonym": r["pseudonym"], "reason": "muscle_at_fov_edge" if cut else "metrics_failed",
+                             "message": str(exc) if cut else f"{type(exc).__name__}: {exc}"})
             continue
         metrics += [{"pseudonym": r["pseudonym"], **m} for m in ms]
         prov.append({"pseudonym": r["pseudonym"], "output": r["label_sha256"],

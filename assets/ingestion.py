@@ -22,7 +22,7 @@ from cbp_platform.landing import COVARIATES_NAME
 from cbp_platform.progress import RateLogger
 from resources import DataRootResource, Warehouse
 
-RAW_MRI_SCANS_VERSION = "raw_mri_scans/2"        # 2: bounded, strict reading; reasons by role
+RAW_MRI_SCANS_VERSION = "raw_mri_scans/3"        # 2: bounded, strict reading; 3: DICOM deliveries, source_format
 COVARIATES_VERSION = "participant_covariates/2"  # 2: row by row, BOM, checked against the manifest
 PREVIEW_ROWS = 5
 
@@ -85,10 +85,12 @@ def raw_mri_scans(context: dg.AssetExecutionContext, data_root: DataRootResource
         steady(done)
 
     facts, quarantine = ingest_scans(batch, ddir, manifest, duplicates=dups, threads=data_root.ingest_threads,
-                                     progress=progress)
+                                     progress=progress, layout=data_root.layout)
     df = facts_frame(facts, batch)
-    prov = [dict(pseudonym=r["pseudonym"], inputs={"water": r["water_sha256"], "fat": r["fat_sha256"]})
-            for r in df.iter_rows(named=True)]
+    # NIfTI: the delivered files; DICOM: every DICOM file read (and its zip), by sha256
+    # (DICOM: the stitched water volume is this stage's output)
+    prov = [dict(pseudonym=f["pseudonym"], inputs=f["inputs"], output=f["water_sha256"]) if "inputs" in f else
+            dict(pseudonym=f["pseudonym"], inputs={"water": f["water_sha256"], "fat": f["fat_sha256"]}) for f in facts]
     checksum = write_stage(warehouse, context, "raw_mri_scans", df, batch, quarantine, prov, RAW_MRI_SCANS_VERSION)
     seconds = time.perf_counter() - t0
     reasons = _reasons(quarantine)

@@ -18,7 +18,7 @@ from assets.partitions import batches_partitions
 from assets.writes import write_stage
 from cbp_platform.classes import BACK_TOTAL
 from cbp_platform.deployment import k8s_step_tags
-from cbp_platform.ingest.batch import redact
+from cbp_platform.ingest.batch import redact, scan_files
 from cbp_platform.progress import RateLogger
 from resources import DataRootResource, SegmentationRuntime, Warehouse
 
@@ -179,12 +179,12 @@ def muscle_segmentations(context: dg.AssetExecutionContext, data_root: DataRootR
         raise dg.Failure(description=str(exc)) from None
     context.log.info(f"batch {key}: model {manifest.name} ({manifest.backend}, weights {manifest.sha256[:12]}) "
                      f"loaded once for {seg.device}")
-    scans = warehouse.query("SELECT pseudonym, water_path, fat_path, water_sha256, fat_sha256, swap_suspected "
+    scans = warehouse.query("SELECT pseudonym, water_path, fat_path, water_sha256, fat_sha256, swap_suspected, source_format "
                             "FROM raw_mri_scans WHERE batch_key = ? ORDER BY pseudonym", [key])
     ddir = data_root.landing / batch.delivery_id
     swapped = scans.filter(pl.col("swap_suspected")) if scans.height else scans
     todo = scans.filter(~pl.col("swap_suspected")) if scans.height else scans
-    items = [{"pseudonym": r["pseudonym"], "water": str(ddir / r["water_path"]), "fat": str(ddir / r["fat_path"])}
+    items = [{"pseudonym": r["pseudonym"], **scan_files(data_root.layout, batch.delivery_id, r)}
              for r in todo.iter_rows(named=True)]
     out_dir = data_root.path / "derived" / "segmentations" / batch.delivery_id
     progress = RateLogger(context.log.info, len(items), f"batch {key}: segmented", unit="scans",
@@ -229,7 +229,7 @@ def muscle_metrics(context: dg.AssetExecutionContext, data_root: DataRootResourc
 
     key = context.partition_key
     batch = data_root.registry.read(key)
-    rows = warehouse.query("SELECT s.pseudonym, s.label_path, s.label_sha256, r.water_path, r.fat_path "
+    rows = warehouse.query("SELECT s.pseudonym, s.label_path, s.label_sha256, r.water_path, r.fat_path, r.source_format "
                            "FROM muscle_segmentations s JOIN raw_mri_scans r USING (batch_key, pseudonym) "
                            "WHERE s.batch_key = ? ORDER BY s.pseudonym", [key])
     ddir = data_root.landing / batch.delivery_id
@@ -238,10 +238,13 @@ def muscle_metrics(context: dg.AssetExecutionContext, data_root: DataRootResourc
     for i, r in enumerate(rows.iter_rows(named=True), start=1):
         steady(i)
         try:
-            ms = metrics_for(r["label_path"], str(ddir / r["water_path"]), str(ddir / r["fat_path"]))
+            ms = metrics_for(r["label_path"], *scan_files(data_root.layout, batch.delivery_id, r).values())
         except Exception as exc:
-            quarantine.append({"pseudonym": r["pseudonym"], "reason": "metrics_failed",
-                               "message": redact(f"{type(exc).__name__}: {exc}", r["pseudonym"], ddir)})
+            cut = getattr(exc, "reason", "") == "muscle_at_fov_edge"
+            quarantine.append({"pseudonym": r["pseudonym"],
+                               "reason": "muscle_at_fov_edge" if cut else "metrics_failed",
+                               "message": redact(str(exc) if cut else f"{type(exc).__name__}: {exc}",
+                                                 r["pseudonym"], ddir)})
             continue
         out += [{"pseudonym": r["pseudonym"], **m} for m in ms]
         prov.append({"pseudonym": r["pseudonym"], "inputs": {"labels": r["label_sha256"]}})

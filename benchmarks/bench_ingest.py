@@ -1,5 +1,6 @@
 """Ingestion figures: time per batch of 250 through Dagster, Dagster's overhead per run, the fat-water swap
-detector against the simulator's truth, and sensor tick time with thousands of deliveries on disk."""
+detector against the simulator's truth, sensor tick time with thousands of deliveries on disk, and DICOM
+conversion + stitching time and peak RSS per NAKO-size participant."""
 
 import json
 import shutil
@@ -117,20 +118,27 @@ d = Path(sys.argv[1])
 man = load_manifest(d)
 base = hwm()
 b = Batch(d.name + ".b001", d.name, 1, sorted(man["participants"]))
+layout = None
+if len(sys.argv) > 2:
+    from cbp_platform.paths import DataLayout
+    layout = DataLayout(Path(sys.argv[2]))
+threads = int(sys.argv[3]) if len(sys.argv) > 3 else 2
 t = time.perf_counter()
-facts, q = ingest_scans(b, d, man, duplicates={}, threads=2)
+facts, q = ingest_scans(b, d, man, duplicates={}, threads=threads, layout=layout)
 print(json.dumps({"seconds": time.perf_counter() - t, "valid": len(facts), "reasons": sorted({x["reason"] for x in q}),
                   "rss_mb": hwm(), "base_mb": base}))
 """
 
 
-def _worker_rss(delivery: Path) -> dict:
-    """Peak RSS of a fresh ingest worker (2 threads, the memory budget) validating every scan of ``delivery``."""
+def _worker_rss(delivery: Path, derived_root: Path | None = None, threads: int = 2) -> dict:
+    """Peak RSS of a fresh ingest worker (2 threads, the memory budget) validating every scan of ``delivery``
+    (a DICOM delivery converts and stitches under ``derived_root``)."""
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-c", _WORKER, str(delivery)], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parents[1])
+    extra = [str(derived_root), str(threads)] if derived_root is not None else []
+    out = subprocess.run([sys.executable, "-c", _WORKER, str(delivery), *extra], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parents[1])
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -204,6 +212,49 @@ def _ingest_memory(bomb_gib: int = 4) -> dict:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def _dicom_figures(n: int = 8) -> dict:
+    """DICOM deliveries at NAKO size (4 contrasts x 4 stations of 288 x 224 x 30 slices): conversion + stitching
+    per participant with one thread and with the worker's two, peak RSS, and a zip declaring 4 GiB."""
+    import io
+    import zipfile
+
+    from cbp_platform.imaging.nifti import sha256_file
+    from cbp_platform.synth.delivery import synthesize
+
+    root = Path(tempfile.mkdtemp(prefix="cbp-bench-dicom-"))
+    try:
+        t = time.perf_counter()
+        synthesize(participants=n, deliveries=1, seed=79, data_root=root, resolution="nako", workers=2,
+                   scan_format="dicom", in_opp=True)
+        synth_s = time.perf_counter() - t
+        (src,) = list((root / "landing").iterdir())
+        zips = sorted((src / "dicom").rglob("*.zip"))
+        out = {"participants": n, "synth_seconds": synth_s, "zip_mb": sum(z.stat().st_size for z in zips) / 1e6 / n,
+               "dicom_files": sum(len(zipfile.ZipFile(z).namelist()) for z in zips) // n}
+        out["one_thread"] = _worker_rss(src, root / "d1", threads=1)
+        out["two_threads"] = _worker_rss(src, root / "d2", threads=2)
+        # a zip declaring a 4 GiB member (zeros, 4 MB on disk) in place of one participant's water zip
+        bomb = root / "bomb" / src.name
+        shutil.copytree(src, bomb)
+        victim = zips[0].relative_to(src)
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf, zf.open("IM0001.dcm", "w", force_zip64=True) as fh:
+            for _ in range(64):
+                fh.write(bytes(64 << 20))
+        (bomb / victim).chmod(0o644)
+        (bomb / victim).write_bytes(buf.getvalue())
+        (bomb / "manifest.json").chmod(0o644)
+        man = json.loads((bomb / "manifest.json").read_text())
+        e = next(f for f in man["files"] if f["path"] == str(victim))
+        e.update(size=(bomb / victim).stat().st_size, sha256=sha256_file(bomb / victim))
+        (bomb / "manifest.json").write_text(json.dumps(man, indent=1))
+        out["bomb"] = _worker_rss(bomb, root / "d3", threads=2)
+        out["bomb"]["file_mb"] = (bomb / victim).stat().st_size / 1e6
+        return out
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def run() -> dict:
     print("\n== ingestion ==")
     small = _batch_run(20, "fast")      # warm-up sized run: Dagster's fixed cost dominates
@@ -239,7 +290,21 @@ def run() -> dict:
         print(f"ingest worker peak RSS, {what}: {r['rss_mb']:.0f} MiB (imports alone {r['base_mb']:.0f} MiB; "
               f"target < {limit} MiB, ratio {r['rss_mb'] / limit:.2f}), {r['seconds']:.1f} s, {r['valid']} valid, "
               f"reasons {r['reasons'] or 'none'}")
-    return dict(batch_small=small, batch_250=b250, batch_nako=nako, swap_detector=sw, sensor=tick, memory=mem)
+    dc = _dicom_figures()
+    seg_target = 20.0          # the segmentation target per NAKO volume on CPU (bench_segmentation)
+    one, two = dc["one_thread"], dc["two_threads"]
+    per = one["seconds"] / dc["participants"]
+    print(f"DICOM, {dc['participants']} NAKO-size participants ({dc['dicom_files']} DICOM files, {dc['zip_mb']:.0f} MB "
+          f"of zips each; 4 contrasts x 4 stations): conversion + stitching {per:.2f} s per participant on one thread "
+          f"(ratio to the 20 s CPU segmentation target {per / seg_target:.3f}), "
+          f"{two['seconds'] / dc['participants']:.2f} s per participant with the worker's 2 threads; peak RSS "
+          f"{one['rss_mb']:.0f} MiB (1 thread), {two['rss_mb']:.0f} MiB (2 threads; target < {limit} MiB, ratio "
+          f"{two['rss_mb'] / limit:.2f}); {two['valid']} valid; simulating them took {dc['synth_seconds']:.1f} s")
+    b = dc["bomb"]
+    print(f"DICOM zip declaring 4 GiB ({b['file_mb']:.1f} MB on disk) in place of one zip: refused "
+          f"{b['reasons']}, peak RSS {b['rss_mb']:.0f} MiB, {b['valid']} valid, {b['seconds']:.1f} s")
+    return dict(batch_small=small, batch_250=b250, batch_nako=nako, swap_detector=sw, sensor=tick, memory=mem,
+                dicom=dc)
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         res = synthesize(participants=args.participants, deliveries=args.deliveries, seed=args.seed,
                          resolution=args.resolution, data_root=args.data_root, fault_rate=args.faults,
                          in_opp=args.in_opp, workers=args.workers, delivery_prefix=args.delivery_prefix,
-                         progress=_progress_flag(args))
+                         progress=_progress_flag(args), scan_format=args.format, composed=args.composed)
     except SynthError as exc:
         print(f"cbp synth: error: {exc}", file=sys.stderr)
         return 2
@@ -175,7 +175,7 @@ def _participant_lineage(pseudonym: str, db) -> int:
         print("  provenance (row-level lineage):")
         for r in t["provenance"].iter_rows(named=True):
             print(f"    {r['stage']:<22} batch {r['batch_key']} run {r['run_id'][:8]} code {r['code_version']} "
-                  f"inputs {r['input_checksums']} -> {r['output_checksum'][:16] or '-'}")
+                  f"inputs {_inputs_text(r['input_checksums'])} -> {r['output_checksum'][:16] or '-'}")
     if t["analysed"].height:
         print("  last analysis_cohort materialisation: included")
     elif t["exclusion"].height:
@@ -183,6 +183,24 @@ def _participant_lineage(pseudonym: str, db) -> int:
     else:
         print("  last analysis_cohort materialisation: not seen (not delivered, or analysis not run since)")
     return 0 if (t["covariates"].height or t["scans"].height or t["quarantine"].height) else 1
+
+
+def _inputs_text(raw: str) -> str:
+    """A provenance row's inputs for the console: a DICOM participant's files (``<zip>#<member>``) are counted
+    per zip; their sha256 stay in the provenance table."""
+    import json
+
+    try:
+        inputs = json.loads(raw)
+    except (TypeError, ValueError):
+        return str(raw)
+    members: dict[str, int] = {}
+    for k in inputs:
+        if "#" in k:
+            members[k.split("#")[0]] = members.get(k.split("#")[0], 0) + 1
+    if not members:
+        return raw
+    return "; ".join(f"{z} {inputs.get(z, '')[:12]} ({n} DICOM files)" for z, n in sorted(members.items()))
 
 
 def _cmd_instance_init(args: argparse.Namespace) -> int:
@@ -380,6 +398,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--faults", type=float, default=0.0, metavar="RATE",
                    help="share of participants given a realistic delivery fault (0-1)")
     s.add_argument("--in-opp", action="store_true", help="also write in-phase and opposed-phase images")
+    s.add_argument("--format", default="nifti", choices=("nifti", "dicom"),
+                   help="nifti: one .nii.gz per Dixon channel; dicom: zipped DICOM series of 4 overlapping "
+                        "stations per contrast, as the scanner writes them (default nifti)")
+    s.add_argument("--composed", action="store_true",
+                   help="with --format dicom: also write the scanner-composed whole-body series")
     s.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
     s.add_argument("--delivery-prefix", default=None, help="delivery id prefix (default sim<seed>)")
     s.add_argument("--if-absent", action="store_true",

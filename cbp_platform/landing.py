@@ -8,6 +8,9 @@ A delivery is a folder ``landing/<delivery_id>/`` holding
 * ``mri/<pseudonym>/<pseudonym>_<channel>.nii.gz`` for the Dixon channels (``water`` and ``fat`` required,
   ``in`` and ``opp`` optional),
 * ``_SUCCESS``: written last; a delivery without it is still being transferred.
+
+A DICOM delivery (manifest ``"scan_format": "dicom"``) holds zips of DICOM series under
+``dicom/<pseudonym>/`` instead of ``mri/``; see :mod:`cbp_platform.ingest.dicom`.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ MANIFEST_NAME = "manifest.json"
 COVARIATES_NAME = "covariates.csv"
 SUCCESS_MARKER = "_SUCCESS"
 MRI_DIR = "mri"
+DICOM_DIR = "dicom"
+SCAN_FORMATS = ("nifti", "dicom")      # the manifest's optional ``scan_format`` (default nifti)
 REQUIRED_CHANNELS = ("water", "fat")
 OPTIONAL_CHANNELS = ("in", "opp")
 
@@ -50,3 +55,9 @@ SITES = ("Augsburg", "Berlin", "Essen", "Mannheim", "Neubrandenburg")
 
 def scan_relpath(pseudonym: str, channel: str) -> str:
     return f"{MRI_DIR}/{pseudonym}/{pseudonym}_{channel}.nii.gz"
+
+
+def dicom_relpath(pseudonym: str, contrast: str) -> str:
+    """Where ``cbp synth --format dicom`` puts a contrast's zip; ingestion reads every zip listed under
+    ``dicom/<pseudonym>/`` and tells the series apart by their headers, never by the zip's name."""
+    return f"{DICOM_DIR}/{pseudonym}/{pseudonym}_dixon_{contrast}.zip"

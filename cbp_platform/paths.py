@@ -6,6 +6,8 @@ writes:
 ``$CBP_DATA_ROOT/landing``   deliveries as the data centre (or ``cbp synth``) writes them; read-only to the platform
 ``$CBP_DATA_ROOT/truth``     ground truth of simulated cohorts; never inside the landing zone
 ``$CBP_DATA_ROOT/models``    trained bundles, ``current.json`` (the primary model), ``registry/<name>.json`` manifests
+``$CBP_DATA_ROOT/derived``   what the platform computes from deliveries: ``dicom/<delivery>/<pseudonym>/`` (volumes
+                            converted and stitched from DICOM), ``segmentations/<delivery>/``, ``comparisons/``
 """
 
 from __future__ import annotations
@@ -43,6 +45,19 @@ class DataLayout:
     @property
     def models(self) -> Path:
         return self.root / "models"
+
+    @property
+    def derived(self) -> Path:
+        return self.root / "derived"
+
+    def derived_dicom(self, delivery_id: str) -> Path:
+        """Volumes converted and stitched from a DICOM delivery (never inside the landing zone)."""
+        return self.derived / "dicom" / delivery_id
+
+    def scan_path(self, delivery_id: str, rel: str, source_format: str | None = "nifti") -> Path:
+        """A validated scan's file: NIfTI deliveries' paths are relative to the delivery folder, the volumes
+        derived from DICOM deliveries' relative to the data root (``raw_mri_scans.source_format``)."""
+        return self.root / rel if source_format == "dicom" else self.landing / delivery_id / rel
 
     @staticmethod
     def model_registry(models: Path) -> Path:

@@ -84,6 +84,10 @@ class Warehouse(DuckDBResource):
                     conn.register(name, df.to_arrow())
                     names.append(name)
                     conn.execute(f'CREATE TABLE IF NOT EXISTS "{table}" AS SELECT * FROM {name} LIMIT 0')
+                    have = {r[0] for r in conn.execute(f'DESCRIBE "{table}"').fetchall()}
+                    for col, typ, *_ in conn.execute(f"DESCRIBE {name}").fetchall():
+                        if col not in have:       # a column added by a newer code version: older rows get NULL
+                            conn.execute(f'ALTER TABLE "{table}" ADD COLUMN "{col}" {typ}')
                     keys = UNIQUE_KEYS.get(table)
                     if keys:
                         cols = ", ".join(f'"{c}"' for c in keys)

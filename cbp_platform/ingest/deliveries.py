@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cbp_platform.imaging.nifti import atomic_write_bytes
-from cbp_platform.landing import (DELIVERY_ID_RE, MANIFEST_NAME, PSEUDONYM_RE, SCHEMA_VERSION,
+from cbp_platform.landing import (DELIVERY_ID_RE, MANIFEST_NAME, PSEUDONYM_RE, SCAN_FORMATS, SCHEMA_VERSION,
                                   SUCCESS_MARKER)
 
 BATCH_SEP = ".b"
@@ -117,6 +117,9 @@ def parse_manifest(delivery_dir: Path, payload: bytes) -> dict:
         if p in seen:
             raise ManifestError(f"{path}: files[{i}] repeats the path of an earlier entry")
         seen.add(p)
+    fmt = doc.get("scan_format", "nifti")
+    if fmt not in SCAN_FORMATS:
+        raise ManifestError(f"{path}: scan_format {fmt!r} not supported (one of {', '.join(SCAN_FORMATS)})")
     bad = [p for p in doc["participants"] if not isinstance(p, str) or not PSEUDONYM_RE.match(p)]
     if bad:
         raise ManifestError(f"{path}: {len(bad)} participant entries are not valid pseudonyms")

@@ -75,6 +75,10 @@ SCAN_FACTS_SCHEMA = {
     "water_min": pl.Float64, "water_max": pl.Float64, "water_p99": pl.Float64,
     "fat_min": pl.Float64, "fat_max": pl.Float64, "fat_p99": pl.Float64,
     "swap_score": pl.Float64, "swap_reversed_fraction": pl.Float64, "swap_suspected": pl.Boolean,
+    # nifti: the delivery's own files; dicom: volumes stitched from the delivery's series (paths under the data root)
+    "source_format": pl.String,
+    "stations": pl.Int32, "dicom_series": pl.Int32, "dicom_files": pl.Int32, "superseded_series": pl.Int32,
+    "ignored_files": pl.Int32,
 }
 
 
@@ -391,7 +395,7 @@ def inspect_participant(delivery_dir: Path, pseudonym: str, files_by_path: dict[
 
 
 def _inspect(listed: list[tuple[_Listed, _Header]], pseudonym: str, swap_qc: bool) -> dict:
-    facts: dict = {"pseudonym": pseudonym}
+    facts: dict = {"pseudonym": pseudonym, "source_format": "nifti"}
     heads = {f.channel: (f, h) for f, h in listed}
     wf, wh = heads["water"]
     for f, h in listed:                    # geometry before any decompression

@@ -75,15 +75,35 @@ def segment_scans(items: list[dict], segmenter, out_dir: Path, *, num_workers: i
     return results, failures
 
 
+class MuscleAtFovEdge(ValueError):
+    """A muscle reaches the in-plane border of the image: it is cut by the field of view, and its volume would be
+    measured short. (Superior-inferior, the image is the measured slab by design: a scan too short there is
+    refused at ingestion, ``fov_too_short``.)"""
+
+    reason = "muscle_at_fov_edge"
+
+
+def muscles_at_fov_edge(labels: np.ndarray) -> list[str]:
+    """The muscle classes with voxels on the image's left, right, anterior or posterior border."""
+    rim = np.concatenate([labels[0].ravel(), labels[-1].ravel(), labels[:, 0].ravel(), labels[:, -1].ravel()])
+    present = set(np.unique(rim).tolist())
+    return [NAMES[c] for c in IDS if c in present]
+
+
 def metrics_for(label_path: str, water_path: str, fat_path: str, threshold: float = 0.5) -> list[dict]:
+    """Per-muscle metrics of one label map on its scan; raises :class:`MuscleAtFovEdge` for a cut muscle."""
     lab = nib.load(label_path)
     w = nib.load(water_path)
     f = nib.load(fat_path)
     if not np.allclose(lab.affine, w.affine, atol=1e-3):
         raise ValueError(f"{label_path}: affine differs from its scan {water_path}")
+    labels = np.asarray(lab.dataobj)
+    cut = muscles_at_fov_edge(labels)
+    if cut:
+        raise MuscleAtFovEdge(f"{', '.join(cut)} reach{'es' if len(cut) == 1 else ''} the edge of the field of "
+                              "view (cut: would be measured short)")
     voxel_ml = float(np.prod(w.header.get_zooms()[:3])) / 1000.0
-    return muscle_metrics(np.asarray(lab.dataobj), np.asarray(w.dataobj), np.asarray(f.dataobj), voxel_ml,
-                          threshold)
+    return muscle_metrics(labels, np.asarray(w.dataobj), np.asarray(f.dataobj), voxel_ml, threshold)
 
 
 def validate(segmenter, n: int = 10, seed: int = 2000) -> dict[str, float]:

@@ -30,7 +30,8 @@ import polars as pl
 from cbp_platform import __version__
 from cbp_platform.imaging.nifti import atomic_write_bytes, nifti_bytes, sha256_bytes
 from cbp_platform.landing import (COVARIATE_COLUMNS, COVARIATES_NAME, DELIVERY_ID_RE, MANIFEST_NAME,
-                                  PSEUDONYM_ALPHABET, PSEUDONYM_LENGTH, SCHEMA_VERSION, SITES,
+                                  PSEUDONYM_ALPHABET, PSEUDONYM_LENGTH, SCAN_FORMATS, SCHEMA_VERSION, SITES,
+                                  dicom_relpath,
                                   SUCCESS_MARKER, scan_relpath)
 from cbp_platform.paths import DataLayout
 from cbp_platform.progress import bar
@@ -110,7 +111,8 @@ def _check_root(layout: DataLayout, ids: list[str]) -> None:
                                  f"--delivery-prefix")
 
 
-def _assign_faults(n: int, delivery_of: np.ndarray, rate: float, seed: int, k: int) -> dict[int, tuple[str, str]]:
+def _assign_faults(n: int, delivery_of: np.ndarray, rate: float, seed: int, k: int,
+                   fault_kinds: tuple[str, ...] = F.FAULT_KINDS) -> dict[int, tuple[str, str]]:
     """participant index -> (fault kind, variant)."""
     if rate <= 0:
         return {}
@@ -119,7 +121,7 @@ def _assign_faults(n: int, delivery_of: np.ndarray, rate: float, seed: int, k: i
     if n_f == 0:
         return {}
     chosen = rng.permutation(n)[:n_f]
-    kinds = list(F.FAULT_KINDS)
+    kinds = list(fault_kinds)
     if k == 1:
         kinds.remove("duplicate_pseudonym")
     order = rng.permutation(len(kinds))
@@ -158,11 +160,16 @@ class _Task:
     in_opp: bool
     subject: Subject
     fault: str
+    fmt: str = "nifti"
+    exam: str = ""
+    composed: bool = False
 
 
 def _render_and_write(task: _Task) -> dict:
     rng = np.random.default_rng(np.random.SeedSequence([task.seed, 2, task.index]))
     preset = PRESETS[task.preset]
+    if task.fmt == "dicom":
+        return _render_and_write_dicom(task, preset, rng)
     ph = render_phantom(task.subject, preset, rng, in_opp=task.in_opp)
     ddir = Path(task.delivery_dir)
     files = []
@@ -212,14 +219,46 @@ def _render_and_write(task: _Task) -> dict:
         emit("in", ph.in_phase, ph.affine)
         emit("opp", ph.opp_phase, ph.affine)
 
+    return _with_truth(task, ph, dict(index=task.index, files=files, bytes=nbytes, fault_detail=fault_detail))
+
+
+def _with_truth(task: _Task, ph, out: dict) -> dict:
+    """Write the label map into the truth folder; add the realised truth to a participant's output."""
     label_payload = nifti_bytes(ph.labels, ph.affine)
     atomic_write_bytes(Path(task.truth_dir) / "labels" / f"{task.pseudonym}_labels.nii.gz", label_payload)
-    nbytes += len(label_payload)
     tr = {k: v for k, v in ph.truth.items() if not isinstance(v, (dict, list, tuple)) and v is not None}
     tr["swap_slices"] = "" if ph.truth["swap_slices"] is None else f"{ph.truth['swap_slices'][0]}-{ph.truth['swap_slices'][1] - 1}"
     tr["pose_rotation_deg"] = float(np.degrees(ph.truth["pose"]["theta"]))
     tr["label_sha256"] = sha256_bytes(label_payload)
-    return dict(index=task.index, files=files, truth=tr, bytes=nbytes, fault_detail=fault_detail)
+    return {**out, "truth": tr, "bytes": out["bytes"] + len(label_payload)}
+
+
+def _render_and_write_dicom(task: _Task, preset, rng: np.random.Generator) -> dict:
+    """The DICOM format: the same phantom, written as overlapping stations, one zip per contrast. A cohort swap
+    is applied per station (``slab``: one end station; ``full``: every station) instead of to a slab of slices."""
+    from dataclasses import replace
+
+    from cbp_platform.synth.dicom import participant_zips, plan_stations
+
+    ph = render_phantom(replace(task.subject, swap="none"), preset, rng, in_opp=task.in_opp)
+    plan = plan_stations(ph.water.shape[2], task.fault, task.subject.swap, rng, composed=task.composed)
+    if plan.swap_stations:
+        ks = [plan.stations[s - 1] for s in plan.swap_stations]
+        ph.truth["swap_slices"] = (min(k0 for k0, _ in ks), max(k1 for _, k1 in ks))
+    volumes = {"water": ph.water, "fat": ph.fat}
+    if task.in_opp:
+        volumes.update({"in": ph.in_phase, "opp": ph.opp_phase})
+    exam = datetime.fromisoformat(task.exam).replace(hour=8) + timedelta(minutes=int(rng.integers(0, 600)))
+    zips = participant_zips(volumes, ph.affine, plan, pseudonym=task.pseudonym, seed=task.seed, exam=exam)
+    files, nbytes = [], 0
+    for contrast, payload in zips.items():
+        rel = dicom_relpath(task.pseudonym, contrast)
+        atomic_write_bytes(Path(task.delivery_dir) / rel, payload)
+        files.append(dict(path=rel, size=len(payload), sha256=sha256_bytes(payload), pseudonym=task.pseudonym,
+                          channel=contrast))
+        nbytes += len(payload)
+    detail = f"{dicom_relpath(task.pseudonym, 'water')}: {plan.detail}" if plan.detail else ""
+    return _with_truth(task, ph, dict(index=task.index, files=files, bytes=nbytes, fault_detail=detail))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -284,11 +323,19 @@ def _apply_covariate_fault(cells: list[str], kind: str, variant: str) -> tuple[l
 def synthesize(*, participants: int, deliveries: int, seed: int, resolution: str = "fast",
                data_root: str | os.PathLike[str] | None = None, fault_rate: float = 0.0, in_opp: bool = False,
                workers: int | None = None, delivery_prefix: str | None = None, progress: bool | None = False,
-               params: CohortParameters | None = None) -> SynthResult:
-    """Write ``deliveries`` complete deliveries of ``participants`` simulated participants in total."""
+               params: CohortParameters | None = None, scan_format: str = "nifti",
+               composed: bool = False) -> SynthResult:
+    """Write ``deliveries`` complete deliveries of ``participants`` simulated participants in total.
+
+    ``scan_format``: ``nifti`` (one ``.nii.gz`` per Dixon channel) or ``dicom`` (one zip of DICOM station series
+    per contrast, :mod:`cbp_platform.synth.dicom`; ``composed`` adds the scanner-composed series)."""
     workers = workers if workers is not None else (os.cpu_count() or 1)
     prefix = delivery_prefix or f"sim{seed}"
     _check_args(participants, deliveries, resolution, fault_rate, prefix, workers)
+    if scan_format not in SCAN_FORMATS:
+        raise SynthError(f"unknown --format {scan_format!r} (choose from {', '.join(SCAN_FORMATS)})")
+    if composed and scan_format != "dicom":
+        raise SynthError("--composed needs --format dicom")
     layout = DataLayout.from_env(data_root)
     ids = delivery_ids_for(prefix, deliveries)
     _check_root(layout, ids)
@@ -302,7 +349,8 @@ def synthesize(*, participants: int, deliveries: int, seed: int, resolution: str
     delivery_of = np.empty(participants, np.int64)
     for j, ch in enumerate(chunks):
         delivery_of[ch] = j
-    fault_of = _assign_faults(participants, delivery_of, fault_rate, seed, deliveries)
+    fault_of = _assign_faults(participants, delivery_of, fault_rate, seed, deliveries,
+                              F.DICOM_FAULT_KINDS if scan_format == "dicom" else F.FAULT_KINDS)
     delivered_pseudonym = list(pseudonyms)
     dup_rng = np.random.default_rng(np.random.SeedSequence([seed, 5]))
     for idx, (kind, _) in fault_of.items():
@@ -339,14 +387,15 @@ def synthesize(*, participants: int, deliveries: int, seed: int, resolution: str
                                         pso / (1 + lr_p)),
                                swap=r["fat_water_swap"])
                 tasks.append(_Task(int(idx), delivered_pseudonym[idx], str(ddir), str(tdir), seed, resolution,
-                                   in_opp, subj, fault_of.get(int(idx), ("", ""))[0]))
+                                   in_opp, subj, fault_of.get(int(idx), ("", ""))[0], scan_format,
+                                   str(r["exam_date"]), composed))
             mapper = pool.map(_render_and_write, tasks, chunksize=4) if pool else map(_render_and_write, tasks)
             outputs = []
             for out in mapper:
                 outputs.append(out)
                 pbar.update(1)
             result.bytes_written += _finish_delivery(
-                did, ddir, tdir, chunk, outputs, rows, delivered_pseudonym, fault_of, result)
+                did, ddir, tdir, chunk, outputs, rows, delivered_pseudonym, fault_of, result, scan_format)
             result.landing_dirs.append(ddir)
             result.truth_dirs.append(tdir)
         _write_cohort_truth(layout, prefix, ids, seed, participants, deliveries, resolution, fault_rate, params)
@@ -363,7 +412,7 @@ def synthesize(*, participants: int, deliveries: int, seed: int, resolution: str
 
 
 def _finish_delivery(did, ddir: Path, tdir: Path, chunk, outputs, rows, delivered_pseudonym, fault_of,
-                     result: SynthResult) -> int:
+                     result: SynthResult, scan_format: str = "nifti") -> int:
     nbytes = 0
     by_index = {o["index"]: o for o in outputs}
     fault_rows = []
@@ -378,13 +427,14 @@ def _finish_delivery(did, ddir: Path, tdir: Path, chunk, outputs, rows, delivere
         if kind in F.COVARIATE_FAULTS:
             cells, detail = _apply_covariate_fault(cells, kind, variant)
             fault_rows.append(dict(delivery_id=did, pseudonym=delivered_pseudonym[idx], fault=kind,
-                                   variant=variant, target=COVARIATES_NAME, detail=detail))
+                                   variant=variant, target=COVARIATES_NAME, detail=detail, outcome="quarantine"))
         elif kind:
             detail = by_index[idx]["fault_detail"] or variant
             target = {"checksum_mismatch": MANIFEST_NAME, "duplicate_pseudonym": COVARIATES_NAME}.get(
                 kind, detail.split(":")[0])
             fault_rows.append(dict(delivery_id=did, pseudonym=delivered_pseudonym[idx], fault=kind,
-                                   variant=variant, target=target, detail=detail))
+                                   variant=variant, target=target, detail=detail,
+                                   outcome="handled" if kind in F.HANDLED_FAULTS else "quarantine"))
         w.writerow(cells)
     cov_bytes = buf.getvalue().encode()
     atomic_write_bytes(ddir / COVARIATES_NAME, cov_bytes)
@@ -414,6 +464,8 @@ def _finish_delivery(did, ddir: Path, tdir: Path, chunk, outputs, rows, delivere
         "participants": sorted({delivered_pseudonym[int(i)] for i in chunk}),
         "files": files,
     }
+    if scan_format != "nifti":
+        manifest["scan_format"] = scan_format
     man_bytes = (json.dumps(manifest, indent=1) + "\n").encode()
 
     # truth first (outside the landing zone), the manifest and the _SUCCESS marker last
@@ -441,7 +493,8 @@ def _finish_delivery(did, ddir: Path, tdir: Path, chunk, outputs, rows, delivere
         })
     pl.DataFrame(truth_rows).write_csv(tdir / "participants.csv")
     pl.DataFrame(fault_rows, schema={c: pl.String for c in
-                                     ("delivery_id", "pseudonym", "fault", "variant", "target", "detail")}
+                                     ("delivery_id", "pseudonym", "fault", "variant", "target", "detail",
+                                                         "outcome")}
                  ).write_csv(tdir / "faults.csv")
     result.faults.extend(fault_rows)
     atomic_write_bytes(ddir / MANIFEST_NAME, man_bytes)

@@ -24,6 +24,23 @@ FAULT_KINDS = (
     "duplicate_pseudonym",     # pseudonym already delivered in an earlier delivery of this cohort
 )
 
+# ``cbp synth --format dicom``: the image faults of DICOM deliveries (with the manifest and covariate ones)
+DICOM_FAULT_KINDS = (
+    "missing_station",         # station 2 of 4 not delivered (a gap in coverage)
+    "missing_slice",           # one slice missing from a water station
+    "repeated_station",        # a station acquired twice, the older series motion-degraded: keep the newer
+    "water_fat_grid",          # the fat series of one station on another grid
+    "non_dicom_file",          # a text file inside a zip (ignored, like the PACS's own notes)
+    "other_modality",          # a secondary-capture (OT) series inside a zip (ignored)
+    "swapped_station",         # water and fat exchanged in one station
+    "checksum_mismatch",
+    "malformed_covariate_row",
+    "out_of_range_covariate",
+    "duplicate_pseudonym",
+)
+# faults the platform is expected to handle (the participant is measured), not to quarantine
+HANDLED_FAULTS = {"repeated_station", "non_dicom_file", "other_modality"}
+
 IMAGE_FAULTS = {"corrupt_gzip", "truncated_gzip", "missing_fat", "shape_mismatch", "affine_mismatch", "nan_values"}
 MANIFEST_FAULTS = {"checksum_mismatch"}
 COVARIATE_FAULTS = {"malformed_covariate_row", "out_of_range_covariate"}

@@ -72,9 +72,13 @@ def _write_dataset(raw: Path, n: int, seed: int) -> list[str]:
         lab[(lab == 0) & fatty] = LABELS["adipose_tissue"]
         nib.save(nib.Nifti1Image(lab, aff), raw / "labelsTr" / f"{case}.nii.gz")
         cases.append(case)
+    # the cases listed explicitly ("dataset"): without it nnU-Net finds them with a fork-based pool of 12 processes,
+    # forked from this process after torch has started its threads; a child dying there deadlocks the pool
     (raw / "dataset.json").write_text(json.dumps({
         "channel_names": {"0": "water", "1": "fat"}, "labels": LABELS, "numTraining": len(cases),
-        "file_ending": ".nii.gz", "overwrite_image_reader_writer": "SimpleITKIO", "name": DATASET}, indent=1))
+        "file_ending": ".nii.gz", "overwrite_image_reader_writer": "SimpleITKIO", "name": DATASET,
+        "dataset": {c: {"images": [f"imagesTr/{c}_{ch:04d}.nii.gz" for ch in range(2)], "label": f"labelsTr/{c}.nii.gz"}
+                    for c in cases}}, indent=1))
     return cases
 
 

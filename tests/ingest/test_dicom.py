@@ -1,0 +1,287 @@
+"""DICOM ingestion of one participant (no Dagster): from the simulated scanner's zips to stitched volumes, checked
+against the phantom they were written from, and every refusal with its reason."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import zipfile
+from datetime import datetime
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from cbp_platform.imaging.nifti import sha256_bytes
+from cbp_platform.ingest.dicom import DicomRules, inspect_dicom_participant, stitch
+from cbp_platform.ingest.scans import ScanProblem
+from cbp_platform.landing import dicom_relpath
+from cbp_platform.synth.dicom import (FakeIdentity, StationPlan, participant_zips, plan_stations, series_slices,
+                                      station_ranges)
+from cbp_platform.synth.phantom import PRESETS, Subject, render_phantom
+
+P = "PPPPPPPPPP"
+EXAM = datetime(2016, 5, 4, 9, 0)
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    s = Subject(female=False, age=55.0, height_cm=178.0, weight_kg=82.0, imat_pct=7.0, mfi=0.06,
+                lean_ml=(420.0, 410.0, 130.0, 125.0))
+    return render_phantom(s, PRESETS["fast"], np.random.default_rng(12), in_opp=True)
+
+
+def _volumes(ph, in_opp=True):
+    v = {"water": ph.water, "fat": ph.fat}
+    if in_opp:
+        v.update({"in": ph.in_phase, "opp": ph.opp_phase})
+    return v
+
+
+def _deliver(tmp: Path, zips: dict[str, bytes], extra: dict[str, bytes] | None = None):
+    ddir = tmp / "landing" / "d1"
+    files = {}
+    for c, payload in {**{dicom_relpath(P, c): z for c, z in zips.items()}, **(extra or {})}.items():
+        (ddir / c).parent.mkdir(parents=True, exist_ok=True)
+        (ddir / c).write_bytes(payload)
+        files[c] = {"path": c, "size": len(payload), "sha256": sha256_bytes(payload)}
+    return ddir, files
+
+
+def _ingest(tmp: Path, ddir: Path, files: dict, **kw):
+    out = tmp / "derived" / "dicom" / "d1" / P
+    return inspect_dicom_participant(ddir, P, files, out_dir=out, rel_out=f"derived/dicom/d1/{P}", **kw)
+
+
+def _plan(ph, fault="", swap="none", composed=False) -> StationPlan:
+    return plan_stations(ph.water.shape[2], fault, swap, np.random.default_rng(0), composed=composed)
+
+
+def test_stations_overlap_and_cover_the_volume():
+    for nz in (48, 96, 61):
+        st = station_ranges(nz)
+        assert len(st) == 4 and st[0][0] == 0 and st[-1][1] == nz
+        assert all(b[0] < a[1] for a, b in zip(st, st[1:]))          # each overlaps the next
+        assert len({k1 - k0 for k0, k1 in st}) == 1
+
+
+def test_stitched_volumes_equal_the_phantom_and_keep_its_geometry(tmp_path, phantom):
+    ph = phantom
+    ddir, files = _deliver(tmp_path, participant_zips(_volumes(ph), ph.affine, _plan(ph), pseudonym=P, seed=1,
+                                                      exam=EXAM))
+    res = _ingest(tmp_path, ddir, files)
+    f = res.facts
+    assert (f["stations"], f["superseded_series"], f["ignored_files"], f["channels"]) == (4, 0, 0, "water,fat,in,opp")
+    for c, want in (("water", ph.water), ("fat", ph.fat), ("in", ph.in_phase), ("opp", ph.opp_phase)):
+        img = nib.load(tmp_path / f[f"{c}_path"])
+        np.testing.assert_allclose(img.affine, ph.affine, atol=1e-3)          # geometry: the phantom's
+        np.testing.assert_array_equal(np.asarray(img.dataobj), want)           # stations on its lattice: exact
+        assert sha256_bytes((tmp_path / f[f"{c}_path"]).read_bytes()) == f[f"{c}_sha256"]
+    # provenance: every DICOM file read, and each zip
+    n_files = sum(len(zipfile.ZipFile(io.BytesIO((ddir / z).read_bytes())).namelist()) for z in files)
+    assert f["dicom_files"] == n_files == sum(1 for k in res.inputs if "#" in k)
+    assert all(res.inputs[z] == files[z]["sha256"] for z in files)
+    side = json.loads((tmp_path / "derived" / "dicom" / "d1" / P / f"{P}_dixon.json").read_text())
+    assert side["source"] == "stations" and [s["station"] for s in side["stations"]] == [1, 2, 3, 4]
+    assert side["stitching"]["resampled_stations"] == 0
+    assert not list((tmp_path / "derived" / "dicom" / ".work").iterdir())    # the work folder is cleaned
+
+
+def test_the_sidecar_and_volumes_hold_no_identifying_header_value(tmp_path, phantom):
+    ph = phantom
+    ddir, files = _deliver(tmp_path, participant_zips(_volumes(ph, False), ph.affine, _plan(ph), pseudonym=P,
+                                                      seed=1, exam=EXAM))
+    res = _ingest(tmp_path, ddir, files)
+    ident = FakeIdentity()
+    secrets = [ident.patient_name, "Mustermann", ident.birth_date, ident.institution, ident.referring,
+               "1.2.826.0.1.3680043.10.1234", EXAM.strftime("%Y%m%d")]
+    import gzip
+
+    blobs = [gzip.decompress(p.read_bytes()) if p.suffix == ".gz" else p.read_bytes()
+             for p in (tmp_path / "derived").rglob("*") if p.is_file()]
+    blobs.append(json.dumps(res.facts).encode())
+    assert len(blobs) >= 3
+    assert [s for s in secrets if any(s.encode() in b for b in blobs)] == []
+
+
+def test_a_repeated_station_keeps_the_newer_series(tmp_path, phantom):
+    ph = phantom
+    ddir, files = _deliver(tmp_path, participant_zips(_volumes(ph, False), ph.affine, _plan(ph, "repeated_station"),
+                                                      pseudonym=P, seed=1, exam=EXAM))
+    f = _ingest(tmp_path, ddir, files).facts
+    assert f["superseded_series"] == 2                      # water and fat of station 2
+    np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / f["water_path"]).dataobj), ph.water)
+
+
+def test_non_dicom_files_and_other_modalities_are_ignored_and_counted(tmp_path, phantom):
+    ph = phantom
+    for fault in ("non_dicom_file", "other_modality"):
+        ddir, files = _deliver(tmp_path / fault, participant_zips(_volumes(ph, False), ph.affine, _plan(ph, fault),
+                                                                  pseudonym=P, seed=1, exam=EXAM))
+        res = _ingest(tmp_path / fault, ddir, files)
+        assert res.facts["ignored_files"] == 1
+        why = res.sidecar["ignored_files"][0]["why"]
+        assert why == ("not a DICOM file" if fault == "non_dicom_file" else "a series of modality OT")
+        np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / fault / res.facts["fat_path"]).dataobj), ph.fat)
+
+
+@pytest.mark.parametrize("fault, reason, words", [
+    ("missing_station", "station_gap", "station 2 of 1-4 not delivered"),
+    ("missing_slice", "station_incomplete", "water station 3: 1 slice missing"),
+    ("water_fat_grid", "water_fat_geometry", "fat station 3: grid differs"),
+    ("swapped_station", "station_fat_water_swap", "water station 2: water and fat appear exchanged"),
+])
+def test_each_station_fault_has_its_own_reason(tmp_path, phantom, fault, reason, words):
+    ph = phantom
+    ddir, files = _deliver(tmp_path, participant_zips(_volumes(ph), ph.affine, _plan(ph, fault), pseudonym=P, seed=1,
+                                                      exam=EXAM))
+    with pytest.raises(ScanProblem) as e:
+        _ingest(tmp_path, ddir, files)
+    assert e.value.reason == reason and words in e.value.message, e.value
+    assert P not in e.value.message
+    assert not (tmp_path / "derived" / "dicom" / "d1" / P).exists()    # nothing half-written is left
+
+
+def test_in_phase_inconsistent_with_water_plus_fat_is_refused(tmp_path, phantom):
+    ph = phantom
+    vols = _volumes(ph)
+    vols["in"] = (ph.water.astype(np.int32) * 2 + 10).clip(0, 32767).astype(np.int16)   # not W + F
+    ddir, files = _deliver(tmp_path, participant_zips(vols, ph.affine, _plan(ph), pseudonym=P, seed=1, exam=EXAM))
+    with pytest.raises(ScanProblem) as e:
+        _ingest(tmp_path, ddir, files)
+    assert e.value.reason == "in_phase_inconsistent"
+
+
+def test_a_missing_end_station_leaves_the_field_of_view_too_short(tmp_path, phantom):
+    ph = phantom
+    plan = _plan(ph)
+    plan.stations = plan.stations[:3]                      # the scanner stopped after station 3
+    ddir, files = _deliver(tmp_path, participant_zips(_volumes(ph, False), ph.affine, plan, pseudonym=P, seed=1,
+                                                      exam=EXAM))
+    with pytest.raises(ScanProblem) as e:
+        _ingest(tmp_path, ddir, files)
+    assert e.value.reason == "fov_too_short" and "covers 222 mm" in e.value.message
+
+
+def test_the_composed_series_stands_in_for_incomplete_stations(tmp_path, phantom):
+    ph = phantom
+    ddir, files = _deliver(tmp_path, participant_zips(_volumes(ph, False), ph.affine,
+                                                      _plan(ph, "missing_station", composed=True), pseudonym=P,
+                                                      seed=1, exam=EXAM))
+    res = _ingest(tmp_path, ddir, files)
+    assert res.sidecar["source"] == "composed" and res.sidecar["why_composed"].startswith("station_gap")
+    np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / res.facts["water_path"]).dataobj), ph.water)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# stitching on its own
+
+
+def test_blending_ramps_across_the_overlap_and_preserves_the_fat_fraction():
+    aff = np.diag([-2.0, 2.0, 3.0, 1.0])
+    low, high = aff.copy(), aff.copy()
+    high[2, 3] = 3.0 * 10                                      # station 2 starts at slice 10: 6 slices overlap
+    a = np.stack([np.full((8, 6, 16), 100.0), np.full((8, 6, 16), 50.0)])     # water, fat: FF 1/3
+    b = np.stack([np.full((8, 6, 16), 200.0), np.full((8, 6, 16), 100.0)])
+    (w, f), info = stitch([(low, a), (high, b)], aff, (8, 6, 26), contrasts=2)
+    assert info["resampled_stations"] == 0
+    col = w[0, 0]
+    assert (col[:10] == 100).all() and (col[16:] == 200).all()
+    assert (np.diff(col[9:17]) > 0).all()                      # a monotone ramp over the overlap
+    np.testing.assert_allclose(f / (w + f), 1 / 3, rtol=1e-6)  # the same weights for water and fat
+
+
+def test_a_station_off_the_lattice_is_resampled_within_interpolation_error():
+    aff = np.diag([-2.0, 2.0, 3.0, 1.0])
+    z = lambda k0, n: 3.0 * (k0 + np.arange(n))                   # noqa: E731  world z of a station's slices
+    ramp = lambda zz: np.broadcast_to(10.0 + 2.0 * zz, (8, 6, len(zz)))  # noqa: E731  linear in z
+    low = aff.copy()
+    high = aff.copy()
+    high[2, 3] = 3.0 * 9.5                                      # half a slice off the target lattice
+    a = ramp(z(0, 14))[None]
+    b = ramp(z(9.5, 14))[None]
+    (w,), info = stitch([(low, a), (high, b)], aff, (8, 6, 22), contrasts=1)
+    assert info["resampled_stations"] == 1
+    np.testing.assert_allclose(w[0, 0, :21], 10.0 + 2.0 * z(0, 21), atol=1e-3)   # linear: trilinear is exact
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bounded: bombs and huge series are refused before they fill memory or disk
+
+
+def _zip(members: list[tuple[str, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, payload in members:
+            z.writestr(name, payload)
+    return buf.getvalue()
+
+
+def test_a_zip_declaring_a_huge_file_is_refused_before_extracting(tmp_path):
+    bomb = _zip([("a/IM0001.dcm", bytes(80 << 20))])           # 80 MiB of zeros, ~80 KB on disk
+    assert len(bomb) < 1 << 20
+    ddir, files = _deliver(tmp_path, {"water": bomb})
+    with pytest.raises(ScanProblem) as e:
+        _ingest(tmp_path, ddir, files)
+    assert e.value.reason == "zip_too_large" and "refused before extracting" in e.value.message
+    with pytest.raises(ScanProblem) as e:
+        _ingest(tmp_path, ddir, files, rules=DicomRules(max_member_bytes=1 << 30, max_participant_bytes=64 << 20))
+    assert e.value.reason == "zip_too_large" and "GiB uncompressed" in e.value.message
+    assert not any((tmp_path / "derived" / "dicom" / ".work").iterdir())
+
+
+def test_a_zip_whose_headers_lie_about_the_size_stops_at_the_declared_size(tmp_path):
+    payload = _zip([("a/IM0001.dcm", bytes(8 << 20))])
+    # shrink the declared uncompressed size (local header and central directory) to 1000 bytes
+    raw = bytearray(payload)
+    for sig, off in ((b"PK\x03\x04", 22), (b"PK\x01\x02", 24)):
+        i = raw.find(sig)
+        raw[i + off:i + off + 4] = struct.pack("<I", 1000)
+    ddir, files = _deliver(tmp_path, {"water": bytes(raw)})
+    with pytest.raises(ScanProblem) as e:
+        _ingest(tmp_path, ddir, files)
+    assert e.value.reason == "corrupt_zip"
+    assert not any((tmp_path / "derived" / "dicom" / ".work").iterdir())
+
+
+def test_a_huge_series_is_refused_from_its_headers(tmp_path):
+    """Headers declaring 1024 x 1024 x 70 slices of 16 bits (140 MiB) are refused before any pixel is decoded
+    (the files carry no pixel data at all: only the headers are read first)."""
+    import pydicom
+
+    aff = np.diag([-0.4, 0.4, 3.0, 1.0])
+    members = []
+    for c in ("water", "fat"):
+        _, slices = series_slices(np.ones((16, 16, 70), np.uint16), aff, contrast=c, station=1, k_range=(0, 70),
+                                  pseudonym=P, seed=1, acquired=EXAM)
+        for n, b in enumerate(slices):
+            ds = pydicom.dcmread(io.BytesIO(b))
+            ds.Rows = ds.Columns = 1024
+            del ds.PixelData
+            out = io.BytesIO()
+            ds.save_as(out)
+            members.append((f"{c}/IM{n}.dcm", out.getvalue()))
+    ddir, files = _deliver(tmp_path, {"water": _zip(members)})
+    with pytest.raises(ScanProblem) as e:
+        _ingest(tmp_path, ddir, files)
+    assert e.value.reason == "series_too_large" and "140 MiB" in e.value.message, e.value
+
+
+def test_a_file_with_the_dicom_preamble_that_does_not_parse_is_unreadable(tmp_path):
+    ddir, files = _deliver(tmp_path, {"water": _zip([("x/IM1.dcm", bytes(128) + b"DICM" + b"\xff" * 40)])})
+    with pytest.raises(ScanProblem) as e:
+        _ingest(tmp_path, ddir, files)
+    assert e.value.reason == "unreadable_dicom" and "member 0" in e.value.message
+
+
+def test_a_zip_listed_with_a_wrong_checksum_is_refused(tmp_path, phantom):
+    ph = phantom
+    ddir, files = _deliver(tmp_path, participant_zips(_volumes(ph, False), ph.affine, _plan(ph), pseudonym=P, seed=1,
+                                                      exam=EXAM))
+    rel = dicom_relpath(P, "fat")
+    files[rel] = {**files[rel], "sha256": "0" * 64}
+    with pytest.raises(ScanProblem) as e:
+        _ingest(tmp_path, ddir, files)
+    assert e.value.reason == "checksum_mismatch" and "DICOM zip (files[" in e.value.message
