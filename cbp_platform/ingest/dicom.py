@@ -414,7 +414,8 @@ def _convert(chosen: dict[str, dict], work: Path, rules: DicomRules) -> tuple[di
             raise ScanProblem("conversion_geometry", f"{s.label}: the converted volume's geometry differs from "
                                                      f"the headers' (shape {img.shape} vs {s.shape}, max affine "
                                                      f"difference {d:.3g})")
-        arrays[s.uid] = np.asarray(img.dataobj, dtype=np.float32)
+        data = np.asanyarray(img.dataobj)         # 16-bit as stored (float32 only when dcm2niix scaled it)
+        arrays[s.uid] = data if data.dtype in (np.uint8, np.uint16, np.int16) else data.astype(np.float32)
         found[0].unlink()
     return arrays, version
 
@@ -427,14 +428,15 @@ def _station_checks(chosen: dict[str, dict], arrays: dict[str, np.ndarray], rule
     report = []
     for key, w in chosen["water"].items():
         f = chosen["fat"][key]
-        q = fat_water_swap(arrays[w.uid], arrays[f.uid], tuple(abs(float(x)) for x in np.diag(w.affine)[:3]))
+        q = fat_water_swap(arrays[w.uid], arrays[f.uid], tuple(abs(float(x)) for x in np.diag(w.affine)[:3]),
+                           max_slices=8)
         entry = dict(station=w.station, swap_reversed_fraction=None if q.n_slices == 0 else round(q.reversed_fraction, 3))
         if q.n_slices >= 3 and q.reversed_fraction >= rules.station_swap_reversed:
             raise ScanProblem("station_fat_water_swap", f"{w.label}: water and fat appear exchanged "
                                                         f"({q.reversed_fraction:.0%} of {q.n_slices} slices "
                                                         "reversed)")
         if "in" in chosen:
-            s = arrays[w.uid] + arrays[f.uid]
+            s = arrays[w.uid].astype(np.float32) + arrays[f.uid]
             body = s > 0.25 * float(np.percentile(subsample(s), 99))
             if body.any():
                 dev = float(np.median(np.abs(arrays[chosen["in"][key].uid][body] - s[body])) / np.median(s[body]))
@@ -468,7 +470,6 @@ def stitch(stations: list[tuple[np.ndarray, np.ndarray]], affine: np.ndarray, sh
 
     acc = np.zeros((contrasts, *shape), np.float32)
     wsum = np.zeros(shape[2], np.float32)
-    wmap = None
     resampled = 0
     for st_aff, vols in stations:
         m = np.linalg.inv(st_aff) @ affine              # target voxel -> station voxel
@@ -476,8 +477,10 @@ def stitch(stations: list[tuple[np.ndarray, np.ndarray]], affine: np.ndarray, sh
         n_st = vols.shape[3]
         inside = (kz > -0.5) & (kz < n_st - 0.5)
         w = np.where(inside, np.minimum(kz + 1, n_st - kz), 0.0).clip(min=0)
-        rest = m[:3, :3] - np.eye(3)
-        lattice = np.allclose(rest, 0, atol=1e-6) and np.allclose(m[:3, 3], np.round(m[:3, 3]), atol=1e-3)
+        # on the lattice: every station voxel within 1 % of a voxel of a target voxel (the headers' rounding of
+        # positions to 0.1 um makes the slice spacings of two stations differ in the 6th digit)
+        rest = np.abs(m[:3, :3] - np.eye(3)).max() * max(max(shape), n_st)
+        lattice = rest < 0.01 and np.allclose(m[:3, 3], np.round(m[:3, 3]), atol=0.01)
         if lattice:
             off = np.round(m[:3, 3]).astype(int)
             for k in np.nonzero(inside)[0]:
@@ -485,14 +488,12 @@ def stitch(stations: list[tuple[np.ndarray, np.ndarray]], affine: np.ndarray, sh
                 acc[:, :, :, k] += w[k] * _shifted(src, off[0], off[1], shape[:2])
         else:
             resampled += 1
-            if wmap is None:
-                wmap = np.zeros(shape, np.float32)
             ii, jj = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
             for k in np.nonzero(inside)[0]:
                 p = m @ np.stack([ii.ravel(), jj.ravel(), np.full(ii.size, k), np.ones(ii.size)])
                 ok = ((p[0] > -0.5) & (p[0] < vols.shape[1] - 0.5) & (p[1] > -0.5) & (p[1] < vols.shape[2] - 0.5))
                 for c in range(contrasts):
-                    vals = ndimage.map_coordinates(vols[c], p[:3], order=1, mode="nearest")
+                    vals = ndimage.map_coordinates(vols[c], p[:3], order=1, mode="nearest", output=np.float32)
                     acc[c, :, :, k] += (w[k] * vals * ok).reshape(shape[:2])
         wsum += w
     if (wsum <= 0).any():
@@ -560,26 +561,28 @@ def inspect_dicom_participant(delivery_dir: Path, pseudonym: str, files_by_path:
             stations = _check_stations(chosen, rules)
         affine, shape = target_grid(stations)
         contrasts = [c for c in CONTRASTS if c in chosen]
-        need = sum(int(np.prod(s.shape)) * 4 for by in chosen.values() for s in by.values()) \
-            + int(np.prod(shape)) * 4 * (len(contrasts) + 1)
-        if int(np.prod(shape)) * 2 > RULES.max_image_bytes:
-            raise ScanProblem("series_too_large", f"the stitched volume would have {shape} voxels, over "
-                                                  f"{RULES.max_image_bytes >> 20} MiB per contrast")
-        held = budget.acquire(need) if budget is not None else 0
-        arrays, converter = _convert(chosen, work, rules)
-        station_report = _station_checks(chosen, arrays, rules)
-        keys = [next(k for k, s in chosen["water"].items() if s is st) for st in stations]
-        stitched, summary = stitch([(chosen["water"][k].affine,
-                                     np.stack([arrays[chosen[c][k].uid] for c in contrasts])) for k in keys],
-                                   affine, shape, contrasts=len(contrasts))
-        del arrays
         coverage = shape[2] * float(np.linalg.norm(affine[:3, 2]))
         if coverage < rules.min_coverage_mm:
             raise ScanProblem("fov_too_short", f"the stitched volume covers {coverage:.0f} mm superior-inferior; "
                                                f"the lumbar back muscles need {rules.min_coverage_mm:.0f} mm "
                                                "(a station missing at an end?)")
-        vols = {c: np.clip(np.rint(v), 0, 65535).astype(np.uint16) for c, v in zip(contrasts, stitched)}
-        del stitched
+        if int(np.prod(shape)) * 2 > RULES.max_image_bytes:
+            raise ScanProblem("series_too_large", f"the stitched volume would have {shape} voxels, over "
+                                                  f"{RULES.max_image_bytes >> 20} MiB per contrast")
+        # held at once: the converted series (16-bit), one contrast's float32 accumulator and the 16-bit outputs
+        need = sum(int(np.prod(s.shape)) * 2 for by in chosen.values() for s in by.values()) \
+            + int(np.prod(shape)) * (8 + 2 * len(contrasts))
+        held = budget.acquire(need) if budget is not None else 0
+        arrays, converter = _convert(chosen, work, rules)
+        station_report = _station_checks(chosen, arrays, rules)
+        keys = [next(k for k, s in chosen["water"].items() if s is st) for st in stations]
+        vols = {}
+        for c in contrasts:              # one contrast at a time; the weights are the same for each
+            (v,), summary = stitch([(chosen["water"][k].affine, arrays[chosen[c][k].uid][None]) for k in keys],
+                                   affine, shape, contrasts=1)
+            vols[c] = np.clip(np.rint(v), 0, 65535).astype(np.uint16)
+            del v
+        del arrays
         facts, sidecar = _write_outputs(vols, affine, out_dir, rel_out, pseudonym, chosen, stations, source,
                                         problem, superseded, ignored, station_report, summary, converter, inputs)
         return DicomResult(facts, inputs, sidecar)

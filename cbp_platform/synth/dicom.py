@@ -78,47 +78,48 @@ def series_slices(volume: np.ndarray, affine_ras: np.ndarray, *, contrast: str, 
     number = series_number if series_number is not None else 10 * station + list(CONTRASTS).index(contrast) + 1
     sop_class = MRImageStorage if modality == "MR" else SecondaryCaptureImageStorage
     out = []
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()                  # one header, the per-slice fields set for each slice
+    ds.file_meta = meta
+    ds.SOPClassUID = sop_class
+    ds.Modality = modality
+    ds.Manufacturer = "SIEMENS"
+    ds.ManufacturerModelName = "Skyra"
+    ds.MagneticFieldStrength = 3
+    ds.ImageType = ["DERIVED" if composed else "ORIGINAL", "PRIMARY", "M", *tokens,
+                    *(["COMPOSED"] if composed else [])]
+    ds.SeriesDescription = f"{SERIES_PREFIX}_{suffix}" + ("_COMPOSED" if composed else "")
+    ds.ProtocolName = f"{SERIES_PREFIX}" + ("" if composed else f"_S{station}")
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+    ds.SeriesNumber = number
+    ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = acquired.strftime("%Y%m%d")
+    ds.StudyTime = acquired.strftime("%H%M%S")
+    ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = acquired.strftime("%H%M%S.%f")
+    ds.PatientID = pseudonym
+    ds.PatientName = identity.patient_name
+    ds.PatientBirthDate = identity.birth_date
+    ds.PatientSex = "O"
+    ds.InstitutionName = identity.institution
+    ds.ReferringPhysicianName = identity.referring
+    ds.PatientPosition = "HFS"
+    ds.PixelSpacing = [sy, sx]                          # row spacing (between rows: j), column spacing (i)
+    ds.SliceThickness = sz
+    ds.SpacingBetweenSlices = sz
+    ds.EchoTime, ds.RepetitionTime, ds.FlipAngle = 1.23, 4.06, 9
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
     for n, k in enumerate(range(*k_range), start=1):
         ipp, iop = lps_geometry(affine_ras, k)
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = sop_class
         meta.MediaStorageSOPInstanceUID = uid(series, n)
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID = sop_class
         ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-        ds.Modality = modality
-        ds.Manufacturer = "SIEMENS"
-        ds.ManufacturerModelName = "Skyra"
-        ds.MagneticFieldStrength = 3
-        ds.ImageType = ["DERIVED" if composed else "ORIGINAL", "PRIMARY", "M", *tokens,
-                        *(["COMPOSED"] if composed else [])]
-        ds.SeriesDescription = f"{SERIES_PREFIX}_{suffix}" + ("_COMPOSED" if composed else "")
-        ds.ProtocolName = f"{SERIES_PREFIX}" + ("" if composed else f"_S{station}")
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
-        ds.SeriesNumber, ds.InstanceNumber = number, n
-        ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = acquired.strftime("%Y%m%d")
-        ds.StudyTime = acquired.strftime("%H%M%S")
-        ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = acquired.strftime("%H%M%S.%f")
-        ds.PatientID = pseudonym
-        ds.PatientName = identity.patient_name
-        ds.PatientBirthDate = identity.birth_date
-        ds.PatientSex = "O"
-        ds.InstitutionName = identity.institution
-        ds.ReferringPhysicianName = identity.referring
-        ds.PatientPosition = "HFS"
+        ds.InstanceNumber = n
         ds.ImagePositionPatient = [round(x, 4) for x in ipp]
         ds.ImageOrientationPatient = [round(x, 6) for x in iop]
-        ds.PixelSpacing = [sy, sx]                          # row spacing (between rows: j), column spacing (i)
-        ds.SliceThickness = sz
-        ds.SpacingBetweenSlices = sz
         ds.SliceLocation = round(ipp[2], 4)
-        ds.EchoTime, ds.RepetitionTime, ds.FlipAngle = 1.23, 4.06, 9
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
         pixels = np.ascontiguousarray(np.clip(volume[:, :, k], 0, 65535).astype(np.uint16).T)   # [row j, col i]
         ds.Rows, ds.Columns = pixels.shape
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
         ds.PixelData = pixels.tobytes()
         buf = io.BytesIO()
         ds.save_as(buf, enforce_file_format=True)

@@ -38,7 +38,7 @@ def dicom_run(nnunet_model, tmp_path_factory):
 
     folder, _ = nnunet_model
     root = tmp_path_factory.mktemp("dicom-pipeline")
-    synthesize(participants=24, deliveries=2, seed=41, data_root=root, fault_rate=0.5, in_opp=True, workers=2,
+    synthesize(participants=16, deliveries=2, seed=41, data_root=root, fault_rate=0.7, in_opp=True, workers=2,
                scan_format="dicom")
     before = _landing_digest(root)
     lines: list[str] = []
