@@ -143,7 +143,7 @@ def _extract(f: _Listed, work: Path, zip_no: int, state: dict, rules: DicomRules
         try:
             zf = zipfile.ZipFile(fh)
         except (zipfile.BadZipFile, OSError, ValueError) as exc:
-            raise ScanProblem("corrupt_zip", f"{f.role}: not a readable zip archive ({exc})") from None
+            raise ScanProblem("corrupt_zip", f"{f.role}: not a readable zip archive ({type(exc).__name__})") from None
         with zf:
             infos = [i for i in zf.infolist() if not i.is_dir()]
             if len(infos) > rules.max_members:
@@ -171,7 +171,9 @@ def _extract(f: _Listed, work: Path, zip_no: int, state: dict, rules: DicomRules
                             h.update(block)
                             dst.write(block)
                 except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as exc:
-                    raise ScanProblem("corrupt_zip", f"{f.role}: member {k} cannot be extracted ({exc})") from None
+                    # (the exception's text names the member, and member names may hold a patient's name)
+                    why = "CRC check failed" if "CRC" in str(exc) else type(exc).__name__
+                    raise ScanProblem("corrupt_zip", f"{f.role}: member {k} cannot be extracted ({why})") from None
                 out.append((k, dest, h.hexdigest()))
     return out
 
