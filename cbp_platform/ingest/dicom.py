@@ -87,6 +87,12 @@ class DicomRules:
 
 
 DICOM_RULES = DicomRules()
+SWAP_MIN_REVERSED = 0.2          # the share of reversed slices that flags a volume (as for NIfTI scans)
+# the only tags parsed (the rest of each header is skipped: identifying fields are never even decoded)
+HEADER_TAGS = ["SOPClassUID", "SeriesInstanceUID", "Modality", "ImageType", "SeriesDescription", "ProtocolName",
+               "SeriesNumber", "AcquisitionDate", "AcquisitionTime", "SeriesDate", "SeriesTime",
+               "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns",
+               "BitsAllocated", "SamplesPerPixel", *SIDECAR_FIELDS]
 STATION_RE = re.compile(r"_S(\d+)$")
 
 
@@ -209,7 +215,7 @@ def _classify(members: list[tuple[str, int, Path, str]], role_of_zip: dict[str, 
             ignored.append(dict(file=where, why="not a DICOM file"))
             continue
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=HEADER_TAGS)
             if not ds.get("SOPClassUID") or not ds.get("SeriesInstanceUID"):
                 raise ScanProblem("unreadable_dicom", f"{where}: has the DICOM preamble but no SOP class or series "
                                                       "UID (a damaged file)")
@@ -432,7 +438,8 @@ def _station_checks(chosen: dict[str, dict], arrays: dict[str, np.ndarray], rule
         f = chosen["fat"][key]
         q = fat_water_swap(arrays[w.uid], arrays[f.uid], tuple(abs(float(x)) for x in np.diag(w.affine)[:3]),
                            max_slices=8)
-        entry = dict(station=w.station, swap_reversed_fraction=None if q.n_slices == 0 else round(q.reversed_fraction, 3))
+        entry = dict(station=w.station, swap_reversed_fraction=None if q.n_slices == 0 else round(q.reversed_fraction, 3),
+                     _swap=q)
         if q.n_slices >= 3 and q.reversed_fraction >= rules.station_swap_reversed:
             raise ScanProblem("station_fat_water_swap", f"{w.label}: water and fat appear exchanged "
                                                         f"({q.reversed_fraction:.0%} of {q.n_slices} slices "
@@ -609,14 +616,19 @@ def _write_outputs(vols, affine, out_dir: Path, rel_out: str, pseudonym: str, ch
                       f"{c}_bytes": len(payload)})
     w, fat = vols["water"], vols["fat"]
     zooms = tuple(float(np.linalg.norm(affine[:3, a])) for a in range(3))
-    q = fat_water_swap(w, fat, zooms)
+    # the volume's swap QC from its stations' (each slice evaluated once; a swapped station was refused already)
+    qs = [r["_swap"] for r in station_report if r["_swap"].n_slices]
+    n = sum(q.n_slices for q in qs)
+    reversed_fraction = sum(q.reversed_fraction * q.n_slices for q in qs) / n if n else float("nan")
+    score = float(np.median([q.score for q in qs])) if qs else float("nan")
     facts.update(
         channels=",".join(vols), shape_x=int(w.shape[0]), shape_y=int(w.shape[1]), shape_z=int(w.shape[2]),
         spacing_x=zooms[0], spacing_y=zooms[1], spacing_z=zooms[2], orientation="".join(nib.aff2axcodes(affine)),
         affine=json.dumps([round(float(x), 6) for x in affine.ravel()]), dtype=str(w.dtype),
         water_min=float(w.min()), water_max=float(w.max()), water_p99=float(np.percentile(subsample(w), 99)),
         fat_min=float(fat.min()), fat_max=float(fat.max()), fat_p99=float(np.percentile(subsample(fat), 99)),
-        swap_score=q.score, swap_reversed_fraction=q.reversed_fraction, swap_suspected=q.suspected,
+        swap_score=score, swap_reversed_fraction=reversed_fraction,
+        swap_suspected=bool(n and reversed_fraction >= SWAP_MIN_REVERSED),
         stations=len(stations), dicom_series=sum(len(by) for by in chosen.values()),
         superseded_series=len(superseded), ignored_files=len(ignored),
         dicom_files=sum(1 for k in inputs if "#" in k),
@@ -644,4 +656,5 @@ def _write_outputs(vols, affine, out_dir: Path, rel_out: str, pseudonym: str, ch
 
 def _report_for(stations, water_by_key, station_report):
     by_station = {r["station"]: r for r in station_report}
-    return [{k: v for k, v in by_station.get(s.station, {}).items() if k != "station"} for s in stations]
+    return [{k: v for k, v in by_station.get(s.station, {}).items() if k != "station" and not k.startswith("_")}
+            for s in stations]
