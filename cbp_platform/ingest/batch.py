@@ -9,8 +9,8 @@ import polars as pl
 
 from cbp_platform.ingest.deliveries import Batch
 from cbp_platform.ingest.dicom import inspect_dicom_participant
-from cbp_platform.paths import DataLayout
 from cbp_platform.ingest.scans import SCAN_FACTS_SCHEMA, ByteBudget, ScanProblem, inspect_participant
+from cbp_platform.paths import DataLayout
 
 
 def ingest_scans(batch: Batch, delivery_dir: Path, manifest: dict, *, duplicates: set[str] | dict[str, str],
