@@ -312,7 +312,10 @@ def _stack(s: _Series, rules: DicomRules) -> None:
     shape = (cols, rows, len(pos))
     ornt = nib.orientations.ornt_transform(nib.io_orientation(ras), nib.orientations.axcodes2ornt(OUTPUT_AXES))
     s.affine = ras @ nib.orientations.inv_ornt_aff(ornt, shape)
-    s.shape = tuple(int(shape[int(a)]) for a in ornt[:, 0])
+    new_shape = [0, 0, 0]
+    for axis, (to, _flip) in enumerate(ornt):          # input axis ``axis`` becomes output axis ``to``
+        new_shape[int(to)] = shape[axis]
+    s.shape = tuple(new_shape)
     s.positions = pos
 
 

@@ -9,7 +9,8 @@ to scanner RAS+ mm) with the geometry a scanner writes: DICOM patient coordinate
 
 Identifying fields (name, birth date, institution) hold **fake** values, so that de-identification can be tested
 by looking for them. UIDs are derived deterministically from the seed: the same seed writes the same bytes.
-This is the first part of ``cbp synth --format dicom`` (issue 15); its reader side is the DICOM ingestion.
+``cbp synth --format dicom`` writes whole participants with :func:`participant_zips`; the reader side is
+:mod:`cbp_platform.ingest.dicom`.
 """
 
 from __future__ import annotations
