@@ -286,3 +286,21 @@ def test_a_zip_listed_with_a_wrong_checksum_is_refused(tmp_path, phantom):
     with pytest.raises(ScanProblem) as e:
         _ingest(tmp_path, ddir, files)
     assert e.value.reason == "checksum_mismatch" and "DICOM zip (files[" in e.value.message
+
+
+def test_a_coronal_stack_gets_the_shape_and_affine_nibabel_gives_it_in_las_order():
+    """The header-derived geometry follows the orientation transform's permutation, not only the axial case."""
+    from cbp_platform.ingest.dicom import DICOM_RULES, _Series, _Slice, _stack
+
+    row, col = np.array([1.0, 0, 0]), np.array([0, 0, -1.0])           # rows along x, columns down z
+    normal = np.cross(row, col)
+    s = _Series("u", "water", 1, False, "", 1, {},
+                [_Slice(Path("x"), k * 3.0 * normal, np.r_[row, col], (2.0, 1.5), (20, 30)) for k in range(7)])
+    _stack(s, DICOM_RULES)
+    lps = np.eye(4)
+    lps[:3, 0], lps[:3, 1], lps[:3, 2] = row * 1.5, col * 2.0, normal * 3.0
+    ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+    ornt = nib.orientations.ornt_transform(nib.io_orientation(ras), nib.orientations.axcodes2ornt(("L", "A", "S")))
+    want = nib.Nifti1Image(np.zeros((30, 20, 7), np.uint8), ras).as_reoriented(ornt)
+    assert s.shape == want.shape == (30, 7, 20)
+    np.testing.assert_allclose(s.affine, want.affine, atol=1e-9)
