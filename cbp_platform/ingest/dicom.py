@@ -115,7 +115,6 @@ class _Series:
     number: int
     header: dict
     slices: list[_Slice] = field(default_factory=list)
-    positions: np.ndarray | None = None   # slice positions along the normal, sorted
     affine: np.ndarray | None = None      # RAS+ affine of the sorted slice stack, LAS voxel order
     shape: tuple[int, int, int] | None = None
 
@@ -176,6 +175,8 @@ def _extract(f: _Listed, work: Path, zip_no: int, state: dict, rules: DicomRules
                         while block := src.read(CHUNK):
                             h.update(block)
                             dst.write(block)
+                # a real refusal, not a skip: CRC or stream errors (BadZipFile, zlib.error, EOFError), a compression
+                # method zipfile cannot read (NotImplementedError), a password-protected member (RuntimeError)
                 except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as exc:
                     # (the exception's text names the member, and member names may hold a patient's name)
                     why = "CRC check failed" if "CRC" in str(exc) else type(exc).__name__
@@ -316,7 +317,6 @@ def _stack(s: _Series, rules: DicomRules) -> None:
     for axis, (to, _flip) in enumerate(ornt):          # input axis ``axis`` becomes output axis ``to``
         new_shape[int(to)] = shape[axis]
     s.shape = tuple(new_shape)
-    s.positions = pos
 
 
 def _select(series: dict[str, _Series], composed: bool) -> tuple[dict[str, dict], list[dict]]:
@@ -636,7 +636,6 @@ def _write_outputs(vols, affine, out_dir: Path, rel_out: str, pseudonym: str, ch
         superseded_series=len(superseded), ignored_files=len(ignored),
         dicom_files=sum(1 for k in inputs if "#" in k),
     )
-    water_by_key = chosen["water"]
     sidecar = {
         "source": source,
         "why_composed": None if problem is None else f"{problem.reason}: {problem.message}",
@@ -644,7 +643,7 @@ def _write_outputs(vols, affine, out_dir: Path, rel_out: str, pseudonym: str, ch
         "contrasts": list(vols),
         "stations": [dict(station=s.station, slices=int(s.shape[2]),
                           z_mm=[round(v, 2) for v in _z_range(s)], **rep)
-                     for s, rep in zip(stations, _report_for(stations, water_by_key, station_report))],
+                     for s, rep in zip(stations, _report_for(stations, station_report))],
         "stitching": dict(grid="lowest station's in-plane grid over the whole superior-inferior extent",
                           blend="linear ramps over the overlaps; the same weights for every contrast",
                           output_dtype="uint16 (rounded)", orientation="".join(OUTPUT_AXES), **summary),
@@ -657,7 +656,7 @@ def _write_outputs(vols, affine, out_dir: Path, rel_out: str, pseudonym: str, ch
     return facts, sidecar
 
 
-def _report_for(stations, water_by_key, station_report):
+def _report_for(stations, station_report):
     by_station = {r["station"]: r for r in station_report}
     return [{k: v for k, v in by_station.get(s.station, {}).items() if k != "station" and not k.startswith("_")}
             for s in stations]
