@@ -18,6 +18,7 @@ from assets.ingestion import participant_covariates, raw_mri_scans
 from assets.segmentation import muscle_metrics, muscle_segmentations, segmentation_model
 from cbp_platform.deployment import k8s_step_tags
 from resources import DataRootResource, SegmentationRuntime, Warehouse
+from resources.reviews import REVIEWS_ASSET, ReviewStore
 
 COHORT_STEP = k8s_step_tags("cpu-large")    # whole-cohort steps: Kubernetes CPU nodes with memory headroom
 
@@ -63,13 +64,15 @@ def _cohort_hash(warehouse: Warehouse) -> str:
 
 
 @dg.asset(op_tags=COHORT_STEP,
-          deps=list(PER_BATCH), code_version=COHORT_VERSION, group_name=GROUP, kinds={"polars", "duckdb"},
+          deps=[*PER_BATCH, REVIEWS_ASSET], code_version=COHORT_VERSION, group_name=GROUP, kinds={"polars", "duckdb"},
           description="All materialised batches joined: inclusion rules with the exclusion flow (start -> one row "
-                      "per reason -> analysed), LMM index, MET categories, NRS >= 4, exposures per 2 SD. The "
-                      "cohort hash (content of the analysed frame) is its data version.")
+                      "per reason -> analysed; reviewers' rejections of the current label maps at qc_rejected), "
+                      "LMM index, MET categories, NRS >= 4, exposures per 2 SD. The cohort hash (content of the "
+                      "analysed frame) is its data version.")
 def analysis_cohort(context: dg.AssetExecutionContext, config: CohortConfig, warehouse: Warehouse) -> dg.MaterializeResult:
     from cbp_platform.analysis.cohort import build_analysis_cohort
     from cbp_platform.analysis.report import markdown_table
+    from cbp_platform.qc import reviews as rv
 
     cov = warehouse.query("SELECT * FROM participant_covariates")
     scans = warehouse.query("SELECT * FROM raw_mri_scans")
@@ -77,8 +80,13 @@ def analysis_cohort(context: dg.AssetExecutionContext, config: CohortConfig, war
     quarantine = warehouse.query("SELECT * FROM quarantine")
     if cov.height == 0:
         raise dg.Failure(description="no participant_covariates rows: ingest at least one batch first")
+    reviews = ReviewStore(warehouse)
+    history = reviews.reviews()
+    decisions = rv.effective_reviews(history, reviews.current_maps())
+    n_reviews, reviews_sha = rv.digest(history)
     try:
-        cohort = build_analysis_cohort(cov, scans, metrics, quarantine, lmm_normaliser=config.lmm_normaliser)
+        cohort = build_analysis_cohort(cov, scans, metrics, quarantine, lmm_normaliser=config.lmm_normaliser,
+                                       rejected=decisions.filter(pl.col("decision") == "reject"))
     except ValueError as exc:
         raise dg.Failure(description=f"analysis_cohort: {exc}") from None
     batches = sorted(set(cov["batch_key"].to_list()) | set(metrics["batch_key"].to_list() if metrics.height else []))
@@ -87,7 +95,10 @@ def analysis_cohort(context: dg.AssetExecutionContext, config: CohortConfig, war
     warehouse.replace_rows("exclusion_flow", cohort.flow, {})
     meta = pl.DataFrame([{"cohort_hash": cohort.cohort_hash, "lmm_normaliser": cohort.lmm_normaliser,
                           "lmm_unit": cohort.lmm_unit, "standardisation": json.dumps(cohort.standardisation),
-                          "batches": json.dumps(batches), "n_analysed": cohort.n}])
+                          "batches": json.dumps(batches), "n_analysed": cohort.n,
+                          "reviews_count": n_reviews, "reviews_sha256": reviews_sha,
+                          "qc_rejected": int(decisions.filter(pl.col("decision") == "reject").height),
+                          "qc_outdated": int(decisions["outdated"].sum()) if decisions.height else 0}])
     warehouse.replace_rows("analysis_cohort_meta", meta, {})
     _record_lineage(context, warehouse, cohort.cohort_hash, [a.key.to_user_string() for a in PER_BATCH],
                     cohort.cohort_hash)
@@ -99,6 +110,7 @@ def analysis_cohort(context: dg.AssetExecutionContext, config: CohortConfig, war
         "dagster/row_count": cohort.n, "cohort_hash": cohort.cohort_hash, "batches": len(batches),
         "start": int(cohort.flow["remaining"][0]), "analysed": cohort.n,
         "exclusion_flow": dg.MetadataValue.md(flow_md), "lmm_normaliser": cohort.lmm_normaliser,
+        "reviews": n_reviews, "reviews_sha256": reviews_sha,
         "standardisation": dg.MetadataValue.json(cohort.standardisation)},
         data_version=dg.DataVersion(cohort.cohort_hash))
 
@@ -313,6 +325,9 @@ def published_results(context: dg.AssetExecutionContext, data_root: DataRootReso
         "model": {"weights_sha256": cur.get("weights_sha256"), "bundle_path": cur.get("path"),
                   "name": cur.get("name"), "backend": cur.get("backend"),
                   "validation_dice": cur.get("validation_dice"), "source": "models/current.json"},
+        "reviews": {"count": meta.get("reviews_count") or 0, "sha256": meta.get("reviews_sha256"),
+                    "rejected_in_force": meta.get("qc_rejected") or 0, "outdated": meta.get("qc_outdated") or 0,
+                    "table": "qc_reviews", "read_by": "analysis_cohort"},
         "model_comparisons": [{"model_name": c["other"]["name"], "backend": c["other"]["backend"],
                                "weights_sha256": c["other"]["weights_sha256"], "batches": c["batches"],
                                "primary_sha256": c["primary"]["weights_sha256"], "run_id": c["run_id"]}
@@ -326,6 +341,7 @@ def published_results(context: dg.AssetExecutionContext, data_root: DataRootReso
                       "deliveries": len(manifest["deliveries"]),
                       "input_files_digest": manifest["inputs"]["input_files"]["sha256_digest"],
                       "segmentation_weights_sha256": ", ".join(manifest["inputs"]["segmentation_weights_sha256"]),
+                      "reviews": f"{manifest['reviews']['count']} (sha256 {manifest['reviews']['sha256']})",
                       "git_commit": manifest["code"]["git_commit"], "run_id": context.run.run_id,
                       "manifest": MANIFEST_NAME}
     try:

@@ -13,7 +13,7 @@ import time
 import dagster as dg
 import polars as pl
 
-from assets.ingestion import raw_mri_scans
+from assets.ingestion import participant_covariates, raw_mri_scans
 from assets.partitions import batches_partitions
 from assets.writes import write_stage
 from cbp_platform.classes import BACK_TOTAL
@@ -23,7 +23,7 @@ from cbp_platform.progress import RateLogger
 from resources import DataRootResource, SegmentationRuntime, Warehouse
 
 MODEL_VERSION = "segmentation_model/1"
-SEGMENTATIONS_VERSION = "muscle_segmentations/1"
+SEGMENTATIONS_VERSION = "muscle_segmentations/2"   # 2: QC images, features and triage
 METRICS_VERSION = "muscle_metrics/1"
 
 
@@ -158,13 +158,17 @@ def segmentation_model_dice(runtime: SegmentationRuntime) -> dg.AssetCheckResult
                                metadata={**md, "rule": "phantom Dice", "threshold": 0.90})
 
 
-@dg.asset(partitions_def=batches_partitions, deps=[raw_mri_scans, segmentation_model], pool="gpu",
-          code_version=SEGMENTATIONS_VERSION, group_name="segmentation", kinds={"pytorch", "nifti"},
+@dg.asset(partitions_def=batches_partitions, deps=[raw_mri_scans, participant_covariates, segmentation_model],
+          pool="gpu", code_version=SEGMENTATIONS_VERSION, group_name="segmentation", kinds={"pytorch", "nifti"},
           op_tags=k8s_step_tags("gpu"),
           description="Label maps (NIfTI, the scan's grid and affine) of the batch's valid scans; suspected "
-                      "fat-water swaps are excluded (quarantine). Runs in the concurrency pool `gpu`.")
+                      "fat-water swaps are excluded (quarantine). Each map gets a QC image beside it and a row "
+                      "of segmentation_qc: QC features and the triage score (within batch and site; the "
+                      "covariates give the site). The metadata carry a montage of the batch's highest-risk maps "
+                      "and a link to the review app. Runs in the concurrency pool `gpu`.")
 def muscle_segmentations(context: dg.AssetExecutionContext, data_root: DataRootResource, warehouse: Warehouse,
                          runtime: SegmentationRuntime) -> dg.MaterializeResult:
+    from cbp_platform.qc.pipeline import ScanQC
     from cbp_platform.segmentation.backends import load_runner
     from cbp_platform.segmentation.manifest import ManifestError
     from cbp_platform.segmentation.pipeline import VOXEL_SCHEMA, configure_threads, segment_scans
@@ -190,8 +194,10 @@ def muscle_segmentations(context: dg.AssetExecutionContext, data_root: DataRootR
     progress = RateLogger(context.log.info, len(items), f"batch {key}: segmented", unit="scans",
                           suffix=f"on {seg.device}")
 
+    sites, denominators, lmm_unit = _batch_covariates(warehouse, key)
     t0 = time.perf_counter()
-    results, failures = segment_scans(items, seg, out_dir, num_workers=runtime.num_workers, progress=progress)
+    results, failures = segment_scans(items, seg, out_dir, num_workers=runtime.num_workers, progress=progress,
+                                      qc=ScanQC(out_dir, denominators, lmm_unit))
     seconds = time.perf_counter() - t0
     failures = [{**f, "message": redact(f["message"], f["pseudonym"], ddir)} for f in failures]
     quarantine = failures + [{"pseudonym": p, "reason": "fat_water_swap_suspected",
@@ -205,16 +211,59 @@ def muscle_segmentations(context: dg.AssetExecutionContext, data_root: DataRootR
     prov = [dict(pseudonym=r["pseudonym"], output=r["label_sha256"],
                  inputs={"water": src[r["pseudonym"]]["water_sha256"], "fat": src[r["pseudonym"]]["fat_sha256"],
                          "model": manifest.sha256}) for r in results]
+    qc, qc_md = _batch_qc(results, batch, manifest, sites, out_dir)
     checksum = write_stage(warehouse, context, "muscle_segmentations", df, batch, quarantine, prov,
-                           SEGMENTATIONS_VERSION)
-    context.log.info(f"batch {key}: {len(results)} segmented, {len(quarantine)} excluded, {seconds:.1f} s")
-    return dg.MaterializeResult(metadata={
+                           SEGMENTATIONS_VERSION, extra=(("segmentation_qc", qc, {"batch_key": key}),))
+    context.log.info(f"batch {key}: {len(results)} segmented, {len(quarantine)} excluded, {seconds:.1f} s; "
+                     f"{qc.filter(pl.col('triage_flags') != '').height if qc.height else 0} maps flagged for "
+                     "review")
+    return dg.MaterializeResult(metadata={**qc_md,
         "dagster/row_count": len(results), "excluded_swap_suspected": swapped.height if scans.height else 0,
         "failed": len(failures), "model_sha256": manifest.sha256, "model_name": manifest.name,
         "backend": manifest.backend, "model_folder": manifest.folder, "device": str(seg.device),
         "seconds": round(seconds, 2), "scans_per_second": round(len(results) / max(seconds, 1e-9), 2),
         "table_checksum": checksum, "output_dir": str(out_dir)},
         data_version=dg.DataVersion(checksum))
+
+
+def _batch_covariates(warehouse: Warehouse, key: str) -> tuple[dict[str, str], dict[str, float], str]:
+    """The batch's sites and LMM denominators (the analysis' normaliser, from the covariates) by pseudonym."""
+    from cbp_platform.analysis.cohort import NORMALISERS
+
+    norm = NORMALISERS["weight_per_height"]
+    cov = warehouse.query("SELECT pseudonym, CAST(site AS VARCHAR) AS site, weight_kg, height_cm "
+                          "FROM participant_covariates WHERE batch_key = ?", [key])
+    if cov.height == 0:
+        return {}, {}, norm.unit
+    cov = cov.with_columns(norm.denominator().alias("den"))
+    return (dict(zip(cov["pseudonym"], cov["site"])),
+            {p: d for p, d in zip(cov["pseudonym"], cov["den"]) if d is not None and d > 0}, norm.unit)
+
+
+def _batch_qc(results: list[dict], batch, manifest, sites: dict[str, str], out_dir) -> tuple[pl.DataFrame, dict]:
+    """The batch's segmentation_qc rows (triage) and the materialisation's QC metadata: the montage of the
+    highest-risk maps (embedded, no pseudonym on it), its file, and the review app's link to the batch."""
+    import base64
+
+    from cbp_platform.imaging.nifti import atomic_write_bytes
+    from cbp_platform.qc import app_url
+    from cbp_platform.qc.pipeline import batch_montage, batch_qc
+
+    qc = batch_qc(results, batch_key=batch.key, delivery_id=batch.delivery_id, model_sha256=manifest.sha256,
+                  model_name=manifest.name, sites=sites)
+    png = batch_montage(qc)
+    path = out_dir / f"qc_montage_{batch.key}.png"
+    atomic_write_bytes(path, png)
+    top = qc.sort("triage_rank").head(10) if qc.height else qc
+    lines = ["| rank | score | flags |", "|---|---|---|"] + [
+        f"| {r['triage_rank']} | {r['triage_score']:.1f} | {r['triage_flags'] or '-'} |" for r in top.iter_rows(named=True)]
+    return qc, {
+        "qc_montage": dg.MetadataValue.md(f"Highest-risk segmentations of batch {batch.key} (triage order)\n\n"
+                                          f"![montage](data:image/png;base64,{base64.b64encode(png).decode()})"),
+        "qc_montage_path": dg.MetadataValue.path(str(path)),
+        "qc_review_app": dg.MetadataValue.url(f"{app_url()}/?batch={batch.key}"),
+        "qc_top_risk": dg.MetadataValue.md("\n".join(lines)),
+        "qc_flagged": qc.filter(pl.col("triage_flags") != "").height if qc.height else 0}
 
 
 @dg.asset(partitions_def=batches_partitions, deps=[muscle_segmentations], code_version=METRICS_VERSION,

@@ -43,14 +43,14 @@ def run_is_live(context: dg.AssetExecutionContext):
 
 def write_stage(warehouse: Warehouse, context: dg.AssetExecutionContext, stage: str, rows: pl.DataFrame, batch,
                 quarantine: list[dict], provenance: list[dict], code_version: str, *, table: str | None = None,
-                where: dict | None = None) -> str:
-    """A batch stage's rows, quarantine rows and provenance rows in one transaction, committed only while the
-    run is live; returns the rows' checksum."""
+                where: dict | None = None, extra: tuple[tuple[str, pl.DataFrame, dict], ...] = ()) -> str:
+    """A batch stage's rows, quarantine rows and provenance rows (and ``extra`` tables' rows, each replacing
+    its ``where``) in one transaction, committed only while the run is live; returns the rows' checksum."""
     run_id = context.run.run_id
     key = {"batch_key": batch.key, "stage": stage}
     q = quarantine_frame(quarantine, delivery_id=batch.delivery_id, batch_key=batch.key, stage=stage, run_id=run_id)
     pv = provenance_frame(provenance, delivery_id=batch.delivery_id, batch_key=batch.key, stage=stage,
                           code_version=code_version, run_id=run_id)
     return warehouse.replace_many([(table or stage, rows, where or {"batch_key": batch.key}),
-                                   ("quarantine", q, key), ("provenance", pv, key)],
+                                   ("quarantine", q, key), ("provenance", pv, key), *extra],
                                   guard=run_is_live(context))[0]

@@ -28,6 +28,7 @@ from checks.ingestion import (cohort_one_row_per_participant, covariates_expecta
 from checks.segmentation import segmentation_plausibility
 from cbp_platform import deployment
 from resources import DataRootResource, SegmentationRuntime, Warehouse
+from resources.reviews import reviews_spec
 
 
 def set_pool_limit(home, pool: str, limit: int) -> str:
@@ -87,7 +88,7 @@ def build_definitions(profile: str | None = None) -> dg.Definitions:
         assets=[landing_zone, raw_mri_scans, participant_covariates, ingestion_summary, segmentation_model,
                 muscle_segmentations, muscle_metrics, analysis_cohort, cbp_association_model, pain_intensity_model,
                 table_one, stratified_comparisons, physical_activity_prevalence, published_results,
-                comparison_metrics, model_comparison],
+                comparison_metrics, model_comparison, reviews_spec()],
         asset_checks=[covariates_expectations, scan_facts_expectations, fat_water_swap_qc,
                       cohort_one_row_per_participant, segmentation_model_dice, segmentation_plausibility,
                       analysis_cohort_expectations, cbp_model_checks, pain_model_checks],
@@ -98,6 +99,20 @@ def build_definitions(profile: str | None = None) -> dg.Definitions:
         resources={"data_root": DataRootResource(), "warehouse": Warehouse(), "runtime": SegmentationRuntime()},
         executor=executor_for(profile),
     )
+
+
+def review_store(data_root: str | None = None):
+    """``cbp qc``'s review store: the warehouse under the data root, and ``$DAGSTER_HOME``'s instance (when set) so
+    that every decision is reported as a materialisation of ``qc_reviews``. The caller disposes of
+    ``store.instance`` when it is not None (:func:`cbp_platform.cli._qc_store`)."""
+    import os
+
+    from cbp_platform.paths import DataLayout
+    from resources.reviews import ReviewStore
+
+    layout = DataLayout.from_env(data_root)
+    instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else None
+    return ReviewStore(Warehouse(database=str(layout.root / "warehouse" / "cbp.duckdb")), instance=instance)
 
 
 defs = build_definitions()

@@ -118,6 +118,24 @@ class Warehouse(DuckDBResource):
                     conn.unregister(name)
         return checksums
 
+    def append_rows(self, table: str, df: pl.DataFrame) -> str:
+        """Insert ``df`` into ``table`` (created on first use) in one transaction, deleting nothing: the write of
+        an append-only table (``qc_reviews``). Returns df's checksum."""
+        with self.connection() as conn:
+            conn.register("incoming", df.to_arrow())
+            try:
+                conn.execute(f'CREATE TABLE IF NOT EXISTS "{table}" AS SELECT * FROM incoming LIMIT 0')
+                conn.execute("BEGIN TRANSACTION")
+                try:
+                    conn.execute(f'INSERT INTO "{table}" BY NAME SELECT * FROM incoming')
+                    conn.execute("COMMIT")
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+            finally:
+                conn.unregister("incoming")
+        return table_checksum(df)
+
     def query(self, sql: str, params: list | None = None) -> pl.DataFrame:
         with self.connection() as conn:
             try:

@@ -19,6 +19,8 @@ The rules, in the order they are applied (a participant is counted once, at the 
 ``physical_activity_missing``           MET-min/week not answered
 ``comorbidity_missing``                 any of diabetes, dyslipidemia, osteoporosis, osteoarthritis missing
 ``fat_water_swap_suspected``            image QC: fat-water swap suspected (not segmented)
+``qc_rejected``                         a reviewer rejected the participant's current segmentation (the decision
+                                        in force, :mod:`cbp_platform.qc.reviews`; outdated reviews never count)
 ``no_muscle_metrics``                   no usable back-muscle metrics (segmentation or metrics failed, or a
                                         non-finite / non-positive lean volume)
 ======================================  ===================================================================
@@ -61,6 +63,7 @@ EXCLUSION_RULES: tuple[tuple[str, str], ...] = (
     ("physical_activity_missing", "Physical activity (MET-min/week) not answered"),
     ("comorbidity_missing", "A comorbidity question not answered"),
     ("fat_water_swap_suspected", "Image QC: fat-water swap suspected"),
+    ("qc_rejected", "Segmentation rejected at visual review"),
     ("no_muscle_metrics", "Back-muscle segmentation or metrics unavailable"),
 )
 EXCLUSION_CODES = tuple(code for code, _ in EXCLUSION_RULES)
@@ -189,8 +192,10 @@ def _quarantine(df: pl.DataFrame | None) -> pl.DataFrame:
 
 
 def classify_participants(covariates: pl.DataFrame, scans: pl.DataFrame, metrics: pl.DataFrame,
-                          quarantine: pl.DataFrame | None = None) -> pl.DataFrame:
+                          quarantine: pl.DataFrame | None = None,
+                          rejected: pl.DataFrame | None = None) -> pl.DataFrame:
     """Every participant with an MRI delivery and the first exclusion rule they fail (``reason`` null = analysed).
+    ``rejected``: the participants (column ``pseudonym``) whose segmentation a reviewer rejected.
 
     Returns pseudonym, reason and, for the analysed, their single covariate and metrics record joined.
     Internal (contains pseudonyms).
@@ -208,11 +213,14 @@ def classify_participants(covariates: pl.DataFrame, scans: pl.DataFrame, metrics
     q_swap = (q.filter((pl.col("stage") == "muscle_segmentations") & (pl.col("reason") == "fat_water_swap_suspected"))
               .select("pseudonym").unique().with_columns(pl.lit(True).alias("q_swap")))
 
+    rej = (_pseudonyms(rejected).unique().to_frame("pseudonym").with_columns(pl.lit(True).alias("rejected"))
+           if rejected is not None else pl.DataFrame(schema={"pseudonym": pl.String, "rejected": pl.Boolean}))
     p = (everyone.join(scan_agg, on="pseudonym", how="left")
          .join(cov_n, on="pseudonym", how="left")
          .join(met_n, on="pseudonym", how="left")
          .join(q_swap, on="pseudonym", how="left")
-         .with_columns(pl.col("n_scan", "n_cov", "n_met").fill_null(0),
+         .join(rej, on="pseudonym", how="left")
+         .with_columns(pl.col("n_scan", "n_cov", "n_met").fill_null(0), pl.col("rejected").fill_null(False),
                        (pl.col("swap").fill_null(False) | pl.col("q_swap").fill_null(False)).alias("swap")))
     # Single records only: an ambiguous participant is excluded before any value is read.
     single_cov = cov.join(cov_n.filter(pl.col("n_cov") == 1), on="pseudonym", how="semi")
@@ -232,6 +240,7 @@ def classify_participants(covariates: pl.DataFrame, scans: pl.DataFrame, metrics
         "physical_activity_missing": pl.col("met_min_week").is_null(),
         "comorbidity_missing": pl.any_horizontal([pl.col(c).is_null() for c in COMORBIDITIES]),
         "fat_water_swap_suspected": pl.col("swap"),
+        "qc_rejected": pl.col("rejected"),
         "no_muscle_metrics": (pl.col("n_met") == 0) | ~finite_metrics.fill_null(False),
     }
     assert tuple(conditions) == EXCLUSION_CODES
@@ -356,19 +365,22 @@ def cohort_hash(frame: pl.DataFrame, *, normaliser: str = "") -> str:
 
 def build_analysis_cohort(covariates: pl.DataFrame, scans: pl.DataFrame, metrics: pl.DataFrame,
                           quarantine: pl.DataFrame | None = None, *,
-                          lmm_normaliser: str = "weight_per_height") -> AnalysisCohort:
+                          lmm_normaliser: str = "weight_per_height",
+                          rejected: pl.DataFrame | None = None) -> AnalysisCohort:
     """Join the batches' tables, apply :data:`EXCLUSION_RULES` in order, derive the analysis variables.
 
     ``covariates``: participant_covariates rows (valid rows only, as the warehouse holds them);
     ``scans``: raw_mri_scans rows (validly ingested scans, with ``swap_suspected``);
     ``metrics``: muscle_metrics rows (long; the ``back_total`` row is used);
     ``quarantine``: quarantine rows of the same batches (they add participants whose records all failed).
-    ``lmm_normaliser``: a key of :data:`NORMALISERS`.
+    ``lmm_normaliser``: a key of :data:`NORMALISERS`;
+    ``rejected``: participants whose current segmentation a reviewer rejected (:func:`cbp_platform.qc.reviews.
+    rejected`).
     """
     if lmm_normaliser not in NORMALISERS:
         raise ValueError(f"unknown lmm_normaliser {lmm_normaliser!r}; choose one of {sorted(NORMALISERS)}")
     norm = NORMALISERS[lmm_normaliser]
-    classified = classify_participants(covariates, scans, metrics, quarantine)
+    classified = classify_participants(covariates, scans, metrics, quarantine, rejected)
     flow = flow_table(classified)
     analysed = classified.filter(pl.col("reason").is_null())
     frame, std = derive(analysed, norm)
@@ -412,13 +424,16 @@ def _metrics_detail(r: dict) -> str:
 
 
 def participant_trace(pseudonym: str, covariates: pl.DataFrame, scans: pl.DataFrame, metrics: pl.DataFrame,
-                      quarantine: pl.DataFrame | None = None) -> ParticipantTrace:
+                      quarantine: pl.DataFrame | None = None,
+                      review: dict | None = None) -> ParticipantTrace:
     """The stages one participant went through and the exclusion rule that removed them, if any.
 
     One entry per record and stage (a valid row: ``ok``; a quarantine row: ``quarantined`` with its reason;
     nothing: ``absent``), then ``analysis_cohort`` (``included`` / ``excluded`` with the rule). The decision
     comes from :func:`classify_participants` on the participant's own rows, i.e. the very rules of
-    :func:`build_analysis_cohort`. For an operator command inside the secure environment: it names the pseudonym.
+    :func:`build_analysis_cohort`. ``review``: the participant's row of :func:`cbp_platform.qc.reviews.
+    effective_reviews` (a ``qc_review`` line: the decision in force, or the outdated one). For an operator command
+    inside the secure environment: it names the pseudonym.
     """
     def mine(df: pl.DataFrame | None) -> pl.DataFrame | None:
         if df is None:
@@ -443,7 +458,21 @@ def participant_trace(pseudonym: str, covariates: pl.DataFrame, scans: pl.DataFr
                 message = f": {r['message']}" if r.get("message") else ""
                 entries.append(_stage(stage, "quarantined", f"{r.get('reason')}{message}", r))
         stages.extend(entries or [_stage(stage, "absent")])
-    classified = classify_participants(cov, sc, met, q)
+    rejected = None
+    if review:
+        if review.get("decision"):
+            note = f" ({review['note']})" if review.get("note") else ""
+            why = f" {review['reason']}{note}" if review["decision"] == "reject" else ""
+            stages.append(_stage("qc_review", f"{review['decision']}ed" if review["decision"] == "reject"
+                                 else "accepted", f"by {review['reviewer']} at {review['reviewed_at']}:{why} "
+                                 f"(label map {str(review['label_sha256'])[:12]}, {review['n_reviews']} "
+                                 f"review(s) in the history)", review))
+            if review["decision"] == "reject":
+                rejected = pl.DataFrame({"pseudonym": [pseudonym]})
+        if review.get("outdated"):
+            stages.append(_stage("qc_review", "outdated", f"{review['n_outdated']} review(s) of an earlier label "
+                                 "map: not applied to the current one (review it again)", review))
+    classified = classify_participants(cov, sc, met, q, rejected)
     if classified.height == 0:
         reason, included = "not_delivered", False
         stages.append(_stage("analysis_cohort", "absent", "no record in these batches"))

@@ -95,11 +95,22 @@ class Segmenter:
     def predict(self, prepared: dict) -> np.ndarray:
         """Label map on the scan's grid: argmax of the probabilities with the background's weighted by
         exp(offset), the model's calibrated border (:mod:`cbp_platform.segmentation.calibrate`)."""
+        return self.predict_qc(prepared)[0]
+
+    def predict_qc(self, prepared: dict) -> tuple[np.ndarray, float]:
+        """:meth:`predict`'s label map and the model's uncertainty over it: the mean normalised entropy of the
+        (mirror-averaged) probabilities over the voxels labelled muscle (:func:`cbp_platform.qc.features.
+        entropy_in_muscle`)."""
+        from cbp_platform.qc.features import entropy_in_muscle
+
         probs = self.probabilities(prepared)
         if self.offset:
-            probs[0] *= math.exp(self.offset)
+            probs[0] *= math.exp(self.offset)         # in place (no copy of a NAKO-size probability volume)
         labels = self.lut[probs.argmax(axis=0)]
-        return from_model_orientation(labels, np.asarray(prepared["back"]))
+        if self.offset:
+            probs[0] *= math.exp(-self.offset)        # the model's own probabilities again, for the entropy
+        uncertainty = entropy_in_muscle(probs, labels > 0)
+        return from_model_orientation(labels, np.asarray(prepared["back"])), uncertainty
 
     def segment(self, water: np.ndarray, fat: np.ndarray, affine: np.ndarray) -> np.ndarray:
         return self.predict(self.prepare(water, fat, affine))

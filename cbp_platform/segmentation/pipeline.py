@@ -25,9 +25,10 @@ VOXEL_SCHEMA = {voxel_column(c): "Int64" for c in IDS}
 class _Scans(Dataset):
     """Loads and preprocesses scans in DataLoader workers while the model runs in the main process."""
 
-    def __init__(self, items: list[dict], segmenter):
+    def __init__(self, items: list[dict], segmenter, keep_images: bool = False):
         self.items = items
         self.seg = segmenter
+        self.keep_images = keep_images
 
     def __len__(self):
         return len(self.items)
@@ -37,21 +38,27 @@ class _Scans(Dataset):
         try:
             w = nib.load(it["water"])
             f = nib.load(it["fat"])
-            prepared = self.seg.prepare(np.asarray(w.dataobj), np.asarray(f.dataobj), w.affine)
+            water, fat = np.asarray(w.dataobj), np.asarray(f.dataobj)
+            prepared = self.seg.prepare(water, fat, w.affine)
             prepared.update(index=i, affine=w.affine, shape=w.shape, error="")
+            if self.keep_images:           # for the QC hook (features and image), without reading them again
+                prepared.update(water=water, fat=fat)
         except Exception as exc:   # one unreadable scan is reported, not fatal to the batch
             prepared = {"index": i, "error": f"{it['water']}: {type(exc).__name__}: {exc}"}
         return prepared
 
 
 def segment_scans(items: list[dict], segmenter, out_dir: Path, *, num_workers: int = 1,
-                  progress=None) -> tuple[list[dict], list[dict]]:
+                  progress=None, qc=None) -> tuple[list[dict], list[dict]]:
     """Segment each item (``pseudonym``, ``water``, ``fat`` paths) with ``segmenter``, a runner of any backend
     (:func:`cbp_platform.segmentation.backends.load_runner`); write ``<pseudonym>_seg.nii.gz`` atomically.
 
+    ``qc``: called as ``qc(pseudonym, labels, water, fat, affine, uncertainty)`` on each label map while it is in
+    memory (:class:`cbp_platform.qc.pipeline.ScanQC`); what it returns is the result's ``qc``.
     Returns (results with label path, sha256 and voxel counts; failures with messages).
     """
-    loader = DataLoader(_Scans(items, segmenter), batch_size=None, num_workers=num_workers,
+    loader = DataLoader(_Scans(items, segmenter, keep_images=qc is not None), batch_size=None,
+                        num_workers=num_workers,
                         prefetch_factor=2 if num_workers else None, persistent_workers=False)
     results, failures = [], []
     t0 = time.perf_counter()
@@ -62,7 +69,10 @@ def segment_scans(items: list[dict], segmenter, out_dir: Path, *, num_workers: i
             if progress is not None:
                 progress(k, len(items), time.perf_counter() - t0)
             continue
-        labels = segmenter.predict(prep)
+        if qc is None:
+            labels, uncertainty = segmenter.predict(prep), None
+        else:
+            labels, uncertainty = segmenter.predict_qc(prep)
         affine = np.asarray(prep["affine"])
         payload = nifti_bytes(labels.astype(np.uint8), affine)
         path = out_dir / f"{it['pseudonym']}_seg.nii.gz"
@@ -70,6 +80,9 @@ def segment_scans(items: list[dict], segmenter, out_dir: Path, *, num_workers: i
         counts = np.bincount(labels.ravel(), minlength=NUM_CLASSES)
         results.append({"pseudonym": it["pseudonym"], "label_path": str(path), "label_sha256": sha256_bytes(payload),
                         **{voxel_column(c): int(counts[c]) for c in IDS}})
+        if qc is not None:
+            results[-1]["qc"] = qc(it["pseudonym"], labels, np.asarray(prep["water"]), np.asarray(prep["fat"]),
+                                   affine, uncertainty)
         if progress is not None:
             progress(k, len(items), time.perf_counter() - t0)
     return results, failures

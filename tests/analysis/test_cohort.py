@@ -19,7 +19,8 @@ SIM_CAUSE = {"missing_cbp_answer": "cbp_not_answered", "missing_physical_activit
 
 
 def _build(t: dict, **kw):
-    return build_analysis_cohort(t["covariates"], t["scans"], t["metrics"], t["quarantine"], **kw)
+    return build_analysis_cohort(t["covariates"], t["scans"], t["metrics"], t["quarantine"],
+                                 rejected=t.get("rejected"), **kw)
 
 
 def test_flow_reconciles(cohort):
@@ -28,7 +29,7 @@ def test_flow_reconciles(cohort):
     assert flow["criterion"].to_list() == [
         "start", "scan_not_ingested", "covariates_invalid", "duplicate_records", "age_outside_19_74",
         "cbp_not_answered", "physical_activity_missing", "comorbidity_missing", "fat_water_swap_suspected",
-        "no_muscle_metrics", "analysed"]
+        "qc_rejected", "no_muscle_metrics", "analysed"]
     start = flow.filter(pl.col("criterion") == "start")["remaining"].item()
     analysed = flow.filter(pl.col("criterion") == "analysed")["remaining"].item()
     excluded = flow["excluded"].drop_nulls().sum()
@@ -91,6 +92,10 @@ def _fail(t: dict, code: str, p: str) -> dict:
         t["scans"] = t["scans"].with_columns((pl.col("swap_suspected") | me).alias("swap_suspected"))
         t["metrics"] = t["metrics"].filter(~me)
         q.append(dict(pseudonym=p, stage="muscle_segmentations", reason="fat_water_swap_suspected"))
+    elif code == "qc_rejected":               # a reviewer rejected the current label map (metrics present)
+        prev = t.get("rejected")
+        t["rejected"] = pl.concat([prev, pl.DataFrame({"pseudonym": [p]})]) if prev is not None else \
+            pl.DataFrame({"pseudonym": [p]})
     elif code == "no_muscle_metrics":
         t["metrics"] = t["metrics"].filter(~me)
         q.append(dict(pseudonym=p, stage="muscle_segmentations", reason="unreadable_scan"))
@@ -156,8 +161,15 @@ def test_each_exclusion_reason_fires_first_rule_wins(crafted):
 def test_participant_trace_agrees_with_the_cohort(crafted):
     _, cohort, roles, _, t = crafted
     reasons = dict(cohort.exclusions.iter_rows())
+    rejected = set(t["rejected"]["pseudonym"].to_list())
+
+    def review(p: str) -> dict | None:        # a row of cbp_platform.qc.reviews.effective_reviews
+        return {"decision": "reject", "reason": "misregistered", "note": "", "reviewer": "dr-a",
+                "reviewed_at": "2026-12-03 10:00:00+00:00", "label_sha256": "ab" * 32, "n_reviews": 2,
+                "n_outdated": 0, "outdated": False} if p in rejected else None
+
     for role, p in roles.items():
-        tr = participant_trace(p, t["covariates"], t["scans"], t["metrics"], t["quarantine"])
+        tr = participant_trace(p, t["covariates"], t["scans"], t["metrics"], t["quarantine"], review(p))
         assert tr.exclusion_reason == reasons.get(p), role
         assert tr.included == (p not in reasons)
         assert tr.stages[-1]["stage"] == "analysis_cohort"
@@ -168,6 +180,15 @@ def test_participant_trace_agrees_with_the_cohort(crafted):
     assert by_stage["muscle_segmentations"]["status"] == "quarantined"
     assert by_stage["muscle_metrics"]["status"] == "absent"
     assert "fat_water_swap_suspected" in swap.to_text()
+    qc = participant_trace(roles["qc_rejected"], t["covariates"], t["scans"], t["metrics"], t["quarantine"],
+                           review(roles["qc_rejected"]))
+    assert "qc_review              rejected: by dr-a" in qc.to_text() and "misregistered" in qc.to_text()
+    assert qc.exclusion_reason == "qc_rejected"
+    # an outdated review is shown and not applied: the participant is analysed
+    stale = {**review(roles["qc_rejected"]), "decision": None, "outdated": True, "n_outdated": 1}
+    again = participant_trace(roles["qc_rejected"], t["covariates"], t["scans"], t["metrics"], t["quarantine"],
+                              stale)
+    assert again.included and "outdated" in again.to_text()
     ok = participant_trace(roles["dup_ok"], t["covariates"], t["scans"], t["metrics"], t["quarantine"])
     assert ok.included and ok.exclusion_reason is None
     assert [s["status"] for s in ok.stages if s["stage"] == "raw_mri_scans"] == ["ok", "quarantined"]

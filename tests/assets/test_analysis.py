@@ -205,3 +205,68 @@ def test_report_refuses_inputs_from_another_analysis_cohort(tmp_path):
     msg = failure.event_specific_data.error.message
     assert "not computed on the current analysis cohort" in msg and "cbp_association_model" in msg
     assert "table_one" in msg
+
+
+def test_a_rejection_reaches_the_flow_the_numbers_and_the_lineage(refreshed, capsys):
+    """A reviewer's rejection makes the cohort stale; the refresh excludes the participant at qc_rejected,
+    changes the published numbers and names the reviews in the lineage; once the label map is replaced, the old
+    rejection is outdated and the participant is analysed again. (Last in this module: it adds a review.)"""
+    from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
+    from dagster._core.loader import LoadingContextForTest
+
+    from cbp_platform.cli import main
+    from cbp_platform.definitions import build_definitions
+    from cbp_platform.qc.reviews import digest
+    from resources import Warehouse
+    from resources.reviews import ReviewStore
+
+    root, inst, _, _ = refreshed
+    wh = Warehouse(database=str(root / "warehouse" / "cbp.duckdb"))
+    before = _q(root, "SELECT * FROM analysis_cohort_meta").row(0, named=True)
+    flow0 = {r["criterion"]: r for r in _q(root, "SELECT * FROM exclusion_flow").iter_rows(named=True)}
+    assert flow0["qc_rejected"]["excluded"] == 0 and before["reviews_count"] == 0
+    p = _q(root, "SELECT pseudonym FROM analysis_cohort ORDER BY pseudonym LIMIT 1")["pseudonym"][0]
+
+    row = ReviewStore(wh, instance=inst).record(p, "reject", reviewer="dr-test", reason="misregistered",
+                                                note="labels one vertebra low")
+    graph = build_definitions().resolve_asset_graph()
+    status = CachingStaleStatusResolver(inst, graph, LoadingContextForTest(inst)).get_status(
+        dg.AssetKey("analysis_cohort"))
+    assert status == StaleStatus.STALE
+
+    _, res = _refresh(root)
+    assert res.success
+    flow = {r["criterion"]: r for r in _q(root, "SELECT * FROM exclusion_flow").iter_rows(named=True)}
+    assert flow["qc_rejected"]["excluded"] == 1
+    assert flow["analysed"]["remaining"] == flow0["analysed"]["remaining"] - 1
+    assert _q(root, "SELECT reason FROM analysis_exclusions WHERE pseudonym = ?", [p])["reason"][0] == "qc_rejected"
+    after = _q(root, "SELECT * FROM analysis_cohort_meta").row(0, named=True)
+    n, sha = digest(_q(root, "SELECT * FROM qc_reviews"))
+    assert (after["reviews_count"], after["reviews_sha256"], after["qc_rejected"]) == (1, sha, 1)
+    assert after["cohort_hash"] != before["cohort_hash"]
+    latest = json.loads((root / "published" / "latest.json").read_text())
+    assert latest["cohort_hash"] == after["cohort_hash"]
+    manifest = json.loads((Path(latest["path"]) / "lineage.json").read_text())
+    assert manifest["reviews"]["count"] == 1 and manifest["reviews"]["sha256"] == sha
+    assert manifest["reviews"]["rejected_in_force"] == 1
+    report = (Path(latest["path"]) / "report.md").read_text()
+    assert sha in report
+    for f in Path(latest["path"]).rglob("*"):
+        if f.is_file() and f.suffix in (".md", ".html", ".csv", ".json"):
+            assert p not in f.read_text(), f
+    assert main(["lineage", "--data-root", str(root), "--participant", p]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"qc_review\s+rejected \[.+\]: by dr-test at .+ misregistered \(labels one vertebra low\)", out)
+    assert "excluded: qc_rejected" in out and row["label_sha256"][:12] in out
+
+    # a re-run replaces the label map: the rejection is outdated, never applied to the new map
+    wh.replace_rows("muscle_segmentations", _q(root, "SELECT * FROM muscle_segmentations").with_columns(
+        pl.when(pl.col("pseudonym") == p).then(pl.lit("e" * 64)).otherwise(pl.col("label_sha256"))
+        .alias("label_sha256")), {})
+    _, res = _refresh(root)
+    assert res.success
+    again = _q(root, "SELECT * FROM analysis_cohort_meta").row(0, named=True)
+    assert again["qc_rejected"] == 0 and again["qc_outdated"] == 1
+    assert again["cohort_hash"] == before["cohort_hash"]
+    assert main(["lineage", "--data-root", str(root), "--participant", p]) == 0
+    assert "outdated" in capsys.readouterr().out

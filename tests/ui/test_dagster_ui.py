@@ -28,7 +28,7 @@ CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-q
                  "--disable-dev-shm-usage"]
 ASSETS = {"raw_mri_scans", "participant_covariates", "ingestion_summary", "segmentation_model",
           "muscle_segmentations", "muscle_metrics", "analysis_cohort", "cbp_association_model", "pain_intensity_model",
-          "table_one", "stratified_comparisons", "physical_activity_prevalence", "published_results"}
+          "table_one", "stratified_comparisons", "physical_activity_prevalence", "published_results", "qc_reviews"}
 BATCH_CHECKS = {"scan_facts_expectations", "fat_water_swap_qc"}
 
 

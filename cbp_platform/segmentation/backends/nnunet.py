@@ -268,15 +268,24 @@ class NnunetRunner:
         si, sj, sk = spacing_in_model_orientation(affine, self.manifest.orientation)
         return {"image": np.ascontiguousarray(img.transpose(0, 3, 2, 1)), "back": back, "spacing": [sk, sj, si]}
 
-    @torch.inference_mode()
     def predict(self, prepared: dict) -> np.ndarray:
         """The platform's label map on the scan's grid."""
+        return self.predict_qc(prepared)[0]
+
+    @torch.inference_mode()
+    def predict_qc(self, prepared: dict) -> tuple[np.ndarray, float]:
+        """:meth:`predict`'s label map and nnU-Net's uncertainty over it: the mean normalised entropy of its
+        probabilities (averaged over its mirrored passes and folds) over the voxels mapped to a platform muscle."""
+        from cbp_platform.qc.features import entropy_in_muscle
+
         with contextlib.redirect_stdout(io.StringIO()):
-            seg = self.predictor.predict_single_npy_array(np.asarray(prepared["image"], np.float32),
-                                                          {"spacing": list(prepared["spacing"])}, None, None, False)
+            seg, probs = self.predictor.predict_single_npy_array(
+                np.asarray(prepared["image"], np.float32), {"spacing": list(prepared["spacing"])}, None, None, True)
         seg = np.asarray(seg)
         labels = np.where(seg < self.lut.size, self.lut[np.clip(seg, 0, self.lut.size - 1)], BACKGROUND)
-        return from_model_orientation(labels.astype(np.uint8).transpose(2, 1, 0), np.asarray(prepared["back"]))
+        uncertainty = entropy_in_muscle(np.asarray(probs), labels > 0)
+        return (from_model_orientation(labels.astype(np.uint8).transpose(2, 1, 0), np.asarray(prepared["back"])),
+                uncertainty)
 
     def segment(self, water: np.ndarray, fat: np.ndarray, affine: np.ndarray) -> np.ndarray:
         return self.predict(self.prepare(water, fat, affine))

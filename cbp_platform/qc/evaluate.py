@@ -1,0 +1,147 @@
+"""How well the triage score finds wrong segmentations: failures injected into simulated scans, then recall against
+the share of the cohort reviewed.
+
+Each failure is made from another participant's scan, of one of :data:`FAILURE_KINDS`:
+
+- ``degraded_labels``: the model's map with one muscle erased over a contiguous 40 % of its length (a model
+  failure on part of the anatomy);
+- ``shifted_labels``: the model's map displaced by 5-8 voxels in-plane against its image (a geometry error:
+  a wrong affine, a resampling bug);
+- ``truncated_fov``: the scan cut in-plane through the back muscles before segmentation (a field of view too
+  small);
+- ``low_signal``: the scan's signal reduced to 12 % with noise added before segmentation (a coil failure).
+
+The clean and the failed participants are triaged together as one batch, the way ``muscle_segmentations`` does.
+Recall at a review fraction ``f`` is the share of failures whose score is above the clean participants' ``1 - f``
+quantile: what a reviewer finds reading the top ``f`` of a cohort in which failures are rare (at 1 % prevalence
+the top 2 % of the cohort holds the clean participants above that quantile plus the failures found).
+"""
+
+from __future__ import annotations
+
+import math
+
+import nibabel as nib
+import numpy as np
+import polars as pl
+
+from cbp_platform.classes import IDS
+from cbp_platform.qc.features import scan_features, triage
+from cbp_platform.qc.pipeline import si_axis
+
+FAILURE_KINDS = ("degraded_labels", "shifted_labels", "truncated_fov", "low_signal")
+REVIEW_FRACTIONS = (0.01, 0.02, 0.05, 0.10)
+
+
+def _ap_axis(affine: np.ndarray) -> int:
+    return [c in "AP" for c in nib.orientations.aff2axcodes(affine)].index(True)
+
+
+def _posterior_end(affine: np.ndarray, axis: int) -> str:
+    """'high' if voxel index increases towards posterior along ``axis``, else 'low'."""
+    return "high" if nib.orientations.aff2axcodes(affine)[axis] == "P" else "low"
+
+
+def truncate_fov(water: np.ndarray, fat: np.ndarray, truth: np.ndarray, affine: np.ndarray):
+    """The scan cut along the anterior-posterior axis through the middle of the back muscles (class 1, the
+    first of the registry, is posterior to the spine); returns water, fat, affine."""
+    ax = _ap_axis(affine)
+    idx = np.nonzero(np.moveaxis(truth == IDS[0], ax, 0).any(axis=(1, 2)))[0]
+    mid = int(idx.mean()) if idx.size else water.shape[ax] // 2
+    sl = [slice(None)] * 3
+    aff = affine.copy()
+    if _posterior_end(affine, ax) == "high":
+        sl[ax] = slice(0, mid)
+    else:
+        sl[ax] = slice(mid, None)
+        shift = np.zeros(3)
+        shift[ax] = mid
+        aff[:3, 3] = affine[:3, :3] @ shift + affine[:3, 3]
+    return water[tuple(sl)].copy(), fat[tuple(sl)].copy(), aff
+
+
+def low_signal(water: np.ndarray, fat: np.ndarray, rng: np.random.Generator, factor: float = 0.12):
+    ref = float(np.percentile(water + fat, 99))
+    noise = 0.06 * ref
+    return (water * factor + rng.normal(0, noise, water.shape).astype(np.float32),
+            fat * factor + rng.normal(0, noise, fat.shape).astype(np.float32))
+
+
+def degrade(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    out = labels.copy()
+    c = int(rng.choice(IDS))
+    ks = np.nonzero((labels == c).any(axis=(0, 1)))[0]
+    if ks.size:
+        n = max(1, int(0.4 * ks.size))
+        k0 = int(ks.min() + rng.integers(0, max(1, ks.size - n)))
+        block = out[:, :, k0:k0 + n]
+        block[block == c] = 0
+    return out
+
+
+def shift(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    axis = int(rng.integers(0, 2))
+    d = int(rng.integers(5, 9)) * (1 if rng.random() < 0.5 else -1)
+    out = np.roll(labels, d, axis=axis)
+    sl = [slice(None)] * 3
+    sl[axis] = slice(0, d) if d > 0 else slice(d, None)
+    out[tuple(sl)] = 0
+    return out
+
+
+def evaluate_triage(runner, scans: list[dict], failures_per_kind: int, seed: int = 0, progress=None) -> dict:
+    """Segment ``scans`` (dicts with water, fat, labels (truth), affine) with ``runner``; the last
+    ``failures_per_kind * 4`` of them become failures (one kind after another), the rest stay clean. Returns the
+    per-participant frame (features, score, ``failed``, ``kind``) and recall per review fraction and per kind."""
+    rng = np.random.default_rng(seed)
+    n_fail = failures_per_kind * len(FAILURE_KINDS)
+    if n_fail >= len(scans):
+        raise ValueError(f"{len(scans)} scans cannot hold {n_fail} failures and clean participants")
+    rows = []
+    for i, s in enumerate(scans):
+        j = i - (len(scans) - n_fail)
+        kind = FAILURE_KINDS[j // failures_per_kind] if j >= 0 else ""
+        w, f, aff = s["water"], s["fat"], s["affine"]
+        if kind == "truncated_fov":
+            w, f, aff = truncate_fov(w, f, s["labels"], aff)
+        elif kind == "low_signal":
+            w, f = low_signal(w, f, rng)
+        labels, unc = runner.predict_qc(runner.prepare(w, f, aff))
+        if kind == "degraded_labels":
+            labels = degrade(labels, rng)
+        elif kind == "shifted_labels":
+            labels = shift(labels, rng)
+        voxel_ml = float(np.prod(nib.affines.voxel_sizes(aff))) / 1000.0
+        rows.append({"pseudonym": f"P{i:05d}", "batch_key": "eval", "site": None, "kind": kind,
+                     "failed": bool(kind), **scan_features(labels, w, f, voxel_ml, unc, si_axis=si_axis(aff))})
+        if progress is not None:
+            progress(i + 1, len(scans))
+    df = triage(pl.DataFrame(rows))
+    return {"frame": df, "recall": recall_table(df), "by_kind": recall_by_kind(df)}
+
+
+def _threshold(df: pl.DataFrame, fraction: float) -> float:
+    clean = df.filter(~pl.col("failed"))["triage_score"].sort(descending=True)
+    k = max(1, int(math.ceil(fraction * (clean.len() + 1)))) - 1
+    return float(clean[min(k, clean.len() - 1)]) if clean.len() else -math.inf
+
+
+def recall_table(df: pl.DataFrame, fractions=REVIEW_FRACTIONS) -> list[dict]:
+    n_fail = int(df["failed"].sum())
+    out = []
+    for fr in fractions:
+        thr = _threshold(df, fr)
+        found = int(df.filter(pl.col("failed") & (pl.col("triage_score") > thr)).height)
+        out.append({"review_fraction": fr, "score_threshold": thr, "failures": n_fail, "found": found,
+                    "recall": found / n_fail if n_fail else float("nan")})
+    return out
+
+
+def recall_by_kind(df: pl.DataFrame, fraction: float = 0.02) -> dict[str, float]:
+    thr = _threshold(df, fraction)
+    out = {}
+    for kind in FAILURE_KINDS:
+        sub = df.filter(pl.col("kind") == kind)
+        if sub.height:
+            out[kind] = float((sub["triage_score"] > thr).mean())
+    return out
