@@ -199,7 +199,22 @@ def main(argv=None) -> int:
     if latest.exists():
         out = Path(json.loads(latest.read_text())["path"])
         print(f"Published report: {out / 'report.html'} (Markdown: {out / 'report.md'}; lineage: {out / 'lineage.json'})")
+    _qc_summary()
     return 1 if summary["failed"] else 0
+
+
+def _qc_summary() -> None:
+    """Counts of the segmentation QC (images, maps flagged for review, reviews): no pseudonym on the console."""
+    from cbp_platform.qc import app_url
+    from resources import Warehouse
+
+    wh = Warehouse()
+    if not wh.path.exists() or not wh.has_table("segmentation_qc"):
+        return
+    qc = wh.query("SELECT count(*) AS n, count(*) FILTER (WHERE triage_flags <> '') AS flagged, "
+                  "count(DISTINCT batch_key) AS batches FROM segmentation_qc").row(0, named=True)
+    print(f"Segmentation QC: {qc['n']} QC images and triage scores in {qc['batches']} batches, {qc['flagged']} maps "
+          f"flagged for review. Review them: .venv/bin/cbp qc serve --reviewer NAME ({app_url()})")
 
 
 if __name__ == "__main__":

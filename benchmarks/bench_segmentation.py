@@ -74,6 +74,9 @@ def run() -> dict:
                               "--json"], capture_output=True, text=True)
         accuracy = json.loads(acc.stdout) if acc.returncode == 0 else {}
         nako = _nako_volume(cur["path"])
+        from benchmarks.bench_qc import measure as qc_figures
+
+        qc = qc_figures(cur["path"])            # QC cost and triage recall, with the model just trained
     finally:
         env.__exit__(None, None, None)
         shutil.rmtree(root, ignore_errors=True)
@@ -99,7 +102,7 @@ def run() -> dict:
               f"(measured - true = {accuracy['imat']['proportional']['intercept']:+.2f} "
               f"{accuracy['imat']['proportional']['slope']:+.3f} x true, pp)")
     return dict(fast_participants_per_s=fast_rate, batch_run_s=run_s, dagster_overhead_s=overhead, checks_s=checks,
-                nako=nako, accuracy=accuracy, validation_dice=cur["validation_dice"])
+                nako=nako, accuracy=accuracy, validation_dice=cur["validation_dice"], qc=qc)
 
 
 if __name__ == "__main__":

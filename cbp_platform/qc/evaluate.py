@@ -1,15 +1,17 @@
 """How well the triage score finds wrong segmentations: failures injected into simulated scans, then recall against
 the share of the cohort reviewed.
 
-Each failure is made from another participant's scan, of one of :data:`FAILURE_KINDS`:
+Each failure is made from another participant's scan, of one of :data:`FAILURE_KINDS`, its severity drawn
+uniformly from a range that reaches down to the barely visible:
 
-- ``degraded_labels``: the model's map with one muscle erased over a contiguous 40 % of its length (a model
+- ``degraded_labels``: the model's map with one muscle erased over a contiguous 15-40 % of its length (a model
   failure on part of the anatomy);
-- ``shifted_labels``: the model's map displaced by 5-8 voxels in-plane against its image (a geometry error:
-  a wrong affine, a resampling bug);
-- ``truncated_fov``: the scan cut in-plane through the back muscles before segmentation (a field of view too
-  small);
-- ``low_signal``: the scan's signal reduced to 12 % with noise added before segmentation (a coil failure).
+- ``shifted_labels``: the model's map displaced by 2-8 voxels in-plane against its image (a geometry error: a
+  wrong affine, a resampling bug);
+- ``truncated_fov``: the scan cut in-plane (anterior-posterior) between the back muscles' posterior edge and
+  their middle, before segmentation (a field of view too small);
+- ``low_signal``: the scan's signal reduced to 12-40 % with noise added (4-8 % of the body's signal) before
+  segmentation (a coil failure).
 
 The clean and the failed participants are triaged together as one batch, the way ``muscle_segmentations`` does.
 Recall at a review fraction ``f`` is the share of failures whose score is above the clean participants' ``1 - f``
@@ -45,43 +47,55 @@ def _posterior_end(affine: np.ndarray, axis: int) -> str:
 def truncate_fov(water: np.ndarray, fat: np.ndarray, truth: np.ndarray, affine: np.ndarray):
     """The scan cut along the anterior-posterior axis through the middle of the back muscles (class 1, the
     first of the registry, is posterior to the spine); returns water, fat, affine."""
+    return truncate_at(water, fat, truth, affine, 0.5)
+
+
+def truncate_at(water: np.ndarray, fat: np.ndarray, truth: np.ndarray, affine: np.ndarray, depth: float):
+    """The scan cut along the anterior-posterior axis ``depth`` (0-1) of the way from the back muscles' posterior
+    edge to their anterior edge (at least one voxel into them)."""
     ax = _ap_axis(affine)
     idx = np.nonzero(np.moveaxis(truth == IDS[0], ax, 0).any(axis=(1, 2)))[0]
-    mid = int(idx.mean()) if idx.size else water.shape[ax] // 2
+    if not idx.size:
+        raise ValueError("no back muscle in the truth labels to cut through")
+    post_high = _posterior_end(affine, ax) == "high"
+    edge, far = (int(idx.max()), int(idx.min())) if post_high else (int(idx.min()), int(idx.max()))
+    mid = int(round(edge + depth * (far - edge)))
+    mid = min(mid, edge - 1) if post_high else max(mid, edge + 1)
     sl = [slice(None)] * 3
     aff = affine.copy()
-    if _posterior_end(affine, ax) == "high":
-        sl[ax] = slice(0, mid)
+    if post_high:
+        sl[ax] = slice(0, mid + 1)
     else:
         sl[ax] = slice(mid, None)
-        shift = np.zeros(3)
-        shift[ax] = mid
-        aff[:3, 3] = affine[:3, :3] @ shift + affine[:3, 3]
+        offset = np.zeros(3)
+        offset[ax] = mid
+        aff[:3, 3] = affine[:3, :3] @ offset + affine[:3, 3]
     return water[tuple(sl)].copy(), fat[tuple(sl)].copy(), aff
 
 
-def low_signal(water: np.ndarray, fat: np.ndarray, rng: np.random.Generator, factor: float = 0.12):
+def low_signal(water: np.ndarray, fat: np.ndarray, rng: np.random.Generator, factor: float = 0.12,
+               noise_share: float = 0.06):
     ref = float(np.percentile(water + fat, 99))
-    noise = 0.06 * ref
+    noise = noise_share * ref
     return (water * factor + rng.normal(0, noise, water.shape).astype(np.float32),
             fat * factor + rng.normal(0, noise, fat.shape).astype(np.float32))
 
 
-def degrade(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def degrade(labels: np.ndarray, rng: np.random.Generator, share: float = 0.4) -> np.ndarray:
     out = labels.copy()
     c = int(rng.choice(IDS))
     ks = np.nonzero((labels == c).any(axis=(0, 1)))[0]
     if ks.size:
-        n = max(1, int(0.4 * ks.size))
+        n = max(1, int(share * ks.size))
         k0 = int(ks.min() + rng.integers(0, max(1, ks.size - n)))
         block = out[:, :, k0:k0 + n]
         block[block == c] = 0
     return out
 
 
-def shift(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def shift(labels: np.ndarray, rng: np.random.Generator, voxels: int = 6) -> np.ndarray:
     axis = int(rng.integers(0, 2))
-    d = int(rng.integers(5, 9)) * (1 if rng.random() < 0.5 else -1)
+    d = voxels * (1 if rng.random() < 0.5 else -1)
     out = np.roll(labels, d, axis=axis)
     sl = [slice(None)] * 3
     sl[axis] = slice(0, d) if d > 0 else slice(d, None)
@@ -102,17 +116,26 @@ def evaluate_triage(runner, scans: list[dict], failures_per_kind: int, seed: int
         j = i - (len(scans) - n_fail)
         kind = FAILURE_KINDS[j // failures_per_kind] if j >= 0 else ""
         w, f, aff = s["water"], s["fat"], s["affine"]
+        severity = ""
         if kind == "truncated_fov":
-            w, f, aff = truncate_fov(w, f, s["labels"], aff)
+            depth = float(rng.uniform(0.0, 0.5))
+            w, f, aff = truncate_at(w, f, s["labels"], aff, depth)
+            severity = f"cut {depth:.0%} into the back muscles"
         elif kind == "low_signal":
-            w, f = low_signal(w, f, rng)
+            factor, noise = float(rng.uniform(0.12, 0.4)), float(rng.uniform(0.04, 0.08))
+            w, f = low_signal(w, f, rng, factor, noise)
+            severity = f"signal x {factor:.2f}, noise {noise:.0%}"
         labels, unc = runner.predict_qc(runner.prepare(w, f, aff))
         if kind == "degraded_labels":
-            labels = degrade(labels, rng)
+            share = float(rng.uniform(0.15, 0.4))
+            labels = degrade(labels, rng, share)
+            severity = f"{share:.0%} of a muscle's length erased"
         elif kind == "shifted_labels":
-            labels = shift(labels, rng)
+            voxels = int(rng.integers(2, 9))
+            labels = shift(labels, rng, voxels)
+            severity = f"shifted {voxels} voxels"
         voxel_ml = float(np.prod(nib.affines.voxel_sizes(aff))) / 1000.0
-        rows.append({"pseudonym": f"P{i:05d}", "batch_key": "eval", "site": None, "kind": kind,
+        rows.append({"pseudonym": f"P{i:05d}", "batch_key": "eval", "site": None, "kind": kind, "severity": severity,
                      "failed": bool(kind), **scan_features(labels, w, f, voxel_ml, unc, si_axis=si_axis(aff))})
         if progress is not None:
             progress(i + 1, len(scans))

@@ -29,17 +29,17 @@ def pseudonyms(n: int, seed: int = 3) -> list[str]:
     return out
 
 
-def _png(path: Path, seed: int, size: int = 192) -> None:
-    """A small real PNG: noise in a frame (big enough that a screenshot of the page is not blank)."""
+def _png(path: Path, seed: int) -> None:
+    """The platform's QC image (cbp_platform.qc.render) of a small simulated phantom and its true labels."""
     import numpy as np
-    from PIL import Image
 
-    rng = np.random.default_rng(seed)
-    img = (rng.random((size, size)) * 200).astype("uint8")
-    img[::16, :] = 255
-    img[:, ::16] = 255
+    from cbp_platform.qc.render import qc_image
+    from cbp_platform.synth.phantom import PRESETS, Subject, render_phantom
+
+    ph = render_phantom(Subject(seed % 2 == 0, 40 + seed, 170 + seed, 70 + seed, 6.0 + seed, 0.04,
+                                (400.0, 395.0, 130.0, 128.0)), PRESETS["fast"], np.random.default_rng(seed))
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(img, mode="L").convert("RGB").save(path)
+    path.write_bytes(qc_image(ph.water, ph.fat, ph.labels, ph.affine, {"lean muscle": f"{1000 + seed} cm3"}))
 
 
 def build_warehouse(root: Path, n: int = 6) -> dict:

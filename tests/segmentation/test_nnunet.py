@@ -300,6 +300,35 @@ def test_process_batch_runs_the_registered_nnunet_model_with_its_identity_in_lin
     assert met.height == 5 * segs.height
 
 
+def test_each_segmentation_gets_its_qc_image_features_and_triage(nnunet_pipeline):
+    """muscle_segmentations writes, with its rows, one segmentation_qc row per label map (the same map's sha256,
+    lean volume equal to muscle_metrics', nnU-Net's own uncertainty, a rank in the batch) and a QC image beside
+    the map; its materialisation carries the batch's montage and the review app's link, and no pseudonym."""
+    root, inst, _, _ = nnunet_pipeline
+    segs = _q(root, "SELECT pseudonym, batch_key, label_path, label_sha256 FROM muscle_segmentations")
+    qc = _q(root, "SELECT * FROM segmentation_qc")
+    assert sorted(qc["pseudonym"].to_list()) == sorted(segs["pseudonym"].to_list())
+    joined = qc.join(segs, on="pseudonym", suffix="_seg")
+    assert (joined["label_sha256"] == joined["label_sha256_seg"]).all()
+    for r in joined.iter_rows(named=True):
+        png = Path(r["qc_image"])
+        assert png.parent == Path(r["label_path"]).parent and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert qc["triage_rank"].sort().to_list() == list(range(1, qc.height + 1))
+    assert qc["triage_score"].is_finite().all() and (qc["triage_score"] >= 0).all()
+    assert ((qc["uncertainty"] > 0) & (qc["uncertainty"] < 1)).all()
+    assert qc["site"].null_count() == 0            # the covariates give the site (a dependency of the asset)
+    met = _q(root, "SELECT pseudonym, lean_ml FROM muscle_metrics WHERE muscle = 'back_total'")
+    both = qc.select("pseudonym", "lean_ml").join(met, on="pseudonym", suffix="_metrics")
+    assert both.height and np.allclose(both["lean_ml"], both["lean_ml_metrics"], rtol=1e-9)
+    ev = inst.get_latest_materialization_event(dg.AssetKey("muscle_segmentations")).asset_materialization
+    md = ev.metadata
+    assert "](data:image/png;base64," in md["qc_montage"].value
+    assert md["qc_review_app"].value.endswith(f"/?batch={ev.partition}")
+    assert Path(md["qc_montage_path"].value).read_bytes()[:4] == b"\x89PNG"
+    text = json.dumps({k: str(v.value) for k, v in md.items()})
+    assert not any(p in text for p in segs["pseudonym"].to_list())
+
+
 def test_compare_keeps_the_primary_untouched_and_two_equal_models_agree(nnunet_pipeline):
     root, inst, _, compared = nnunet_pipeline
     assert compared["failed"] == [], compared
