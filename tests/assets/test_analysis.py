@@ -263,7 +263,9 @@ def test_a_rejection_reaches_the_flow_the_numbers_and_the_lineage(refreshed, cap
     wh.replace_rows("muscle_segmentations", _q(root, "SELECT * FROM muscle_segmentations").with_columns(
         pl.when(pl.col("pseudonym") == p).then(pl.lit("e" * 64)).otherwise(pl.col("label_sha256"))
         .alias("label_sha256")), {})
-    _, res = _refresh(root)
+    job = build_definitions().resolve_job_def("cohort_refresh")
+    res = job.execute_in_process(instance=inst, asset_selection=[dg.AssetKey("analysis_cohort")],
+                                 raise_on_error=False)
     assert res.success
     again = _q(root, "SELECT * FROM analysis_cohort_meta").row(0, named=True)
     assert again["qc_rejected"] == 0 and again["qc_outdated"] == 1
