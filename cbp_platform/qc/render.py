@@ -128,8 +128,9 @@ def qc_image(water: np.ndarray, fat: np.ndarray, labels: np.ndarray, affine: np.
     return buf.getvalue()
 
 
-def montage(images: list[bytes], captions: list[str], *, tile_width: int = 420, columns: int = 2) -> bytes:
-    """QC images side by side (scaled to ``tile_width``), each with its caption above (PNG bytes)."""
+def montage(images: list[bytes], captions: list[str], *, tile_width: int = 380, columns: int = 2) -> bytes:
+    """QC images side by side (scaled to ``tile_width``), each with its caption above (PNG bytes, a 64-colour
+    palette: it travels in Dagster's event log, embedded in the materialisation's metadata)."""
     tiles = []
     for data, cap in zip(images, captions):
         im = Image.open(io.BytesIO(data)).convert("RGB")
@@ -148,5 +149,5 @@ def montage(images: list[bytes], captions: list[str], *, tile_width: int = 420, 
     for i, t in enumerate(tiles):
         out.paste(t, ((i % columns) * (tile_width + 4), (i // columns) * (th + 4)))
     buf = io.BytesIO()
-    out.save(buf, format="PNG", optimize=True)
+    out.quantize(colors=64, method=Image.Quantize.FASTOCTREE).save(buf, format="PNG", optimize=True)
     return buf.getvalue()

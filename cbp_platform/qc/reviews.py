@@ -96,7 +96,7 @@ def effective_reviews(reviews: pl.DataFrame | None, segmentations: pl.DataFrame 
                 .agg(pl.all().exclude("_seq", "_current", "_is_current").last()))
     out = latest_any.join(in_force, on="pseudonym", how="left")
     cols = ["pseudonym", "decision", "reason", "note", "reviewer", "reviewed_at", "label_sha256", "model_sha256",
-            "batch_key", "n_reviews", "n_outdated", "outdated"]
+            "batch_key", "delivery_id", "n_reviews", "n_outdated", "outdated"]
     return out.select(cols).sort("pseudonym")
 
 
