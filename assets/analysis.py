@@ -82,7 +82,9 @@ def analysis_cohort(context: dg.AssetExecutionContext, config: CohortConfig, war
         raise dg.Failure(description="no participant_covariates rows: ingest at least one batch first")
     reviews = ReviewStore(warehouse)
     history = reviews.reviews()
-    decisions = rv.effective_reviews(history, reviews.current_maps())
+    prov = warehouse.query("SELECT pseudonym, input_checksums, recorded_at FROM provenance "
+                           "WHERE stage = 'muscle_metrics' ORDER BY recorded_at")
+    decisions = rv.effective_reviews(history, rv.analysed_maps(reviews.current_maps(), prov))
     n_reviews, reviews_sha = rv.digest(history)
     try:
         cohort = build_analysis_cohort(cov, scans, metrics, quarantine, lmm_normaliser=config.lmm_normaliser,

@@ -69,7 +69,7 @@ def measure(bundle_path: str) -> dict:
     seconds = time.perf_counter() - t
     print(f"triage on {N_CLEAN} clean + {FAILURES_PER_KIND} x {len(FAILURE_KINDS)} injected failures "
           f"({', '.join(FAILURE_KINDS)}), one batch, {seconds:.0f} s:")
-    print("  review fraction | score threshold | failures found | recall")
+    print("  review fraction (1 % of maps failed) | score threshold | failures found | recall")
     for r in res["recall"]:
         print(f"  {100 * r['review_fraction']:>14.0f} % | {r['score_threshold']:>15.2f} | "
               f"{r['found']:>7d} / {r['failures']:<6d} | {r['recall']:.2f}")

@@ -472,7 +472,7 @@ def _cmd_qc_list(args: argparse.Namespace) -> int:
     total = q.height
     if args.limit and args.limit > 0:
         q = q.head(args.limit)
-    cols = ["triage_rank", "pseudonym", "batch_key", "delivery_id", "site", "model_name", "triage_score",
+    cols = ["triage_rank", "pseudonym", "batch_key", "delivery_id", "site", "model_name", "label_sha256", "triage_score",
             "triage_flags", "lean_ml", "imat_pct", "decision", "reason", "reviewer", "reviewed_at", "outdated"]
     rows = [{c: r.get(c) for c in cols} for r in q.iter_rows(named=True)] if total else []
     if args.json:
@@ -507,7 +507,7 @@ def _cmd_qc_decide(args: argparse.Namespace) -> int:
     with _qc_store(args.data_root) as store:
         try:
             row = store.record(args.pseudonym, args.decision, reviewer=reviewer, reason=args.reason,
-                               note=args.note or "", source="cli")
+                               note=args.note or "", source="cli", label_sha256=args.label_sha or None)
         except ReviewError as exc:
             print(f"{name}: error: {exc}", file=sys.stderr)
             return 2
@@ -666,6 +666,9 @@ def build_parser() -> argparse.ArgumentParser:
         if decision == "reject":
             qd.add_argument("--reason", default=None, metavar="CODE", help=f"why: {reasons}")
         qd.add_argument("--note", default=None, metavar="TEXT")
+        qd.add_argument("--label-sha", default=None, metavar="SHA256",
+                        help="the label map's sha256 (or a prefix) as shown by `cbp qc list --json`: refuse the "
+                             "decision if the map was replaced since")
         qd.add_argument("--data-root", default=None)
         qd.set_defaults(func=_cmd_qc_decide, decision=decision, reason=None)
 

@@ -62,9 +62,9 @@ class ReviewStore:
         qc = qc.filter(pl.col("label_sha256") == pl.col("_cur")).drop("_cur")
         cov = self._table("participant_covariates", "SELECT pseudonym, CAST(site AS VARCHAR) AS site "
                                                     "FROM participant_covariates")
-        if "site" not in qc.columns:
-            qc = (qc.join(cov.unique("pseudonym"), on="pseudonym", how="left") if cov.height
-                  else qc.with_columns(pl.lit(None, pl.String).alias("site")))
+        if cov.height:           # a batch segmented before its covariates were ingested: the site from them now
+            qc = (qc.join(cov.unique("pseudonym").rename({"site": "_cov_site"}), on="pseudonym", how="left")
+                  .with_columns(pl.coalesce("site", "_cov_site").alias("site")).drop("_cov_site"))
         eff = rv.effective_reviews(self.reviews(), maps)
         q = qc.join(eff.select("pseudonym", "decision", "reason", "note", "reviewer", "reviewed_at", "n_reviews",
                                "outdated"), on="pseudonym", how="left")
@@ -81,14 +81,19 @@ class ReviewStore:
         return q.filter(pick).sort(["triage_score", "pseudonym"], descending=[True, False])
 
     def record(self, pseudonym: str, decision: str, *, reviewer: str, reason: str | None = None, note: str = "",
-               source: str = "cli") -> dict:
-        """Append one decision on the participant's current label map; returns the row written."""
+               source: str = "cli", label_sha256: str | None = None) -> dict:
+        """Append one decision on the participant's current label map; returns the row written.
+        ``label_sha256``: the map the reviewer saw (the app sends it; the CLI may, as a prefix). If the map was
+        replaced meanwhile (a re-run), the decision is refused instead of landing on a map nobody saw."""
         rv.validate(decision, reason, reviewer)
         cur = self.current_maps().filter(pl.col("pseudonym") == pseudonym)
         if cur.height != 1:
             raise rv.ReviewError(f"{pseudonym}: no current segmentation in the warehouse "
                                  "(only a segmented participant can be reviewed)")
         c = cur.row(0, named=True)
+        if label_sha256 and not c["label_sha256"].startswith(label_sha256):
+            raise rv.ReviewError(f"{pseudonym}: the label map was replaced since it was shown "
+                                 f"({label_sha256[:12]} -> {c['label_sha256'][:12]}); reload and review the new map")
         row = {"review_id": uuid.uuid4().hex, "pseudonym": pseudonym, "batch_key": c["batch_key"],
                "delivery_id": c["delivery_id"], "decision": decision,
                "reason": reason if decision == "reject" else (reason or None), "note": note or "",

@@ -171,7 +171,7 @@ def create_app(store: Any, *, reviewer: str = "", loopback_only: bool = True) ->
             return _error("the body is not JSON", 400)
         if not isinstance(data, dict):
             return _error("the body must be a JSON object", 400)
-        fields = {k: data.get(k) for k in ("pseudonym", "decision", "reason", "note", "reviewer")}
+        fields = {k: data.get(k) for k in ("pseudonym", "decision", "reason", "note", "reviewer", "label_sha256")}
         bad = [k for k, v in fields.items() if v is not None and not isinstance(v, str)]
         if bad:
             return _error(f"{', '.join(bad)}: must be text", 400)
@@ -181,7 +181,8 @@ def create_app(store: Any, *, reviewer: str = "", loopback_only: bool = True) ->
         def record() -> dict:
             with lock:
                 return store.record(fields["pseudonym"], fields["decision"] or "", reviewer=fields["reviewer"] or "",
-                                    reason=fields["reason"] or None, note=fields["note"] or "", source="app")
+                                    reason=fields["reason"] or None, note=fields["note"] or "", source="app",
+                                    label_sha256=fields["label_sha256"] or None)
 
         try:
             row = await run_in_threadpool(record)
@@ -499,7 +500,7 @@ SCRIPT = r"""
       const r = await fetch("/api/review", {
         method: "POST", headers: {"Content-Type": "application/json"},
         body: JSON.stringify({pseudonym: it.pseudonym, decision: decision, reason: reason || null,
-                              note: $("note").value, reviewer: reviewer})});
+                              note: $("note").value, reviewer: reviewer, label_sha256: it.label_sha256})});
       const body = await r.json().catch(() => ({}));
       if (!r.ok) {
         msg("Not recorded: " + (body.error || ("HTTP " + r.status)), "error");

@@ -14,9 +14,10 @@ uniformly from a range that reaches down to the barely visible:
   segmentation (a coil failure).
 
 The clean and the failed participants are triaged together as one batch, the way ``muscle_segmentations`` does.
-Recall at a review fraction ``f`` is the share of failures whose score is above the clean participants' ``1 - f``
-quantile: what a reviewer finds reading the top ``f`` of a cohort in which failures are rare (at 1 % prevalence
-the top 2 % of the cohort holds the clean participants above that quantile plus the failures found).
+Recall at a review fraction ``f`` is what a reviewer finds reading the top ``f`` of a cohort in which a share ``p``
+(:data:`PREVALENCE`, 1 %) of the maps failed: the share of failures at or above the lowest score threshold ``t``
+for which (1 - p) P(clean >= t) + p P(failed >= t) <= f, i.e. the failures found count against the reviewed
+share too.
 """
 
 from __future__ import annotations
@@ -81,20 +82,22 @@ def low_signal(water: np.ndarray, fat: np.ndarray, rng: np.random.Generator, fac
             fat * factor + rng.normal(0, noise, fat.shape).astype(np.float32))
 
 
-def degrade(labels: np.ndarray, rng: np.random.Generator, share: float = 0.4) -> np.ndarray:
-    out = labels.copy()
+def degrade(labels: np.ndarray, rng: np.random.Generator, share: float = 0.4, si: int = 2) -> np.ndarray:
+    """One class erased over a contiguous ``share`` of its extent along the superior-inferior axis ``si``."""
+    out = np.moveaxis(labels.copy(), si, 2)
     c = int(rng.choice(IDS))
-    ks = np.nonzero((labels == c).any(axis=(0, 1)))[0]
+    ks = np.nonzero((out == c).any(axis=(0, 1)))[0]
     if ks.size:
         n = max(1, int(share * ks.size))
         k0 = int(ks.min() + rng.integers(0, max(1, ks.size - n)))
         block = out[:, :, k0:k0 + n]
         block[block == c] = 0
-    return out
+    return np.moveaxis(out, 2, si)
 
 
-def shift(labels: np.ndarray, rng: np.random.Generator, voxels: int = 6) -> np.ndarray:
-    axis = int(rng.integers(0, 2))
+def shift(labels: np.ndarray, rng: np.random.Generator, voxels: int = 6, si: int = 2) -> np.ndarray:
+    """The map displaced by ``voxels`` along one in-plane axis (not ``si``), the vacated border emptied."""
+    axis = int(rng.choice([a for a in range(3) if a != si]))
     d = voxels * (1 if rng.random() < 0.5 else -1)
     out = np.roll(labels, d, axis=axis)
     sl = [slice(None)] * 3
@@ -128,11 +131,11 @@ def evaluate_triage(runner, scans: list[dict], failures_per_kind: int, seed: int
         labels, unc = runner.predict_qc(runner.prepare(w, f, aff))
         if kind == "degraded_labels":
             share = float(rng.uniform(0.15, 0.4))
-            labels = degrade(labels, rng, share)
+            labels = degrade(labels, rng, share, si_axis(aff))
             severity = f"{share:.0%} of a muscle's length erased"
         elif kind == "shifted_labels":
             voxels = int(rng.integers(2, 9))
-            labels = shift(labels, rng, voxels)
+            labels = shift(labels, rng, voxels, si_axis(aff))
             severity = f"shifted {voxels} voxels"
         voxel_ml = float(np.prod(nib.affines.voxel_sizes(aff))) / 1000.0
         rows.append({"pseudonym": f"P{i:05d}", "batch_key": "eval", "site": None, "kind": kind, "severity": severity,
@@ -143,28 +146,40 @@ def evaluate_triage(runner, scans: list[dict], failures_per_kind: int, seed: int
     return {"frame": df, "recall": recall_table(df), "by_kind": recall_by_kind(df)}
 
 
-def _threshold(df: pl.DataFrame, fraction: float) -> float:
-    clean = df.filter(~pl.col("failed"))["triage_score"].sort(descending=True)
-    k = max(1, int(math.ceil(fraction * (clean.len() + 1)))) - 1
-    return float(clean[min(k, clean.len() - 1)]) if clean.len() else -math.inf
+PREVALENCE = 0.01                # the share of failed maps the review fractions are computed for
 
 
-def recall_table(df: pl.DataFrame, fractions=REVIEW_FRACTIONS) -> list[dict]:
+def _operating_point(df: pl.DataFrame, fraction: float, prevalence: float) -> tuple[float, float]:
+    """(score threshold, recall) of reviewing the top ``fraction`` of a cohort whose share of failures is
+    ``prevalence``: the lowest threshold t at which (1 - p) P(clean >= t) + p P(failed >= t) <= fraction."""
+    clean = df.filter(~pl.col("failed"))["triage_score"].to_numpy()
+    fail = df.filter(pl.col("failed"))["triage_score"].to_numpy()
+    thr, recall = math.inf, 0.0
+    for t in np.unique(np.concatenate([clean, fail]))[::-1]:
+        share = (1 - prevalence) * float((clean >= t).mean()) + prevalence * float((fail >= t).mean())
+        if share > fraction:
+            break
+        thr, recall = float(t), float((fail >= t).mean()) if fail.size else float("nan")
+    return thr, recall
+
+
+def recall_table(df: pl.DataFrame, fractions=REVIEW_FRACTIONS, prevalence: float = PREVALENCE) -> list[dict]:
+    """Recall when reviewing the top ``fraction`` of a cohort in which ``prevalence`` of the maps failed (the
+    clean and failed participants here are weighted to that prevalence)."""
     n_fail = int(df["failed"].sum())
     out = []
     for fr in fractions:
-        thr = _threshold(df, fr)
-        found = int(df.filter(pl.col("failed") & (pl.col("triage_score") > thr)).height)
-        out.append({"review_fraction": fr, "score_threshold": thr, "failures": n_fail, "found": found,
-                    "recall": found / n_fail if n_fail else float("nan")})
+        thr, recall = _operating_point(df, fr, prevalence)
+        out.append({"review_fraction": fr, "prevalence": prevalence, "score_threshold": thr, "failures": n_fail,
+                    "found": int(round(recall * n_fail)), "recall": recall})
     return out
 
 
-def recall_by_kind(df: pl.DataFrame, fraction: float = 0.02) -> dict[str, float]:
-    thr = _threshold(df, fraction)
+def recall_by_kind(df: pl.DataFrame, fraction: float = 0.02, prevalence: float = PREVALENCE) -> dict[str, float]:
+    thr, _ = _operating_point(df, fraction, prevalence)
     out = {}
     for kind in FAILURE_KINDS:
         sub = df.filter(pl.col("kind") == kind)
         if sub.height:
-            out[kind] = float((sub["triage_score"] > thr).mean())
+            out[kind] = float((sub["triage_score"] >= thr).mean())
     return out

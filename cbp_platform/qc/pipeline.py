@@ -15,14 +15,14 @@ import numpy as np
 import polars as pl
 
 from cbp_platform.imaging.nifti import atomic_write_bytes
-from cbp_platform.qc.features import FEATURE_NAMES, scan_features, triage
+from cbp_platform.qc.features import FEATURE_NAMES, Z_CAP, scan_features, triage
 from cbp_platform.qc.render import montage, qc_image
 
 QC_SCHEMA = {
     "pseudonym": pl.String, "batch_key": pl.String, "delivery_id": pl.String, "site": pl.String,
     "label_sha256": pl.String, "model_sha256": pl.String, "model_name": pl.String, "qc_image": pl.String,
     "lean_ml": pl.Float64, "compartment_ml": pl.Float64, "lmm": pl.Float64,
-    **{f: pl.Float64 for f in FEATURE_NAMES}, "muscle_voxels": pl.Int64,
+    **{f: pl.Float64 for f in FEATURE_NAMES}, "muscle_voxels": pl.Int64, "qc_error": pl.String,
 }
 
 
@@ -61,20 +61,28 @@ class ScanQC:
 def batch_qc(rows: list[dict], *, batch_key: str, delivery_id: str, model_sha256: str, model_name: str,
              sites: dict[str, str]) -> pl.DataFrame:
     """The ``segmentation_qc`` rows of a batch with its triage (``rows``: segment_scans results with ``qc``)."""
-    data = [{"pseudonym": r["pseudonym"], "batch_key": batch_key, "delivery_id": delivery_id,
-             "site": sites.get(r["pseudonym"]), "label_sha256": r["label_sha256"], "model_sha256": model_sha256,
-             "model_name": model_name, **r["qc"]} for r in rows]
+    data = [{**{c: None for c in QC_SCHEMA}, "pseudonym": r["pseudonym"], "batch_key": batch_key,
+             "delivery_id": delivery_id, "site": sites.get(r["pseudonym"]), "label_sha256": r["label_sha256"],
+             "model_sha256": model_sha256, "model_name": model_name, **r.get("qc", {}),
+             "qc_error": r.get("qc_error")} for r in rows]
     df = pl.DataFrame(data, schema=QC_SCHEMA)
     if df.height == 0:
         return df.with_columns(pl.lit(None, pl.Float64).alias("triage_score"),
                                pl.lit(None, pl.String).alias("triage_flags"),
                                pl.lit(None, pl.Int64).alias("triage_rank"))
-    return triage(df)
+    # a map whose QC failed is unmeasured, hence at the top of the queue: its features do not move the others'
+    scored = triage(df.filter(pl.col("qc_error").is_null())) if df["qc_error"].null_count() else None
+    failed = df.filter(pl.col("qc_error").is_not_null()).with_columns(
+        pl.lit(Z_CAP).alias("triage_score"),
+        pl.format("QC failed ({}): review the map by hand", pl.col("qc_error")).alias("triage_flags"))
+    both = pl.concat([failed, scored.drop("triage_rank")], how="diagonal_relaxed") if scored is not None else failed
+    return both.sort(["triage_score", "pseudonym"], descending=[True, False]).with_columns(
+        pl.int_range(1, pl.len() + 1).cast(pl.Int64).alias("triage_rank"))
 
 
 def batch_montage(qc: pl.DataFrame, k: int = 6) -> bytes:
     """The ``k`` highest-risk QC images of a batch, captioned with rank, score and flags (no pseudonym)."""
-    top = qc.sort("triage_rank").head(k) if qc.height else qc
+    top = qc.filter(pl.col("qc_image").is_not_null()).sort("triage_rank").head(k) if qc.height else qc
     images, captions = [], []
     for r in top.iter_rows(named=True):
         images.append(Path(r["qc_image"]).read_bytes())

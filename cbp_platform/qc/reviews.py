@@ -100,6 +100,23 @@ def effective_reviews(reviews: pl.DataFrame | None, segmentations: pl.DataFrame 
     return out.select(cols).sort("pseudonym")
 
 
+def analysed_maps(segmentations: pl.DataFrame | None, metrics_provenance: pl.DataFrame | None) -> pl.DataFrame:
+    """pseudonym, label_sha256 of the label map behind each participant's analysed numbers: the map
+    ``muscle_metrics`` measured (its provenance's ``inputs.labels``), else the current segmentation. When a batch
+    was segmented again but not yet measured, the metrics still come from the old map, and so does the decision
+    that counts: a rejection of that map stays in force until the numbers come from a new map."""
+    segs = (segmentations.select(pl.col("pseudonym").cast(pl.String), pl.col("label_sha256").cast(pl.String))
+            if segmentations is not None and segmentations.height else
+            pl.DataFrame(schema={"pseudonym": pl.String, "label_sha256": pl.String}))
+    if metrics_provenance is None or metrics_provenance.height == 0:
+        return segs
+    measured = metrics_provenance.select(
+        pl.col("pseudonym").cast(pl.String),
+        pl.col("input_checksums").str.json_path_match("$.labels").alias("_measured")).unique("pseudonym", keep="last")
+    both = segs.join(measured, on="pseudonym", how="full", coalesce=True)
+    return both.select("pseudonym", pl.coalesce("_measured", "label_sha256").alias("label_sha256"))
+
+
 def rejected(reviews: pl.DataFrame | None, segmentations: pl.DataFrame | None) -> pl.DataFrame:
     """pseudonym, reason of the participants whose decision in force is ``reject``."""
     eff = effective_reviews(reviews, segmentations)
@@ -107,8 +124,8 @@ def rejected(reviews: pl.DataFrame | None, segmentations: pl.DataFrame | None) -
 
 
 def digest(reviews: pl.DataFrame | None) -> tuple[int, str]:
-    """(count, sha256) of the review history: every row, in its recorded order of review ids (the lineage's
-    anchor for the decisions a cohort was built with)."""
+    """(count, sha256) of the review history: every row, sorted by review id (a canonical order, independent of
+    how the table returns its rows; the lineage's anchor for the decisions a cohort was built with)."""
     r = _normal(reviews)
     h = hashlib.sha256(b"cbp-qc-reviews/1\n")
     for row in r.sort("review_id").iter_rows():

@@ -95,7 +95,8 @@ class Segmenter:
     def predict(self, prepared: dict) -> np.ndarray:
         """Label map on the scan's grid: argmax of the probabilities with the background's weighted by
         exp(offset), the model's calibrated border (:mod:`cbp_platform.segmentation.calibrate`)."""
-        return self.predict_qc(prepared)[0]
+        probs = self.probabilities(prepared)
+        return from_model_orientation(self._labels(probs), np.asarray(prepared["back"]))
 
     def predict_qc(self, prepared: dict) -> tuple[np.ndarray, float]:
         """:meth:`predict`'s label map and the model's uncertainty over it: the mean normalised entropy of the
@@ -104,13 +105,17 @@ class Segmenter:
         from cbp_platform.qc.features import entropy_in_muscle
 
         probs = self.probabilities(prepared)
-        if self.offset:
-            probs[0] *= math.exp(self.offset)         # in place (no copy of a NAKO-size probability volume)
-        labels = self.lut[probs.argmax(axis=0)]
+        labels = self._labels(probs)
         if self.offset:
             probs[0] *= math.exp(-self.offset)        # the model's own probabilities again, for the entropy
-        uncertainty = entropy_in_muscle(probs, labels > 0)
-        return from_model_orientation(labels, np.asarray(prepared["back"])), uncertainty
+        return from_model_orientation(labels, np.asarray(prepared["back"])), entropy_in_muscle(probs, labels > 0)
+
+    def _labels(self, probs: np.ndarray) -> np.ndarray:
+        """Platform labels (model orientation); weights the background channel of ``probs`` in place (no copy of
+        a NAKO-size probability volume)."""
+        if self.offset:
+            probs[0] *= math.exp(self.offset)
+        return self.lut[probs.argmax(axis=0)]
 
     def segment(self, water: np.ndarray, fat: np.ndarray, affine: np.ndarray) -> np.ndarray:
         return self.predict(self.prepare(water, fat, affine))

@@ -81,8 +81,13 @@ def segment_scans(items: list[dict], segmenter, out_dir: Path, *, num_workers: i
         results.append({"pseudonym": it["pseudonym"], "label_path": str(path), "label_sha256": sha256_bytes(payload),
                         **{voxel_column(c): int(counts[c]) for c in IDS}})
         if qc is not None:
-            results[-1]["qc"] = qc(it["pseudonym"], labels, np.asarray(prep["water"]), np.asarray(prep["fat"]),
-                                   affine, uncertainty)
+            try:
+                results[-1]["qc"] = qc(it["pseudonym"], labels, np.asarray(prep["water"]), np.asarray(prep["fat"]),
+                                       affine, uncertainty)
+            except Exception as exc:  # noqa: BLE001 - a QC failure must not cost the batch its label maps: the
+                # map is kept and goes to the top of the review queue; only the type is kept (the message may
+                # name the participant's files)
+                results[-1]["qc_error"] = type(exc).__name__
         if progress is not None:
             progress(k, len(items), time.perf_counter() - t0)
     return results, failures

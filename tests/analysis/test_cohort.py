@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from datetime import datetime, timezone
 
 import numpy as np
 import polars as pl
@@ -10,6 +11,7 @@ import pytest
 
 from cbp_platform.analysis.cohort import EXCLUSION_CODES, build_analysis_cohort, met_category, participant_trace
 from cbp_platform.analysis.disclosure import find_pseudonyms
+from cbp_platform.qc.reviews import effective_reviews
 from cbp_platform.synth.cohort import exclusion_cause
 
 from .synthetic import quarantine_rows, warehouse_tables
@@ -163,10 +165,15 @@ def test_participant_trace_agrees_with_the_cohort(crafted):
     reasons = dict(cohort.exclusions.iter_rows())
     rejected = set(t["rejected"]["pseudonym"].to_list())
 
-    def review(p: str) -> dict | None:        # a row of cbp_platform.qc.reviews.effective_reviews
-        return {"decision": "reject", "reason": "misregistered", "note": "", "reviewer": "dr-a",
-                "reviewed_at": "2026-12-03 10:00:00+00:00", "label_sha256": "ab" * 32, "n_reviews": 2,
-                "n_outdated": 0, "outdated": False} if p in rejected else None
+    maps = pl.DataFrame({"pseudonym": sorted(rejected), "label_sha256": ["ab" * 32] * len(rejected)})
+    history = pl.DataFrame({"review_id": [f"r{i}" for i in range(len(rejected))], "pseudonym": sorted(rejected),
+                            "decision": ["reject"] * len(rejected), "reason": ["misregistered"] * len(rejected),
+                            "reviewer": ["dr-a"] * len(rejected), "label_sha256": ["ab" * 32] * len(rejected),
+                            "reviewed_at": [datetime(2026, 12, 3, 10, tzinfo=timezone.utc)] * len(rejected)})
+    in_force = {r["pseudonym"]: r for r in effective_reviews(history, maps).iter_rows(named=True)}
+
+    def review(p: str) -> dict | None:        # the participant's row of effective_reviews, as cbp lineage reads it
+        return in_force.get(p)
 
     for role, p in roles.items():
         tr = participant_trace(p, t["covariates"], t["scans"], t["metrics"], t["quarantine"], review(p))
@@ -182,10 +189,13 @@ def test_participant_trace_agrees_with_the_cohort(crafted):
     assert "fat_water_swap_suspected" in swap.to_text()
     qc = participant_trace(roles["qc_rejected"], t["covariates"], t["scans"], t["metrics"], t["quarantine"],
                            review(roles["qc_rejected"]))
-    assert "qc_review              rejected: by dr-a" in qc.to_text() and "misregistered" in qc.to_text()
+    assert "qc_review              rejected: by dr-a at 2026-12-03 10:00:00+00:00: misregistered" in qc.to_text()
     assert qc.exclusion_reason == "qc_rejected"
     # an outdated review is shown and not applied: the participant is analysed
-    stale = {**review(roles["qc_rejected"]), "decision": None, "outdated": True, "n_outdated": 1}
+    replaced = maps.with_columns(pl.lit("cd" * 32).alias("label_sha256"))     # the map was made again
+    stale = effective_reviews(history, replaced).filter(pl.col("pseudonym") == roles["qc_rejected"]).row(
+        0, named=True)
+    assert stale["decision"] is None and stale["outdated"]
     again = participant_trace(roles["qc_rejected"], t["covariates"], t["scans"], t["metrics"], t["quarantine"],
                               stale)
     assert again.included and "outdated" in again.to_text()

@@ -7,6 +7,7 @@ The warehouse holds what the pipeline would have written for 6 participants in 2
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import random
@@ -154,6 +155,51 @@ def test_a_review_of_a_replaced_label_map_is_outdated_and_not_in_force(wh):
     assert store.queue(status="outdated")["pseudonym"].to_list() == [p]
     assert p in store.queue(status="todo")["pseudonym"].to_list()               # back in the queue
     assert store.reviews().height == 1                                          # the history stays
+
+
+def test_a_decision_on_a_map_replaced_since_it_was_shown_is_refused(wh, capsys):
+    """The app sends the sha256 of the map it showed (the CLI may, --label-sha): a re-run that replaced the map
+    in between makes the decision fail, instead of landing on a map nobody saw."""
+    from resources.warehouse import Warehouse
+
+    store = _store(wh)
+    p = wh["pseudonyms"][2]
+    shown = wh["rows"][p]["label_sha256"]
+    w = Warehouse(database=str(wh["db"]))
+    w.replace_rows("muscle_segmentations", w.query("SELECT * FROM muscle_segmentations").with_columns(
+        pl.when(pl.col("pseudonym") == p).then(pl.lit("e" * 64)).otherwise(pl.col("label_sha256"))
+        .alias("label_sha256")), {})
+    with pytest.raises(rv.ReviewError, match="replaced since it was shown"):
+        store.record(p, "reject", reviewer="alice", reason="misregistered", label_sha256=shown)
+    c = _client(store, reviewer="alice")
+    r = c.post("/api/review", json={"pseudonym": p, "decision": "accept", "reviewer": "alice",
+                                    "label_sha256": shown})
+    assert r.status_code == 400 and "reload and review the new map" in r.json()["error"]
+    assert _cli("qc", "accept", p, "--reviewer", "alice", "--label-sha", shown[:12], "--data-root",
+                str(wh["root"])) == 2
+    assert "replaced since it was shown" in capsys.readouterr().err
+    assert store.reviews().height == 0
+    assert store.record(p, "accept", reviewer="alice", label_sha256="e" * 12)["label_sha256"] == "e" * 64
+
+
+def test_the_analysis_judges_the_map_its_numbers_come_from():
+    """A batch segmented again but not yet measured: its metrics still come from the rejected map, so the
+    rejection stays in force; once the metrics come from the new map, it is outdated."""
+    import json as _json
+
+    segs = pl.DataFrame({"pseudonym": ["P1", "P2"], "label_sha256": ["new1", "b2"]})
+    prov = pl.DataFrame({"pseudonym": ["P1", "P2"], "input_checksums": [_json.dumps({"labels": "old1"}),
+                                                                      _json.dumps({"labels": "b2"})]})
+    maps = rv.analysed_maps(segs, prov).sort("pseudonym")
+    assert maps["label_sha256"].to_list() == ["old1", "b2"]
+    reviews = pl.DataFrame({"review_id": ["r1"], "pseudonym": ["P1"], "decision": ["reject"],
+                            "reason": ["misregistered"], "reviewer": ["alice"], "label_sha256": ["old1"],
+                            "reviewed_at": [dt.datetime(2026, 12, 3, tzinfo=dt.timezone.utc)]})
+    assert rv.rejected(reviews, maps)["pseudonym"].to_list() == ["P1"]
+    assert rv.rejected(reviews, segs).height == 0                   # judged on the segmentation alone: outdated
+    measured_again = prov.with_columns(pl.lit(_json.dumps({"labels": "new1"})).alias("input_checksums"))
+    assert rv.rejected(reviews, rv.analysed_maps(segs, measured_again)).height == 0
+    assert rv.analysed_maps(segs, None).equals(segs)
 
 
 @pytest.mark.parametrize("argv, needle", [

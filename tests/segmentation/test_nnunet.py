@@ -204,23 +204,53 @@ def test_an_ensemble_of_folds_is_one_identity_and_averages_the_folds(nnunet_mode
     assert np.mean(a == b) > 0.999          # two identical folds average to the single fold (float rounding aside)
 
 
-def test_one_unreadable_scan_is_reported_and_the_rest_segmented(nnunet_model, tmp_path):
-    from cbp_platform.segmentation.backends import load_runner
-    from cbp_platform.segmentation.pipeline import segment_scans
+def _nifti_items(tmp_path: Path, seed: int) -> list[dict]:
+    """Two simulated scans written as NIfTI: segment_scans items P0 and P1."""
     from cbp_platform.segmentation.train import simulated_set
 
-    folder, _ = nnunet_model
-    m, _ = _register(tmp_path / "registry", folder)
     items = []
-    for i, it in enumerate(simulated_set(2, 80)):
+    for i, it in enumerate(simulated_set(2, seed)):
         for c in ("water", "fat"):
             nib.save(nib.Nifti1Image(it[c], it["affine"]), tmp_path / f"p{i}_{c}.nii.gz")
         items.append({"pseudonym": f"P{i}", "water": str(tmp_path / f"p{i}_water.nii.gz"),
                       "fat": str(tmp_path / f"p{i}_fat.nii.gz")})
+    return items
+
+
+def test_one_unreadable_scan_is_reported_and_the_rest_segmented(nnunet_model, tmp_path):
+    from cbp_platform.segmentation.backends import load_runner
+    from cbp_platform.segmentation.pipeline import segment_scans
+
+    folder, _ = nnunet_model
+    m, _ = _register(tmp_path / "registry", folder)
+    items = _nifti_items(tmp_path, seed=80)
     (tmp_path / "p1_water.nii.gz").write_bytes(b"\x1f\x8b damaged")
     results, failures = segment_scans(items, load_runner(m, device="cpu"), tmp_path / "out", num_workers=0)
     assert [r["pseudonym"] for r in results] == ["P0"]
     assert [f["pseudonym"] for f in failures] == ["P1"] and "p1_water.nii.gz" in failures[0]["message"]
+
+
+def test_a_failed_qc_keeps_the_label_map_and_tops_the_queue(nnunet_model, tmp_path):
+    """The QC hook fails for one scan (its image cannot be written): the batch keeps every label map, the failed
+    one is ranked first with a flag naming the error type (never its message, which names files)."""
+    from cbp_platform.qc.pipeline import ScanQC, batch_qc
+    from cbp_platform.segmentation.backends import load_runner
+    from cbp_platform.segmentation.pipeline import segment_scans
+
+    folder, _ = nnunet_model
+    m, _ = _register(tmp_path / "registry", folder)
+    items = _nifti_items(tmp_path, seed=81)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "P1_qc.png").mkdir()          # a directory where P1's QC image should go: the write fails
+    results, failures = segment_scans(items, load_runner(m, device="cpu"), out, num_workers=0, qc=ScanQC(out))
+    assert failures == [] and [r["pseudonym"] for r in results] == ["P0", "P1"]
+    assert all(Path(r["label_path"]).exists() for r in results)
+    assert "qc" in results[0] and results[1]["qc_error"] in ("IsADirectoryError", "PermissionError", "OSError")
+    qc = batch_qc(results, batch_key="b", delivery_id="d", model_sha256=m.sha256, model_name=m.name, sites={})
+    top = qc.sort("triage_rank").row(0, named=True)
+    assert top["pseudonym"] == "P1" and top["triage_flags"].startswith("QC failed (") and top["qc_image"] is None
+    assert qc["triage_rank"].to_list() == [1, 2]
 
 
 # ---------------------------------------------------------------------------------------------------------

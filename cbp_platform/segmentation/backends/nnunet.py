@@ -270,20 +270,25 @@ class NnunetRunner:
 
     def predict(self, prepared: dict) -> np.ndarray:
         """The platform's label map on the scan's grid."""
-        return self.predict_qc(prepared)[0]
+        return self._run(prepared, with_uncertainty=False)[0]
 
-    @torch.inference_mode()
     def predict_qc(self, prepared: dict) -> tuple[np.ndarray, float]:
         """:meth:`predict`'s label map and nnU-Net's uncertainty over it: the mean normalised entropy of its
         probabilities (averaged over its mirrored passes and folds) over the voxels mapped to a platform muscle."""
+        return self._run(prepared, with_uncertainty=True)
+
+    @torch.inference_mode()
+    def _run(self, prepared: dict, with_uncertainty: bool) -> tuple[np.ndarray, float | None]:
         from cbp_platform.qc.features import entropy_in_muscle
 
         with contextlib.redirect_stdout(io.StringIO()):
-            seg, probs = self.predictor.predict_single_npy_array(
-                np.asarray(prepared["image"], np.float32), {"spacing": list(prepared["spacing"])}, None, None, True)
+            out = self.predictor.predict_single_npy_array(np.asarray(prepared["image"], np.float32),
+                                                          {"spacing": list(prepared["spacing"])}, None, None,
+                                                          with_uncertainty)
+        seg, probs = out if with_uncertainty else (out, None)
         seg = np.asarray(seg)
         labels = np.where(seg < self.lut.size, self.lut[np.clip(seg, 0, self.lut.size - 1)], BACKGROUND)
-        uncertainty = entropy_in_muscle(np.asarray(probs), labels > 0)
+        uncertainty = entropy_in_muscle(np.asarray(probs), labels > 0) if with_uncertainty else None
         return (from_model_orientation(labels.astype(np.uint8).transpose(2, 1, 0), np.asarray(prepared["back"])),
                 uncertainty)
 
