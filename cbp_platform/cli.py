@@ -1,7 +1,7 @@
 """The ``cbp`` command line.
 
 ``cbp synth``               simulate a NAKO-like cohort into the landing zone (ground truth beside it)
-``cbp calibration-report``  paper (STUDY.md) vs simulated cohort figures, computed from a fresh draw
+``cbp calibration-report``  paper (docs/study.md) vs simulated cohort figures, computed from a fresh draw
 ``cbp accuracy``            segmentation Dice, and ICC / bias / limits of agreement of LMM and InterMAT vs truth
 ``cbp lineage``             the chain behind the published results; ``--participant`` one participant's path
 ``cbp instance init``       write ``$DAGSTER_HOME/dagster.yaml`` for the deployment profile, size the gpu pool
@@ -472,8 +472,9 @@ def _cmd_qc_list(args: argparse.Namespace) -> int:
     total = q.height
     if args.limit and args.limit > 0:
         q = q.head(args.limit)
-    cols = ["triage_rank", "pseudonym", "batch_key", "delivery_id", "site", "model_name", "label_sha256", "triage_score",
-            "triage_flags", "lean_ml", "imat_pct", "decision", "reason", "reviewer", "reviewed_at", "outdated"]
+    cols = ["triage_rank", "pseudonym", "batch_key", "delivery_id", "site", "model_name", "label_sha256",
+            "triage_score", "triage_flags", "lean_ml", "imat_pct", "decision", "reason", "reviewer", "reviewed_at",
+            "outdated"]
     rows = [{c: r.get(c) for c in cols} for r in q.iter_rows(named=True)] if total else []
     if args.json:
         print(json.dumps(rows, indent=1, default=str))

@@ -35,3 +35,22 @@ def test_torch_is_pinned_to_the_cpu_build():
     lock = (ROOT / "requirements.lock").read_text().splitlines()
     assert "torch==2.13.0" in lock
     assert not any(line.startswith(("nvidia-", "triton")) for line in lock)
+
+
+def test_the_repository_cites_only_files_inside_it():
+    """A user's clone has no file outside the repository: no citation of the design's external study file or an
+    absolute path of a developer's machine, and every relative Markdown link of the docs resolves."""
+    import re
+
+    texts = [p for d in ("cbp_platform", "assets", "resources", "checks", "tests", "docs", "benchmarks", "tools")
+             for p in (ROOT / d).rglob("*") if p.suffix in (".py", ".md", ".yaml")] + [ROOT / "README.md"]
+    outside = re.compile(r"STUDY\.md|\.\./shared|/work/main|/work/shared")
+    offenders = [str(p.relative_to(ROOT)) for p in texts if p.name != "test_architecture.py"
+                 and outside.search(p.read_text(errors="replace"))]
+    assert offenders == []
+    broken = []
+    for md in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", md.read_text()):
+            if "://" not in target and not (md.parent / target).exists():
+                broken.append(f"{md.relative_to(ROOT)} -> {target}")
+    assert broken == []

@@ -1,6 +1,6 @@
 """Disclosure control for published outputs: small-cell suppression and the pseudonym guard.
 
-NAKO results leave the secure environment only as aggregates (STUDY.md, data protection). Two rules follow:
+NAKO results leave the secure environment only as aggregates (docs/study.md, data protection). Two rules follow:
 
 * :func:`suppress_small_cells`: a count under ``min_count`` (default 5) is replaced by ``"<5"``, and so is every
   statistic computed from that cell (its %, median, CI ...). Secondary suppression then stops the hidden

@@ -645,7 +645,7 @@ def render_report(out_dir: str | Path, *, flow: pl.DataFrame, table_one: pl.Data
     doc.table(pub["stratified"])
 
     doc.heading("6. Paper vs this run", "paper-vs-run")
-    doc.para("Paper values from the published abstract (STUDY.md); the abstract does not say whether the "
+    doc.para("Paper values from the published abstract (docs/study.md); the abstract does not say whether the "
              "stratified values are medians or means (this run: medians).", note=True)
     doc.table(pub["paper_vs_run"])
 

@@ -171,7 +171,7 @@ def stratified_comparisons(frame: pl.DataFrame, strata: Sequence[str] = ("osteoa
     """Within each stratum (participants with the comorbidity), the exposures in CBP vs no CBP.
 
     Columns: stratum, exposure, label, then for g in (cbp, no_cbp) ``g_n``, ``g_median``, ``g_q1``, ``g_q3``,
-    ``g_mean``; u_statistic, p_value (two-sided Mann-Whitney U), test. Paper (STUDY.md): osteoarthritis LMM
+    ``g_mean``; u_statistic, p_value (two-sided Mann-Whitney U), test. Paper (docs/study.md): osteoarthritis LMM
     22.9 vs 24.3, InterMAT 7.53 % vs 6.96 %; osteoporosis LMM 20.9 vs 21.3, InterMAT 8.43 % vs 7.9 %.
     """
     rows = []

@@ -1,4 +1,4 @@
-"""Calibrate the unpublished outcome-model coefficients to STUDY.md's marginal figures.
+"""Calibrate the unpublished outcome-model coefficients to docs/study.md's marginal figures.
 
 The paper gives the exposure ORs but not the intercept, age, sex or activity coefficients. Given the rest of
 the cohort model, this module solves for those five coefficients (and the NRS intercept) so that the

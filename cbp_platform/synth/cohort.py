@@ -5,7 +5,7 @@ back-muscle composition and the two pain outcomes) is drawn here, as one table, 
 The phantom renderer (:mod:`cbp_platform.synth.phantom`) then builds images whose compartment volumes and
 intermuscular fat match the drawn truth.
 
-Calibration targets are STUDY.md's (Ziegelmayer et al. 2025): 21.8 % CBP prevalence, 44.3 % women, CBP group
+Calibration targets are docs/study.md's (Ziegelmayer et al. 2025): 21.8 % CBP prevalence, 44.3 % women, CBP group
 half women, median age 53 with CBP and 48 without, physical-activity shares 39.6/46.6/13.8 % with CBP
 prevalence 24.6/19.4/22.0 %, and the adjusted ORs per 2 SD of LMM (0.87) and InterMAT (1.22) for CBP and
 (0.63, 1.22) for pain intensity NRS >= 4. Five of the outcome-model coefficients (intercept, age, sex, the
@@ -83,7 +83,7 @@ class CohortParameters:
     lr_asymmetry_sd: float = 0.03                        # log-ratio SD, left vs right
 
     # --- outcome models (logit scale) -------------------------------------------------------------------
-    # Generating ORs per 2 SD of the *population* SD of the true exposures (STUDY.md).
+    # Generating ORs per 2 SD of the *population* SD of the true exposures (docs/study.md).
     or_lmm_2sd: float = 0.87
     or_imat_2sd: float = 1.22
     or_lmm_2sd_nrs: float = 0.63

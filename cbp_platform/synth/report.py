@@ -1,4 +1,4 @@
-"""Paper (STUDY.md) vs simulated cohort: the calibration table, computed from a fresh draw."""
+"""Paper (docs/study.md) vs simulated cohort: the calibration table, computed from a fresh draw."""
 
 from __future__ import annotations
 
@@ -104,7 +104,7 @@ def calibration_table(n: int = 30868, seed: int = 1, params: CohortParameters | 
         ("NRS >= 4: OR LMM per 2 SD", "0.63 (0.57-0.70)", fo(ors_nrs["lmm"])),
         ("NRS >= 4: OR InterMAT per 2 SD", "1.22 (1.13-1.30)", fo(ors_nrs["imat"])),
     ]
-    lines = [f"Calibration: paper (STUDY.md) vs simulated cohort (N={n:,}, seed={seed})", "",
+    lines = [f"Calibration: paper (docs/study.md) vs simulated cohort (N={n:,}, seed={seed})", "",
              "| figure | paper | simulated |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     return "\n".join(lines)

@@ -33,7 +33,7 @@ from cbp_platform.stats.design import (DESIGN_ATOL, INEXACT_DESIGN_COLUMNS, INTE
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "lme4"
 CASES = ("small", "paper", "clustered")
-PAPER_OR = {"lmm_z2": 0.87, "imat_z2": 1.22}     # STUDY.md, CBP, per 2 SD
+PAPER_OR = {"lmm_z2": 0.87, "imat_z2": 1.22}     # docs/study.md, CBP, per 2 SD
 
 
 def _reference(name: str) -> dict:

@@ -1,4 +1,4 @@
-"""The cohort model lands near STUDY.md's figures and recovers its generating ORs."""
+"""The cohort model lands near docs/study.md's figures and recovers its generating ORs."""
 
 from __future__ import annotations
 
