@@ -26,6 +26,7 @@ UNIQUE_KEYS: dict[str, tuple[str, ...]] = {
     "raw_mri_scans": ("pseudonym",),
     "participant_covariates": ("pseudonym",),
     "muscle_segmentations": ("pseudonym",),
+    "segmentation_qc": ("pseudonym",),
     "muscle_metrics": ("pseudonym", "muscle"),
     "comparison_segmentations": ("pseudonym", "model_name"),
     "comparison_metrics": ("pseudonym", "model_name", "muscle"),

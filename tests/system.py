@@ -10,6 +10,7 @@ import contextlib
 import glob
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -139,3 +140,42 @@ def wait_http(url: str, timeout_s: float, proc: subprocess.Popen | None = None) 
             last = exc
         time.sleep(1)
     raise TimeoutError(f"{url} did not answer within {timeout_s:.0f} s ({last})")
+
+
+CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage"]
+
+
+@contextlib.contextmanager
+def served(cmd: list[str], *, env: dict, cwd: Path, log_path: Path, ready_url: str, timeout_s: float,
+           stop_timeout_s: float = 60):
+    """A server process (its own session, output to ``log_path``) that answers ``ready_url``; stopped with
+    SIGTERM to its process group on exit, SIGKILL if it does not stop within ``stop_timeout_s``."""
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_http(ready_url, timeout_s, proc)
+            yield proc
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=stop_timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=stop_timeout_s)
+
+
+@contextlib.contextmanager
+def chromium_page(viewport: dict, timeout_ms: int):
+    """A page of Debian's headless Chromium driven by Playwright (no browser download)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
+        pg = browser.new_page(viewport=viewport)
+        pg.set_default_timeout(timeout_ms)
+        try:
+            yield pg
+        finally:
+            browser.close()

@@ -9,8 +9,6 @@ for success and reads the asset checks' results. Screenshots go to ``artifacts/u
 
 import os
 import re
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,14 +16,11 @@ from pathlib import Path
 import pytest
 
 from tests.registration import register_batches
-from tests.system import chromium_path, free_port, require, wait_http
+from tests.system import chromium_page, chromium_path, free_port, require, served
 
 pytestmark = pytest.mark.ui
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = Path(os.environ.get("CBP_UI_ARTIFACTS", ROOT / "artifacts" / "ui"))
-CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage"]
 ASSETS = {"raw_mri_scans", "participant_covariates", "ingestion_summary", "segmentation_model",
           "muscle_segmentations", "muscle_metrics", "analysis_cohort", "cbp_association_model", "pain_intensity_model",
           "table_one", "stratified_comparisons", "physical_activity_prevalence", "published_results", "qc_reviews"}
@@ -43,33 +38,17 @@ def ui(tmp_path_factory):
     port = free_port()
     env = {**os.environ, "CBP_DATA_ROOT": str(root), "DAGSTER_HOME": str(root / "dagster_home"),
            "CBP_AUTOMATION": "stopped", "GX_ANALYTICS_ENABLED": "False", "CBP_DEPLOYMENT": "local"}
-    log = open(root / "dagster-dev.log", "w")
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("dagster")), "dev", "-w", "workspace.yaml",
-                             "-h", "127.0.0.1", "-p", str(port)], cwd=ROOT, env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/server_info", 240, proc)
+    with served([str(Path(sys.executable).with_name("dagster")), "dev", "-w", "workspace.yaml", "-h", "127.0.0.1",
+                 "-p", str(port)], env=env, cwd=ROOT, log_path=root / "dagster-dev.log",
+                ready_url=f"http://127.0.0.1:{port}/server_info", timeout_s=240):
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         yield {"url": f"http://127.0.0.1:{port}", "keys": keys, "root": root}
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
 
 
 @pytest.fixture(scope="module")
 def page(ui):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
-        pg = browser.new_page(viewport={"width": 1800, "height": 1000})
-        pg.set_default_timeout(60_000)
+    with chromium_page({"width": 1800, "height": 1000}, 60_000) as pg:
         yield pg
-        browser.close()
 
 
 def _dismiss_welcome(pg) -> None:

@@ -9,23 +9,18 @@ warehouse and the Dagster instance. The server's log must name no pseudonym. Scr
 """
 
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from tests.qc.test_review_store import build_warehouse
-from tests.system import chromium_path, free_port, require, wait_http
+from tests.system import chromium_page, chromium_path, free_port, require, served
 
 pytestmark = pytest.mark.ui
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = Path(os.environ.get("CBP_UI_ARTIFACTS", ROOT / "artifacts" / "ui"))
 BATCH = "b002"
-CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage"]
 
 
 @pytest.fixture(scope="module")
@@ -41,34 +36,17 @@ def app(tmp_path_factory):
     env.update({"CBP_DATA_ROOT": str(root), "DAGSTER_HOME": str(home), "GX_ANALYTICS_ENABLED": "False",
                 "CBP_DEPLOYMENT": "local", "CBP_AUTOMATION": "stopped"})
     log_path = root / "qc-serve.log"
-    log = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "cbp_platform.cli", "qc", "serve", "--port", str(port),
-                             "--reviewer", "alice"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/static/app.css", 60, proc)
+    with served([sys.executable, "-m", "cbp_platform.cli", "qc", "serve", "--port", str(port), "--reviewer",
+                 "alice"], env=env, cwd=ROOT, log_path=log_path, ready_url=f"http://127.0.0.1:{port}/static/app.css",
+                timeout_s=60, stop_timeout_s=20):
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         yield {**wh, "url": f"http://127.0.0.1:{port}", "home": home, "log": log_path}
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=20)
-        log.close()
 
 
 @pytest.fixture(scope="module")
 def page(app):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
-        pg = browser.new_page(viewport={"width": 1600, "height": 900})
-        pg.set_default_timeout(20_000)
+    with chromium_page({"width": 1600, "height": 900}, 20_000) as pg:
         yield pg
-        browser.close()
 
 
 def test_reject_with_the_keyboard(app, page):
