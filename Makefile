@@ -74,8 +74,11 @@ test: $(STAMP) $(SYSDEPS_STAMP)
 test-ui: $(STAMP) $(SYSDEPS_STAMP)
 	CBP_REQUIRE_SYSTEM_TESTS=1 $(PY) -m pytest -q -m ui
 
-bench: $(STAMP)
-	$(PY) benchmarks/run.py
+# Every benchmark, or some of them: make bench BENCH="warehouse analysis". The warehouse benchmark starts its
+# own PostgreSQL server (Debian's postgresql, installed by sysdeps).
+BENCH ?=
+bench: $(STAMP) $(SYSDEPS_STAMP)
+	$(PY) benchmarks/run.py $(BENCH)
 
 dev: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
 	$(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p $${DAGSTER_PORT:-3000}

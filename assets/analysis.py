@@ -17,7 +17,7 @@ import polars as pl
 from assets.ingestion import participant_covariates, raw_mri_scans
 from assets.segmentation import muscle_metrics, muscle_segmentations, segmentation_model
 from cbp_platform.deployment import k8s_step_tags
-from resources import DataRootResource, SegmentationRuntime, Warehouse
+from resources import DataRootResource, MissingTable, SegmentationRuntime, Warehouse
 from resources.reviews import REVIEWS_ASSET, ReviewStore
 
 COHORT_STEP = k8s_step_tags("cpu-large")    # whole-cohort steps: Kubernetes CPU nodes with memory headroom
@@ -28,7 +28,6 @@ TABLES_VERSION = "descriptive_tables/1"
 REPORT_VERSION = "published_results/1"
 PER_BATCH = (raw_mri_scans, participant_covariates, muscle_segmentations, muscle_metrics)
 GROUP = "analysis"
-PUBLISHED_DIR = "published"
 
 
 # the report's names of the two models (cbp_platform.analysis.report: MODEL_LABELS, the paper's values)
@@ -56,11 +55,23 @@ def _record_lineage(context: dg.AssetExecutionContext, warehouse: Warehouse, dat
     warehouse.replace_rows("asset_lineage", df, {"asset": asset})
 
 
+def _required(warehouse: Warehouse, table: str, hint: str, **kw) -> pl.DataFrame:
+    """A table the asset cannot do without: missing or empty, the run fails with ``hint``."""
+    try:
+        df = warehouse.table(table, **kw)
+    except MissingTable:
+        raise dg.Failure(description=f"{table} does not exist in the warehouse: {hint}") from None
+    if df.height == 0:
+        raise dg.Failure(description=f"{table} is empty: {hint}")
+    return df
+
+
+def _cohort_meta(warehouse: Warehouse) -> dict:
+    return _required(warehouse, "analysis_cohort_meta", "materialise analysis_cohort first").row(0, named=True)
+
+
 def _cohort_hash(warehouse: Warehouse) -> str:
-    m = warehouse.query("SELECT cohort_hash FROM analysis_cohort_meta")
-    if m.height == 0:
-        raise dg.Failure(description="analysis_cohort_meta is empty: materialise analysis_cohort first")
-    return m["cohort_hash"][0]
+    return _cohort_meta(warehouse)["cohort_hash"]
 
 
 @dg.asset(op_tags=COHORT_STEP,
@@ -74,16 +85,17 @@ def analysis_cohort(context: dg.AssetExecutionContext, config: CohortConfig, war
     from cbp_platform.analysis.report import markdown_table
     from cbp_platform.qc import reviews as rv
 
-    cov = warehouse.query("SELECT * FROM participant_covariates")
-    scans = warehouse.query("SELECT * FROM raw_mri_scans")
-    metrics = warehouse.query("SELECT * FROM muscle_metrics")
-    quarantine = warehouse.query("SELECT * FROM quarantine")
-    if cov.height == 0:
-        raise dg.Failure(description="no participant_covariates rows: ingest at least one batch first")
+    ingest = "ingest at least one batch first"
+    cov = _required(warehouse, "participant_covariates", ingest, order_by=["pseudonym"])
+    scans = _required(warehouse, "raw_mri_scans", ingest, order_by=["pseudonym"])
+    metrics = warehouse.table("muscle_metrics", order_by=["pseudonym", "muscle"], missing_ok=True)
+    if metrics is None:            # no batch segmented yet: every participant is excluded as not segmented
+        metrics = pl.DataFrame()
+    quarantine = warehouse.table("quarantine", order_by=["batch_key", "stage", "pseudonym"])
     reviews = ReviewStore(warehouse)
     history = reviews.reviews()
-    prov = warehouse.query("SELECT pseudonym, input_checksums, recorded_at FROM provenance "
-                           "WHERE stage = 'muscle_metrics' ORDER BY recorded_at")
+    prov = warehouse.table("provenance", columns=["pseudonym", "input_checksums", "recorded_at"],
+                           where={"stage": "muscle_metrics"}, order_by=["recorded_at", "pseudonym"])
     decisions = rv.effective_reviews(history, rv.analysed_maps(reviews.current_maps(), prov))
     n_reviews, reviews_sha = rv.digest(history)
     try:
@@ -92,16 +104,16 @@ def analysis_cohort(context: dg.AssetExecutionContext, config: CohortConfig, war
     except ValueError as exc:
         raise dg.Failure(description=f"analysis_cohort: {exc}") from None
     batches = sorted(set(cov["batch_key"].to_list()) | set(metrics["batch_key"].to_list() if metrics.height else []))
-    warehouse.replace_rows("analysis_cohort", cohort.frame, {})
-    warehouse.replace_rows("analysis_exclusions", cohort.exclusions, {})
-    warehouse.replace_rows("exclusion_flow", cohort.flow, {})
     meta = pl.DataFrame([{"cohort_hash": cohort.cohort_hash, "lmm_normaliser": cohort.lmm_normaliser,
                           "lmm_unit": cohort.lmm_unit, "standardisation": json.dumps(cohort.standardisation),
                           "batches": json.dumps(batches), "n_analysed": cohort.n,
                           "reviews_count": n_reviews, "reviews_sha256": reviews_sha,
                           "qc_rejected": int(decisions.filter(pl.col("decision") == "reject").height),
                           "qc_outdated": int(decisions["outdated"].sum()) if decisions.height else 0}])
-    warehouse.replace_rows("analysis_cohort_meta", meta, {})
+    # the cohort, its exclusions, its flow and its meta (with the hash) in one transaction: never a hash that
+    # describes another cohort than the one stored
+    warehouse.replace_many([("analysis_cohort", cohort.frame, {}), ("analysis_exclusions", cohort.exclusions, {}),
+                            ("exclusion_flow", cohort.flow, {}), ("analysis_cohort_meta", meta, {})])
     _record_lineage(context, warehouse, cohort.cohort_hash, [a.key.to_user_string() for a in PER_BATCH],
                     cohort.cohort_hash)
     flow_md = markdown_table(cohort.flow.select("description", pl.col("excluded").cast(pl.String),
@@ -118,10 +130,12 @@ def analysis_cohort(context: dg.AssetExecutionContext, config: CohortConfig, war
 
 
 def _fit_model(context: dg.AssetExecutionContext, config: ModelConfig, warehouse: Warehouse, *, name: str,
-               outcome: str, population: str, where: str = "") -> dg.MaterializeResult:
+               outcome: str, population: str, answered_only: bool = False) -> dg.MaterializeResult:
     from cbp_platform.stats import PAPER_COVARIATES, ModelCheckError, fit_glmm, sensitivity_table
 
-    frame = warehouse.query(f"SELECT * FROM analysis_cohort {where}")
+    frame = _cohort_frame(warehouse)
+    if answered_only:
+        frame = frame.filter(pl.col(outcome).is_not_null())
     cohort_hash = _cohort_hash(warehouse)
     fixed = list(PAPER_COVARIATES)
     t0 = time.perf_counter()
@@ -179,7 +193,7 @@ def cbp_association_model(context: dg.AssetExecutionContext, config: ModelConfig
 def pain_intensity_model(context: dg.AssetExecutionContext, config: ModelConfig,
                          warehouse: Warehouse) -> dg.MaterializeResult:
     return _fit_model(context, config, warehouse, name="pain_intensity_model", outcome="nrs_high",
-                      population="analysed participants with an NRS answer", where="WHERE nrs_high IS NOT NULL")
+                      population="analysed participants with an NRS answer", answered_only=True)
 
 
 def _table_asset(context, warehouse: Warehouse, table: str, df: pl.DataFrame) -> dg.MaterializeResult:
@@ -198,9 +212,8 @@ def _table_asset(context, warehouse: Warehouse, table: str, df: pl.DataFrame) ->
 def table_one(context: dg.AssetExecutionContext, warehouse: Warehouse) -> dg.MaterializeResult:
     from cbp_platform.analysis.tables import table_one as build
 
-    meta = warehouse.query("SELECT lmm_unit FROM analysis_cohort_meta")
     return _table_asset(context, warehouse, "table_one",
-                        build(_frame(warehouse), lmm_unit=meta["lmm_unit"][0] if meta.height else "cm3/(kg/m)"))
+                        build(_frame(warehouse), lmm_unit=_cohort_meta(warehouse)["lmm_unit"]))
 
 
 @dg.asset(op_tags=COHORT_STEP,
@@ -222,11 +235,15 @@ def physical_activity_prevalence(context: dg.AssetExecutionContext, warehouse: W
     return _table_asset(context, warehouse, "physical_activity_prevalence", build(_frame(warehouse)))
 
 
+def _cohort_frame(warehouse: Warehouse) -> pl.DataFrame:
+    return _required(warehouse, "analysis_cohort", "materialise analysis_cohort first", order_by=["pseudonym"])
+
+
 def _frame(warehouse: Warehouse) -> pl.DataFrame:
+    """The analysed cohort for the descriptive tables: MET categories in their order."""
     from cbp_platform.analysis.cohort import MET_CATEGORY
 
-    f = warehouse.query("SELECT * FROM analysis_cohort")
-    return f.with_columns(pl.col("met_category").cast(pl.String).cast(MET_CATEGORY)) if f.height else f
+    return _cohort_frame(warehouse).with_columns(pl.col("met_category").cast(pl.String).cast(MET_CATEGORY))
 
 
 def _latest(instance: dg.DagsterInstance, key: dg.AssetKey, partition: str | None = None) -> dict:
@@ -257,22 +274,16 @@ def published_results(context: dg.AssetExecutionContext, data_root: DataRootReso
                                       input_digests, package_versions, write_manifest)
     from cbp_platform.warehouse import now_utc
 
-    meta = warehouse.query("SELECT * FROM analysis_cohort_meta")
-    if meta.height == 0:
-        raise dg.Failure(description="analysis_cohort_meta is empty: materialise analysis_cohort first")
-    meta = meta.row(0, named=True)
+    meta = _cohort_meta(warehouse)
     cohort_hash = meta["cohort_hash"]
-    flow = warehouse.query("SELECT * FROM exclusion_flow ORDER BY step")
-    t1 = warehouse.query("SELECT * FROM table_one")
-    pa = warehouse.query("SELECT * FROM physical_activity_prevalence")
-    strat = warehouse.query("SELECT * FROM stratified_comparisons")
-    results = warehouse.query("SELECT * FROM model_results")
-    fits = warehouse.query("SELECT * FROM model_fits ORDER BY analysis")
-    for name, df in (("exclusion_flow", flow), ("table_one", t1), ("physical_activity_prevalence", pa),
-                     ("stratified_comparisons", strat), ("model_fits", fits)):
-        if df.height == 0:
-            raise dg.Failure(description=f"{name} is empty: materialise the analysis assets first")
-    lineage_rows = warehouse.query("SELECT * FROM asset_lineage")
+    first = "materialise the analysis assets first"
+    flow = _required(warehouse, "exclusion_flow", first, order_by=["step"])
+    t1 = _required(warehouse, "table_one", first)
+    pa = _required(warehouse, "physical_activity_prevalence", first)
+    strat = _required(warehouse, "stratified_comparisons", first)
+    results = _required(warehouse, "model_results", first)
+    fits = _required(warehouse, "model_fits", first, order_by=["analysis"])
+    lineage_rows = _required(warehouse, "asset_lineage", first, order_by=["asset"])
     made_on = {r["asset"]: r["cohort_hash"] for r in lineage_rows.iter_rows(named=True)}
     stale = [a.key.to_user_string() for a in REPORT_INPUTS if a is not segmentation_model
              and made_on.get(a.key.to_user_string()) != cohort_hash]
@@ -298,9 +309,11 @@ def published_results(context: dg.AssetExecutionContext, data_root: DataRootReso
     for b in batches:
         batch_rows.append({"batch_key": b, "assets": {a.key.to_user_string(): _latest(instance, a.key, b)
                                                       for a in PER_BATCH}})
-    scans = warehouse.query("SELECT pseudonym, delivery_id, water_sha256, fat_sha256 FROM raw_mri_scans")
-    segs = warehouse.query("SELECT pseudonym, label_sha256, model_sha256 FROM muscle_segmentations")
-    analysed = warehouse.query("SELECT pseudonym FROM analysis_cohort")["pseudonym"].to_list()
+    scans = warehouse.table("raw_mri_scans", columns=["pseudonym", "delivery_id", "water_sha256", "fat_sha256"],
+                            order_by=["pseudonym"])
+    segs = warehouse.table("muscle_segmentations", columns=["pseudonym", "label_sha256", "model_sha256"],
+                           order_by=["pseudonym"])
+    analysed = warehouse.table("analysis_cohort", columns=["pseudonym"], order_by=["pseudonym"])["pseudonym"].to_list()
     cur = json.loads(runtime.current_pointer.read_text()) if runtime.current_pointer.exists() else {}
     comparisons = _current_comparisons(warehouse, cur.get("weights_sha256"))
     cohort_assets = {}
@@ -338,7 +351,7 @@ def published_results(context: dg.AssetExecutionContext, data_root: DataRootReso
         "packages": package_versions(),
         "cohort_assets": cohort_assets,
     }
-    out_dir = data_root.path / PUBLISHED_DIR / cohort_hash[:16]
+    out_dir = data_root.layout.report_dir(cohort_hash)
     report_lineage = {"cohort_hash": cohort_hash, "batches": len(batches),
                       "deliveries": len(manifest["deliveries"]),
                       "input_files_digest": manifest["inputs"]["input_files"]["sha256_digest"],
@@ -356,7 +369,7 @@ def published_results(context: dg.AssetExecutionContext, data_root: DataRootReso
         raise dg.Failure(description=f"published_results: {type(exc).__name__}: {exc}") from None
     manifest["files"] = {k: {"path": str(p.relative_to(out_dir)), "sha256": sha256_file(p)} for k, p in written.items()}
     write_manifest(out_dir / MANIFEST_NAME, manifest)
-    atomic_write_bytes(data_root.path / PUBLISHED_DIR / "latest.json",
+    atomic_write_bytes(data_root.layout.latest_report,
                        json.dumps({"path": str(out_dir), "cohort_hash": cohort_hash,
                                    "run_id": context.run.run_id}, indent=1).encode())
     _record_lineage(context, warehouse, cohort_hash, cohort_assets["published_results"]["upstream"], cohort_hash)
@@ -373,8 +386,8 @@ def published_results(context: dg.AssetExecutionContext, data_root: DataRootReso
 
 def _current_comparisons(warehouse: Warehouse, primary_sha256: str | None) -> list[dict]:
     """The model comparisons made against the current primary model (one per compared model, the latest)."""
-    rows = warehouse.query("SELECT * FROM model_comparisons ORDER BY model_name")
-    if rows.height == 0:
+    rows = warehouse.table("model_comparisons", order_by=["model_name"], missing_ok=True)
+    if rows is None:             # no model compared yet
         return []
     return [{**json.loads(r["comparison"]), "run_id": r["run_id"]} for r in rows.iter_rows(named=True)
             if r["primary_sha256"] == primary_sha256]

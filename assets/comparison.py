@@ -61,13 +61,11 @@ def comparison_metrics(context: dg.AssetExecutionContext, config: ComparisonConf
         runner = load_runner(manifest, device=runtime.device, sw_batch_size=runtime.sw_batch_size)
     except ManifestError as exc:
         raise dg.Failure(description=str(exc)) from None
-    rows = warehouse.query("SELECT s.pseudonym, r.water_path, r.fat_path, r.water_sha256, r.fat_sha256, r.source_format "
-                           "FROM muscle_segmentations s JOIN raw_mri_scans r USING (batch_key, pseudonym) "
-                           "WHERE s.batch_key = ? ORDER BY s.pseudonym", [key])
+    rows = warehouse.segmented_scans(key).drop("label_path", "label_sha256")
     ddir = data_root.landing / batch.delivery_id
     items = [{"pseudonym": r["pseudonym"], **scan_files(data_root.layout, batch.delivery_id, r)}
              for r in rows.iter_rows(named=True)]
-    out_dir = data_root.path / "derived" / "comparisons" / manifest.name / batch.delivery_id
+    out_dir = data_root.layout.comparisons(manifest.name, batch.delivery_id)
     t0 = time.perf_counter()
     results, failures = segment_scans(items, runner, out_dir, num_workers=runtime.num_workers,
                                       progress=RateLogger(context.log.info, len(items),
@@ -130,9 +128,10 @@ def model_comparison(context: dg.AssetExecutionContext, config: ComparisonConfig
     primary = primary_manifest(runtime)
     if other.name == primary.name:
         raise dg.Failure(description=f"{other.name} is the primary model; compare another registered model")
-    segs = warehouse.query("SELECT * FROM muscle_segmentations")
-    csegs = warehouse.query("SELECT * FROM comparison_segmentations WHERE model_name = ?", [other.name])
-    if csegs.height == 0:
+    segs = warehouse.table("muscle_segmentations", order_by=["pseudonym"])
+    csegs = warehouse.table("comparison_segmentations", where={"model_name": other.name}, order_by=["pseudonym"],
+                            missing_ok=True)
+    if csegs is None or csegs.height == 0:
         raise dg.Failure(description=f"no comparison_metrics rows for {other.name}: materialise comparison_metrics "
                                      "for the batches first (cbp model compare does both)")
     batches = sorted(set(csegs["batch_key"].to_list()))
@@ -142,12 +141,12 @@ def model_comparison(context: dg.AssetExecutionContext, config: ComparisonConfig
     t0 = time.perf_counter()
     dice = label_dice(pairs, progress=RateLogger(context.log.info, pairs.height, "label maps compared",
                                                  unit="pairs"))
-    met = warehouse.query("SELECT * FROM muscle_metrics").filter(pl.col("batch_key").is_in(batches))
-    cmet = warehouse.query("SELECT * FROM comparison_metrics WHERE model_name = ?", [other.name])
-    cov = warehouse.query("SELECT * FROM participant_covariates").filter(pl.col("batch_key").is_in(batches))
-    scans = warehouse.query("SELECT * FROM raw_mri_scans").filter(pl.col("batch_key").is_in(batches))
-    quarantine = warehouse.query("SELECT * FROM quarantine")
-    quarantine = quarantine.filter(pl.col("batch_key").is_in(batches)) if quarantine.height else quarantine
+    in_batches = {"batch_key": batches}
+    met = warehouse.table("muscle_metrics", where=in_batches, order_by=["pseudonym", "muscle"])
+    cmet = warehouse.table("comparison_metrics", where={"model_name": other.name}, order_by=["pseudonym", "muscle"])
+    cov = warehouse.table("participant_covariates", where=in_batches, order_by=["pseudonym"])
+    scans = warehouse.table("raw_mri_scans", where=in_batches, order_by=["pseudonym"])
+    quarantine = warehouse.table("quarantine", where=in_batches, order_by=["batch_key", "stage", "pseudonym"])
     body = cov.select("pseudonym", "weight_kg", "height_cm")
     agreement = metric_agreement(met, cmet, body)
     keep = pl.col("pseudonym").is_in(pairs["pseudonym"].to_list())

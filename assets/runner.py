@@ -10,20 +10,21 @@ published report). ``python -m assets.runner``.
 import argparse
 import contextlib
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import dagster as dg
+import polars as pl
 
 from assets.partitions import BATCHES
 from assets.reaper import host_tag, reap
 from assets.schedules import COHORT_LEVEL  # noqa: F401  (documents what the refresh covers)
 from assets.sensors import INGEST_JOB, PROCESS_JOB, batch_already_ingested, delivery_sensor
-from cbp_platform.definitions import build_definitions
+from cbp_platform.definitions import build_definitions, runtime, warehouse
+from cbp_platform.processes import environment
 from cbp_platform.progress import bar
-from resources import DataRootResource, SegmentationRuntime
+from resources import DataRootResource
 
 CURSOR_FILE = "demo_sensor_cursor.json"
 
@@ -35,17 +36,8 @@ def pipeline_environment(root: Path):
     home.mkdir(parents=True, exist_ok=True)
     if not (home / "dagster.yaml").exists():
         (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-    old = {k: os.environ.get(k) for k in ("CBP_DATA_ROOT", "DAGSTER_HOME")}
-    os.environ["CBP_DATA_ROOT"] = str(root)
-    os.environ["DAGSTER_HOME"] = str(home)
-    try:
+    with environment({"CBP_DATA_ROOT": str(root), "DAGSTER_HOME": str(home)}):
         yield home
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def run_pending(instance: dg.DagsterInstance, data_root: DataRootResource | None = None, *,
@@ -54,7 +46,7 @@ def run_pending(instance: dg.DagsterInstance, data_root: DataRootResource | None
     defs = build_definitions()
     data_root = data_root or DataRootResource()
     reap(instance, log=lambda m: log(f"  {m}"), own_host_only=True)   # an earlier, killed demo's runs: failed first
-    cursor_path = data_root.path / "registry" / CURSOR_FILE
+    cursor_path = data_root.layout.registry / CURSOR_FILE
     cursor = cursor_path.read_text() if cursor_path.exists() else None
     with dg.build_sensor_context(instance=instance, cursor=cursor, resources={"data_root": data_root}) as ctx:
         result = delivery_sensor(ctx)
@@ -70,7 +62,7 @@ def run_pending(instance: dg.DagsterInstance, data_root: DataRootResource | None
     pending = [k for k in keys if not batch_already_ingested(instance, k, job_name)]
     job = defs.resolve_job_def(job_name)
     quiet = {"loggers": {"console": {"config": {"log_level": log_level}}}}
-    if job_name == PROCESS_JOB and pending and not SegmentationRuntime().current_pointer.exists():
+    if job_name == PROCESS_JOB and pending and not runtime().current_pointer.exists():
         # the per-batch job needs the model: train (or load) it once, with its Dice check. Training is the longest
         # single step (minutes, an hour on a loaded machine): its console logger shows INFO, so its progress lines
         # (iterations, rate, ETA, loss: every 15 s) reach the console, not only the Dagster event log
@@ -119,12 +111,11 @@ def compare_with(instance: dg.DagsterInstance, model: str, *, log=print, log_lev
     segmented, then ``compare_models``, then the report (``published_results``) so the comparison shows in it.
     The runs log at INFO on the console, so each batch's progress (scans, rate, ETA) shows while it runs."""
     from cbp_platform.segmentation.manifest import load_manifest
-    from resources import Warehouse
 
     defs = build_definitions()
-    wh = Warehouse()
-    done = wh.query("SELECT DISTINCT batch_key FROM muscle_segmentations ORDER BY batch_key")
-    keys = done["batch_key"].to_list() if done.height else []
+    done = warehouse().table("muscle_segmentations", columns=["batch_key"], distinct=True, order_by=["batch_key"],
+                             missing_ok=True)
+    keys = done["batch_key"].to_list() if done is not None else []
     summary = {"model": model, "batches": len(keys), "failed": []}
     if not keys:
         log("  no segmented batches yet: run the pipeline (make demo) first")
@@ -132,7 +123,7 @@ def compare_with(instance: dg.DagsterInstance, model: str, *, log=print, log_lev
         return summary
     quiet = {"loggers": {"console": {"config": {"log_level": log_level}}}}
     job = defs.resolve_job_def("compare_model_batch")
-    sha = load_manifest(SegmentationRuntime().registry_path, model).sha256
+    sha = load_manifest(runtime().registry_path, model).sha256
     tags = {"cbp/compared_model": model, "cbp/compared_sha256": sha}
     todo = [k for k in keys if not _compared_since_segmented(instance, k, tags)]
     if len(todo) < len(keys):
@@ -195,7 +186,7 @@ def main(argv=None) -> int:
     print(f"Dagster instance: {instance.root_directory}")
     summary = run_pending(instance, refresh=not args.no_refresh, log_level=args.log_level, progress=args.progress)
     print(json.dumps(summary))
-    latest = DataRootResource().path / "published" / "latest.json"
+    latest = DataRootResource().layout.latest_report
     if latest.exists():
         out = Path(json.loads(latest.read_text())["path"])
         print(f"Published report: {out / 'report.html'} (Markdown: {out / 'report.md'}; lineage: {out / 'lineage.json'})")
@@ -206,13 +197,12 @@ def main(argv=None) -> int:
 def _qc_summary() -> None:
     """Counts of the segmentation QC (images, maps flagged for review, reviews): no pseudonym on the console."""
     from cbp_platform.qc import app_url
-    from resources import Warehouse
 
-    wh = Warehouse()
-    if not wh.path.exists() or not wh.has_table("segmentation_qc"):
+    rows = warehouse().table("segmentation_qc", columns=["batch_key", "triage_flags"], missing_ok=True)
+    if rows is None:            # nothing segmented yet
         return
-    qc = wh.query("SELECT count(*) AS n, count(*) FILTER (WHERE triage_flags <> '') AS flagged, "
-                  "count(DISTINCT batch_key) AS batches FROM segmentation_qc").row(0, named=True)
+    qc = {"n": rows.height, "batches": rows["batch_key"].n_unique(),
+          "flagged": rows.filter(pl.col("triage_flags").fill_null("") != "").height}
     print(f"Segmentation QC: {qc['n']} QC images and triage scores in {qc['batches']} batches, {qc['flagged']} maps "
           f"flagged for review. Review them: .venv/bin/cbp qc serve --reviewer NAME ({app_url()})")
 

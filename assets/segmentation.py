@@ -183,14 +183,15 @@ def muscle_segmentations(context: dg.AssetExecutionContext, data_root: DataRootR
         raise dg.Failure(description=str(exc)) from None
     context.log.info(f"batch {key}: model {manifest.name} ({manifest.backend}, weights {manifest.sha256[:12]}) "
                      f"loaded once for {seg.device}")
-    scans = warehouse.query("SELECT pseudonym, water_path, fat_path, water_sha256, fat_sha256, swap_suspected, source_format "
-                            "FROM raw_mri_scans WHERE batch_key = ? ORDER BY pseudonym", [key])
+    scans = warehouse.table("raw_mri_scans", columns=["pseudonym", "water_path", "fat_path", "water_sha256",
+                                                      "fat_sha256", "swap_suspected", "source_format"],
+                            where={"batch_key": key}, order_by=["pseudonym"])
     ddir = data_root.landing / batch.delivery_id
-    swapped = scans.filter(pl.col("swap_suspected")) if scans.height else scans
-    todo = scans.filter(~pl.col("swap_suspected")) if scans.height else scans
+    swapped = scans.filter(pl.col("swap_suspected"))
+    todo = scans.filter(~pl.col("swap_suspected"))
     items = [{"pseudonym": r["pseudonym"], **scan_files(data_root.layout, batch.delivery_id, r)}
              for r in todo.iter_rows(named=True)]
-    out_dir = data_root.path / "derived" / "segmentations" / batch.delivery_id
+    out_dir = data_root.layout.segmentations(batch.delivery_id)
     progress = RateLogger(context.log.info, len(items), f"batch {key}: segmented", unit="scans",
                           suffix=f"on {seg.device}")
 
@@ -231,9 +232,9 @@ def _batch_covariates(warehouse: Warehouse, key: str) -> tuple[dict[str, str], d
     from cbp_platform.analysis.cohort import NORMALISERS
 
     norm = NORMALISERS["weight_per_height"]
-    cov = warehouse.query("SELECT pseudonym, CAST(site AS VARCHAR) AS site, weight_kg, height_cm "
-                          "FROM participant_covariates WHERE batch_key = ?", [key])
-    if cov.height == 0:
+    cov = warehouse.table("participant_covariates", columns=["pseudonym", "site", "weight_kg", "height_cm"],
+                          where={"batch_key": key}, missing_ok=True)
+    if cov is None or cov.height == 0:   # covariates not ingested yet: QC by batch, no LMM on the QC image
         return {}, {}, norm.unit
     cov = cov.with_columns(norm.denominator().alias("den"))
     return (dict(zip(cov["pseudonym"], cov["site"])),
@@ -278,9 +279,7 @@ def muscle_metrics(context: dg.AssetExecutionContext, data_root: DataRootResourc
 
     key = context.partition_key
     batch = data_root.registry.read(key)
-    rows = warehouse.query("SELECT s.pseudonym, s.label_path, s.label_sha256, r.water_path, r.fat_path, r.source_format "
-                           "FROM muscle_segmentations s JOIN raw_mri_scans r USING (batch_key, pseudonym) "
-                           "WHERE s.batch_key = ? ORDER BY s.pseudonym", [key])
+    rows = warehouse.segmented_scans(key)
     ddir = data_root.landing / batch.delivery_id
     out, quarantine, prov = [], [], []
     steady = RateLogger(context.log.info, rows.height, f"batch {key}: measured", unit="label maps")
@@ -314,8 +313,8 @@ def _accuracy_metadata(data_root: DataRootResource, warehouse: Warehouse, key: s
     """Accuracy against ground truth for a simulated delivery (truth beside the landing zone); {} otherwise."""
     from cbp_platform.segmentation.accuracy import evaluate
 
-    segs = warehouse.query("SELECT delivery_id, pseudonym, label_path FROM muscle_segmentations WHERE batch_key = ?",
-                           [key])
+    segs = warehouse.table("muscle_segmentations", columns=["delivery_id", "pseudonym", "label_path"],
+                           where={"batch_key": key}, order_by=["pseudonym"])
     if segs.height == 0 or not (data_root.layout.truth / segs["delivery_id"][0] / "participants.csv").exists():
         return {}
     r = evaluate(segs, metrics, data_root.layout.truth)

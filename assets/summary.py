@@ -28,17 +28,9 @@ def ingestion_summary(context: dg.AssetExecutionContext, data_root: DataRootReso
                         "registered": [len(r["participants"]) for r in recs],
                         "batches": [len(r["batches"]) for r in recs]},
                        schema={"delivery_id": pl.String, "registered": pl.Int64, "batches": pl.Int64})
-    scans = warehouse.query("SELECT delivery_id, count(*) AS scans_valid, "
-                            "sum(CASE WHEN swap_suspected THEN 1 ELSE 0 END) AS swap_suspected "
-                            "FROM raw_mri_scans GROUP BY delivery_id")
-    cov = warehouse.query("SELECT delivery_id, count(*) AS covariates_valid FROM participant_covariates "
-                          "GROUP BY delivery_id")
-    both = warehouse.query("SELECT s.delivery_id, count(*) AS ingested FROM raw_mri_scans s JOIN "
-                           "participant_covariates c USING (batch_key, pseudonym) GROUP BY s.delivery_id")
-    quar = warehouse.query("SELECT delivery_id, count(DISTINCT pseudonym) AS quarantined FROM quarantine "
-                           "GROUP BY delivery_id")
+    counts = warehouse.ingestion_counts()
     out = reg
-    for t in (scans, cov, both, quar):
+    for t in (counts["scans"], counts["covariates"], counts["both"], counts["quarantined"]):
         if t.height:
             out = out.join(t, on="delivery_id", how="left")
     for c in ("scans_valid", "swap_suspected", "covariates_valid", "ingested", "quarantined"):
@@ -47,8 +39,7 @@ def ingestion_summary(context: dg.AssetExecutionContext, data_root: DataRootReso
         out = out.with_columns(pl.col(c).fill_null(0).cast(pl.Int64))
     out = out.sort("delivery_id")
     checksum = warehouse.replace_rows("ingestion_summary", out, {})
-    reasons = warehouse.query("SELECT stage, reason, count(*) AS n FROM quarantine GROUP BY stage, reason "
-                              "ORDER BY stage, reason")
+    reasons = counts["stage_reasons"]
     totals = {c: int(out[c].sum()) for c in ("registered", "scans_valid", "covariates_valid", "ingested",
                                              "quarantined", "swap_suspected")}
     context.log.info(f"ingestion summary over {out.height} deliveries: {totals}")

@@ -20,17 +20,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # run as a script: the repo root (tests/)
 
 
-def run(n: int = 30868, seed: int = 1, batches: int = 124) -> dict:
+def refresh_at_scale(root: Path, n: int, seed: int, batches: int, warehouse=None) -> tuple:
+    """Write the per-batch tables of ``n`` simulated participants into ``warehouse`` (default: the data root's
+    DuckDB file), then run ``cohort_refresh`` through Dagster. Returns (write s, refresh s, result, step seconds)."""
     import dagster as dg
 
     from assets.runner import pipeline_environment
     from cbp_platform.definitions import build_definitions
     from tests.analysis.synthetic import write_warehouse
 
-    root = Path(tempfile.mkdtemp(prefix="cbp-bench-analysis-"))
     with pipeline_environment(root):
         t0 = time.perf_counter()
-        write_warehouse(root, n, seed=seed, batches=batches)
+        write_warehouse(root, n, seed=seed, batches=batches, warehouse=warehouse)
         prep = time.perf_counter() - t0
         inst = dg.DagsterInstance.get()
         job = build_definitions().resolve_job_def("cohort_refresh")
@@ -39,7 +40,13 @@ def run(n: int = 30868, seed: int = 1, batches: int = 124) -> dict:
         wall = time.perf_counter() - t1
         steps = {s.step_key: round(s.end_time - s.start_time, 2)
                  for s in inst.get_run_step_stats(res.run_id) if s.end_time and s.start_time}
-        latest = json.loads((root / "published" / "latest.json").read_text()) if res.success else None
+    return prep, wall, res, steps
+
+
+def run(n: int = 30868, seed: int = 1, batches: int = 124) -> dict:
+    root = Path(tempfile.mkdtemp(prefix="cbp-bench-analysis-"))
+    prep, wall, res, steps = refresh_at_scale(root, n, seed, batches)
+    latest = json.loads((root / "published" / "latest.json").read_text()) if res.success else None
     out = {"participants": n, "batches": batches, "prepare_tables_s": round(prep, 1), "refresh_wall_s": round(wall, 1),
            "success": res.success, "steps_s": steps}
     print(f"cohort-level refresh at paper scale: {n} participants in {batches} batches")

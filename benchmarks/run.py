@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import (bench_analysis, bench_ingest, bench_nnunet, bench_seeds, bench_segmentation,  # noqa: E402
-                        bench_stats, bench_synth)
+                        bench_stats, bench_synth, bench_warehouse)
 
 
 def main() -> int:
@@ -24,7 +24,7 @@ def main() -> int:
     results = {}
     for name, mod in (("synth", bench_synth), ("ingest", bench_ingest), ("segmentation", bench_segmentation),
                       ("seeds", bench_seeds), ("nnunet", bench_nnunet), ("stats", bench_stats),
-                      ("analysis", bench_analysis)):
+                      ("analysis", bench_analysis), ("warehouse", bench_warehouse)):
         if not only or name in only:
             results[name] = mod.run()
     stamp = time.strftime("%Y%m%dT%H%M%S")

@@ -77,49 +77,52 @@ def _cmd_calibration(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_accuracy(args: argparse.Namespace) -> int:
+def _open_warehouse(cmd: str, data_root: str | None):
+    """The deployment profile's warehouse (DuckDB under the data root, or PostgreSQL), or None with the reason
+    on stderr when it holds nothing yet or cannot be reached."""
+    from cbp_platform.definitions import warehouse
 
-    import duckdb
+    try:
+        wh = warehouse(data_root)
+        if wh.tables():
+            return wh
+        print(f"cbp {cmd}: error: the warehouse {wh.location} holds no tables yet (run the pipeline first: "
+              "make demo)", file=sys.stderr)
+    except Exception as exc:  # noqa: BLE001  (a server down or a wrong setting: reported, not a traceback)
+        print(f"cbp {cmd}: error: cannot open the warehouse: {type(exc).__name__}: {str(exc).splitlines()[0]}",
+              file=sys.stderr)
+    return None
+
+
+def _warehouse_tables(wh, reads: dict[str, tuple[str, dict]]) -> dict:
+    """Several reads for display (name -> (table, ``Warehouse.table`` arguments)); a table not created yet
+    shows as empty here, on purpose: an operator command lists what exists."""
     import polars as pl
 
+    out = {}
+    for name, (table, kw) in reads.items():
+        df = wh.table(table, missing_ok=True, **kw)
+        out[name] = pl.DataFrame() if df is None else df
+    return out
+
+
+def _cmd_accuracy(args: argparse.Namespace) -> int:
     from cbp_platform.paths import DataLayout
     from cbp_platform.segmentation.accuracy import evaluate, format_report
 
     layout = DataLayout.from_env(args.data_root)
-    db = layout.root / "warehouse" / "cbp.duckdb"
-    if not db.exists():
-        print(f"cbp accuracy: error: {db} not found (run the pipeline first: make demo)", file=sys.stderr)
+    wh = _open_warehouse("accuracy", args.data_root)
+    if wh is None:
         return 2
-    con = duckdb.connect(str(db), read_only=True)
-    try:
-        segs = pl.from_arrow(con.sql("SELECT delivery_id, pseudonym, label_path FROM muscle_segmentations").to_arrow_table())
-        mets = pl.from_arrow(con.sql("SELECT * FROM muscle_metrics").to_arrow_table())
-    except duckdb.CatalogException:
+    if not wh.has_table("muscle_metrics"):
         print("cbp accuracy: error: no segmentations in the warehouse yet", file=sys.stderr)
         return 2
-    finally:
-        con.close()
+    segs = wh.table("muscle_segmentations", columns=["delivery_id", "pseudonym", "label_path"],
+                    order_by=["pseudonym"])
+    mets = wh.table("muscle_metrics", order_by=["pseudonym", "muscle"])
     rep = evaluate(segs, mets, layout.truth, progress=_progress_flag(args))
     print(json.dumps(rep, indent=1) if args.json else format_report(rep))
     return 0 if rep.get("n") else 2
-
-
-def _warehouse_tables(db, tables: dict[str, str]) -> dict:
-    """Read-only query of the warehouse; a table not created yet reads as empty."""
-    import duckdb
-    import polars as pl
-
-    con = duckdb.connect(str(db), read_only=True)
-    out = {}
-    try:
-        for name, sql in tables.items():
-            try:
-                out[name] = pl.from_arrow(con.sql(sql[0], params=sql[1]).to_arrow_table())
-            except duckdb.CatalogException:
-                out[name] = pl.DataFrame()
-    finally:
-        con.close()
-    return out
 
 
 def _cmd_lineage(args) -> int:
@@ -127,13 +130,12 @@ def _cmd_lineage(args) -> int:
     from cbp_platform.paths import DataLayout
 
     layout = DataLayout.from_env(args.data_root)
-    db = layout.root / "warehouse" / "cbp.duckdb"
     if args.participant:
-        return _participant_lineage(args.participant, db)
+        return _participant_lineage(args.participant, args.data_root)
     if args.manifest:
         mpath = Path(args.manifest)
     else:
-        latest = layout.root / "published" / "latest.json"
+        latest = layout.latest_report
         if not latest.exists():
             print(f"cbp lineage: error: {latest} not found (materialise published_results first: make demo)",
                   file=sys.stderr)
@@ -149,7 +151,7 @@ def _cmd_lineage(args) -> int:
     return 0
 
 
-def _participant_lineage(pseudonym: str, db) -> int:
+def _participant_lineage(pseudonym: str, data_root: str | None) -> int:
     """Operator command: every stage one participant went through (prints the pseudonym; never published)."""
     from cbp_platform.analysis.cohort import participant_trace
     from cbp_platform.landing import PSEUDONYM_RE
@@ -158,21 +160,22 @@ def _participant_lineage(pseudonym: str, db) -> int:
         print(f"cbp lineage: error: {pseudonym!r} is not a pseudonym (10 characters of the pseudonym alphabet)",
               file=sys.stderr)
         return 2
-    if not db.exists():
-        print(f"cbp lineage: error: {db} not found (run the pipeline first: make demo)", file=sys.stderr)
+    wh = _open_warehouse("lineage", data_root)
+    if wh is None:
         return 2
-    p = [pseudonym]
-    t = _warehouse_tables(db, {
-        "covariates": ("SELECT * FROM participant_covariates WHERE pseudonym = ?", p),
-        "scans": ("SELECT * FROM raw_mri_scans WHERE pseudonym = ?", p),
-        "metrics": ("SELECT * FROM muscle_metrics WHERE pseudonym = ?", p),
-        "quarantine": ("SELECT * FROM quarantine WHERE pseudonym = ?", p),
-        "provenance": ("SELECT stage, batch_key, input_checksums, output_checksum, code_version, run_id, recorded_at "
-                       "FROM provenance WHERE pseudonym = ? ORDER BY recorded_at, stage", p),
-        "exclusion": ("SELECT reason FROM analysis_exclusions WHERE pseudonym = ?", p),
-        "analysed": ("SELECT pseudonym FROM analysis_cohort WHERE pseudonym = ?", p),
-        "reviews": ("SELECT * FROM qc_reviews WHERE pseudonym = ?", p),
-        "maps": ("SELECT pseudonym, label_sha256 FROM muscle_segmentations WHERE pseudonym = ?", p),
+    p = {"pseudonym": pseudonym}
+    t = _warehouse_tables(wh, {
+        "covariates": ("participant_covariates", {"where": p}),
+        "scans": ("raw_mri_scans", {"where": p}),
+        "metrics": ("muscle_metrics", {"where": p, "order_by": ["muscle"]}),
+        "quarantine": ("quarantine", {"where": p, "order_by": ["recorded_at", "stage"]}),
+        "provenance": ("provenance", {"where": p, "order_by": ["recorded_at", "stage"],
+                                      "columns": ["stage", "batch_key", "input_checksums", "output_checksum",
+                                                  "code_version", "run_id", "recorded_at"]}),
+        "exclusion": ("analysis_exclusions", {"where": p, "columns": ["reason"]}),
+        "analysed": ("analysis_cohort", {"where": p, "columns": ["pseudonym"]}),
+        "reviews": ("qc_reviews", {"where": p, "order_by": ["reviewed_at", "review_id"]}),
+        "maps": ("muscle_segmentations", {"where": p, "columns": ["pseudonym", "label_sha256"]}),
     })
     review = None
     if t["reviews"].height:
@@ -255,8 +258,22 @@ def _cmd_instance_init(args: argparse.Namespace) -> int:
 
 
 def _cmd_k8s_plan(args: argparse.Namespace) -> int:
-    from cbp_platform.definitions import render_step_jobs, step_summary
+    from cbp_platform.definitions import render_step_jobs, step_summary, validate_manifests
 
+    if args.validate:
+        from cbp_platform.deployment import K8S_VERSION
+
+        version = args.k8s_version or K8S_VERSION
+        res = validate_manifests(version)
+        bad = {k: v for k, v in res.items() if v}
+        if args.json:
+            print(json.dumps({"kubernetes": version, "manifests": res}, indent=1))
+        else:
+            for name, err in res.items():
+                print(f"{'ok     ' if not err else 'INVALID'} {name}" + (f": {err}" if err else ""))
+            print(f"{len(res) - len(bad)} of {len(res)} manifests valid against the Kubernetes {version} API "
+                  "schema (strict: unknown fields are errors)")
+        return 1 if bad else 0
     rows = step_summary(render_step_jobs(args.job, image=args.image))
     if args.json:
         print(json.dumps(rows, indent=1))
@@ -339,36 +356,28 @@ def _cmd_model_compare(args: argparse.Namespace) -> int:
     print(f"cbp model compare: {args.name} beside the primary model, batch by batch")
     summary = compare_models(args.name)
     print(json.dumps(summary))
-    latest = DataLayout.from_env().root / "published" / "latest.json"
+    latest = DataLayout.from_env().latest_report
     if not summary["failed"] and latest.exists():
         out = Path(json.loads(latest.read_text())["path"])
         print(f"report with the comparison (section 9): {out / 'report.html'}")
     return 1 if summary["failed"] else 0
 
 
-def _status_counts(db) -> dict | None:
+def _status_counts(data_root: str | None) -> dict | None:
     """Per delivery: valid scans and covariate rows, quarantined participants by reason; None without a warehouse
-    (or while a run holds its lock)."""
-    import duckdb
+    (or while a run holds the DuckDB file's lock)."""
+    from cbp_platform.definitions import warehouse
 
-    if not db.exists():
-        return None
     try:
-        t = _warehouse_tables(db, {
-            "scans": ("SELECT delivery_id, count(*) AS n FROM raw_mri_scans GROUP BY delivery_id", None),
-            "cov": ("SELECT delivery_id, count(*) AS n FROM participant_covariates GROUP BY delivery_id", None),
-            "q": ("SELECT delivery_id, reason, count(DISTINCT pseudonym) AS n FROM quarantine "
-                  "WHERE stage IN ('raw_mri_scans', 'participant_covariates') GROUP BY delivery_id, reason", None),
-            "qn": ("SELECT delivery_id, count(DISTINCT pseudonym) AS n FROM quarantine "
-                   "WHERE stage IN ('raw_mri_scans', 'participant_covariates') GROUP BY delivery_id", None),
-        })
-    except duckdb.IOException:
+        wh = warehouse(data_root, lock_timeout_s=5.0)
+        t = wh.ingestion_counts(stages=("raw_mri_scans", "participant_covariates"))
+    except Exception:  # noqa: BLE001  (no warehouse yet, a run holding its lock, a server down: no counts shown)
         return None
     out: dict = {}
-    for name, col in (("scans", "scans_valid"), ("cov", "covariates_valid"), ("qn", "quarantined")):
-        for r in t[name].iter_rows(named=True) if t[name].height else []:
-            out.setdefault(r["delivery_id"], {})[col] = int(r["n"])
-    for r in t["q"].iter_rows(named=True) if t["q"].height else []:
+    for name, col in (("scans", "scans_valid"), ("covariates", "covariates_valid"), ("quarantined", "quarantined")):
+        for r in t[name].iter_rows(named=True):
+            out.setdefault(r["delivery_id"], {})[col] = int(r[col])
+    for r in t["reasons"].iter_rows(named=True):
         out.setdefault(r["delivery_id"], {}).setdefault("quarantine_reasons", {})[r["reason"]] = int(r["n"])
     for d in out.values():
         for col in ("scans_valid", "covariates_valid", "quarantined"):
@@ -383,7 +392,7 @@ def _cmd_status(args) -> int:
     from cbp_platform.paths import DataLayout
 
     layout = DataLayout.from_env(args.data_root)
-    counts = _status_counts(layout.root / "warehouse" / "cbp.duckdb")
+    counts = _status_counts(args.data_root)
     runs = None
     if os.environ.get("DAGSTER_HOME"):
         from cbp_platform.definitions import batch_run_states
@@ -418,13 +427,7 @@ def _qc_store(data_root: str | None):
 
 
 def _qc_warehouse_missing(cmd: str, data_root: str | None) -> bool:
-    from cbp_platform.paths import DataLayout
-
-    db = DataLayout.from_env(data_root).root / "warehouse" / "cbp.duckdb"
-    if db.exists():
-        return False
-    print(f"cbp qc {cmd}: error: {db} not found (run the pipeline first: make demo)", file=sys.stderr)
-    return True
+    return _open_warehouse(f"qc {cmd}", data_root) is None
 
 
 def _cmd_qc_serve(args: argparse.Namespace) -> int:
@@ -581,6 +584,11 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--job", default="process_batch", help="process_batch, cohort_refresh, train_segmentation_model")
     k.add_argument("--image", default=None, help="image (default: the one in deploy/helm/values.yaml)")
     k.add_argument("--json", action="store_true")
+    k.add_argument("--validate", action="store_true",
+                   help="validate every step Job of every job, the objects the Helm values configure and "
+                        "deploy/k8s/storage.yaml against the Kubernetes API schema (offline)")
+    k.add_argument("--k8s-version", default=None, help="Kubernetes release to validate against (default: the "
+                                                        "targeted one, cbp_platform/deployment.py K8S_VERSION)")
     k.set_defaults(func=_cmd_k8s_plan)
 
     m = sub.add_parser("model", help="register and list segmentation models (MONAI bundles, nnU-Net v2 folders)")

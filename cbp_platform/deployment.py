@@ -26,6 +26,13 @@ import yaml
 PROFILES = ("local", "production", "kubernetes")
 DEPLOY_DIR = Path(__file__).resolve().parents[1] / "deploy"
 GPU_POOL = "gpu"
+# The Kubernetes release the manifests are written for and validated against (``cbp k8s-plan --validate``).
+K8S_VERSION = "1.31"
+# The production warehouse's connection in step pods: passed through from the run worker (the Helm values' run
+# launcher envVars), the password from the chart's Postgres secret (DAGSTER_PG_PASSWORD in every run/step pod).
+K8S_PG_PASSWORD_VAR = "DAGSTER_PG_PASSWORD"
+WAREHOUSE_PASSTHROUGH = ("CBP_PG_HOST", "CBP_PG_PORT", "CBP_PG_USER", "CBP_PG_DB")
+WAREHOUSE_OPTIONAL = ("CBP_WAREHOUSE", "CBP_WAREHOUSE_SCHEMA")     # passed on when the code location has them
 K8S_CONFIG_TAG = "dagster-k8s/config"
 NODE_POOL_LABEL = "cbp.io/node-pool"
 
@@ -149,9 +156,10 @@ def k8s_step_tags(kind: str) -> dict:
 def k8s_executor_config() -> dict:
     """``k8s_job_executor`` config shared by every step pod: namespace, the data-root volume, environment.
 
-    The data root (landing zone, NIfTI derivatives, DuckDB warehouse, model bundles) is one
-    ReadWriteMany PersistentVolumeClaim (``CBP_DATA_PVC``, default ``cbp-data``) mounted at ``/data`` in every
-    pod; Postgres credentials come from the Helm chart's secret."""
+    The data root (landing zone, NIfTI derivatives, model bundles, reports) is one ReadWriteMany
+    PersistentVolumeClaim (``CBP_DATA_PVC``, default ``cbp-data``) mounted at ``/data`` in every pod. The warehouse
+    is PostgreSQL: its connection variables pass through from the run worker (:data:`WAREHOUSE_PASSTHROUGH`), the
+    password comes from the Helm chart's secret."""
     claim = os.environ.get("CBP_DATA_PVC", "cbp-data")
     mount = os.environ.get("CBP_DATA_MOUNT", "/data")
     return {
@@ -159,5 +167,6 @@ def k8s_executor_config() -> dict:
         "max_concurrent": int(os.environ.get("CBP_K8S_MAX_PODS_PER_RUN", "8")),
         "volumes": [{"name": "cbp-data", "persistent_volume_claim": {"claim_name": claim}}],
         "volume_mounts": [{"name": "cbp-data", "mount_path": mount}],
-        "env_vars": [f"CBP_DATA_ROOT={mount}", "CBP_DEPLOYMENT=kubernetes", "GX_ANALYTICS_ENABLED=False"],
+        "env_vars": [f"CBP_DATA_ROOT={mount}", "CBP_DEPLOYMENT=kubernetes", "GX_ANALYTICS_ENABLED=False",
+                     *WAREHOUSE_PASSTHROUGH, *(v for v in WAREHOUSE_OPTIONAL if os.environ.get(v))],
     }

@@ -7,7 +7,15 @@ writes:
 ``$CBP_DATA_ROOT/truth``     ground truth of simulated cohorts; never inside the landing zone
 ``$CBP_DATA_ROOT/models``    trained bundles, ``current.json`` (the primary model), ``registry/<name>.json`` manifests
 ``$CBP_DATA_ROOT/derived``   what the platform computes from deliveries: ``dicom/<delivery>/<pseudonym>/`` (volumes
-                            converted and stitched from DICOM), ``segmentations/<delivery>/``, ``comparisons/``
+                            converted and stitched from DICOM), ``segmentations/<delivery>/``,
+                            ``comparisons/<model>/<delivery>/``
+``$CBP_DATA_ROOT/registry``  the delivery and batch registry (``deliveries/``, ``batches/``, the sensor's cursor)
+``$CBP_DATA_ROOT/warehouse`` the embedded DuckDB warehouse ``cbp.duckdb`` (local profile; production profiles use
+                            PostgreSQL, :mod:`resources.warehouse`)
+``$CBP_DATA_ROOT/published`` published reports, one folder per cohort hash, and ``latest.json``
+``$CBP_DATA_ROOT/dagster_home`` the local Dagster instance (``make``'s default ``DAGSTER_HOME``)
+
+:class:`DataLayout` is the one place these subpaths are spelt: resources, assets, the CLI and the tests ask it.
 """
 
 from __future__ import annotations
@@ -49,6 +57,43 @@ class DataLayout:
     @property
     def derived(self) -> Path:
         return self.root / "derived"
+
+    @property
+    def registry(self) -> Path:
+        return self.root / "registry"
+
+    @property
+    def batch_registry(self) -> Path:
+        return self.registry / "batches"
+
+    @property
+    def delivery_registry(self) -> Path:
+        return self.registry / "deliveries"
+
+    @property
+    def warehouse_file(self) -> Path:
+        """The embedded DuckDB warehouse (local profile)."""
+        return self.root / "warehouse" / "cbp.duckdb"
+
+    @property
+    def published(self) -> Path:
+        return self.root / "published"
+
+    @property
+    def latest_report(self) -> Path:
+        """Pointer to the newest published report (``{"path": ..., "cohort_hash": ...}``)."""
+        return self.published / "latest.json"
+
+    def report_dir(self, cohort_hash: str) -> Path:
+        return self.published / cohort_hash[:16]
+
+    def segmentations(self, delivery_id: str) -> Path:
+        """Label maps and QC images of the primary model for one delivery."""
+        return self.derived / "segmentations" / delivery_id
+
+    def comparisons(self, model_name: str, delivery_id: str) -> Path:
+        """Label maps of a comparison model for one delivery."""
+        return self.derived / "comparisons" / model_name / delivery_id
 
     def derived_dicom(self, delivery_id: str) -> Path:
         """Volumes converted and stitched from a DICOM delivery (never inside the landing zone)."""

@@ -7,6 +7,7 @@ A pid alone is not an identity: the kernel reuses pids. A process counts as the 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -78,3 +79,18 @@ def terminate(pids: list[tuple[int, float | None]], grace_s: float = 10.0) -> li
             except OSError:
                 pass
     return [p for p, _ in live]
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str]):
+    """This process's environment with ``values`` set, restored afterwards (a with-block)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield values
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

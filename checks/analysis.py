@@ -33,7 +33,7 @@ def cohort_expectations() -> list:
                 description="Model columns complete, one row per participant, sites known, age 19-74, InterMAT "
                             "0-100 %, LMM > 0, exposures standardised to mean 0 and SD 1/2 (per 2 SD).")
 def analysis_cohort_expectations(warehouse: Warehouse) -> dg.AssetCheckResult:
-    df = warehouse.query("SELECT * FROM analysis_cohort")
+    df = warehouse.table("analysis_cohort", order_by=["pseudonym"])
     outcomes = run_suite("analysis_cohort", df, cohort_expectations())
     md = outcomes_metadata(outcomes)
     md["results"] = dg.MetadataValue.md(md["results"])
@@ -41,8 +41,9 @@ def analysis_cohort_expectations(warehouse: Warehouse) -> dg.AssetCheckResult:
 
 
 def _model_check(warehouse: Warehouse, analysis: str) -> dg.AssetCheckResult:
-    fits = warehouse.query("SELECT checks, cohort_hash FROM model_fits WHERE analysis = ?", [analysis])
-    if fits.height == 0:
+    fits = warehouse.table("model_fits", columns=["checks", "cohort_hash"], where={"analysis": analysis},
+                           missing_ok=True)
+    if fits is None or fits.height == 0:
         return dg.AssetCheckResult(passed=False, metadata={"error": f"no fit of {analysis} in model_fits"})
     outcomes = json.loads(fits["checks"][0])
     blocking = [o for o in outcomes if o["status"] == "fail" and o["severity"] == "error"]

@@ -51,7 +51,7 @@ def scan_expectations() -> list:
 
 
 def _rows(warehouse: Warehouse, table: str, key: str):
-    return warehouse.query(f'SELECT * FROM "{table}" WHERE batch_key = ?', [key])
+    return warehouse.table(table, where={"batch_key": key}, order_by=["pseudonym"])
 
 
 def _gx_result(name: str, df, expectations) -> dg.AssetCheckResult:
@@ -108,9 +108,6 @@ def cohort_one_row_per_participant(warehouse: Warehouse) -> dg.AssetCheckResult:
     for table, keys in UNIQUE_KEYS.items():
         if not warehouse.has_table(table):
             continue
-        cols = ", ".join(f'"{k}"' for k in keys)
-        n = warehouse.query(f'SELECT count(*) AS n FROM (SELECT {cols} FROM "{table}" GROUP BY {cols} '
-                            "HAVING count(*) > 1)")["n"][0]
-        dup[table] = int(n)
+        dup[table] = warehouse.duplicate_keys(table, keys)
     return dg.AssetCheckResult(passed=not any(dup.values()), severity=dg.AssetCheckSeverity.ERROR,
                                metadata={"duplicated_keys": dg.MetadataValue.json(dup)})

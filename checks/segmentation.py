@@ -34,7 +34,7 @@ def evaluate(df: pl.DataFrame) -> dict:
                             f"back total {BACK_TOTAL_ML[0]:.0f}-{BACK_TOTAL_ML[1]:.0f} cm3; InterMAT "
                             f"{IMAT_PCT[0]}-{IMAT_PCT[1]} %.")
 def segmentation_plausibility(context: dg.AssetCheckExecutionContext, warehouse: Warehouse) -> dg.AssetCheckResult:
-    df = warehouse.query("SELECT * FROM muscle_metrics WHERE batch_key = ?", [context.partition_key])
+    df = warehouse.table("muscle_metrics", where={"batch_key": context.partition_key}, order_by=["pseudonym", "muscle"])
     r = evaluate(df)
     bad = r["empty_masks"] + r["lr_ratio_out_of_bounds"] + r["volume_out_of_range"]
     return dg.AssetCheckResult(passed=bad == 0, severity=dg.AssetCheckSeverity.ERROR, metadata=r)

@@ -1,11 +1,13 @@
-"""Dagster resources: the data root (landing zone, registry, derived data) and the DuckDB warehouse.
+"""Dagster resources: the data root (landing zone, registry, derived data), the warehouse (DuckDB or PostgreSQL)
+and the segmentation runtime.
 
-Environment-specific choices are made here, in one place: ``CBP_DATA_ROOT`` roots everything, and the
-warehouse file defaults to ``$CBP_DATA_ROOT/warehouse/cbp.duckdb``.
+Which resources a deployment uses is chosen in one place, :func:`cbp_platform.definitions.resources_for`; paths
+under the data root come from :class:`cbp_platform.paths.DataLayout`.
 """
 
 from resources.data_root import DataRootResource
 from resources.segmentation import SegmentationRuntime
-from resources.warehouse import Warehouse
+from resources.warehouse import DuckDBWarehouse, DuplicateRows, MissingTable, PostgresWarehouse, Warehouse
 
-__all__ = ["DataRootResource", "SegmentationRuntime", "Warehouse"]
+__all__ = ["DataRootResource", "DuckDBWarehouse", "DuplicateRows", "MissingTable", "PostgresWarehouse",
+           "SegmentationRuntime", "Warehouse"]

@@ -10,7 +10,7 @@ instance, so that ``analysis_cohort``, which reads the reviews, shows as stale u
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import dagster as dg
 import polars as pl
@@ -34,19 +34,20 @@ def reviews_spec() -> dg.AssetSpec:
 
 @dataclass
 class ReviewStore:
-    warehouse: Warehouse = field(default_factory=Warehouse)
+    warehouse: Warehouse
     instance: dg.DagsterInstance | None = None     # where decisions are reported (None: not reported)
 
-    def _table(self, name: str, sql: str, params: list | None = None) -> pl.DataFrame:
-        return self.warehouse.query(sql, params) if self.warehouse.has_table(name) else pl.DataFrame()
+    def _table(self, name: str, **kw) -> pl.DataFrame:
+        """A table the queue reads; one not created yet (nothing segmented, or nobody reviewed yet) is empty."""
+        df = self.warehouse.table(name, missing_ok=True, **kw)
+        return pl.DataFrame() if df is None else df
 
     def reviews(self) -> pl.DataFrame:
-        return self._table(rv.TABLE, f"SELECT * FROM {rv.TABLE}")
+        return self._table(rv.TABLE, order_by=["reviewed_at", "review_id"])
 
     def current_maps(self) -> pl.DataFrame:
-        return self._table("muscle_segmentations",
-                           "SELECT pseudonym, batch_key, delivery_id, label_sha256, model_sha256 "
-                           "FROM muscle_segmentations")
+        return self._table("muscle_segmentations", columns=["pseudonym", "batch_key", "delivery_id", "label_sha256",
+                                                            "model_sha256"], order_by=["pseudonym"])
 
     def queue(self, *, batch: str | None = None, site: str | None = None, model: str | None = None,
               status: str = "all") -> pl.DataFrame:
@@ -54,14 +55,13 @@ class ReviewStore:
         force and whether the latest review is outdated. ``model``: a model name or a weights sha256 prefix."""
         if status not in QUEUE_STATUSES:
             raise rv.ReviewError(f"status must be one of {QUEUE_STATUSES}, not {status!r}")
-        qc = self._table(QC_TABLE, f"SELECT * FROM {QC_TABLE}")
+        qc = self._table(QC_TABLE, order_by=["pseudonym"])
         if qc.height == 0:
             return qc
         maps = self.current_maps()
         qc = qc.join(maps.select("pseudonym", pl.col("label_sha256").alias("_cur")), on="pseudonym", how="inner")
         qc = qc.filter(pl.col("label_sha256") == pl.col("_cur")).drop("_cur")
-        cov = self._table("participant_covariates", "SELECT pseudonym, CAST(site AS VARCHAR) AS site "
-                                                    "FROM participant_covariates")
+        cov = self._table("participant_covariates", columns=["pseudonym", "site"])
         if cov.height:           # a batch segmented before its covariates were ingested: the site from them now
             qc = (qc.join(cov.unique("pseudonym").rename({"site": "_cov_site"}), on="pseudonym", how="left")
                   .with_columns(pl.coalesce("site", "_cov_site").alias("site")).drop("_cov_site"))

@@ -5,6 +5,7 @@ from pathlib import Path
 import dagster as dg
 
 from cbp_platform.paths import DataLayout
+from resources.data_root import DataRootResource
 
 
 class SegmentationRuntime(dg.ConfigurableResource):
@@ -14,11 +15,12 @@ class SegmentationRuntime(dg.ConfigurableResource):
     sw_batch_size: int = 2
     num_workers: int = 1
     threads: int = 0            # torch intra-op threads on CPU; 0 = all cores
-    models_dir: str = ""        # default $CBP_DATA_ROOT/models
+    models_dir: str = ""        # default: the data root's models/
+    data_root: DataRootResource | None = None
 
     @property
     def models_path(self) -> Path:
-        return Path(self.models_dir) if self.models_dir else DataLayout.from_env().models
+        return Path(self.models_dir) if self.models_dir else (self.data_root or DataRootResource()).layout.models
 
     @property
     def registry_path(self) -> Path:

@@ -1,10 +1,19 @@
-"""The embedded DuckDB warehouse, through dagster-duckdb.
+"""The warehouse: one interface, two backends, chosen by the deployment profile (never by editing code).
 
-DuckDB lets one process at a time open a database file. Batch runs therefore hold a connection only for a
-short write (one transaction: delete the partition's rows, insert the new ones) and
-:class:`dagster_duckdb.DuckDBResource` retries the connection with exponential backoff while another process
-holds the lock; on top of that, :meth:`Warehouse.connection` retries with jitter for up to ``lock_timeout_s``.
-Re-materialising a partition replaces its rows; it never duplicates them.
+* :class:`DuckDBWarehouse`: an embedded DuckDB file under the data root (``DataLayout.warehouse_file``), through
+  dagster-duckdb. The local profile's default. DuckDB lets one process at a time open the file, so a write holds
+  the connection only for its transaction and waits its turn with jittered backoff for up to ``lock_timeout_s``.
+* :class:`PostgresWarehouse`: a PostgreSQL schema (``cbp`` by default) on the server the Dagster instance already
+  uses. The production and kubernetes profiles' warehouse: many step pods write at once, each batch's transaction
+  touches only its own rows (row locks, MVCC), readers never wait for writers. Frames travel as Arrow (ADBC,
+  ``COPY`` binary), not row by row. ``docs/warehouse.md`` compares it with a lakehouse (DuckLake, Iceberg).
+
+The warehouse layer owns the SQL. Assets, checks and the CLI call named operations: :meth:`Warehouse.table`,
+:meth:`~Warehouse.replace_many` (a stage's rows, quarantine rows and provenance rows in **one** transaction),
+:meth:`~Warehouse.append_rows`, :meth:`~Warehouse.duplicate_keys`, :meth:`~Warehouse.has_table`. A table that
+does not exist yet is an explicit state (:class:`MissingTable`, or ``None`` with ``missing_ok=True``), never an
+empty frame that would also hide a misspelt name. Re-materialising a partition replaces its rows; a second row for
+a key in :data:`~cbp_platform.warehouse.UNIQUE_KEYS` fails the write (:class:`DuplicateRows`) on both backends.
 """
 
 from __future__ import annotations
@@ -13,36 +22,237 @@ import random
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, ClassVar, Iterator
+from urllib.parse import quote
 
+import dagster as dg
 import duckdb
 import polars as pl
 from dagster_duckdb import DuckDBResource
 
-from cbp_platform.paths import data_root
 from cbp_platform.warehouse import UNIQUE_KEYS, table_checksum
+from resources.data_root import DataRootResource
+
+# (table, rows, where): ``where`` None appends (deletes nothing); {} replaces the whole table; otherwise the rows
+# matching every column = value (a list or tuple value: column IN values) are replaced.
+Write = tuple[str, pl.DataFrame, "dict[str, Any] | None"]
 
 
-def _is_lock_error(exc: BaseException) -> bool:
-    text = str(exc).lower()
-    return "lock" in text or "conflicting" in text or "being used" in text
+class MissingTable(LookupError):
+    """The table does not exist in the warehouse: not materialised yet, or a misspelt name."""
 
 
 class DuplicateRows(RuntimeError):
     """A write would have put a second row for the same participant (and key) into a stage table."""
 
 
-class Warehouse(DuckDBResource):
-    """DuckDB file under the data root; ``database`` empty = ``$CBP_DATA_ROOT/warehouse/cbp.duckdb``."""
+def _ident(name: str) -> str:
+    if '"' in name or "\x00" in name:
+        raise ValueError(f"not a table or column name: {name!r}")
+    return f'"{name}"'
 
+
+def _where(where: dict[str, Any] | None) -> tuple[str, list]:
+    """``WHERE`` clause (with ``?`` placeholders) and its parameters."""
+    if not where:
+        return "", []
+    conds, params = [], []
+    for col, val in where.items():
+        if val is None:
+            conds.append(f"{_ident(col)} IS NULL")
+        elif isinstance(val, (list, tuple, set, frozenset)):
+            vals = sorted(val)
+            if not vals:
+                conds.append("FALSE")
+            else:
+                conds.append(f"{_ident(col)} IN ({', '.join('?' for _ in vals)})")
+                params.extend(vals)
+        else:
+            conds.append(f"{_ident(col)} = ?")
+            params.append(val)
+    return " WHERE " + " AND ".join(conds), params
+
+
+def storable(df: pl.DataFrame) -> pl.DataFrame:
+    """The frame as both backends store it: categories as text, unsigned and 8-bit integers widened."""
+    casts = []
+    for name, dtype in df.schema.items():
+        if isinstance(dtype, (pl.Enum, pl.Categorical)):
+            casts.append(pl.col(name).cast(pl.String))
+        elif dtype in (pl.UInt8, pl.Int8):
+            casts.append(pl.col(name).cast(pl.Int16))
+        elif dtype in (pl.UInt16,):
+            casts.append(pl.col(name).cast(pl.Int32))
+        elif dtype in (pl.UInt32, pl.UInt64):
+            casts.append(pl.col(name).cast(pl.Int64))
+    return df.with_columns(casts) if casts else df
+
+
+def _normalised(df: pl.DataFrame) -> pl.DataFrame:
+    """Read frames alike from both backends: time zones as ``UTC``."""
+    casts = [pl.col(n).dt.convert_time_zone("UTC") for n, t in df.schema.items()
+             if isinstance(t, pl.Datetime) and t.time_zone is not None and t.time_zone != "UTC"]
+    return df.with_columns(casts) if casts else df
+
+
+def _arrow(df: pl.DataFrame):
+    return storable(df).to_arrow(compat_level=pl.CompatLevel.oldest())
+
+
+class Warehouse(dg.ConfigurableResource):
+    """The warehouse interface and its named operations (the backends implement ``_read``, ``_write``,
+    ``tables``). Assets take a ``warehouse: Warehouse`` resource; which backend it is is the profile's choice."""
+
+    backend: ClassVar[str] = ""
+
+    # --- what a backend implements -----------------------------------------------------------------------------
+    @property
+    def location(self) -> str:
+        """Where the warehouse is, for messages (never a password)."""
+        raise NotImplementedError
+
+    def _read(self, sql: str, params: list) -> pl.DataFrame:
+        raise NotImplementedError
+
+    def _write(self, writes: list[Write], guard) -> None:
+        raise NotImplementedError
+
+    def tables(self) -> list[str]:
+        """The warehouse's tables, sorted."""
+        raise NotImplementedError
+
+    # --- named operations --------------------------------------------------------------------------------------
+    def has_table(self, table: str) -> bool:
+        return table in self.tables()
+
+    def table(self, name: str, *, columns: list[str] | tuple[str, ...] | None = None,
+              where: dict[str, Any] | None = None, order_by: list[str] | tuple[str, ...] | None = None,
+              distinct: bool = False, missing_ok: bool = False) -> pl.DataFrame | None:
+        """Rows of ``name`` (``columns``, matching ``where``: column = value, a list value = IN, None = IS NULL),
+        ordered by ``order_by``. A missing table raises :class:`MissingTable`, or returns None with
+        ``missing_ok`` (the caller says what absence means); a misspelt column raises the backend's error."""
+        cols = ", ".join(_ident(c) for c in columns) if columns else "*"
+        cond, params = _where(where)
+        order = f" ORDER BY {', '.join(_ident(c) for c in order_by)}" if order_by else ""
+        sql = f"SELECT {'DISTINCT ' if distinct else ''}{cols} FROM {_ident(name)}{cond}{order}"
+        try:
+            return _normalised(self._read(sql, params))
+        except MissingTable:
+            if missing_ok:
+                return None
+            raise MissingTable(f"{self.location}: table {name!r} does not exist (not materialised yet, or a "
+                               "misspelt name)") from None
+
+    def count_rows(self, table: str, where: dict[str, Any] | None = None) -> int:
+        cond, params = _where(where)
+        try:
+            return int(self._read(f"SELECT count(*) AS n FROM {_ident(table)}{cond}", params)["n"][0])
+        except MissingTable:
+            raise MissingTable(f"{self.location}: table {table!r} does not exist") from None
+
+    def duplicate_keys(self, table: str, keys: tuple[str, ...] | list[str]) -> int:
+        """How many key values occur in more than one row of ``table``."""
+        cols = ", ".join(_ident(c) for c in keys)
+        sql = (f"SELECT count(*) AS n FROM (SELECT {cols} FROM {_ident(table)} GROUP BY {cols} "
+               "HAVING count(*) > 1) AS d")
+        try:
+            return int(self._read(sql, [])["n"][0])
+        except MissingTable:
+            raise MissingTable(f"{self.location}: table {table!r} does not exist") from None
+
+    # --- the platform's reads that need more than one table (portable SQL: DuckDB and PostgreSQL) -------------
+    def segmented_scans(self, batch_key: str) -> pl.DataFrame:
+        """The batch's primary segmentations with their scans' files and checksums, by pseudonym."""
+        return _normalised(self._read(
+            "SELECT s.pseudonym, s.label_path, s.label_sha256, r.water_path, r.fat_path, r.water_sha256, "
+            "r.fat_sha256, r.source_format FROM muscle_segmentations s "
+            "JOIN raw_mri_scans r USING (batch_key, pseudonym) WHERE s.batch_key = ? ORDER BY s.pseudonym",
+            [batch_key]))
+
+    def ingestion_counts(self, stages: tuple[str, ...] | None = None) -> dict[str, pl.DataFrame]:
+        """Per delivery: valid scans (and suspected swaps), valid covariate rows, participants with both,
+        quarantined participants, and per reason the quarantined participants (``reasons``); per stage and reason
+        the quarantine rows (``stage_reasons``). ``stages``: only those stages' quarantine. A table not created
+        yet counts nothing (no batch reached that stage)."""
+        have = set(self.tables())
+        qcond, qparams = _where({"stage": list(stages)} if stages else None)
+        queries = {
+            "scans": ("raw_mri_scans", "SELECT delivery_id, count(*) AS scans_valid, sum(CASE WHEN swap_suspected "
+                      "THEN 1 ELSE 0 END) AS swap_suspected FROM raw_mri_scans GROUP BY delivery_id", []),
+            "covariates": ("participant_covariates", "SELECT delivery_id, count(*) AS covariates_valid "
+                           "FROM participant_covariates GROUP BY delivery_id", []),
+            "both": ("participant_covariates", "SELECT s.delivery_id, count(*) AS ingested FROM raw_mri_scans s "
+                     "JOIN participant_covariates c USING (batch_key, pseudonym) GROUP BY s.delivery_id", []),
+            "quarantined": ("quarantine", "SELECT delivery_id, count(DISTINCT pseudonym) AS quarantined "
+                            f"FROM quarantine{qcond} GROUP BY delivery_id", qparams),
+            "reasons": ("quarantine", "SELECT delivery_id, reason, count(DISTINCT pseudonym) AS n "
+                        f"FROM quarantine{qcond} GROUP BY delivery_id, reason ORDER BY delivery_id, reason", qparams),
+            "stage_reasons": ("quarantine", "SELECT stage, reason, count(*) AS n "
+                              f"FROM quarantine{qcond} GROUP BY stage, reason ORDER BY stage, reason", qparams),
+        }
+        out = {}
+        for name, (table, sql, params) in queries.items():
+            if table in have and (name != "both" or "raw_mri_scans" in have):
+                out[name] = self._read(sql, params).with_columns(pl.col(pl.Decimal, pl.Int32).cast(pl.Int64))
+            else:
+                out[name] = pl.DataFrame()
+        return out
+
+    # --- writes ------------------------------------------------------------------------------------------------
+    def replace_rows(self, table: str, df: pl.DataFrame, where: dict[str, Any], *, guard=None) -> str:
+        """Atomically replace the rows of ``table`` matching ``where`` by ``df``; return df's checksum."""
+        return self.replace_many([(table, df, where)], guard=guard)[0]
+
+    def replace_many(self, writes: list[Write], *, guard=None) -> list[str]:
+        """Replace several tables' rows in **one** transaction (a stage's rows, its quarantine and its provenance):
+        a crash leaves all of them or none. A table is created on first write and gains the columns a newer code
+        version adds (older rows get NULL). Tables with a key in :data:`~cbp_platform.warehouse.UNIQUE_KEYS` get a
+        unique index, so a second row for the same participant fails the write instead of landing. ``guard``
+        (no argument) runs inside the transaction just before the commit; raising there discards every write
+        (a step whose run was marked failed meanwhile never commits). Returns each frame's checksum."""
+        checksums = [table_checksum(df) for _, df, _ in writes]
+        self._write([(t, df, where) for t, df, where in writes], guard)
+        return checksums
+
+    def append_rows(self, table: str, df: pl.DataFrame) -> str:
+        """Insert ``df`` into ``table`` (created on first use) in one transaction, deleting nothing: the write of
+        an append-only table (``qc_reviews``). Returns df's checksum."""
+        self._write([(table, df, None)], None)
+        return table_checksum(df)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# DuckDB: the embedded default (local profile)
+
+def _is_lock_error(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return "lock" in text or "conflicting" in text or "being used" in text
+
+
+def _is_missing_table(exc: BaseException) -> bool:
+    return isinstance(exc, duckdb.CatalogException) and "Table with name" in str(exc)
+
+
+class DuckDBWarehouse(Warehouse, DuckDBResource):
+    """DuckDB file: ``database`` if set, else the data root's ``warehouse/cbp.duckdb`` (:class:`DataLayout`)."""
+
+    backend: ClassVar[str] = "duckdb"
     database: str = ""
+    data_root: DataRootResource | None = None
     lock_timeout_s: float = 300.0
 
     @property
     def path(self) -> Path:
-        return Path(self.database) if self.database else data_root() / "warehouse" / "cbp.duckdb"
+        if self.database:
+            return Path(self.database)
+        return (self.data_root or DataRootResource()).layout.warehouse_file
+
+    @property
+    def location(self) -> str:
+        return str(self.path)
 
     @contextmanager
-    def connection(self):
+    def connection(self) -> Iterator[duckdb.DuckDBPyConnection]:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         deadline = time.monotonic() + self.lock_timeout_s
         delay = 0.05
@@ -65,44 +275,56 @@ class Warehouse(DuckDBResource):
         with self.connection() as conn:
             yield conn
 
-    def replace_rows(self, table: str, df: pl.DataFrame, where: dict[str, str], *, guard=None) -> str:
-        """Atomically replace the rows of ``table`` matching ``where`` by ``df``; return df's checksum."""
-        return self.replace_many([(table, df, where)], guard=guard)[0]
+    def tables(self) -> list[str]:
+        if not self.path.exists():
+            return []
+        with self.connection() as conn:
+            return sorted(r[0] for r in conn.execute(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main'").fetchall())
 
-    def replace_many(self, writes: list[tuple[str, pl.DataFrame, dict[str, str]]], *, guard=None) -> list[str]:
-        """Replace several tables' rows in **one** transaction (a stage's rows, its quarantine and its provenance):
-        a crash leaves all of them or none. Tables with a key in :data:`~cbp_platform.warehouse.UNIQUE_KEYS` get a
-        unique index, so a second row for the same participant fails the write instead of landing. ``guard``
-        (no argument) runs inside the transaction just before the commit; raising there discards every write
-        (a step whose run was marked failed meanwhile never commits). Returns each frame's checksum."""
-        checksums = [table_checksum(df) for _, df, _ in writes]
+    def _read(self, sql: str, params: list) -> pl.DataFrame:
+        if not self.path.exists():
+            raise MissingTable(self.location)
+        with self.connection() as conn:
+            try:
+                return pl.from_arrow(conn.sql(sql, params=params or None).to_arrow_table())
+            except duckdb.CatalogException as exc:
+                if _is_missing_table(exc):
+                    raise MissingTable(str(exc)) from None
+                raise
+
+    def _ensure(self, conn, table: str, name: str) -> None:
+        conn.execute(f"CREATE TABLE IF NOT EXISTS {_ident(table)} AS SELECT * FROM {name} LIMIT 0")
+        have = {r[0] for r in conn.execute(f"DESCRIBE {_ident(table)}").fetchall()}
+        for col, typ, *_ in conn.execute(f"DESCRIBE {name}").fetchall():
+            if col not in have:       # a column added by a newer code version: older rows get NULL
+                conn.execute(f"ALTER TABLE {_ident(table)} ADD COLUMN {_ident(col)} {typ}")
+        keys = UNIQUE_KEYS.get(table)
+        if keys:
+            cols = ", ".join(_ident(c) for c in keys)
+            try:
+                conn.execute(f'CREATE UNIQUE INDEX IF NOT EXISTS "{table}_unique" ON {_ident(table)} ({cols})')
+            except duckdb.ConstraintException as exc:
+                raise DuplicateRows(f"{self.path}: table {table} already holds more than one row per "
+                                    f"({', '.join(keys)}); remove the duplicates ({exc})") from None
+
+    def _write(self, writes: list[Write], guard) -> None:
         with self.connection() as conn:
             names = []
             try:
                 for i, (table, df, _) in enumerate(writes):
                     name = f"incoming_{i}"
-                    conn.register(name, df.to_arrow())
+                    conn.register(name, _arrow(df))
                     names.append(name)
-                    conn.execute(f'CREATE TABLE IF NOT EXISTS "{table}" AS SELECT * FROM {name} LIMIT 0')
-                    have = {r[0] for r in conn.execute(f'DESCRIBE "{table}"').fetchall()}
-                    for col, typ, *_ in conn.execute(f"DESCRIBE {name}").fetchall():
-                        if col not in have:       # a column added by a newer code version: older rows get NULL
-                            conn.execute(f'ALTER TABLE "{table}" ADD COLUMN "{col}" {typ}')
-                    keys = UNIQUE_KEYS.get(table)
-                    if keys:
-                        cols = ", ".join(f'"{c}"' for c in keys)
-                        try:
-                            conn.execute(f'CREATE UNIQUE INDEX IF NOT EXISTS "{table}_unique" ON "{table}" ({cols})')
-                        except duckdb.ConstraintException as exc:
-                            raise DuplicateRows(f"{self.path}: table {table} already holds more than one row per "
-                                                f"({', '.join(keys)}); remove the duplicates ({exc})") from None
+                    self._ensure(conn, table, name)
                 conn.execute("BEGIN TRANSACTION")
                 try:
                     for (table, df, where), name in zip(writes, names):
-                        cond = " AND ".join(f'"{k}" = ?' for k in where) or "TRUE"
-                        conn.execute(f'DELETE FROM "{table}" WHERE {cond}', list(where.values()))
+                        if where is not None:
+                            cond, params = _where(where)
+                            conn.execute(f"DELETE FROM {_ident(table)}{cond}", params)
                         if df.height:
-                            conn.execute(f'INSERT INTO "{table}" BY NAME SELECT * FROM {name}')
+                            conn.execute(f"INSERT INTO {_ident(table)} BY NAME SELECT * FROM {name}")
                     if guard is not None:
                         guard()
                     conn.execute("COMMIT")
@@ -116,34 +338,182 @@ class Warehouse(DuckDBResource):
             finally:
                 for name in names:
                     conn.unregister(name)
-        return checksums
 
-    def append_rows(self, table: str, df: pl.DataFrame) -> str:
-        """Insert ``df`` into ``table`` (created on first use) in one transaction, deleting nothing: the write of
-        an append-only table (``qc_reviews``). Returns df's checksum."""
-        with self.connection() as conn:
-            conn.register("incoming", df.to_arrow())
-            try:
-                conn.execute(f'CREATE TABLE IF NOT EXISTS "{table}" AS SELECT * FROM incoming LIMIT 0')
-                conn.execute("BEGIN TRANSACTION")
+
+# --------------------------------------------------------------------------------------------------------------
+# PostgreSQL: the production warehouse (many concurrent writers)
+
+_UNIQUE_VIOLATION = "23505"
+_UNDEFINED_TABLE = "42P01"
+_RETRY_STATES = ("40001", "40P01")      # serialization failure, deadlock detected: the transaction is retried
+_SCHEMAS_READY: set[tuple] = set()
+
+
+def _sqlstate(exc: BaseException) -> str:
+    return str(getattr(exc, "sqlstate", "") or "")
+
+
+def _pg_params(sql: str) -> str:
+    """``?`` placeholders as PostgreSQL's ``$1, $2, ...`` (no statement here has a ``?`` in a literal)."""
+    out, n = [], 0
+    for part in sql.split("?"):
+        out.append(part)
+        n += 1
+        out.append(f"${n}")
+    return "".join(out[:-1])
+
+
+class PostgresWarehouse(Warehouse):
+    """The warehouse in a PostgreSQL schema. The profiles fill the connection from ``CBP_PG_HOST``,
+    ``CBP_PG_PORT``, ``CBP_PG_USER``, ``CBP_PG_PASSWORD``, ``CBP_PG_DB`` (the Dagster instance's server) and
+    ``CBP_WAREHOUSE_SCHEMA`` through :class:`dagster.EnvVar`."""
+
+    backend: ClassVar[str] = "postgres"
+    host: str = "127.0.0.1"
+    port: int = 5432
+    user: str = "dagster"
+    password: str = ""
+    database: str = "dagster"
+    schema_name: str = "cbp"
+    connect_timeout_s: int = 30
+    retries: int = 5
+
+    @property
+    def location(self) -> str:
+        return f"postgresql://{self.user}@{self.host}:{self.port}/{self.database} schema {self.schema_name}"
+
+    def _uri(self) -> str:
+        auth = quote(self.user, safe="") + (f":{quote(self.password, safe='')}" if self.password else "")
+        return (f"postgresql://{auth}@{self.host}:{int(self.port)}/{quote(self.database, safe='')}"
+                f"?connect_timeout={int(self.connect_timeout_s)}&application_name=cbp-platform")
+
+    @contextmanager
+    def connection(self):
+        """An ADBC connection (autocommit off) with ``search_path`` set to the warehouse schema."""
+        import adbc_driver_postgresql.dbapi as pg
+
+        conn = pg.connect(self._uri())
+        try:
+            cur = conn.cursor()
+            key = (self.host, int(self.port), self.database, self.schema_name)
+            if key not in _SCHEMAS_READY:
                 try:
-                    conn.execute(f'INSERT INTO "{table}" BY NAME SELECT * FROM incoming')
-                    conn.execute("COMMIT")
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    raise
-            finally:
-                conn.unregister("incoming")
-        return table_checksum(df)
+                    cur.execute(f"CREATE SCHEMA IF NOT EXISTS {_ident(self.schema_name)}")
+                    conn.commit()
+                except pg.Error as exc:           # another process created it at the same moment
+                    conn.rollback()
+                    if _sqlstate(exc) not in (_UNIQUE_VIOLATION, "42P06"):
+                        raise
+                _SCHEMAS_READY.add(key)
+            cur.execute(f"SET search_path TO {_ident(self.schema_name)}")
+            conn.commit()
+            cur.close()
+            yield conn
+        finally:
+            conn.close()
 
-    def query(self, sql: str, params: list | None = None) -> pl.DataFrame:
-        with self.connection() as conn:
+    def tables(self) -> list[str]:
+        with self.connection() as conn, conn.cursor() as cur:
+            cur.execute("SELECT table_name FROM information_schema.tables WHERE table_schema = $1",
+                        parameters=(self.schema_name,))
+            out = sorted(r[0] for r in cur.fetchall())
+            conn.rollback()
+            return out
+
+    def _read(self, sql: str, params: list) -> pl.DataFrame:
+        import adbc_driver_postgresql.dbapi as pg
+
+        with self.connection() as conn, conn.cursor() as cur:
             try:
-                return pl.from_arrow(conn.sql(sql, params=params or None).to_arrow_table())
-            except duckdb.CatalogException:
-                return pl.DataFrame()
+                cur.execute(_pg_params(sql), parameters=tuple(params) if params else None)
+                table = cur.fetch_arrow_table()
+            except pg.Error as exc:
+                if _sqlstate(exc) == _UNDEFINED_TABLE:
+                    raise MissingTable(str(exc).splitlines()[0]) from None
+                raise
+            finally:
+                conn.rollback()
+        return pl.from_arrow(table.replace_schema_metadata(None))
 
-    def has_table(self, table: str) -> bool:
-        with self.connection() as conn:
-            return bool(conn.execute(
-                "SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [table]).fetchone()[0])
+    def _ensure(self, cur, writes: list[Write], names: list[str]) -> None:
+        """Create missing tables, add new columns, create unique indexes. Only when something is missing, and
+        then under a transaction-scoped advisory lock, so concurrent first writers do not race on the DDL."""
+        def state():
+            cur.execute("SELECT table_name, column_name FROM information_schema.columns WHERE table_schema = $1",
+                        parameters=(self.schema_name,))
+            cols: dict[str, set] = {}
+            for t, c in cur.fetchall():
+                cols.setdefault(t, set()).add(c)
+            cur.execute("SELECT indexname FROM pg_indexes WHERE schemaname = $1", parameters=(self.schema_name,))
+            return cols, {r[0] for r in cur.fetchall()}
+
+        def missing(cols, idx) -> bool:
+            return any(t not in cols or set(df.columns) - cols[t] or (UNIQUE_KEYS.get(t) and f"{t}_unique" not in idx)
+                       for t, df, _ in writes)
+
+        cols, idx = state()
+        if not missing(cols, idx):
+            return
+        cur.execute("SELECT pg_advisory_xact_lock(hashtext($1))", parameters=(f"cbp-ddl:{self.schema_name}",))
+        cols, idx = state()
+        for (table, df, _), name in zip(writes, names):
+            if table not in cols:
+                cur.execute(f"CREATE TABLE {_ident(table)} AS SELECT * FROM {name} WITH NO DATA")
+                cols[table] = set(df.columns)
+            new = [c for c in df.columns if c not in cols[table]]
+            if new:
+                cur.execute("SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute "
+                            f"WHERE attrelid = '{name}'::regclass AND attnum > 0 AND NOT attisdropped")
+                types = dict(cur.fetchall())
+                for c in new:
+                    cur.execute(f"ALTER TABLE {_ident(table)} ADD COLUMN {_ident(c)} {types[c]}")
+                cols[table] |= set(new)
+            keys = UNIQUE_KEYS.get(table)
+            if keys and f"{table}_unique" not in idx:
+                cur.execute(f'CREATE UNIQUE INDEX "{table}_unique" ON {_ident(table)} '
+                            f"({', '.join(_ident(k) for k in keys)})")
+                idx.add(f"{table}_unique")
+
+    def _write_once(self, conn, writes: list[Write], guard) -> None:
+        with conn.cursor() as cur:
+            names = []
+            for i, (_, df, _) in enumerate(writes):
+                name = f"cbp_incoming_{i}"
+                cur.adbc_ingest(name, _arrow(df), mode="create", temporary=True)
+                names.append(name)
+            self._ensure(cur, writes, names)
+            for (table, df, where), name in zip(writes, names):
+                if where is not None:
+                    cond, params = _where(where)
+                    cur.execute(_pg_params(f"DELETE FROM {_ident(table)}{cond}"),
+                                parameters=tuple(params) if params else None)
+                if df.height:
+                    cols = ", ".join(_ident(c) for c in df.columns)
+                    cur.execute(f"INSERT INTO {_ident(table)} ({cols}) SELECT {cols} FROM {name}")
+                cur.execute(f"DROP TABLE {name}")
+            if guard is not None:
+                guard()
+        conn.commit()
+
+    def _write(self, writes: list[Write], guard) -> None:
+        import adbc_driver_postgresql.dbapi as pg
+
+        delay = 0.05
+        for attempt in range(self.retries + 1):
+            with self.connection() as conn:
+                try:
+                    self._write_once(conn, writes, guard)
+                    return
+                except pg.Error as exc:
+                    conn.rollback()
+                    state = _sqlstate(exc)
+                    if state == _UNIQUE_VIOLATION:
+                        raise DuplicateRows(f"{self.location}: refused a second row for the same key "
+                                            f"({str(exc).splitlines()[0]}); nothing of this write was kept") from None
+                    if state not in _RETRY_STATES or attempt == self.retries:
+                        raise
+                except BaseException:
+                    conn.rollback()
+                    raise
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 2.0)

@@ -55,3 +55,14 @@ def faulty_cohort(tmp_path_factory):
     root = tmp_path_factory.mktemp("faulty")
     res = synthesize(participants=40, deliveries=2, seed=11, data_root=root, fault_rate=0.5, workers=2)
     return root, res
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One throw-away PostgreSQL server on loopback for the session (tests/system.py); each test that writes a
+    warehouse takes its own schema."""
+    from tests.system import PostgresServer
+
+    server = PostgresServer().start()
+    yield server
+    server.stop()

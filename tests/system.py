@@ -103,6 +103,19 @@ class PostgresServer:
         return {"CBP_PG_HOST": "127.0.0.1", "CBP_PG_PORT": str(self.port), "CBP_PG_USER": self.user,
                 "CBP_PG_PASSWORD": self.password, "CBP_PG_DB": self.db}
 
+    def warehouse(self, schema: str | None = None):
+        """The production warehouse on this server, in its own schema (a fresh one by default)."""
+        import uuid
+
+        from resources import PostgresWarehouse
+
+        return PostgresWarehouse(host="127.0.0.1", port=self.port, user=self.user, password=self.password,
+                                 database=self.db, schema_name=schema or f"t_{uuid.uuid4().hex[:12]}")
+
+    def warehouse_env(self, schema: str) -> dict[str, str]:
+        """Environment that points a deployment's warehouse at this server (configuration only)."""
+        return {**self.env(), "CBP_WAREHOUSE": "postgres", "CBP_WAREHOUSE_SCHEMA": schema}
+
     def query(self, sql: str, params=None) -> list[tuple]:
         import psycopg2
 

@@ -7,9 +7,11 @@ from pathlib import Path
 import duckdb
 import polars as pl
 
+from cbp_platform.paths import DataLayout
+
 
 def warehouse_path(root: Path) -> Path:
-    return Path(root) / "warehouse" / "cbp.duckdb"
+    return DataLayout(Path(root)).warehouse_file
 
 
 def query(root: Path, sql: str, params: list | None = None) -> pl.DataFrame:

@@ -4,7 +4,8 @@ Inputs, all measured on this code base, none typed in:
 * bytes per participant on disk: a simulated NAKO-resolution delivery (1.41 x 1.41 x 3 mm, water + fat, gzip
   NIfTI) written now by ``cbp synth --resolution nako``, plus its label maps (one per participant, uint8 gzip);
 * seconds per NAKO-resolution volume (segmentation, CPU, 2 cores) and per-batch figures: the newest
-  ``bench-results/bench-*.json`` written by ``make bench``.
+  ``bench-results/bench-*.json`` written by ``make bench``;
+* the production warehouse's size and write rate: the newest ``make bench warehouse`` results (PostgreSQL).
 
 Scaling assumptions (stated in the output): the simulated volume covers the lumbar field of view
 (288 x 224 x 96 voxels); a whole-body NAKO Dixon series (several stations stitched) has about ``--wb-factor``
@@ -38,11 +39,33 @@ def measured_bytes_per_participant(n: int = 4) -> dict:
     return {"scans": mri / n, "labels": labels / n}
 
 
-def latest_bench() -> dict:
-    files = sorted(glob.glob(str(ROOT / "bench-results" / "bench-*.json")))
-    if not files:
-        raise SystemExit("no bench-results/bench-*.json: run `make bench` first")
-    return json.loads(Path(files[-1]).read_text()) | {"_file": Path(files[-1]).name}
+def latest_bench(section: str = "segmentation", required: bool = True) -> dict | None:
+    """The newest ``bench-results/bench-*.json`` that holds ``section`` (``make bench NAME`` writes one section)."""
+    for f in sorted(glob.glob(str(ROOT / "bench-results" / "bench-*.json")), reverse=True):
+        doc = json.loads(Path(f).read_text())
+        if section in doc:
+            return doc | {"_file": Path(f).name}
+    if required:
+        raise SystemExit(f"no bench-results/bench-*.json with {section!r}: run `make bench` first")
+    return None
+
+
+def warehouse_plan(n: int, bench: dict) -> list[str]:
+    """The production warehouse (PostgreSQL) at ``n`` participants, from ``make bench warehouse``: its size
+    (measured at 30,868, scaled by participants: rows are per participant) and the time its batch writes take."""
+    wh = bench["warehouse"]
+    pg, duck = wh["postgres"], wh["duckdb"]
+    n0 = pg["refresh"]["participants"]
+    size = pg["refresh"]["warehouse_bytes"] * n / n0
+    per_batch = pg["writes"]["concurrent_wall_s"] / 16          # 16 batches written at once
+    batches = n / 250
+    return [
+        f"warehouse (PostgreSQL, measured at {n0:,}: {pg['refresh']['warehouse_bytes'] / 1e6:,.0f} MB; "
+        f"DuckDB file {duck['refresh']['warehouse_bytes'] / 1e6:,.0f} MB): about {size / 1e6:,.0f} MB at {n:,}",
+        f"warehouse writes: {batches:,.0f} batches of 250 at {pg['writes']['concurrent_batches_per_s']:.1f} batches/s "
+        f"with 16 concurrent writers = {batches * per_batch / 60:,.1f} min of write time in total; cohort refresh "
+        f"{pg['refresh']['refresh_wall_s']:.0f} s at {n0:,} ({bench['_file']})",
+    ]
 
 
 def plan(n: int, per: dict, bench: dict, wb: float, gpu_speedup: float, gpus: int, cpu_nodes: int) -> list[tuple]:
@@ -87,6 +110,13 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|")
     for r in plan(n, per, bench, args.wb_factor, args.gpu_speedup, args.gpus, args.cpu_nodes):
         print("| " + " | ".join(r) + " |")
+    wh = latest_bench("warehouse", required=False)
+    print()
+    if wh is None:
+        print("warehouse: no `make bench warehouse` results yet")
+    else:
+        for line in warehouse_plan(n, wh):
+            print(line)
     return 0
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cbp_platform.imaging.nifti import atomic_write_bytes
+from cbp_platform.paths import DataLayout
 from cbp_platform.landing import (DELIVERY_ID_RE, MANIFEST_NAME, PSEUDONYM_RE, SCAN_FORMATS, SCHEMA_VERSION,
                                   SUCCESS_MARKER)
 
@@ -183,7 +184,7 @@ class BatchRegistry:
     """Batch membership files under ``<data root>/registry/batches/<key>.json`` (written atomically)."""
 
     def __init__(self, root: Path):
-        self.dir = root / "registry" / "batches"
+        self.dir = DataLayout(Path(root)).batch_registry
 
     def path(self, key: str) -> Path:
         return self.dir / f"{key}.json"

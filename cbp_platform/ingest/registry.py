@@ -35,10 +35,11 @@ from cbp_platform.imaging.nifti import atomic_write_bytes
 from cbp_platform.ingest.deliveries import (CHANGED, GONE, REGISTERED, Batch, BatchRegistry, load_manifest,
                                             parse_manifest, plan_batches)
 from cbp_platform.landing import COVARIATES_NAME, MANIFEST_NAME
+from cbp_platform.paths import DataLayout
 
 
 def _dir(root: Path) -> Path:
-    return Path(root) / "registry" / "deliveries"
+    return DataLayout(Path(root)).delivery_registry
 
 
 def record_path(root: Path, delivery_id: str) -> Path:
@@ -55,7 +56,7 @@ def files_path(root: Path, delivery_id: str) -> Path:
 
 @contextlib.contextmanager
 def registry_lock(root: Path):
-    path = Path(root) / "registry" / ".lock"
+    path = DataLayout(Path(root)).registry / ".lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+b") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
@@ -109,7 +110,7 @@ WATCHED = (MANIFEST_NAME, COVARIATES_NAME)
 
 
 def _seq_path(root: Path) -> Path:
-    return Path(root) / "registry" / "delivery_seq"
+    return DataLayout(Path(root)).registry / "delivery_seq"
 
 
 def _next_seq(root: Path) -> int:

@@ -10,6 +10,7 @@ import polars as pl
 from cbp_platform.synth.cohort import simulate_cohort
 from cbp_platform.synth.delivery import make_pseudonyms
 from cbp_platform.warehouse import QUARANTINE_SCHEMA
+from cbp_platform.paths import DataLayout
 
 COMORB = ("diabetes", "dyslipidemia", "osteoporosis", "osteoarthritis")
 RECORDED = datetime(2024, 1, 1, tzinfo=timezone.utc)
@@ -64,22 +65,28 @@ def quarantine_rows(rows: list[dict]) -> pl.DataFrame:
     return pl.DataFrame([{**base, **r} for r in rows], schema=QUARANTINE_SCHEMA)
 
 
-def write_warehouse(root, n: int, seed: int, batches: int = 3) -> dict[str, pl.DataFrame]:
-    """:func:`warehouse_tables` written into ``root/warehouse/cbp.duckdb`` as the per-batch assets would leave
-    them, with placeholder file and label-map checksums and one placeholder model (sha256 ``"d" * 64``)."""
+def write_warehouse(root, n: int, seed: int, batches: int = 3, warehouse=None) -> dict[str, pl.DataFrame]:
+    """:func:`warehouse_tables` written as the per-batch assets would leave them (rows and the metrics'
+    provenance), with placeholder file and label-map checksums and one placeholder model (sha256 ``"d" * 64``),
+    into ``warehouse`` (default: the DuckDB file under ``root``)."""
     from pathlib import Path
 
-    from resources import Warehouse
+    from cbp_platform.warehouse import provenance_frame
+    from resources import DuckDBWarehouse
 
     t = warehouse_tables(n, seed=seed, batches=batches)
     scans = t["scans"].with_columns(pl.lit("a" * 64).alias("water_sha256"), pl.lit("b" * 64).alias("fat_sha256"))
     segs = t["metrics"].filter(pl.col("muscle") == "back_total").select(
         "pseudonym", "batch_key", "delivery_id", pl.lit("/nonexistent.nii.gz").alias("label_path"),
         pl.lit("c" * 64).alias("label_sha256"), pl.lit("d" * 64).alias("model_sha256"))
-    (Path(root) / "warehouse").mkdir(parents=True, exist_ok=True)
-    wh = Warehouse(database=str(Path(root) / "warehouse" / "cbp.duckdb"))
+    wh = warehouse or DuckDBWarehouse(database=str(DataLayout(Path(root)).warehouse_file))
+    prov = pl.concat([provenance_frame([{"pseudonym": r["pseudonym"], "inputs": {"labels": r["label_sha256"]},
+                                         "output": ""} for r in g.iter_rows(named=True)],
+                                       delivery_id=g["delivery_id"][0], batch_key=key[0], stage="muscle_metrics",
+                                       code_version="muscle_metrics/1", run_id="run-1")
+                      for key, g in segs.group_by("batch_key", maintain_order=True)])
     for name, df in (("participant_covariates", t["covariates"]), ("raw_mri_scans", scans),
                      ("muscle_metrics", t["metrics"]), ("quarantine", t["quarantine"]),
-                     ("muscle_segmentations", segs)):
+                     ("muscle_segmentations", segs), ("provenance", prov)):
         wh.replace_rows(name, df, {})
     return t

@@ -16,6 +16,7 @@ import pytest
 
 from tests.analysis.synthetic import write_warehouse
 from tests.warehouse_query import query as _q
+from cbp_platform.paths import DataLayout
 
 COHORT_ASSETS = ("analysis_cohort", "cbp_association_model", "pain_intensity_model", "table_one",
                  "stratified_comparisons", "physical_activity_prevalence", "published_results")
@@ -207,6 +208,44 @@ def test_report_refuses_inputs_from_another_analysis_cohort(tmp_path):
     assert "table_one" in msg
 
 
+@pytest.mark.postgres
+def test_the_postgres_warehouse_gives_the_same_cohort_and_odds_ratios(refreshed, postgres_server, tmp_path,
+                                                                     monkeypatch):
+    """The same per-batch tables in the production warehouse (PostgreSQL, chosen by configuration only), the same
+    cohort refresh through Dagster: the same cohort hash, exclusion flow, tables and odds ratios as DuckDB."""
+    from polars.testing import assert_frame_equal
+
+    from assets.runner import pipeline_environment
+    from cbp_platform.definitions import warehouse
+
+    root = refreshed[0]
+    schema = "analysis_equivalence"
+    for k, v in postgres_server.warehouse_env(schema).items():
+        monkeypatch.setenv(k, v)
+    pg_root = tmp_path / "pg"
+    with pipeline_environment(pg_root):
+        wh = warehouse()
+        assert type(wh).__name__ == "PostgresWarehouse" and wh.schema_name == schema
+        write_warehouse(pg_root, 4000, seed=11, warehouse=wh)
+        _, res = _refresh(pg_root)
+    assert res.success
+    assert not (pg_root / "warehouse").exists()                 # nothing went to a DuckDB file
+    pg = postgres_server.warehouse(schema)
+    meta = pg.table("analysis_cohort_meta").row(0, named=True)
+    duck = _q(root, "SELECT * FROM analysis_cohort_meta").row(0, named=True)
+    assert (meta["cohort_hash"], meta["n_analysed"]) == (duck["cohort_hash"], duck["n_analysed"])
+    cols = ["analysis", "model", "term", "or", "or_low", "or_high", "p"]
+    order = ["analysis", "model", "term"]
+    assert_frame_equal(pg.table("model_results", columns=cols, order_by=order),
+                       _q(root, f"SELECT {', '.join(chr(34) + c + chr(34) for c in cols)} FROM model_results "
+                                "ORDER BY analysis, model, term"), rtol=1e-9, atol=1e-12)
+    assert_frame_equal(pg.table("exclusion_flow", order_by=["step"]), _q(root, "SELECT * FROM exclusion_flow "
+                                                                             "ORDER BY step"), check_dtypes=False)
+    assert_frame_equal(pg.table("table_one"), _q(root, "SELECT * FROM table_one"), check_dtypes=False, rtol=1e-9)
+    latest = json.loads((pg_root / "published" / "latest.json").read_text())
+    assert latest["cohort_hash"] == duck["cohort_hash"]
+
+
 def test_a_rejection_reaches_the_flow_the_numbers_and_the_lineage(refreshed, capsys):
     """A reviewer's rejection makes the cohort stale; the refresh excludes the participant at qc_rejected,
     changes the published numbers and names the reviews in the lineage; once the label map is replaced, the old
@@ -217,11 +256,11 @@ def test_a_rejection_reaches_the_flow_the_numbers_and_the_lineage(refreshed, cap
     from cbp_platform.cli import main
     from cbp_platform.definitions import build_definitions
     from cbp_platform.qc.reviews import digest
-    from resources import Warehouse
+    from resources import DuckDBWarehouse
     from resources.reviews import ReviewStore
 
     root, inst, _, _ = refreshed
-    wh = Warehouse(database=str(root / "warehouse" / "cbp.duckdb"))
+    wh = DuckDBWarehouse(database=str(DataLayout(root).warehouse_file))
     before = _q(root, "SELECT * FROM analysis_cohort_meta").row(0, named=True)
     flow0 = {r["criterion"]: r for r in _q(root, "SELECT * FROM exclusion_flow").iter_rows(named=True)}
     assert flow0["qc_rejected"]["excluded"] == 0 and before["reviews_count"] == 0
@@ -259,10 +298,13 @@ def test_a_rejection_reaches_the_flow_the_numbers_and_the_lineage(refreshed, cap
     assert re.search(r"qc_review\s+rejected \[.+\]: by dr-test at .+ misregistered \(labels one vertebra low\)", out)
     assert "excluded: qc_rejected" in out and row["label_sha256"][:12] in out
 
-    # a re-run replaces the label map: the rejection is outdated, never applied to the new map
+    # a re-run replaces the label map and measures it: the rejection is outdated, never applied to the new map
     wh.replace_rows("muscle_segmentations", _q(root, "SELECT * FROM muscle_segmentations").with_columns(
         pl.when(pl.col("pseudonym") == p).then(pl.lit("e" * 64)).otherwise(pl.col("label_sha256"))
         .alias("label_sha256")), {})
+    wh.replace_rows("provenance", _q(root, "SELECT * FROM provenance").with_columns(
+        pl.when(pl.col("pseudonym") == p).then(pl.lit(json.dumps({"labels": "e" * 64})))
+        .otherwise(pl.col("input_checksums")).alias("input_checksums")), {})
     job = build_definitions().resolve_job_def("cohort_refresh")
     res = job.execute_in_process(instance=inst, asset_selection=[dg.AssetKey("analysis_cohort")],
                                  raise_on_error=False)

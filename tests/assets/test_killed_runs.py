@@ -20,6 +20,7 @@ from cbp_platform.synth.delivery import synthesize
 from cbp_platform.warehouse import table_checksum
 from tests.registration import register_batches
 from tests.warehouse_query import query
+from cbp_platform.paths import DataLayout
 
 ROOT = Path(__file__).resolve().parents[2]
 TABLES = {"raw_mri_scans": "*", "participant_covariates": "*",
@@ -34,7 +35,7 @@ def _rows(root: Path) -> dict:
 def _count(root: Path, table: str) -> int:
     import duckdb
 
-    if not (root / "warehouse" / "cbp.duckdb").exists():
+    if not (DataLayout(root).warehouse_file).exists():
         return 0
     try:
         return int(query(root, f"SELECT count(*) AS n FROM {table}")["n"][0])

@@ -64,6 +64,10 @@ def test_rendered_step_jobs_gpu_only_on_segmentation(k8s_env, job):
         assert pod.volumes[0].persistent_volume_claim.claim_name == "cbp-data"
         env = {e.name: e.value for e in c.env}
         assert env["CBP_DATA_ROOT"] == "/data" and env["CBP_DEPLOYMENT"] == "kubernetes"
+        # the production warehouse: the connection from the Helm values, the password from the chart's secret
+        assert {k: env[k] for k in deployment.WAREHOUSE_PASSTHROUGH} == WAREHOUSE_ENV
+        pw = next(e for e in c.env if e.name == deployment.K8S_PG_PASSWORD_VAR)
+        assert pw.value is None and pw.value_from.secret_key_ref.name == helm_values()["global"]["postgresqlSecretName"]
         assert k8s_job.metadata.namespace == "cbp"
         assert c.args[:3] == ["dagster", "api", "execute_step"]
     if job == "process_batch":
@@ -136,3 +140,47 @@ def test_cli_k8s_plan_prints_the_gpu_step():
     assert out.returncode == 0, out.stderr
     line = next(ln for ln in out.stdout.splitlines() if ln.startswith("muscle_segmentations "))
     assert line.split()[1] == "gpu" and line.split()[-1] == "1"
+
+
+WAREHOUSE_ENV = {"CBP_PG_HOST": "cbp-postgres.cbp.svc.cluster.local", "CBP_PG_PORT": "5432", "CBP_PG_USER": "dagster",
+                 "CBP_PG_DB": "dagster"}
+
+
+def test_every_manifest_is_valid_against_the_kubernetes_api_schema(k8s_env):
+    """Every step Job of every job, the objects the Helm values configure and the storage manifest, validated
+    offline against the targeted release's API schema, strict (an unknown field is an error)."""
+    from assets.k8s_plan import manifests, validate_manifests
+
+    res = validate_manifests()
+    assert {k: v for k, v in res.items() if v} == {}
+    assert sum(k.startswith("job process_batch: step ") for k in res) >= 6
+    assert any(k.startswith("values: run worker") for k in res) and any("PersistentVolumeClaim" in k for k in res)
+    # the validator bites: a misspelt field and a wrong type in a rendered step Job are errors
+    import copy
+
+    import kubernetes_validate
+
+    job = copy.deepcopy(manifests(("process_batch",))["job process_batch: step muscle_segmentations"])
+    c = job["spec"]["template"]["spec"]["containers"][0]
+    bad = copy.deepcopy(job)
+    bad["spec"]["template"]["spec"]["containers"][0]["resource"] = c["resources"]
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bad, deployment.K8S_VERSION, strict=True)
+    bad = copy.deepcopy(job)
+    bad["spec"]["template"]["spec"]["containers"][0]["env"] = [{"name": "X", "value": 5}]
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(bad, deployment.K8S_VERSION, strict=True)
+
+
+def test_the_kubernetes_profile_uses_the_production_warehouse(k8s_env, monkeypatch):
+    from assets.k8s_plan import run_worker_environment
+    from cbp_platform.definitions import resources_for, warehouse
+
+    monkeypatch.delenv("CBP_WAREHOUSE", raising=False)
+    assert type(resources_for("kubernetes")["warehouse"]).__name__ == "PostgresWarehouse"
+    assert type(resources_for("local")["warehouse"]).__name__ == "DuckDBWarehouse"
+    with run_worker_environment(helm_values()) as env:      # what a run worker pod has
+        wh = warehouse(profile="kubernetes")
+        assert (wh.host, str(wh.port), wh.user, wh.database, wh.schema_name) == (
+            env["CBP_PG_HOST"], env["CBP_PG_PORT"], env["CBP_PG_USER"], env["CBP_PG_DB"], "cbp")
+        assert wh.password == env[deployment.K8S_PG_PASSWORD_VAR]

@@ -11,17 +11,14 @@ import dagster as dg
 import pytest
 
 from cbp_platform.synth.delivery import synthesize
-from tests.system import PostgresServer
 
 pytestmark = pytest.mark.postgres
 CBP = str(Path(sys.executable).with_name("cbp"))
 
 
 @pytest.fixture(scope="module")
-def pg():
-    server = PostgresServer().start()
-    yield server
-    server.stop()
+def pg(postgres_server):
+    return postgres_server
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +78,10 @@ def test_sensor_and_batch_run_are_recorded_in_postgres(production, pg):
     assert progress[0][0] >= 1
     # nothing was written to a SQLite instance beside it
     assert not list(home.rglob("*.db"))
+    # the production profile's warehouse is PostgreSQL too: the batch's rows, quarantine and provenance are in the
+    # server's cbp schema, and no DuckDB file was created under the data root
+    scans = pg.query("SELECT count(*), count(DISTINCT pseudonym) FROM cbp.raw_mri_scans")[0]
+    assert scans[0] == scans[1] == 12, scans
+    stages = {r[0] for r in pg.query("SELECT DISTINCT stage FROM cbp.provenance")}
+    assert {"raw_mri_scans", "participant_covariates"} <= stages
+    assert not (root / "warehouse").exists()

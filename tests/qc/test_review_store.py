@@ -18,6 +18,7 @@ import pytest
 
 from cbp_platform.landing import PSEUDONYM_ALPHABET, PSEUDONYM_LENGTH, PSEUDONYM_RE
 from cbp_platform.qc import reviews as rv
+from cbp_platform.paths import DataLayout
 
 BATCHES = ("b001", "b002")
 MODEL_SHA = "ab" * 32
@@ -46,10 +47,10 @@ def _png(path: Path, seed: int) -> None:
 def build_warehouse(root: Path, n: int = 6) -> dict:
     """Write segmentation_qc, muscle_segmentations and participant_covariates for ``n`` participants, alternating
     between the 2 batches, each with a QC image under ``root/derived/qc``. Returns db path, rows (by pseudonym)."""
-    from resources.warehouse import Warehouse
+    from resources.warehouse import DuckDBWarehouse
 
-    db = root / "warehouse" / "cbp.duckdb"
-    wh = Warehouse(database=str(db))
+    db = DataLayout(root).warehouse_file
+    wh = DuckDBWarehouse(database=str(db))
     ps = pseudonyms(n)
     scores = [round(1.0 + 1.7 * ((i * 7) % n), 2) for i in range(n)]        # distinct, not in insertion order
     qc, segs, cov = [], [], []
@@ -87,9 +88,9 @@ def wh(tmp_path, monkeypatch):
 
 def _store(wh, instance=None):
     from resources.reviews import ReviewStore
-    from resources.warehouse import Warehouse
+    from resources.warehouse import DuckDBWarehouse
 
-    return ReviewStore(Warehouse(database=str(wh["db"])), instance=instance)
+    return ReviewStore(DuckDBWarehouse(database=str(wh["db"])), instance=instance)
 
 
 def _cli(*argv: str) -> int:
@@ -132,7 +133,7 @@ def test_reject_then_accept_keeps_the_history_and_the_accept_is_in_force(wh, cap
 
 
 def test_a_review_of_a_replaced_label_map_is_outdated_and_not_in_force(wh):
-    from resources.warehouse import Warehouse
+    from resources.warehouse import DuckDBWarehouse
 
     store = _store(wh)
     p = wh["pseudonyms"][1]
@@ -141,10 +142,10 @@ def test_a_review_of_a_replaced_label_map_is_outdated_and_not_in_force(wh):
 
     # a new model run replaces the participant's label map (and its QC row)
     new_sha = "f" * 64
-    w = Warehouse(database=str(wh["db"]))
-    segs = w.query("SELECT * FROM muscle_segmentations").with_columns(
+    w = DuckDBWarehouse(database=str(wh["db"]))
+    segs = w.table("muscle_segmentations").with_columns(
         pl.when(pl.col("pseudonym") == p).then(pl.lit(new_sha)).otherwise(pl.col("label_sha256")).alias("label_sha256"))
-    qc = w.query("SELECT * FROM segmentation_qc").with_columns(
+    qc = w.table("segmentation_qc").with_columns(
         pl.when(pl.col("pseudonym") == p).then(pl.lit(new_sha)).otherwise(pl.col("label_sha256")).alias("label_sha256"))
     w.replace_rows("muscle_segmentations", segs, {})
     w.replace_rows("segmentation_qc", qc, {})
@@ -160,13 +161,13 @@ def test_a_review_of_a_replaced_label_map_is_outdated_and_not_in_force(wh):
 def test_a_decision_on_a_map_replaced_since_it_was_shown_is_refused(wh, capsys):
     """The app sends the sha256 of the map it showed (the CLI may, --label-sha): a re-run that replaced the map
     in between makes the decision fail, instead of landing on a map nobody saw."""
-    from resources.warehouse import Warehouse
+    from resources.warehouse import DuckDBWarehouse
 
     store = _store(wh)
     p = wh["pseudonyms"][2]
     shown = wh["rows"][p]["label_sha256"]
-    w = Warehouse(database=str(wh["db"]))
-    w.replace_rows("muscle_segmentations", w.query("SELECT * FROM muscle_segmentations").with_columns(
+    w = DuckDBWarehouse(database=str(wh["db"]))
+    w.replace_rows("muscle_segmentations", w.table("muscle_segmentations").with_columns(
         pl.when(pl.col("pseudonym") == p).then(pl.lit("e" * 64)).otherwise(pl.col("label_sha256"))
         .alias("label_sha256")), {})
     with pytest.raises(rv.ReviewError, match="replaced since it was shown"):
@@ -227,7 +228,7 @@ def test_reviewer_from_the_environment(wh, monkeypatch, capsys):
 def test_no_warehouse_is_a_clear_error(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("DAGSTER_HOME", raising=False)
     assert _cli("qc", "list", "--data-root", str(tmp_path / "nothing")) == 2
-    assert "not found (run the pipeline first" in capsys.readouterr().err
+    assert "holds no tables yet (run the pipeline first" in capsys.readouterr().err
     assert not (tmp_path / "nothing").exists()            # a list never creates a warehouse
 
 

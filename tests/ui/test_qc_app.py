@@ -53,7 +53,7 @@ def test_reject_with_the_keyboard(app, page):
     import dagster as dg
 
     from cbp_platform.qc import reviews as rv
-    from resources.warehouse import Warehouse
+    from resources.warehouse import DuckDBWarehouse
 
     external: list[str] = []
     page.on("request", lambda req: None if req.url.startswith(app["url"]) else external.append(req.url))
@@ -105,13 +105,13 @@ def test_reject_with_the_keyboard(app, page):
     page.wait_for_selector("#message.error")
     assert "every decision names its reviewer" in page.inner_text("#message")
 
-    reviews = Warehouse(database=str(app["db"])).query("SELECT * FROM qc_reviews")
+    reviews = DuckDBWarehouse(database=str(app["db"])).table("qc_reviews")
     assert reviews.height == 1
     row = reviews.row(0, named=True)
     assert (row["pseudonym"], row["decision"], row["reason"], row["reviewer"], row["source"]) == (
         first, "reject", "misregistered", "alice", "app")
-    seg = Warehouse(database=str(app["db"])).query("SELECT label_sha256 FROM muscle_segmentations WHERE pseudonym = ?",
-                                                   [first])
+    seg = DuckDBWarehouse(database=str(app["db"])).table("muscle_segmentations", columns=["label_sha256"],
+                                                         where={"pseudonym": first})
     assert row["label_sha256"] == seg["label_sha256"][0] == app["rows"][first]["label_sha256"]
     assert row["batch_key"] == BATCH
 

@@ -1,0 +1,172 @@
+"""The warehouse suite: every test runs against both backends, the embedded DuckDB file and PostgreSQL on a real
+server (Debian's postgresql on loopback, one schema per test). Same operations, same answers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from datetime import date, datetime, timezone
+
+import polars as pl
+import pytest
+
+from resources import DuplicateRows, MissingTable
+from tests.warehouse.writers import batch_frames, config, write_batch
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(params=["duckdb", pytest.param("postgres", marks=pytest.mark.postgres)])
+def wh(request, tmp_path):
+    from resources import DuckDBWarehouse
+
+    if request.param == "duckdb":
+        return DuckDBWarehouse(database=str(tmp_path / "warehouse" / "cbp.duckdb"))
+    return request.getfixturevalue("postgres_server").warehouse()
+
+
+def _rows(wh, table: str, **kw) -> int:
+    """Rows in ``table``; 0 when the table does not exist (a first write that was rolled back)."""
+    df = wh.table(table, missing_ok=True, **kw)
+    return 0 if df is None else df.height
+
+
+TYPED = pl.DataFrame({
+    "pseudonym": ["A0000001", "A0000002", "A0000003"],
+    "batch_key": ["b1", "b1", "b2"],
+    "site": pl.Series(["Berlin", "Essen", None], dtype=pl.Enum(["Berlin", "Essen"])),
+    "voxels": pl.Series([1, 2, 3], dtype=pl.UInt32),
+    "nrs": pl.Series([0, 10, None], dtype=pl.Int8),
+    "lean_ml": [201.25, float("nan"), None],
+    "swap": [True, False, None],
+    "exam_date": [date(2014, 5, 1), date(2019, 1, 31), None],
+    "recorded_at": [datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=timezone.utc)] * 3,
+    "note": ["", "ünïcødé; 'quoted' \"x\"", None],
+})
+
+
+def test_round_trip_keeps_values_and_types(wh):
+    wh.replace_rows("raw_mri_scans", TYPED, {"batch_key": ["b1", "b2"]})
+    got = wh.table("raw_mri_scans", order_by=["pseudonym"])
+    want = TYPED.with_columns(pl.col("site").cast(pl.String), pl.col("voxels").cast(pl.Int64),
+                              pl.col("nrs").cast(pl.Int16))
+    assert got.schema == want.schema
+    assert got.equals(want, null_equal=True)
+    assert wh.table("raw_mri_scans", columns=["pseudonym"], where={"site": None})["pseudonym"].to_list() == ["A0000003"]
+    assert wh.table("raw_mri_scans", where={"batch_key": []}).height == 0
+    assert wh.count_rows("raw_mri_scans", {"batch_key": "b1"}) == 2
+
+
+def test_replacing_a_partition_keeps_the_others_and_never_duplicates(wh):
+    b1, b2 = batch_frames(1, 40), batch_frames(2, 40)
+    write_batch(wh, b1)
+    write_batch(wh, b2)
+    again = batch_frames(1, 40, version=2)
+    write_batch(wh, again)            # a re-materialisation of batch 1
+    got = wh.table("muscle_metrics", order_by=["pseudonym", "muscle"])
+    want = pl.concat([again["rows"], b2["rows"]]).sort("pseudonym", "muscle")
+    assert got.select(want.columns).equals(want)
+    assert wh.duplicate_keys("muscle_metrics", ("pseudonym", "muscle")) == 0
+    assert _rows(wh, "provenance") == again["provenance"].height + b2["provenance"].height
+    assert _rows(wh, "quarantine", where={"batch_key": again["key"]}) == again["quarantine"].height
+
+
+def test_a_failed_guard_keeps_nothing_of_the_stage(wh):
+    """Rows, quarantine and provenance are one transaction: the guard (the run is no longer live) raises after
+    every table's rows were sent, and none of them lands, on a first write and on a re-run."""
+    def stop():
+        raise RuntimeError("run is FAILURE")
+
+    f = batch_frames(3, 30)
+    with pytest.raises(RuntimeError, match="FAILURE"):
+        write_batch(wh, f, guard=stop)
+    assert [_rows(wh, t) for t in ("muscle_metrics", "quarantine", "provenance")] == [0, 0, 0]
+    write_batch(wh, f)
+    with pytest.raises(RuntimeError, match="FAILURE"):
+        write_batch(wh, batch_frames(3, 30, version=2), guard=stop)
+    assert wh.table("muscle_metrics")["version"].unique().to_list() == [1]
+    assert _rows(wh, "provenance") == f["provenance"].height
+
+
+def test_a_process_killed_inside_the_write_leaves_nothing(wh):
+    """A real crash between the stage's writes (os._exit inside the transaction): no rows, no quarantine, no
+    provenance; the next writer is not blocked by it."""
+    proc = subprocess.run([sys.executable, "-c", "import sys; from tests.warehouse.writers import "
+                           "crash_before_commit as c; c(sys.argv[1])", json.dumps(config(wh))],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 17, proc.stderr[-2000:]
+    assert [_rows(wh, t) for t in ("muscle_metrics", "quarantine", "provenance")] == [0, 0, 0]
+    write_batch(wh, batch_frames(0, 50))
+    assert _rows(wh, "muscle_metrics") == batch_frames(0, 50)["rows"].height
+
+
+def test_a_second_row_for_a_participant_fails_the_whole_write(wh):
+    from cbp_platform.warehouse import provenance_frame
+
+    first = TYPED.filter(pl.col("batch_key") == "b1")
+    wh.replace_rows("raw_mri_scans", first, {"batch_key": "b1"})
+    other = first.head(1).with_columns(pl.lit("b9").alias("batch_key"))     # same pseudonym, another batch
+    pv = provenance_frame([{"pseudonym": "A0000001", "inputs": {}}], delivery_id="d", batch_key="b9",
+                          stage="raw_mri_scans", code_version="x", run_id="r")
+    with pytest.raises(DuplicateRows, match="nothing of this write was kept"):
+        wh.replace_many([("provenance", pv, {"batch_key": "b9"}), ("raw_mri_scans", other, {"batch_key": "b9"})])
+    assert _rows(wh, "provenance") == 0
+    assert sorted(wh.table("raw_mri_scans")["batch_key"].to_list()) == ["b1", "b1"]
+
+
+def test_a_missing_table_is_explicit_and_a_misspelt_column_is_an_error(wh):
+    with pytest.raises(MissingTable, match="'muscle_metrcs' does not exist"):
+        wh.table("muscle_metrcs")
+    assert wh.table("muscle_metrcs", missing_ok=True) is None
+    assert not wh.has_table("muscle_metrcs") and wh.tables() == []
+    wh.replace_rows("raw_mri_scans", TYPED, {})
+    with pytest.raises(Exception) as err:          # the backend's own error, never an empty frame
+        wh.table("raw_mri_scans", columns=["pseudonymm"])
+    assert not isinstance(err.value, MissingTable) and "pseudonymm" in str(err.value)
+    assert wh.tables() == ["raw_mri_scans"]
+
+
+def test_a_column_added_by_a_newer_code_version_reads_null_in_older_rows(wh):
+    old = TYPED.select("pseudonym", "batch_key", "lean_ml")
+    wh.replace_rows("muscle_segmentations", old, {"batch_key": ["b1", "b2"]})
+    new = pl.DataFrame({"pseudonym": ["B0000001"], "batch_key": ["b3"], "lean_ml": [1.5], "uncertainty": [0.25]})
+    wh.replace_rows("muscle_segmentations", new, {"batch_key": "b3"})
+    got = wh.table("muscle_segmentations", order_by=["pseudonym"])
+    assert got.columns == ["pseudonym", "batch_key", "lean_ml", "uncertainty"]
+    assert got["uncertainty"].to_list() == [None, None, None, 0.25]
+
+
+def test_append_only_tables_never_lose_a_row(wh):
+    rows = pl.DataFrame({"review_id": ["r1"], "pseudonym": ["A0000001"], "decision": ["reject"]})
+    for i in range(3):
+        wh.append_rows("qc_reviews", rows.with_columns(pl.lit(f"r{i}").alias("review_id")))
+    assert wh.table("qc_reviews", order_by=["review_id"])["review_id"].to_list() == ["r0", "r1", "r2"]
+
+
+def test_the_platform_reads_that_join_tables(wh):
+    scans = pl.DataFrame({"pseudonym": ["A1", "A2", "A3"], "batch_key": ["b1", "b1", "b2"], "delivery_id": "d1",
+                          "water_path": ["w1", "w2", "w3"], "fat_path": ["f1", "f2", "f3"], "water_sha256": "ws",
+                          "fat_sha256": "fs", "source_format": "nifti", "swap_suspected": [False, True, False]})
+    segs = pl.DataFrame({"pseudonym": ["A2", "A1", "A3"], "batch_key": ["b1", "b1", "b2"], "delivery_id": "d1",
+                         "label_path": ["l2", "l1", "l3"], "label_sha256": ["s2", "s1", "s3"]})
+    cov = scans.select("pseudonym", "batch_key", "delivery_id").head(2)
+    from cbp_platform.warehouse import quarantine_frame
+
+    q = quarantine_frame([{"pseudonym": "A3", "reason": "bad_header", "message": "m"},
+                          {"pseudonym": "A9", "reason": "bad_header", "message": "m"}],
+                         delivery_id="d1", batch_key="b2", stage="raw_mri_scans", run_id="r")
+    for t, df in (("raw_mri_scans", scans), ("muscle_segmentations", segs), ("participant_covariates", cov),
+                  ("quarantine", q)):
+        wh.replace_rows(t, df, {})
+    got = wh.segmented_scans("b1")
+    assert got["pseudonym"].to_list() == ["A1", "A2"] and got["label_path"].to_list() == ["l1", "l2"]
+    assert got.columns == ["pseudonym", "label_path", "label_sha256", "water_path", "fat_path", "water_sha256",
+                           "fat_sha256", "source_format"]
+    c = wh.ingestion_counts()
+    assert c["scans"].sort("delivery_id").rows() == [("d1", 3, 1)]
+    assert c["covariates"].rows() == [("d1", 2)] and c["both"].rows() == [("d1", 2)]
+    assert c["quarantined"].rows() == [("d1", 2)]
+    assert c["reasons"].rows() == [("d1", "bad_header", 2)]
+    assert c["stage_reasons"].rows() == [("raw_mri_scans", "bad_header", 2)]
+    assert wh.ingestion_counts(stages=("participant_covariates",))["quarantined"].height == 0
