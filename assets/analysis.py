@@ -43,8 +43,9 @@ class ModelConfig(dg.Config):
     min_events_per_variable: float = 10.0
 
 
-def _record_lineage(context: dg.AssetExecutionContext, warehouse: Warehouse, data_version: str,
-                    upstream: list[str], cohort_hash: str) -> None:
+def _lineage_row(context: dg.AssetExecutionContext, data_version: str, upstream: list[str],
+                 cohort_hash: str) -> tuple[str, pl.DataFrame, dict]:
+    """The asset's ``asset_lineage`` row, as a write for the same transaction as the asset's tables."""
     from cbp_platform.warehouse import now_utc
 
     asset = context.asset_key.to_user_string()
@@ -52,7 +53,7 @@ def _record_lineage(context: dg.AssetExecutionContext, warehouse: Warehouse, dat
                         "cohort_hash": cohort_hash, "upstream": json.dumps(upstream),
                         "code_version": context.assets_def.code_versions_by_key.get(context.asset_key) or "",
                         "recorded_at": now_utc()}])
-    warehouse.replace_rows("asset_lineage", df, {"asset": asset})
+    return ("asset_lineage", df, {"asset": asset})
 
 
 def _required(warehouse: Warehouse, table: str, hint: str, **kw) -> pl.DataFrame:
@@ -110,12 +111,12 @@ def analysis_cohort(context: dg.AssetExecutionContext, config: CohortConfig, war
                           "reviews_count": n_reviews, "reviews_sha256": reviews_sha,
                           "qc_rejected": int(decisions.filter(pl.col("decision") == "reject").height),
                           "qc_outdated": int(decisions["outdated"].sum()) if decisions.height else 0}])
-    # the cohort, its exclusions, its flow and its meta (with the hash) in one transaction: never a hash that
-    # describes another cohort than the one stored
+    # the cohort, its exclusions, its flow, its meta (with the hash) and its lineage row in one transaction:
+    # never a hash that describes another cohort than the one stored
     warehouse.replace_many([("analysis_cohort", cohort.frame, {}), ("analysis_exclusions", cohort.exclusions, {}),
-                            ("exclusion_flow", cohort.flow, {}), ("analysis_cohort_meta", meta, {})])
-    _record_lineage(context, warehouse, cohort.cohort_hash, [a.key.to_user_string() for a in PER_BATCH],
-                    cohort.cohort_hash)
+                            ("exclusion_flow", cohort.flow, {}), ("analysis_cohort_meta", meta, {}),
+                            _lineage_row(context, cohort.cohort_hash, [a.key.to_user_string() for a in PER_BATCH],
+                                         cohort.cohort_hash)])
     flow_md = markdown_table(cohort.flow.select("description", pl.col("excluded").cast(pl.String),
                                                 pl.col("remaining").cast(pl.String)))
     context.log.info(f"analysis cohort: {cohort.n} analysed from {len(batches)} batches "
@@ -132,6 +133,7 @@ def analysis_cohort(context: dg.AssetExecutionContext, config: CohortConfig, war
 def _fit_model(context: dg.AssetExecutionContext, config: ModelConfig, warehouse: Warehouse, *, name: str,
                outcome: str, population: str, answered_only: bool = False) -> dg.MaterializeResult:
     from cbp_platform.stats import PAPER_COVARIATES, ModelCheckError, fit_glmm, sensitivity_table
+    from cbp_platform.warehouse import table_checksum
 
     frame = _cohort_frame(warehouse)
     if answered_only:
@@ -160,9 +162,9 @@ def _fit_model(context: dg.AssetExecutionContext, config: ModelConfig, warehouse
         "checks": json.dumps([c.to_dict() for c in res.checks], default=str),
         "summary": str(res.sm_results.summary()) if res.sm_results is not None else "",
         "cohort_hash": cohort_hash}])
-    warehouse.replace_rows("model_fits", fit, {"analysis": name})
-    checksum = warehouse.replace_rows("model_results", table, {"analysis": name})
-    _record_lineage(context, warehouse, checksum, ["analysis_cohort"], cohort_hash)
+    checksum = table_checksum(table)
+    warehouse.replace_many([("model_results", _ordered(table), {"analysis": name}), ("model_fits", fit, {"analysis": name}),
+                            _lineage_row(context, checksum, ["analysis_cohort"], cohort_hash)])
     ors = {r["term"]: f"{r['or']:.3f} ({r['or_low']:.3f}-{r['or_high']:.3f}), p {r['p']:.2g}"
            for r in res.coefficients.iter_rows(named=True) if r["term"] != "(Intercept)"}
     context.log.info(f"{name}: {res.nobs} participants, {res.events} events, fitted in {seconds:.2f} s")
@@ -196,10 +198,24 @@ def pain_intensity_model(context: dg.AssetExecutionContext, config: ModelConfig,
                       population="analysed participants with an NRS answer", answered_only=True)
 
 
+ROW_ORDER = "row_order"      # a published table's rows in the order its builder made them (no backend keeps it)
+
+
+def _ordered(df: pl.DataFrame) -> pl.DataFrame:
+    return df.with_row_index(ROW_ORDER)
+
+
+def _in_order(warehouse: Warehouse, table: str, hint: str) -> pl.DataFrame:
+    return _required(warehouse, table, hint, order_by=[ROW_ORDER]).drop(ROW_ORDER)
+
+
 def _table_asset(context, warehouse: Warehouse, table: str, df: pl.DataFrame) -> dg.MaterializeResult:
-    checksum = warehouse.replace_rows(table, df, {})
+    from cbp_platform.warehouse import table_checksum
+
     cohort_hash = _cohort_hash(warehouse)
-    _record_lineage(context, warehouse, checksum, ["analysis_cohort"], cohort_hash)
+    checksum = table_checksum(df)
+    warehouse.replace_many([(table, _ordered(df), {}),
+                            _lineage_row(context, checksum, ["analysis_cohort"], cohort_hash)])
     return dg.MaterializeResult(metadata={"dagster/row_count": df.height, "table_checksum": checksum,
                                           "cohort_hash": cohort_hash},
                                 data_version=dg.DataVersion(checksum))
@@ -278,10 +294,10 @@ def published_results(context: dg.AssetExecutionContext, data_root: DataRootReso
     cohort_hash = meta["cohort_hash"]
     first = "materialise the analysis assets first"
     flow = _required(warehouse, "exclusion_flow", first, order_by=["step"])
-    t1 = _required(warehouse, "table_one", first)
-    pa = _required(warehouse, "physical_activity_prevalence", first)
-    strat = _required(warehouse, "stratified_comparisons", first)
-    results = _required(warehouse, "model_results", first)
+    t1 = _in_order(warehouse, "table_one", first)
+    pa = _in_order(warehouse, "physical_activity_prevalence", first)
+    strat = _in_order(warehouse, "stratified_comparisons", first)
+    results = _required(warehouse, "model_results", first, order_by=["analysis", ROW_ORDER]).drop(ROW_ORDER)
     fits = _required(warehouse, "model_fits", first, order_by=["analysis"])
     lineage_rows = _required(warehouse, "asset_lineage", first, order_by=["asset"])
     made_on = {r["asset"]: r["cohort_hash"] for r in lineage_rows.iter_rows(named=True)}
@@ -372,7 +388,8 @@ def published_results(context: dg.AssetExecutionContext, data_root: DataRootReso
     atomic_write_bytes(data_root.layout.latest_report,
                        json.dumps({"path": str(out_dir), "cohort_hash": cohort_hash,
                                    "run_id": context.run.run_id}, indent=1).encode())
-    _record_lineage(context, warehouse, cohort_hash, cohort_assets["published_results"]["upstream"], cohort_hash)
+    warehouse.replace_many([_lineage_row(context, cohort_hash, cohort_assets["published_results"]["upstream"],
+                                         cohort_hash)])
     context.log.info(f"report written to {out_dir}")
     return dg.MaterializeResult(metadata={
         "report_html": dg.MetadataValue.path(str(written["report_html"])),

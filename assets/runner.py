@@ -22,6 +22,7 @@ from assets.reaper import host_tag, reap
 from assets.schedules import COHORT_LEVEL  # noqa: F401  (documents what the refresh covers)
 from assets.sensors import INGEST_JOB, PROCESS_JOB, batch_already_ingested, delivery_sensor
 from cbp_platform.definitions import build_definitions, runtime, warehouse
+from cbp_platform.paths import DataLayout
 from cbp_platform.processes import environment
 from cbp_platform.progress import bar
 from resources import DataRootResource
@@ -32,7 +33,7 @@ CURSOR_FILE = "demo_sensor_cursor.json"
 @contextlib.contextmanager
 def pipeline_environment(root: Path):
     """Point ``CBP_DATA_ROOT`` and ``DAGSTER_HOME`` at ``root`` (a fresh local instance) for a with-block."""
-    home = Path(root) / "dagster_home"
+    home = DataLayout(Path(root)).dagster_home
     home.mkdir(parents=True, exist_ok=True)
     if not (home / "dagster.yaml").exists():
         (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")

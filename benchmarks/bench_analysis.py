@@ -44,9 +44,11 @@ def refresh_at_scale(root: Path, n: int, seed: int, batches: int, warehouse=None
 
 
 def run(n: int = 30868, seed: int = 1, batches: int = 124) -> dict:
+    from cbp_platform.paths import DataLayout
+
     root = Path(tempfile.mkdtemp(prefix="cbp-bench-analysis-"))
     prep, wall, res, steps = refresh_at_scale(root, n, seed, batches)
-    latest = json.loads((root / "published" / "latest.json").read_text()) if res.success else None
+    latest = json.loads(DataLayout(root).latest_report.read_text()) if res.success else None
     out = {"participants": n, "batches": batches, "prepare_tables_s": round(prep, 1), "refresh_wall_s": round(wall, 1),
            "success": res.success, "steps_s": steps}
     print(f"cohort-level refresh at paper scale: {n} participants in {batches} batches")

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cbp_platform.paths import DataLayout
+
 
 def _batch_run(n: int, preset: str) -> dict:
     import dagster as dg
@@ -79,7 +81,7 @@ def _sensor_ticks(n_deliveries: int = 3000) -> dict:
 
     root = Path(tempfile.mkdtemp(prefix="cbp-bench-sensor-"))
     try:
-        land = root / "landing"
+        land = DataLayout(root).landing
         for i in range(n_deliveries):
             d = land / f"dl{i:05d}"
             d.mkdir(parents=True)
@@ -166,7 +168,7 @@ def _ingest_memory(bomb_gib: int = 4) -> dict:
     root = Path(tempfile.mkdtemp(prefix="cbp-bench-ingest-mem-"))
     try:
         synthesize(participants=8, deliveries=1, seed=78, data_root=root / "src", resolution="nako", workers=2)
-        (src,) = list((root / "src" / "landing").iterdir())
+        (src,) = list(DataLayout(root / "src").landing.iterdir())
         out = {"nako": _worker_rss(src)}
         # gzip bombs: two participants' water = a valid NAKO image followed by GiBs of zeros (a few MB on disk)
         bomb = root / "bomb" / src.name
@@ -227,7 +229,7 @@ def _dicom_figures(n: int = 8) -> dict:
         synthesize(participants=n, deliveries=1, seed=79, data_root=root, resolution="nako", workers=2,
                    scan_format="dicom", in_opp=True)
         synth_s = time.perf_counter() - t
-        (src,) = list((root / "landing").iterdir())
+        (src,) = list(DataLayout(root).landing.iterdir())
         zips = sorted((src / "dicom").rglob("*.zip"))
         out = {"participants": n, "synth_seconds": synth_s, "zip_mb": sum(z.stat().st_size for z in zips) / 1e6 / n,
                "dicom_files": sum(len(zipfile.ZipFile(z).namelist()) for z in zips) // n}

@@ -37,7 +37,9 @@ def _case(n: int, k: int, preset: str, workers: int, seed: int = 1) -> dict:
         if res["rc"] != 0:
             raise RuntimeError(res["err"])
         nbytes = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
-        landing = sum(f.stat().st_size for f in (root / "landing").rglob("*") if f.is_file())
+        from cbp_platform.paths import DataLayout
+
+        landing = sum(f.stat().st_size for f in DataLayout(root).landing.rglob("*") if f.is_file())
         return dict(participants=n, deliveries=k, preset=preset, workers=workers, seconds=res["seconds"],
                     participants_per_s=n / res["seconds"], mb_written=nbytes / 1e6,
                     mb_per_s=nbytes / 1e6 / res["seconds"], landing_mb_per_participant=landing / 1e6 / n,

@@ -39,13 +39,14 @@ def _writes(wh) -> dict:
         lat.append(time.perf_counter() - t)
     serial = time.perf_counter() - t0
     out = run_writers(wh, writers=WRITERS, n=PARTICIPANTS, versions=1, first=100)
-    wall = max(s for _, _, s, _ in out)
-    fails = sum(f for _, f, _, _ in out)
+    wall = max(s for _, _, s, _, _ in out)
+    fails = sum(f for _, f, _, _, _ in out)
+    retries = sum(r for *_, r in out)
     return {"rows_per_batch": rows // WRITERS, "serial_s": round(serial, 2),
             "serial_batch_ms_median": round(1000 * statistics.median(lat), 1),
             "serial_rows_per_s": round(rows / serial), "concurrent_wall_s": round(wall, 2),
             "concurrent_rows_per_s": round(rows / wall), "concurrent_batches_per_s": round(WRITERS / wall, 2),
-            "concurrent_failures": fails}
+            "concurrent_failures": fails, "concurrent_retries": retries}
 
 
 def _refresh(wh, root: Path, n: int, batches: int, env: dict[str, str]) -> dict:
@@ -61,6 +62,7 @@ def _refresh(wh, root: Path, n: int, batches: int, env: dict[str, str]) -> dict:
 
 
 def run(n: int = 30868, batches: int = 124) -> dict:
+    from cbp_platform.paths import DataLayout
     from resources import DuckDBWarehouse
     from tests.system import PostgresServer
 
@@ -71,7 +73,7 @@ def run(n: int = 30868, batches: int = 124) -> dict:
             tmp = Path(tempfile.mkdtemp(prefix=f"cbp-bench-wh-{backend}-"))
             if backend == "duckdb":
                 writes_wh = DuckDBWarehouse(database=str(tmp / "writes.duckdb"))
-                cohort_wh = DuckDBWarehouse(database=str(tmp / "root" / "warehouse" / "cbp.duckdb"))
+                cohort_wh = DuckDBWarehouse(database=str(DataLayout(tmp / "root").warehouse_file))
                 env = {"CBP_WAREHOUSE": "duckdb"}
             else:
                 writes_wh, cohort_wh = server.warehouse("bench_writes"), server.warehouse("bench_cohort")
@@ -112,6 +114,7 @@ def run(n: int = 30868, batches: int = 124) -> dict:
         a, b = d[sub][key], p[sub][key]
         print(f"| {label} | {a:,} | {b:,} | {b / a:.2f} |")
     print(f"| failed writes | {d['writes']['concurrent_failures']} | {p['writes']['concurrent_failures']} | |")
+    print(f"| retried transactions | {d['writes']['concurrent_retries']} | {p['writes']['concurrent_retries']} | |")
     print(f"| same cohort hash | {out['same_cohort_hash']} | | |")
     return out
 

@@ -403,7 +403,8 @@ def _cmd_status(args) -> int:
         print(json.dumps([r.as_dict() for r in reports], indent=1))
     else:
         print(f"landing zone {layout.landing}"
-              + ("" if counts is not None else " (no warehouse counts: none yet, or a run holds its lock)"))
+              + ("" if counts is not None else " (no warehouse counts: none yet, a run holds its lock, or the "
+                                               "warehouse cannot be reached)"))
         print(format_report(reports))
     return 0
 

@@ -63,6 +63,11 @@ class DataLayout:
         return self.root / "registry"
 
     @property
+    def dagster_home(self) -> Path:
+        """The local Dagster instance of this data root (``make``'s and the demo runner's ``DAGSTER_HOME``)."""
+        return self.root / "dagster_home"
+
+    @property
     def batch_registry(self) -> Path:
         return self.registry / "batches"
 

@@ -18,6 +18,7 @@ a key in :data:`~cbp_platform.warehouse.UNIQUE_KEYS` fails the write (:class:`Du
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from contextlib import contextmanager
@@ -47,7 +48,7 @@ class DuplicateRows(RuntimeError):
 
 
 def _ident(name: str) -> str:
-    if '"' in name or "\x00" in name:
+    if '"' in name or "\x00" in name or "?" in name:
         raise ValueError(f"not a table or column name: {name!r}")
     return f'"{name}"'
 
@@ -74,10 +75,11 @@ def _where(where: dict[str, Any] | None) -> tuple[str, list]:
 
 
 def storable(df: pl.DataFrame) -> pl.DataFrame:
-    """The frame as both backends store it: categories as text, unsigned and 8-bit integers widened."""
+    """The frame as both backends store it: categories as text, unsigned and 8-bit integers widened, a column
+    that holds only nulls (no type to infer) as text."""
     casts = []
     for name, dtype in df.schema.items():
-        if isinstance(dtype, (pl.Enum, pl.Categorical)):
+        if isinstance(dtype, (pl.Enum, pl.Categorical)) or dtype == pl.Null:
             casts.append(pl.col(name).cast(pl.String))
         elif dtype in (pl.UInt8, pl.Int8):
             casts.append(pl.col(name).cast(pl.Int16))
@@ -304,21 +306,21 @@ class DuckDBWarehouse(Warehouse, DuckDBResource):
             cols = ", ".join(_ident(c) for c in keys)
             try:
                 conn.execute(f'CREATE UNIQUE INDEX IF NOT EXISTS "{table}_unique" ON {_ident(table)} ({cols})')
-            except duckdb.ConstraintException as exc:
+            except duckdb.ConstraintException:       # the message names the key's value: a pseudonym
                 raise DuplicateRows(f"{self.path}: table {table} already holds more than one row per "
-                                    f"({', '.join(keys)}); remove the duplicates ({exc})") from None
+                                    f"({', '.join(keys)}); remove the duplicates") from None
 
     def _write(self, writes: list[Write], guard) -> None:
         with self.connection() as conn:
             names = []
             try:
-                for i, (table, df, _) in enumerate(writes):
-                    name = f"incoming_{i}"
-                    conn.register(name, _arrow(df))
-                    names.append(name)
-                    self._ensure(conn, table, name)
-                conn.execute("BEGIN TRANSACTION")
+                for i, (_, df, _) in enumerate(writes):
+                    names.append(f"incoming_{i}")
+                    conn.register(names[-1], _arrow(df))
+                conn.execute("BEGIN TRANSACTION")       # the DDL too: a failed first write leaves no table
                 try:
+                    for (table, _, _), name in zip(writes, names):
+                        self._ensure(conn, table, name)
                     for (table, df, where), name in zip(writes, names):
                         if where is not None:
                             cond, params = _where(where)
@@ -328,10 +330,11 @@ class DuckDBWarehouse(Warehouse, DuckDBResource):
                     if guard is not None:
                         guard()
                     conn.execute("COMMIT")
-                except duckdb.ConstraintException as exc:
+                except duckdb.ConstraintException:     # the message names the key's value: a pseudonym
                     conn.execute("ROLLBACK")
-                    raise DuplicateRows(f"{self.path}: refused a second row for the same key ({exc}); nothing of "
-                                        "this write was kept") from None
+                    raise DuplicateRows(f"{self.path}: refused a second row for the same key of "
+                                        f"{', '.join(sorted({t for t, _, _ in writes if t in UNIQUE_KEYS}))}; "
+                                        "nothing of this write was kept") from None
                 except BaseException:
                     conn.execute("ROLLBACK")
                     raise
@@ -347,6 +350,8 @@ _UNIQUE_VIOLATION = "23505"
 _UNDEFINED_TABLE = "42P01"
 _RETRY_STATES = ("40001", "40P01")      # serialization failure, deadlock detected: the transaction is retried
 _SCHEMAS_READY: set[tuple] = set()
+RETRIES: dict[str, int] = {}            # retried transactions in this process, by SQLSTATE (tests, benchmark)
+log = logging.getLogger("cbp.warehouse")
 
 
 def _sqlstate(exc: BaseException) -> str:
@@ -396,14 +401,19 @@ class PostgresWarehouse(Warehouse):
         try:
             cur = conn.cursor()
             key = (self.host, int(self.port), self.database, self.schema_name)
-            if key not in _SCHEMAS_READY:
-                try:
-                    cur.execute(f"CREATE SCHEMA IF NOT EXISTS {_ident(self.schema_name)}")
-                    conn.commit()
-                except pg.Error as exc:           # another process created it at the same moment
-                    conn.rollback()
-                    if _sqlstate(exc) not in (_UNIQUE_VIOLATION, "42P06"):
-                        raise
+            if key not in _SCHEMAS_READY:        # created on first use; a reader without CREATE never tries
+                cur.execute("SELECT count(*) FROM information_schema.schemata WHERE schema_name = $1",
+                            parameters=(self.schema_name,))
+                exists = cur.fetchall()[0][0] > 0
+                conn.rollback()
+                if not exists:
+                    try:
+                        cur.execute(f"CREATE SCHEMA IF NOT EXISTS {_ident(self.schema_name)}")
+                        conn.commit()
+                    except pg.Error as exc:       # another process created it at the same moment
+                        conn.rollback()
+                        if _sqlstate(exc) not in (_UNIQUE_VIOLATION, "42P06"):
+                            raise
                 _SCHEMAS_READY.add(key)
             cur.execute(f"SET search_path TO {_ident(self.schema_name)}")
             conn.commit()
@@ -507,11 +517,15 @@ class PostgresWarehouse(Warehouse):
                 except pg.Error as exc:
                     conn.rollback()
                     state = _sqlstate(exc)
-                    if state == _UNIQUE_VIOLATION:
-                        raise DuplicateRows(f"{self.location}: refused a second row for the same key "
-                                            f"({str(exc).splitlines()[0]}); nothing of this write was kept") from None
+                    if state == _UNIQUE_VIOLATION:       # the server's detail names the key's value
+                        raise DuplicateRows(f"{self.location}: refused a second row for the same key of "
+                                            f"{', '.join(sorted({t for t, _, _ in writes if t in UNIQUE_KEYS}))}; "
+                                            "nothing of this write was kept") from None
                     if state not in _RETRY_STATES or attempt == self.retries:
                         raise
+                    RETRIES[state] = RETRIES.get(state, 0) + 1
+                    log.warning("warehouse write retried after SQLSTATE %s (attempt %d of %d)", state,
+                                attempt + 1, self.retries)
                 except BaseException:
                     conn.rollback()
                     raise

@@ -5,7 +5,8 @@ Inputs, all measured on this code base, none typed in:
   NIfTI) written now by ``cbp synth --resolution nako``, plus its label maps (one per participant, uint8 gzip);
 * seconds per NAKO-resolution volume (segmentation, CPU, 2 cores) and per-batch figures: the newest
   ``bench-results/bench-*.json`` written by ``make bench``;
-* the production warehouse's size and write rate: the newest ``make bench warehouse`` results (PostgreSQL).
+* the production warehouse's size and write rate: the newest ``make bench BENCH=warehouse`` results
+  (PostgreSQL).
 
 Scaling assumptions (stated in the output): the simulated volume covers the lumbar field of view
 (288 x 224 x 96 voxels); a whole-body NAKO Dixon series (several stations stitched) has about ``--wb-factor``
@@ -19,23 +20,26 @@ from __future__ import annotations
 import argparse
 import glob
 import json
-import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.bench_warehouse import PARTICIPANTS, WRITERS  # noqa: E402
+from cbp_platform.paths import DataLayout  # noqa: E402
 
 
 def measured_bytes_per_participant(n: int = 4) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        env = {**os.environ, "CBP_DATA_ROOT": tmp}
+        layout = DataLayout(Path(tmp))
         subprocess.run([str(Path(sys.executable).with_name("cbp")), "synth", "-n", str(n), "--seed", "77",
-                        "--resolution", "nako", "--workers", "1", "--quiet"], env=env, check=True,
+                        "--resolution", "nako", "--workers", "1", "--quiet", "--data-root", tmp], check=True,
                        capture_output=True)
-        mri = sum(p.stat().st_size for p in Path(tmp, "landing").rglob("*.nii.gz"))
-        labels = sum(p.stat().st_size for p in Path(tmp, "truth").rglob("*_labels.nii.gz"))
+        mri = sum(p.stat().st_size for p in layout.landing.rglob("*.nii.gz"))
+        labels = sum(p.stat().st_size for p in layout.truth.rglob("*_labels.nii.gz"))
     return {"scans": mri / n, "labels": labels / n}
 
 
@@ -51,19 +55,20 @@ def latest_bench(section: str = "segmentation", required: bool = True) -> dict |
 
 
 def warehouse_plan(n: int, bench: dict) -> list[str]:
-    """The production warehouse (PostgreSQL) at ``n`` participants, from ``make bench warehouse``: its size
+    """The production warehouse (PostgreSQL) at ``n`` participants, from ``make bench BENCH=warehouse``: its size
     (measured at 30,868, scaled by participants: rows are per participant) and the time its batch writes take."""
     wh = bench["warehouse"]
     pg, duck = wh["postgres"], wh["duckdb"]
     n0 = pg["refresh"]["participants"]
     size = pg["refresh"]["warehouse_bytes"] * n / n0
-    per_batch = pg["writes"]["concurrent_wall_s"] / 16          # 16 batches written at once
-    batches = n / 250
+    per_batch = pg["writes"]["concurrent_wall_s"] / WRITERS     # WRITERS batches written at once
+    batches = n / PARTICIPANTS
     return [
         f"warehouse (PostgreSQL, measured at {n0:,}: {pg['refresh']['warehouse_bytes'] / 1e6:,.0f} MB; "
         f"DuckDB file {duck['refresh']['warehouse_bytes'] / 1e6:,.0f} MB): about {size / 1e6:,.0f} MB at {n:,}",
-        f"warehouse writes: {batches:,.0f} batches of 250 at {pg['writes']['concurrent_batches_per_s']:.1f} batches/s "
-        f"with 16 concurrent writers = {batches * per_batch / 60:,.1f} min of write time in total; cohort refresh "
+        f"warehouse writes: {batches:,.0f} batches of {PARTICIPANTS} at {pg['writes']['concurrent_batches_per_s']:.1f} "
+        f"batches/s with {WRITERS} concurrent writers = {batches * per_batch / 60:,.1f} min of write time in total; "
+        "cohort refresh "
         f"{pg['refresh']['refresh_wall_s']:.0f} s at {n0:,} ({bench['_file']})",
     ]
 
@@ -113,7 +118,7 @@ def main(argv=None) -> int:
     wh = latest_bench("warehouse", required=False)
     print()
     if wh is None:
-        print("warehouse: no `make bench warehouse` results yet")
+        print("warehouse: no `make bench BENCH=warehouse` results yet")
     else:
         for line in warehouse_plan(n, wh):
             print(line)

@@ -70,7 +70,9 @@ def write_batch(wh, frames: dict, guard=None) -> list[str]:
 
 def concurrent_writer(cfg: dict, i: int, n: int, versions: int, barrier, results) -> None:
     """Worker process: wait for every writer, then write batch ``i`` ``versions`` times (each a re-run that
-    replaces the last); report (i, failures, seconds, error text)."""
+    replaces the last); report (i, failures, seconds, error text, transactions retried)."""
+    from resources.warehouse import RETRIES
+
     wh = from_config(cfg)
     frames = [batch_frames(i, n, v) for v in range(1, versions + 1)]
     barrier.wait()
@@ -81,7 +83,7 @@ def concurrent_writer(cfg: dict, i: int, n: int, versions: int, barrier, results
         except Exception as exc:  # noqa: BLE001  (counted and reported: the test expects none)
             failures += 1
             err = f"{type(exc).__name__}: {exc}"[:300]
-    results.put((i, failures, time.perf_counter() - t0, err))
+    results.put((i, failures, time.perf_counter() - t0, err, sum(RETRIES.values())))
 
 
 def crash_before_commit(cfg_json: str) -> None:
@@ -93,7 +95,7 @@ def crash_before_commit(cfg_json: str) -> None:
 
 def run_writers(wh, *, writers: int, n: int, versions: int, first: int = 0) -> list[tuple]:
     """``writers`` processes (spawned, as separate pods would be), batches ``first`` .. ``first + writers - 1``,
-    released together by a barrier; returns each writer's (i, failures, seconds, error), sorted."""
+    released together by a barrier; returns each writer's (i, failures, seconds, error, retries), sorted."""
     ctx = mp.get_context("spawn")
     barrier, results = ctx.Barrier(writers), ctx.Queue()
     procs = [ctx.Process(target=concurrent_writer, args=(config(wh), first + i, n, versions, barrier, results))
