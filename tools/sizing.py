@@ -101,20 +101,24 @@ def main(argv=None) -> int:
     ap.add_argument("--gpus", type=int, default=4)
     ap.add_argument("--cpu-nodes", type=int, default=8)
     args = ap.parse_args(argv)
-    per = measured_bytes_per_participant()
-    bench = latest_bench()
     n = args.baseline + args.followup
     print(f"participants: {args.baseline:,} baseline + {args.followup:,} follow-up = {n:,}")
-    print(f"measured: {per['scans'] / 1e6:.1f} MB scans + {per['labels'] / 1e6:.2f} MB label map per participant "
-          f"(simulated NAKO resolution); segmentation {bench['segmentation']['nako']['cpu']['seconds']:.2f} s per "
-          f"volume on 2 CPU cores, peak RSS {bench['segmentation']['nako']['peak_rss_mb']:,.0f} MB "
-          f"({bench['_file']})")
-    print(f"assumed: whole body = x{args.wb_factor:g} voxels; GPU = x{args.gpu_speedup:g} the 2-core CPU; "
-          f"{args.gpus} GPUs; {args.cpu_nodes} CPU nodes\n")
-    print("| volume | segmentation CPU-hours (2 cores) | GPU-hours | wall hours | storage TB |")
-    print("|---|---|---|---|---|")
-    for r in plan(n, per, bench, args.wb_factor, args.gpu_speedup, args.gpus, args.cpu_nodes):
-        print("| " + " | ".join(r) + " |")
+    bench = latest_bench("segmentation", required=False)
+    if bench is None:
+        print("imaging: no `make bench` results with the segmentation benchmark yet "
+              "(make bench BENCH=segmentation)")
+    else:
+        per = measured_bytes_per_participant()
+        seg = bench["segmentation"]["nako"]
+        print(f"measured: {per['scans'] / 1e6:.1f} MB scans + {per['labels'] / 1e6:.2f} MB label map per "
+              f"participant (simulated NAKO resolution); segmentation {seg['cpu']['seconds']:.2f} s per volume on 2 "
+              f"CPU cores, peak RSS {seg['peak_rss_mb']:,.0f} MB ({bench['_file']})")
+        print(f"assumed: whole body = x{args.wb_factor:g} voxels; GPU = x{args.gpu_speedup:g} the 2-core CPU; "
+              f"{args.gpus} GPUs; {args.cpu_nodes} CPU nodes\n")
+        print("| volume | segmentation CPU-hours (2 cores) | GPU-hours | wall hours | storage TB |")
+        print("|---|---|---|---|---|")
+        for r in plan(n, per, bench, args.wb_factor, args.gpu_speedup, args.gpus, args.cpu_nodes):
+            print("| " + " | ".join(r) + " |")
     wh = latest_bench("warehouse", required=False)
     print()
     if wh is None:
