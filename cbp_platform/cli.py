@@ -114,7 +114,7 @@ def _cmd_accuracy(args: argparse.Namespace) -> int:
     wh = _open_warehouse("accuracy", args.data_root)
     if wh is None:
         return 2
-    if not wh.has_table("muscle_metrics"):
+    if not {"muscle_metrics", "muscle_segmentations"} <= set(wh.tables()):
         print("cbp accuracy: error: no segmentations in the warehouse yet", file=sys.stderr)
         return 2
     segs = wh.table("muscle_segmentations", columns=["delivery_id", "pseudonym", "label_path"],

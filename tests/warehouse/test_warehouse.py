@@ -179,3 +179,24 @@ def test_the_platform_reads_that_join_tables(wh):
     assert c["reasons"].rows() == [("d1", "bad_header", 2)]
     assert c["stage_reasons"].rows() == [("raw_mri_scans", "bad_header", 2)]
     assert wh.ingestion_counts(stages=("participant_covariates",))["quarantined"].height == 0
+
+
+@pytest.mark.postgres
+def test_the_cli_reads_the_production_warehouse_by_configuration(postgres_server, monkeypatch, tmp_path, capsys):
+    """``cbp`` commands follow CBP_WAREHOUSE too: clear errors for an empty schema, a half-written one and a
+    wrong password (which never appears in the message)."""
+    from cbp_platform.cli import main
+
+    schema = "cli_check"
+    for k, v in {**postgres_server.warehouse_env(schema), "CBP_DATA_ROOT": str(tmp_path)}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    assert main(["qc", "list"]) == 2
+    assert f"schema {schema} holds no tables yet" in capsys.readouterr().err
+    write_batch(postgres_server.warehouse(schema), batch_frames(1, 20))          # metrics without segmentations
+    assert main(["accuracy"]) == 2
+    assert "no segmentations in the warehouse yet" in capsys.readouterr().err
+    monkeypatch.setenv("CBP_PG_PASSWORD", "not-the-password")
+    assert main(["qc", "list"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot open the warehouse" in err and "not-the-password" not in err
