@@ -18,6 +18,7 @@ a key in :data:`~cbp_platform.warehouse.UNIQUE_KEYS` fails the write (:class:`Du
 
 from __future__ import annotations
 
+import abc
 import logging
 import random
 import time
@@ -107,21 +108,23 @@ class Warehouse(dg.ConfigurableResource):
 
     backend: ClassVar[str] = ""
 
-    # --- what a backend implements -----------------------------------------------------------------------------
+    # --- what a backend implements (abstract: the interface itself cannot be instantiated) ---------------------
     @property
+    @abc.abstractmethod
     def location(self) -> str:
         """Where the warehouse is, for messages (never a password)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _read(self, sql: str, params: list) -> pl.DataFrame:
-        raise NotImplementedError
+        """Rows of ``sql`` (``?`` placeholders); :class:`MissingTable` when a table in it does not exist."""
 
+    @abc.abstractmethod
     def _write(self, writes: list[Write], guard) -> None:
-        raise NotImplementedError
+        """Every write in one transaction; ``guard`` runs just before the commit."""
 
+    @abc.abstractmethod
     def tables(self) -> list[str]:
         """The warehouse's tables, sorted."""
-        raise NotImplementedError
 
     # --- named operations --------------------------------------------------------------------------------------
     def has_table(self, table: str) -> bool:

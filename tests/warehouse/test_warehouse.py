@@ -200,3 +200,10 @@ def test_the_cli_reads_the_production_warehouse_by_configuration(postgres_server
     assert main(["qc", "list"]) == 2
     err = capsys.readouterr().err
     assert "cannot open the warehouse" in err and "not-the-password" not in err
+
+
+def test_the_interface_is_abstract():
+    from resources import Warehouse
+
+    with pytest.raises(TypeError, match="abstract"):
+        Warehouse()
