@@ -22,7 +22,7 @@ DEMO_K ?= 4
 DEMO_SEED ?= 20140501
 DEMO_FAULTS ?= 0.02
 
-.PHONY: venv sysdeps demo test test-ui bench dev clean
+.PHONY: venv sysdeps demo test test-fast test-ui bench dev clean
 
 venv: $(STAMP)
 
@@ -59,7 +59,7 @@ $(SYSDEPS_STAMP): | $(STAMP)
 # Dagster against the persistent instance in $(DAGSTER_HOME) (`make dev` shows the runs afterwards).
 demo: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
 	$(VENV)/bin/cbp synth --participants $(DEMO_N) --deliveries $(DEMO_K) --seed $(DEMO_SEED) --faults $(DEMO_FAULTS) --format $(DEMO_FORMAT) --if-absent
-	$(PY) -m assets.runner
+	$(PY) -m orchestration.runner
 	@echo "Landing zone: $(CBP_DATA_ROOT)/landing   warehouse: $(CBP_DATA_ROOT)/warehouse/cbp.duckdb"
 	@echo "Report: $$($(PY) -c 'import json,sys; print(json.load(open(sys.argv[1]))["path"])' $(CBP_DATA_ROOT)/published/latest.json 2>/dev/null || echo '(none: see the failures above)')/report.html"
 	@echo "Lineage: $(VENV)/bin/cbp lineage    accuracy: $(VENV)/bin/cbp accuracy"
@@ -69,6 +69,11 @@ demo: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
 # installed, a missing one is a failure, not a skip.
 test: $(STAMP) $(SYSDEPS_STAMP)
 	CBP_REQUIRE_SYSTEM_TESTS=1 $(PY) -m pytest -q
+
+# The unit layer alone (no Dagster job, no training, no browser, no PostgreSQL server: tests/conftest.py gives
+# every test its layer markers), in about a minute; no system packages needed.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m unit
 
 # The browser tests alone (screenshots in artifacts/ui/).
 test-ui: $(STAMP) $(SYSDEPS_STAMP)

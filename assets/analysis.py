@@ -1,6 +1,9 @@
 """Cohort-level analysis: ``analysis_cohort``, the two mixed models, the descriptive tables and
 ``published_results`` (report + lineage manifest).
 
+The exposures and analyses are the registry's (:mod:`cbp_platform.study`): each model asset fits its primary
+(the paper's) analysis and the secondary analyses extending it (the paper's model plus a secondary exposure).
+
 Every asset reads what the previous one wrote to the warehouse, so each is recomputed from all materialised
 batches when it runs; each records a lineage row (run id, data version, upstream) in the warehouse table
 ``asset_lineage``. Pseudonyms stay in the internal tables (``analysis_cohort``, ``analysis_exclusions``);
@@ -16,8 +19,9 @@ import polars as pl
 
 from assets.ingestion import participant_covariates, raw_mri_scans
 from assets.segmentation import muscle_metrics, muscle_segmentations, segmentation_model
+from cbp_platform import study
 from cbp_platform.deployment import k8s_step_tags
-from resources import DataRootResource, MissingTable, SegmentationRuntime, Warehouse
+from resources import WAREHOUSE_KIND, DataRootResource, MissingTable, SegmentationRuntime, Warehouse
 from resources.reviews import REVIEWS_ASSET, ReviewStore
 
 COHORT_STEP = k8s_step_tags("cpu-large")    # whole-cohort steps: Kubernetes CPU nodes with memory headroom
@@ -30,10 +34,6 @@ PER_BATCH = (raw_mri_scans, participant_covariates, muscle_segmentations, muscle
 GROUP = "analysis"
 
 
-# the report's names of the two models (cbp_platform.analysis.report: MODEL_LABELS, the paper's values)
-REPORT_MODEL_KEY = {"cbp_association_model": "cbp", "pain_intensity_model": "nrs_high"}
-
-
 class CohortConfig(dg.Config):
     lmm_normaliser: str = "weight_per_height"   # weight_per_height (cm3/(kg/m), the paper's), per_height2, ...
 
@@ -41,6 +41,12 @@ class CohortConfig(dg.Config):
 class ModelConfig(dg.Config):
     nagq: int = 25               # adaptive Gauss-Hermite points (1 = Laplace)
     min_events_per_variable: float = 10.0
+
+
+class ReportConfig(dg.Config):
+    # disclosure limit: counts below it (and their statistics) are suppressed; None: the platform's default
+    # (cbp_platform.analysis.disclosure.MIN_COUNT, 5)
+    min_count: int | None = None
 
 
 def _lineage_row(context: dg.AssetExecutionContext, data_version: str, upstream: list[str],
@@ -76,7 +82,8 @@ def _cohort_hash(warehouse: Warehouse) -> str:
 
 
 @dg.asset(op_tags=COHORT_STEP,
-          deps=[*PER_BATCH, REVIEWS_ASSET], code_version=COHORT_VERSION, group_name=GROUP, kinds={"polars", "duckdb"},
+          deps=[*PER_BATCH, REVIEWS_ASSET], code_version=COHORT_VERSION, group_name=GROUP,
+          kinds={"polars", WAREHOUSE_KIND},
           description="All materialised batches joined: inclusion rules with the exclusion flow (start -> one row "
                       "per reason -> analysed; reviewers' rejections of the current label maps at qc_rejected), "
                       "LMM index, MET categories, NRS >= 4, exposures per 2 SD. The cohort hash (content of the "
@@ -130,49 +137,49 @@ def analysis_cohort(context: dg.AssetExecutionContext, config: CohortConfig, war
         data_version=dg.DataVersion(cohort.cohort_hash))
 
 
-def _fit_model(context: dg.AssetExecutionContext, config: ModelConfig, warehouse: Warehouse, *, name: str,
-               outcome: str, population: str, answered_only: bool = False) -> dg.MaterializeResult:
-    from cbp_platform.stats import PAPER_COVARIATES, ModelCheckError, fit_glmm, sensitivity_table
+def _fit_models(context: dg.AssetExecutionContext, config: ModelConfig, warehouse: Warehouse,
+                name: str) -> dg.MaterializeResult:
+    """Fit the analyses of model asset ``name`` (:func:`cbp_platform.study.analyses_fitted_by`): its primary
+    analysis (a failed model check fails the asset) and the secondary ones (a failed check is recorded and reported;
+    the paper's results stand). Their rows replace the analyses' rows of ``model_results`` / ``model_fits``."""
+    from cbp_platform.analysis.models import failed_fit, fit_analysis, fits_frame, results_frame
+    from cbp_platform.stats import ModelCheckError
     from cbp_platform.warehouse import table_checksum
 
     frame = _cohort_frame(warehouse)
-    if answered_only:
-        frame = frame.filter(pl.col(outcome).is_not_null())
     cohort_hash = _cohort_hash(warehouse)
-    fixed = list(PAPER_COVARIATES)
+    primary, *secondary = study.analyses_fitted_by(name)
+    kw = dict(cohort_hash=cohort_hash, nagq=config.nagq, min_epv=config.min_events_per_variable)
     t0 = time.perf_counter()
     try:
-        res = fit_glmm(frame, outcome, fixed, "site", nagq=config.nagq, min_epv=config.min_events_per_variable)
-        laplace = fit_glmm(frame, outcome, fixed, "site", nagq=1, min_epv=config.min_events_per_variable)
+        fits = [fit_analysis(frame, primary, **kw)]
     except ModelCheckError as exc:
-        raise dg.Failure(description=f"{name}: model checks failed on {frame.height} participants: {exc}",
+        raise dg.Failure(description=f"{name}: model checks failed on {primary.data(frame).height} participants: "
+                                     f"{exc}",
                          metadata={"failed_checks": dg.MetadataValue.json(list(exc.names))}) from None
+    for a in secondary:
+        try:
+            fits.append(fit_analysis(frame, a, **kw))
+        except ModelCheckError as exc:
+            fits.append(failed_fit(frame, a, exc, cohort_hash=cohort_hash))
+            context.log.warning(f"{a.name} (secondary) not fitted: model checks failed: {', '.join(exc.names)}")
     seconds = time.perf_counter() - t0
-    table = sensitivity_table(frame, outcome, fixed, "site", glmm=res)
-    table = pl.concat([table, laplace.coefficients.with_columns(pl.lit("glmm_laplace").alias("model"))],
-                      how="diagonal_relaxed")
-    table = table.with_columns(pl.lit(name).alias("analysis"))
-    d = res.diagnostics
-    fit = pl.DataFrame([{
-        "analysis": name, "outcome": outcome, "population": population, "method": res.method, "nagq": res.nagq,
-        "primary_model": res.coefficients["model"][0],
-        "nobs": res.nobs, "events": res.events, "n_groups": res.n_groups, "loglik": res.loglik, "aic": res.aic,
-        "site_variance": res.site_variance, "site_sd": res.site_sd, "laplace_loglik": laplace.loglik,
-        "converged": bool(d.converged), "fit_seconds": seconds,
-        "checks": json.dumps([c.to_dict() for c in res.checks], default=str),
-        "summary": str(res.sm_results.summary()) if res.sm_results is not None else "",
-        "cohort_hash": cohort_hash}])
+    table = results_frame(fits)
+    names = [f.analysis.name for f in fits]
     checksum = table_checksum(table)
-    warehouse.replace_many([("model_results", _ordered(table), {"analysis": name}), ("model_fits", fit, {"analysis": name}),
+    warehouse.replace_many([("model_results", _ordered(table), {"analysis": names}),
+                            ("model_fits", fits_frame(fits), {"analysis": names}),
                             _lineage_row(context, checksum, ["analysis_cohort"], cohort_hash)])
-    ors = {r["term"]: f"{r['or']:.3f} ({r['or_low']:.3f}-{r['or_high']:.3f}), p {r['p']:.2g}"
-           for r in res.coefficients.iter_rows(named=True) if r["term"] != "(Intercept)"}
-    context.log.info(f"{name}: {res.nobs} participants, {res.events} events, fitted in {seconds:.2f} s")
+    res = fits[0].result
+    context.log.info(f"{name}: {res.nobs} participants, {res.events} events; {len(fits)} analyses fitted in "
+                     f"{seconds:.2f} s")
     return dg.MaterializeResult(metadata={
-        "population": population, "nobs": res.nobs, "events": res.events, "sites": res.n_groups,
-        "method": f"{res.method} (nAGQ {res.nagq})", "odds_ratios": dg.MetadataValue.json(ors),
+        "population": primary.population, "nobs": res.nobs, "events": res.events, "sites": res.n_groups,
+        "method": f"{res.method} (nAGQ {res.nagq})", "odds_ratios": dg.MetadataValue.json(fits[0].odds_ratios()),
+        "secondary_analyses": dg.MetadataValue.json({f.analysis.name: f.odds_ratios() or f.fit["error"]
+                                                     for f in fits[1:]}),
         "site_variance": round(res.site_variance, 6), "loglik": round(res.loglik, 4),
-        "converged": bool(d.converged), "fit_seconds": round(seconds, 3), "cohort_hash": cohort_hash,
+        "converged": bool(res.diagnostics.converged), "fit_seconds": round(seconds, 3), "cohort_hash": cohort_hash,
         "table_checksum": checksum}, data_version=dg.DataVersion(checksum))
 
 
@@ -180,22 +187,22 @@ def _fit_model(context: dg.AssetExecutionContext, config: ModelConfig, warehouse
           deps=[analysis_cohort], code_version=MODEL_VERSION, group_name=GROUP, kinds={"statsmodels"},
           description="Mixed logistic regression, CBP ~ LMM + InterMAT (per 2 SD) + age + sex + diabetes + "
                       "dyslipidemia + osteoporosis + osteoarthritis + physical activity, site as random intercept "
-                      "(ML, adaptive Gauss-Hermite quadrature; Laplace and sensitivity fits beside it).")
+                      "(ML, adaptive Gauss-Hermite quadrature; Laplace and sensitivity fits beside it). Beside "
+                      "the paper's model, one secondary model per secondary exposure (cbp_platform.study): the "
+                      "same model with that exposure added.")
 def cbp_association_model(context: dg.AssetExecutionContext, config: ModelConfig,
                           warehouse: Warehouse) -> dg.MaterializeResult:
-    return _fit_model(context, config, warehouse, name="cbp_association_model", outcome="cbp",
-                      population="all analysed participants")
+    return _fit_models(context, config, warehouse, context.asset_key.to_user_string())
 
 
 @dg.asset(op_tags=COHORT_STEP,
           deps=[analysis_cohort], code_version=MODEL_VERSION, group_name=GROUP, kinds={"statsmodels"},
           description="The same model for pain intensity NRS >= 4 (vs < 4), fitted on the analysed participants "
                       "who answered the NRS question (with or without CBP), as the paper's abstract reports it "
-                      "for the cohort.")
+                      "for the cohort; with its secondary-exposure models as for CBP.")
 def pain_intensity_model(context: dg.AssetExecutionContext, config: ModelConfig,
                          warehouse: Warehouse) -> dg.MaterializeResult:
-    return _fit_model(context, config, warehouse, name="pain_intensity_model", outcome="nrs_high",
-                      population="analysed participants with an NRS answer", answered_only=True)
+    return _fit_models(context, config, warehouse, context.asset_key.to_user_string())
 
 
 ROW_ORDER = "row_order"      # a published table's rows in the order its builder made them (no backend keeps it)
@@ -277,127 +284,97 @@ REPORT_INPUTS = (table_one, stratified_comparisons, physical_activity_prevalence
                  pain_intensity_model, segmentation_model)
 
 
-@dg.asset(op_tags=COHORT_STEP,
-          deps=list(REPORT_INPUTS), code_version=REPORT_VERSION, group_name=GROUP, kinds={"html", "markdown"},
-          description="The report (Markdown and HTML, PNG figures, published CSV tables) under "
-                      "$CBP_DATA_ROOT/published/<cohort hash>/ with its lineage manifest lineage.json. Cells "
-                      "under 5 suppressed; no pseudonym anywhere.")
-def published_results(context: dg.AssetExecutionContext, data_root: DataRootResource, warehouse: Warehouse,
-                      runtime: SegmentationRuntime) -> dg.MaterializeResult:
-    from cbp_platform.analysis.report import markdown_table, paper_vs_run_table, render_report
-    from cbp_platform.imaging.nifti import atomic_write_bytes, sha256_file
-    from cbp_platform.lineage import (MANIFEST_NAME, MANIFEST_VERSION, code_version, delivery_checksums,
-                                      input_digests, package_versions, write_manifest)
+def _report_tables(warehouse: Warehouse):
+    """The report's tables (:class:`cbp_platform.analysis.publish.ReportTables`) as the analysis assets left them."""
+    from cbp_platform.analysis.publish import ReportTables
+
+    first = "materialise the analysis assets first"
+    return ReportTables(
+        flow=_required(warehouse, "exclusion_flow", first, order_by=["step"]),
+        table_one=_in_order(warehouse, "table_one", first),
+        pa_prevalence=_in_order(warehouse, "physical_activity_prevalence", first),
+        stratified=_in_order(warehouse, "stratified_comparisons", first),
+        model_results=_required(warehouse, "model_results", first, order_by=["analysis", ROW_ORDER]).drop(ROW_ORDER),
+        model_fits=_required(warehouse, "model_fits", first, order_by=["analysis"]))
+
+
+def _manifest(context: dg.AssetExecutionContext, data_root: DataRootResource, warehouse: Warehouse, meta: dict,
+              flow: pl.DataFrame, lineage_rows: pl.DataFrame, pointer: dict, comparisons: list[dict],
+              analysed: list[str]) -> dict:
+    """Gather the lineage (per-batch runs from the Dagster instance, files and weights from the warehouse) and
+    shape it into the manifest (:func:`cbp_platform.lineage.build_manifest`)."""
+    from cbp_platform.lineage import build_manifest, cohort_asset_runs, delivery_checksums
     from cbp_platform.warehouse import now_utc
 
-    meta = _cohort_meta(warehouse)
-    cohort_hash = meta["cohort_hash"]
-    first = "materialise the analysis assets first"
-    flow = _required(warehouse, "exclusion_flow", first, order_by=["step"])
-    t1 = _in_order(warehouse, "table_one", first)
-    pa = _in_order(warehouse, "physical_activity_prevalence", first)
-    strat = _in_order(warehouse, "stratified_comparisons", first)
-    results = _required(warehouse, "model_results", first, order_by=["analysis", ROW_ORDER]).drop(ROW_ORDER)
-    fits = _required(warehouse, "model_fits", first, order_by=["analysis"])
-    lineage_rows = _required(warehouse, "asset_lineage", first, order_by=["asset"])
-    made_on = {r["asset"]: r["cohort_hash"] for r in lineage_rows.iter_rows(named=True)}
-    stale = [a.key.to_user_string() for a in REPORT_INPUTS if a is not segmentation_model
-             and made_on.get(a.key.to_user_string()) != cohort_hash]
-    if stale:
-        raise dg.Failure(description=f"{stale} were not computed on the current analysis cohort "
-                                     f"({cohort_hash[:12]}); re-materialise them first")
-    models = {REPORT_MODEL_KEY[r["analysis"]]: results.filter((pl.col("analysis") == r["analysis"])
-                                                              & (pl.col("model") == r["primary_model"]))
-              for r in fits.iter_rows(named=True)}
-    summaries = {}
-    for r in fits.iter_rows(named=True):
-        summaries[REPORT_MODEL_KEY[r["analysis"]]] = (f"{r['method']} (nAGQ {r['nagq']}), {r['nobs']} participants, {r['events']} "
-                                    f"events, {r['n_groups']} sites; site variance {r['site_variance']:.4f}; "
-                                    f"log-likelihood {r['loglik']:.3f} (Laplace {r['laplace_loglik']:.3f}); "
-                                    f"converged {r['converged']}\n\n" + _sensitivity_text(results, r["analysis"]))
-    paper_vs_run = paper_vs_run_table(flow=flow, table_one=t1, pa_prevalence=pa, stratified=strat,
-                                      model_results=models)
-
-    # lineage: per-batch data versions and runs from the Dagster instance; files and weights from the warehouse
     instance = context.instance
-    batches = json.loads(meta["batches"])
-    batch_rows = []
-    for b in batches:
-        batch_rows.append({"batch_key": b, "assets": {a.key.to_user_string(): _latest(instance, a.key, b)
-                                                      for a in PER_BATCH}})
+    batches = [{"batch_key": b, "assets": {a.key.to_user_string(): _latest(instance, a.key, b) for a in PER_BATCH}}
+               for b in json.loads(meta["batches"])]
     scans = warehouse.table("raw_mri_scans", columns=["pseudonym", "delivery_id", "water_sha256", "fat_sha256"],
                             order_by=["pseudonym"])
     segs = warehouse.table("muscle_segmentations", columns=["pseudonym", "label_sha256", "model_sha256"],
                            order_by=["pseudonym"])
+    runs = cohort_asset_runs(lineage_rows, {
+        "published_results": {"run_id": context.run.run_id, "data_version": meta["cohort_hash"],
+                              "code_version": REPORT_VERSION, "timestamp": str(now_utc()),
+                              "upstream": [a.key.to_user_string() for a in REPORT_INPUTS]},
+        "segmentation_model": {**_latest(instance, segmentation_model.key), "code_version": "", "upstream": []}})
+    return build_manifest(
+        cohort_meta=meta, flow=flow, batches=batches,
+        deliveries=delivery_checksums(data_root.landing, scans["delivery_id"].to_list() if scans.height else [],
+                                      registry_root=data_root.path),
+        analysed=analysed, scans=scans, segmentations=segs, model_pointer=pointer, comparisons=comparisons,
+        cohort_assets=runs, generated_at=str(now_utc()))
+
+
+@dg.asset(op_tags=COHORT_STEP,
+          deps=list(REPORT_INPUTS), code_version=REPORT_VERSION, group_name=GROUP, kinds={"html", "markdown"},
+          description="The report (Markdown and HTML, PNG figures, published CSV tables) under "
+                      "$CBP_DATA_ROOT/published/<cohort hash>/ with its lineage manifest lineage.json. Cells "
+                      "under the disclosure limit (config min_count, default 5) suppressed; no pseudonym anywhere.")
+def published_results(context: dg.AssetExecutionContext, config: ReportConfig, data_root: DataRootResource,
+                      warehouse: Warehouse, runtime: SegmentationRuntime) -> dg.MaterializeResult:
+    from cbp_platform.analysis.disclosure import MIN_COUNT
+    from cbp_platform.analysis.publish import publish, stale_inputs
+    from cbp_platform.analysis.report import markdown_table
+    from cbp_platform.imaging.nifti import atomic_write_bytes
+
+    # read
+    meta = _cohort_meta(warehouse)
+    cohort_hash = meta["cohort_hash"]
+    tables = _report_tables(warehouse)
+    lineage_rows = _required(warehouse, "asset_lineage", "materialise the analysis assets first", order_by=["asset"])
+    stale = stale_inputs(lineage_rows, cohort_hash,
+                         [a.key.to_user_string() for a in REPORT_INPUTS if a is not segmentation_model])
+    if stale:
+        raise dg.Failure(description=f"{stale} were not computed on the current analysis cohort "
+                                     f"({cohort_hash[:12]}); re-materialise them first")
+    pointer = json.loads(runtime.current_pointer.read_text()) if runtime.current_pointer.exists() else {}
+    comparisons = _current_comparisons(warehouse, pointer.get("weights_sha256"))
     analysed = warehouse.table("analysis_cohort", columns=["pseudonym"], order_by=["pseudonym"])["pseudonym"].to_list()
-    cur = json.loads(runtime.current_pointer.read_text()) if runtime.current_pointer.exists() else {}
-    comparisons = _current_comparisons(warehouse, cur.get("weights_sha256"))
-    cohort_assets = {}
-    for r in lineage_rows.iter_rows(named=True):
-        cohort_assets[r["asset"]] = {"run_id": r["run_id"], "data_version": r["data_version"],
-                                     "code_version": r["code_version"], "upstream": json.loads(r["upstream"]),
-                                     "timestamp": str(r["recorded_at"])}
-    cohort_assets["published_results"] = {"run_id": context.run.run_id, "data_version": cohort_hash,
-                                          "code_version": REPORT_VERSION, "timestamp": str(now_utc()),
-                                          "upstream": [a.key.to_user_string() for a in REPORT_INPUTS]}
-    cohort_assets["segmentation_model"] = {**_latest(instance, dg.AssetKey("segmentation_model")),
-                                           "code_version": "", "upstream": []}
-    flow_rows = {r["criterion"]: r for r in flow.iter_rows(named=True)}
-    manifest = {
-        "manifest_version": MANIFEST_VERSION,
-        "generated_at": str(now_utc()),
-        "cohort": {"cohort_hash": cohort_hash, "analysed": meta["n_analysed"],
-                   "start": int(flow_rows["start"]["remaining"]) if "start" in flow_rows else None,
-                   "lmm_normaliser": meta["lmm_normaliser"], "standardisation": json.loads(meta["standardisation"])},
-        "batches": batch_rows,
-        "deliveries": delivery_checksums(data_root.landing, scans["delivery_id"].to_list() if scans.height else [],
-                                         registry_root=data_root.path),
-        "inputs": input_digests(analysed, scans, segs),
-        "model": {"weights_sha256": cur.get("weights_sha256"), "bundle_path": cur.get("path"),
-                  "name": cur.get("name"), "backend": cur.get("backend"),
-                  "validation_dice": cur.get("validation_dice"), "source": "models/current.json"},
-        "reviews": {"count": meta.get("reviews_count") or 0, "sha256": meta.get("reviews_sha256"),
-                    "rejected_in_force": meta.get("qc_rejected") or 0, "outdated": meta.get("qc_outdated") or 0,
-                    "table": "qc_reviews", "read_by": "analysis_cohort"},
-        "model_comparisons": [{"model_name": c["other"]["name"], "backend": c["other"]["backend"],
-                               "weights_sha256": c["other"]["weights_sha256"], "batches": c["batches"],
-                               "primary_sha256": c["primary"]["weights_sha256"], "run_id": c["run_id"]}
-                              for c in comparisons],
-        "code": code_version(),
-        "packages": package_versions(),
-        "cohort_assets": cohort_assets,
-    }
+    manifest = _manifest(context, data_root, warehouse, meta, tables.flow, lineage_rows, pointer, comparisons,
+                         analysed)
+    # core: report + manifest
     out_dir = data_root.layout.report_dir(cohort_hash)
-    report_lineage = {"cohort_hash": cohort_hash, "batches": len(batches),
-                      "deliveries": len(manifest["deliveries"]),
-                      "input_files_digest": manifest["inputs"]["input_files"]["sha256_digest"],
-                      "segmentation_weights_sha256": ", ".join(manifest["inputs"]["segmentation_weights_sha256"]),
-                      "reviews": f"{manifest['reviews']['count']} (sha256 {manifest['reviews']['sha256']})",
-                      "git_commit": manifest["code"]["git_commit"], "run_id": context.run.run_id,
-                      "manifest": MANIFEST_NAME}
+    min_count = MIN_COUNT if config.min_count is None else config.min_count
     try:
-        written = render_report(out_dir, flow=flow, table_one=t1, pa_prevalence=pa, stratified=strat,
-                                model_results=models, model_summaries=summaries,
-                                paper_vs_run=paper_vs_run, lineage=report_lineage, known_pseudonyms=analysed,
-                                standardisation=json.loads(meta["standardisation"]), lmm_unit=meta["lmm_unit"],
-                                comparisons=comparisons)
+        pub = publish(out_dir, tables, manifest, run_id=context.run.run_id, known_pseudonyms=analysed,
+                      cohort_meta=meta, comparisons=comparisons, min_count=min_count)
     except Exception as exc:   # noqa: BLE001  (a disclosure guard or rendering failure, reported by name)
         raise dg.Failure(description=f"published_results: {type(exc).__name__}: {exc}") from None
-    manifest["files"] = {k: {"path": str(p.relative_to(out_dir)), "sha256": sha256_file(p)} for k, p in written.items()}
-    write_manifest(out_dir / MANIFEST_NAME, manifest)
+    # write: the latest pointer and the lineage row
     atomic_write_bytes(data_root.layout.latest_report,
                        json.dumps({"path": str(out_dir), "cohort_hash": cohort_hash,
                                    "run_id": context.run.run_id}, indent=1).encode())
-    warehouse.replace_many([_lineage_row(context, cohort_hash, cohort_assets["published_results"]["upstream"],
-                                         cohort_hash)])
+    upstream = manifest["cohort_assets"]["published_results"]["upstream"]
+    warehouse.replace_many([_lineage_row(context, cohort_hash, upstream, cohort_hash)])
     context.log.info(f"report written to {out_dir}")
     return dg.MaterializeResult(metadata={
-        "report_html": dg.MetadataValue.path(str(written["report_html"])),
-        "report_md": dg.MetadataValue.path(str(written["report_md"])),
-        "lineage_manifest": dg.MetadataValue.path(str(out_dir / MANIFEST_NAME)),
-        "cohort_hash": cohort_hash, "analysed": meta["n_analysed"],
-        "paper_vs_run": dg.MetadataValue.md(markdown_table(paper_vs_run.select("section", "quantity", "paper",
-                                                                               "this_run")))},
+        "report_html": dg.MetadataValue.path(str(pub.written["report_html"])),
+        "report_md": dg.MetadataValue.path(str(pub.written["report_md"])),
+        "lineage_manifest": dg.MetadataValue.path(str(pub.manifest_path)),
+        "cohort_hash": cohort_hash, "analysed": meta["n_analysed"], "disclosure_min_count": min_count,
+        "paper_vs_run": dg.MetadataValue.md(markdown_table(pub.paper_vs_run.select("section", "quantity", "paper",
+                                                                                   "this_run")))},
         data_version=dg.DataVersion(cohort_hash))
 
 
@@ -408,12 +385,3 @@ def _current_comparisons(warehouse: Warehouse, primary_sha256: str | None) -> li
         return []
     return [{**json.loads(r["comparison"]), "run_id": r["run_id"]} for r in rows.iter_rows(named=True)
             if r["primary_sha256"] == primary_sha256]
-
-
-def _sensitivity_text(results: pl.DataFrame, analysis: str) -> str:
-    r = results.filter((pl.col("analysis") == analysis) & pl.col("term").str.contains("lmm|imat"))
-    lines = ["Exposure ORs per 2 SD by estimator (sensitivity):"]
-    for row in r.sort("term", "model").iter_rows(named=True):
-        lines.append(f"  {row['term']:<8} {row['model']:<14} OR {row['or']:.3f} ({row['or_low']:.3f}-"
-                     f"{row['or_high']:.3f}), p {row['p']:.2g}")
-    return "\n".join(lines)

@@ -19,7 +19,8 @@ from assets.writes import run_is_live
 from cbp_platform.deployment import k8s_step_tags
 from cbp_platform.ingest.batch import redact, scan_files
 from cbp_platform.progress import RateLogger
-from resources import DataRootResource, SegmentationRuntime, Warehouse
+from cbp_platform.reasons import R
+from resources import WAREHOUSE_KIND, DataRootResource, SegmentationRuntime, Warehouse
 
 COMPARISON_METRICS_VERSION = "comparison_metrics/1"
 MODEL_COMPARISON_VERSION = "model_comparison/1"
@@ -40,7 +41,7 @@ def _manifest(runtime: SegmentationRuntime, name: str):
 
 
 @dg.asset(partitions_def=batches_partitions, deps=[muscle_segmentations], pool="gpu",
-          code_version=COMPARISON_METRICS_VERSION, group_name=GROUP, kinds={"pytorch", "duckdb"},
+          code_version=COMPARISON_METRICS_VERSION, group_name=GROUP, kinds={"pytorch", WAREHOUSE_KIND},
           op_tags=k8s_step_tags("gpu"),
           description="A second registered model (config `model`) segments and measures the participants the "
                       "primary model segmented in this batch. Rows in comparison_segmentations / "
@@ -77,8 +78,9 @@ def comparison_metrics(context: dg.AssetExecutionContext, config: ComparisonConf
         try:
             ms = metrics_for(r["label_path"], *scan_files(data_root.layout, batch.delivery_id, s).values())
         except Exception as exc:  # noqa: BLE001  (one participant's failure is quarantined, the batch goes on)
-            cut = getattr(exc, "reason", "") == "muscle_at_fov_edge"
-            failures.append({"pseudonym": r["pseudonym"], "reason": "muscle_at_fov_edge" if cut else "metrics_failed",
+            cut = getattr(exc, "reason", "") == R.muscle_at_fov_edge.code
+            failures.append({"pseudonym": r["pseudonym"],
+                             "reason": R.muscle_at_fov_edge.code if cut else R.metrics_failed.code,
                              "message": str(exc) if cut else f"{type(exc).__name__}: {exc}"})
             continue
         metrics += [{"pseudonym": r["pseudonym"], **m} for m in ms]
@@ -113,12 +115,14 @@ def comparison_metrics(context: dg.AssetExecutionContext, config: ComparisonConf
 @dg.asset(deps=[comparison_metrics, muscle_metrics], code_version=MODEL_COMPARISON_VERSION, group_name=GROUP,
           kinds={"statsmodels", "polars"}, op_tags=k8s_step_tags("cpu-large"),
           description="The primary model against a registered model (config `model`) on every batch both "
-                      "measured: Dice per class between their label maps, ICC and Bland-Altman of LMM and InterMAT, "
-                      "the CBP and NRS >= 4 odds ratios from each model's metrics, and each model against the "
-                      "simulated truth where it exists. Published in the next report (section 9).")
+                      "measured: Dice per class between their label maps, ICC and Bland-Altman of every exposure "
+                      "(LMM, InterMAT and the secondary ones), the CBP and NRS >= 4 odds ratios from each model's "
+                      "metrics, and each model against the simulated truth where it exists. Published in the next "
+                      "report (its model comparison section).")
 def model_comparison(context: dg.AssetExecutionContext, config: ComparisonConfig, data_root: DataRootResource,
                      warehouse: Warehouse, runtime: SegmentationRuntime) -> dg.MaterializeResult:
     from assets.segmentation import primary_manifest
+    from cbp_platform import study
     from cbp_platform.analysis.report import markdown_table
     from cbp_platform.segmentation.accuracy import evaluate
     from cbp_platform.segmentation.compare import forest_rows, label_dice, metric_agreement, odds_ratios
@@ -185,8 +189,8 @@ def model_comparison(context: dg.AssetExecutionContext, config: ComparisonConfig
               "analysis", "term", "model", *[pl.col(c).round(3).cast(pl.String) for c in ("or", "or_low", "or_high")]))
               if forest.height else "none"),
           "seconds": round(seconds, 1)}
-    for k in ("lmm", "imat"):
-        if k in agreement:
-            md[f"{k}_icc"] = round(agreement[k]["icc"], 4)
-            md[f"{k}_bias_pct"] = round(agreement[k]["bias"], 3)
+    for e in study.EXPOSURES:
+        if e.name in agreement:
+            md[f"{e.name}_icc"] = round(agreement[e.name]["icc"], 4)
+            md[f"{e.name}_bias_pct"] = round(agreement[e.name]["bias"], 3)
     return dg.MaterializeResult(metadata=md, data_version=dg.DataVersion(checksum))

@@ -20,7 +20,7 @@ from cbp_platform.ingest.covariates import parse_covariates
 from cbp_platform.ingest.registry import duplicates_of, registered_manifest
 from cbp_platform.landing import COVARIATES_NAME
 from cbp_platform.progress import RateLogger
-from resources import DataRootResource, Warehouse
+from resources import WAREHOUSE_KIND, DataRootResource, Warehouse
 
 RAW_MRI_SCANS_VERSION = "raw_mri_scans/3"        # 2: bounded, strict reading; 3: DICOM deliveries, source_format
 COVARIATES_VERSION = "participant_covariates/2"  # 2: row by row, BOM, checked against the manifest
@@ -67,7 +67,7 @@ def _batch(context: dg.AssetExecutionContext, data_root: DataRootResource):
     code_version=RAW_MRI_SCANS_VERSION,
     group_name="ingestion",
     op_tags=k8s_step_tags("cpu"),
-    kinds={"duckdb", "nifti"},
+    kinds={WAREHOUSE_KIND, "nifti"},
     description="One row per participant with validated Dixon scan facts (paths, sha256 verified against the "
                 "manifest, shape, spacing, orientation, affine, dtype, intensity range, channels, swap QC). "
                 "Failures go to the quarantine table.",
@@ -119,7 +119,7 @@ def raw_mri_scans(context: dg.AssetExecutionContext, data_root: DataRootResource
     code_version=COVARIATES_VERSION,
     group_name="ingestion",
     op_tags=k8s_step_tags("cpu"),
-    kinds={"duckdb", "polars"},
+    kinds={WAREHOUSE_KIND, "polars"},
     description="The batch's rows of covariates.csv in the typed participant schema (docs/covariates.md). "
                 "Unparseable, out-of-range, missing or duplicated rows go to the quarantine table.",
 )

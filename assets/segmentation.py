@@ -20,7 +20,8 @@ from cbp_platform.classes import BACK_TOTAL
 from cbp_platform.deployment import k8s_step_tags
 from cbp_platform.ingest.batch import redact, scan_files
 from cbp_platform.progress import RateLogger
-from resources import DataRootResource, SegmentationRuntime, Warehouse
+from cbp_platform.reasons import R
+from resources import WAREHOUSE_KIND, DataRootResource, SegmentationRuntime, Warehouse
 
 MODEL_VERSION = "segmentation_model/1"
 SEGMENTATIONS_VERSION = "muscle_segmentations/2"   # 2: QC images, features and triage
@@ -201,7 +202,7 @@ def muscle_segmentations(context: dg.AssetExecutionContext, data_root: DataRootR
                                       qc=ScanQC(out_dir, denominators, lmm_unit))
     seconds = time.perf_counter() - t0
     failures = [{**f, "message": redact(f["message"], f["pseudonym"], ddir)} for f in failures]
-    quarantine = failures + [{"pseudonym": p, "reason": "fat_water_swap_suspected",
+    quarantine = failures + [{"pseudonym": p, "reason": R.fat_water_swap_suspected.code,
                               "message": "excluded from segmentation by the swap policy (ingestion QC flag)"}
                              for p in (swapped["pseudonym"].to_list() if swapped.height else [])]
     df = pl.DataFrame(results, schema={"pseudonym": pl.String, "label_path": pl.String, "label_sha256": pl.String,
@@ -269,7 +270,7 @@ def _batch_qc(results: list[dict], batch, manifest, sites: dict[str, str], out_d
 
 @dg.asset(partitions_def=batches_partitions, deps=[muscle_segmentations], code_version=METRICS_VERSION,
           op_tags=k8s_step_tags("cpu"),
-          group_name="segmentation", kinds={"duckdb"},
+          group_name="segmentation", kinds={WAREHOUSE_KIND},
           description="Per participant and muscle (and the back total): compartment, fat and lean volume (cm3), "
                       "InterMAT % (voxel fat fraction >= 0.5) and MFI (mean fat fraction of lean voxels).")
 def muscle_metrics(context: dg.AssetExecutionContext, data_root: DataRootResource,
@@ -288,9 +289,9 @@ def muscle_metrics(context: dg.AssetExecutionContext, data_root: DataRootResourc
         try:
             ms = metrics_for(r["label_path"], *scan_files(data_root.layout, batch.delivery_id, r).values())
         except Exception as exc:
-            cut = getattr(exc, "reason", "") == "muscle_at_fov_edge"
+            cut = getattr(exc, "reason", "") == R.muscle_at_fov_edge.code
             quarantine.append({"pseudonym": r["pseudonym"],
-                               "reason": "muscle_at_fov_edge" if cut else "metrics_failed",
+                               "reason": R.muscle_at_fov_edge.code if cut else R.metrics_failed.code,
                                "message": redact(str(exc) if cut else f"{type(exc).__name__}: {exc}",
                                                  r["pseudonym"], ddir)})
             continue
@@ -311,6 +312,7 @@ def muscle_metrics(context: dg.AssetExecutionContext, data_root: DataRootResourc
 
 def _accuracy_metadata(data_root: DataRootResource, warehouse: Warehouse, key: str, metrics: pl.DataFrame) -> dict:
     """Accuracy against ground truth for a simulated delivery (truth beside the landing zone); {} otherwise."""
+    from cbp_platform import study
     from cbp_platform.segmentation.accuracy import evaluate
 
     segs = warehouse.table("muscle_segmentations", columns=["delivery_id", "pseudonym", "label_path"],
@@ -322,7 +324,7 @@ def _accuracy_metadata(data_root: DataRootResource, warehouse: Warehouse, key: s
         return {}
     md = {"accuracy_n": r["n"], "accuracy_dice": dg.MetadataValue.json({k: round(v, 4) for k, v in r["dice"].items()}),
           "accuracy_meets_targets": r["meets_targets"]}
-    for name in ("lmm", "imat"):
+    for name in (e.name for e in study.EXPOSURES if e.name in r):
         a = r[name]
         md.update({f"accuracy_{name}_icc": round(a["icc"], 4), f"accuracy_{name}_bias_pct": round(a["bias"], 3),
                    f"accuracy_{name}_loa_pct": dg.MetadataValue.json([round(a["loa_low"], 3),

@@ -7,7 +7,7 @@ import polars as pl
 from assets.ingestion import participant_covariates, raw_mri_scans
 from cbp_platform.deployment import k8s_step_tags
 from cbp_platform.ingest.registry import registered_deliveries
-from resources import DataRootResource, Warehouse
+from resources import WAREHOUSE_KIND, DataRootResource, Warehouse
 
 SUMMARY_VERSION = "ingestion_summary/1"
 
@@ -17,7 +17,7 @@ SUMMARY_VERSION = "ingestion_summary/1"
     code_version=SUMMARY_VERSION,
     group_name="ingestion",
     op_tags=k8s_step_tags("cpu"),
-    kinds={"duckdb"},
+    kinds={WAREHOUSE_KIND},
     description="Per delivery: registered participants, valid scans, valid covariate rows, participants with "
                 "both, quarantined participants by stage and reason, suspected fat-water swaps.",
 )

@@ -11,6 +11,7 @@ import dagster as dg
 import polars as pl
 
 from cbp_platform.deployment import profile
+from cbp_platform.processes import alive
 from cbp_platform.warehouse import provenance_frame, quarantine_frame
 from resources import Warehouse
 
@@ -31,14 +32,39 @@ def run_is_live(context: dg.AssetExecutionContext):
             raise RunNotLive(f"run {run_id[:8]} is {run.status.value}: this step's writes were discarded "
                              "(re-run the batch)")
         if profile() != "kubernetes":            # step pods live in other pid namespaces
-            from assets.reaper import worker_gone
-
             pid = worker_gone(instance, run_id)
             if pid is not None:
                 raise RunNotLive(f"run {run_id[:8]}: its run worker (pid {pid}) is gone; this orphaned step's "
                                  "writes were discarded (re-run the batch)")
 
     return guard
+
+
+def run_processes(instance: dg.DagsterInstance, run_id: str) -> tuple[tuple[int, float] | None,
+                                                                       list[tuple[int, float]]]:
+    """(run worker (pid, time recorded), step processes [(pid, time recorded)]) from the run's event log."""
+    conn = instance.get_records_for_run(run_id, of_type={dg.DagsterEventType.RUN_START,
+                                                         dg.DagsterEventType.STEP_START})
+    worker, steps = None, {}
+    for rec in conn.records:
+        ev = rec.event_log_entry.dagster_event
+        if ev is None or not ev.pid:
+            continue
+        if ev.event_type == dg.DagsterEventType.RUN_START and worker is None:
+            worker = (int(ev.pid), rec.event_log_entry.timestamp)
+        elif ev.event_type == dg.DagsterEventType.STEP_START:
+            steps.setdefault(int(ev.pid), rec.event_log_entry.timestamp)
+    if worker is not None:
+        steps.pop(worker[0], None)
+    return worker, sorted(steps.items())
+
+
+def worker_gone(instance: dg.DagsterInstance, run_id: str) -> int | None:
+    """The run worker's pid when that process is gone from this host, else None."""
+    worker, _ = run_processes(instance, run_id)
+    if worker is None or alive(*worker):
+        return None
+    return worker[0]
 
 
 def write_stage(warehouse: Warehouse, context: dg.AssetExecutionContext, stage: str, rows: pl.DataFrame, batch,

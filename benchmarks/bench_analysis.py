@@ -25,9 +25,9 @@ def refresh_at_scale(root: Path, n: int, seed: int, batches: int, warehouse=None
     DuckDB file), then run ``cohort_refresh`` through Dagster. Returns (write s, refresh s, result, step seconds)."""
     import dagster as dg
 
-    from assets.runner import pipeline_environment
+    from orchestration.runner import pipeline_environment
     from cbp_platform.definitions import build_definitions
-    from tests.analysis.synthetic import write_warehouse
+    from tests.support.synthetic import write_warehouse
 
     with pipeline_environment(root):
         t0 = time.perf_counter()

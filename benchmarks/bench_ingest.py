@@ -16,7 +16,7 @@ from cbp_platform.paths import DataLayout
 def _batch_run(n: int, preset: str) -> dict:
     import dagster as dg
 
-    from assets.runner import pipeline_environment, run_pending
+    from orchestration.runner import pipeline_environment, run_pending
     from cbp_platform.synth.delivery import synthesize
 
     root = Path(tempfile.mkdtemp(prefix="cbp-bench-ingest-"))

@@ -41,7 +41,7 @@ print(json.dumps(out))
 def run() -> dict:
     import dagster as dg
 
-    from assets.runner import pipeline_environment, run_pending
+    from orchestration.runner import pipeline_environment, run_pending
     from cbp_platform.synth.delivery import synthesize
 
     print("\n== segmentation ==")

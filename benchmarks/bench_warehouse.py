@@ -8,8 +8,8 @@
   ``cohort_refresh`` job through Dagster (analysis cohort, both GLMMs, the tables, the report): its wall time,
   the cohort hash (the same on both), and the warehouse's size on disk.
 
-PostgreSQL runs on loopback in a temp directory (Debian's postgresql, ``tests/system.py``), ``fsync=off`` like the
-test server: the figures compare the warehouses' own work on this machine, not a production disk.
+PostgreSQL runs on loopback in a temp directory (Debian's postgresql, ``tests/support/system.py``), ``fsync=off``
+like the test server: the figures compare the warehouses' own work on this machine, not a production disk.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ PARTICIPANTS = 250
 
 
 def _writes(wh) -> dict:
-    from tests.warehouse.writers import batch_frames, run_writers, write_batch
+    from tests.support.writers import batch_frames, run_writers, write_batch
 
     frames = [batch_frames(i, PARTICIPANTS) for i in range(WRITERS)]
     rows = sum(f["rows"].height + f["quarantine"].height + f["provenance"].height for f in frames)
@@ -64,7 +64,7 @@ def _refresh(wh, root: Path, n: int, batches: int, env: dict[str, str]) -> dict:
 def run(n: int = 30868, batches: int = 124) -> dict:
     from cbp_platform.paths import DataLayout
     from resources import DuckDBWarehouse
-    from tests.system import PostgresServer
+    from tests.support.system import PostgresServer
 
     server = PostgresServer().start()
     out: dict = {}

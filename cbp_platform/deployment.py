@@ -10,7 +10,7 @@
   asset as a ``dagster-k8s/config`` tag: GPU steps on GPU nodes, everything else on CPU nodes.
 
 The instance file (``$DAGSTER_HOME/dagster.yaml``) is rendered from ``deploy/dagster.<profile>.yaml`` by
-``cbp instance init``. This module does not import Dagster; ``cbp_platform.definitions`` applies it.
+``cbp instance init``. This module does not import Dagster; :mod:`orchestration.profiles` applies it.
 """
 
 from __future__ import annotations

@@ -9,14 +9,15 @@ The manifest (``lineage.json`` beside ``report.md``) ties every published number
 * the code (git commit, asset code versions), the package versions, and the run id of each cohort-level asset.
 
 The assets gather these from the warehouse and the Dagster instance (they run inside Dagster); this module is
-framework-free and does the parts that need neither: hashing, versions, the manifest's shape and its text
+framework-free and does the parts that need neither: hashing, versions, the manifest's shape
+(:func:`build_manifest`), the lineage summary the report prints (:func:`report_lineage`) and the chain's text
 rendering. Pseudonyms never enter the manifest.
 """
 
 import hashlib
 import json
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from importlib import metadata
 from pathlib import Path
 
@@ -94,6 +95,77 @@ def delivery_checksums(landing: Path, delivery_ids: Iterable[str], registry_root
         sha = registered.get(d) or (sha256_file(p) if p.exists() else "missing")
         out.append({"delivery_id": d, "manifest_sha256": sha})
     return out
+
+
+def cohort_asset_runs(lineage_rows: pl.DataFrame, extra: Mapping[str, dict] | None = None) -> dict[str, dict]:
+    """asset -> run id, data version, code version, upstream and time, from the warehouse's ``asset_lineage``
+    rows; ``extra`` adds (or overrides) assets recorded elsewhere (the report's own run, the model's)."""
+    runs = {}
+    for r in lineage_rows.iter_rows(named=True):
+        runs[r["asset"]] = {"run_id": r["run_id"], "data_version": r["data_version"], "code_version": r["code_version"],
+                            "upstream": json.loads(r["upstream"]), "timestamp": str(r["recorded_at"])}
+    runs.update(extra or {})
+    return runs
+
+
+def build_manifest(*, cohort_meta: Mapping, flow: pl.DataFrame, batches: list[dict], deliveries: list[dict],
+                   analysed: Iterable[str], scans: pl.DataFrame, segmentations: pl.DataFrame,
+                   model_pointer: Mapping, comparisons: Iterable[Mapping], cohort_assets: Mapping[str, dict],
+                   generated_at: str) -> dict:
+    """The lineage manifest of one published report (see the module docstring); ``files`` is added once the
+    report is written.
+
+    ``cohort_meta``: the ``analysis_cohort_meta`` row; ``flow``: the exclusion flow; ``batches``: per batch its
+    key and each per-batch asset's run and data version; ``deliveries``: :func:`delivery_checksums`;
+    ``analysed`` / ``scans`` / ``segmentations``: for :func:`input_digests`; ``model_pointer``: the current
+    segmentation model (``models/current.json``); ``comparisons``: the model comparisons published with it;
+    ``cohort_assets``: :func:`cohort_asset_runs`.
+    """
+    flow_rows = {r["criterion"]: r for r in flow.iter_rows(named=True)}
+    return {
+        "manifest_version": MANIFEST_VERSION,
+        "generated_at": generated_at,
+        "cohort": {"cohort_hash": cohort_meta["cohort_hash"], "analysed": cohort_meta["n_analysed"],
+                   "start": int(flow_rows["start"]["remaining"]) if "start" in flow_rows else None,
+                   "lmm_normaliser": cohort_meta["lmm_normaliser"],
+                   "standardisation": json.loads(cohort_meta["standardisation"])},
+        "batches": batches,
+        "deliveries": deliveries,
+        "inputs": input_digests(analysed, scans, segmentations),
+        "model": {"weights_sha256": model_pointer.get("weights_sha256"), "bundle_path": model_pointer.get("path"),
+                  "name": model_pointer.get("name"), "backend": model_pointer.get("backend"),
+                  "validation_dice": model_pointer.get("validation_dice"), "source": "models/current.json"},
+        "reviews": {"count": cohort_meta.get("reviews_count") or 0, "sha256": cohort_meta.get("reviews_sha256"),
+                    "rejected_in_force": cohort_meta.get("qc_rejected") or 0,
+                    "outdated": cohort_meta.get("qc_outdated") or 0, "table": "qc_reviews",
+                    "read_by": "analysis_cohort"},
+        "model_comparisons": [{"model_name": c["other"]["name"], "backend": c["other"]["backend"],
+                               "weights_sha256": c["other"]["weights_sha256"], "batches": c["batches"],
+                               "primary_sha256": c["primary"]["weights_sha256"], "run_id": c["run_id"]}
+                              for c in comparisons],
+        "code": code_version(),
+        "packages": package_versions(),
+        "cohort_assets": dict(cohort_assets),
+    }
+
+
+def report_lineage(manifest: Mapping, run_id: str) -> dict:
+    """The lineage summary the report prints (its lineage section): the anchors of the full manifest."""
+    return {"cohort_hash": manifest["cohort"]["cohort_hash"], "batches": len(manifest["batches"]),
+            "deliveries": len(manifest["deliveries"]),
+            "input_files_digest": manifest["inputs"]["input_files"]["sha256_digest"],
+            "segmentation_weights_sha256": ", ".join(manifest["inputs"]["segmentation_weights_sha256"]),
+            "reviews": f"{manifest['reviews']['count']} (sha256 {manifest['reviews']['sha256']})",
+            "git_commit": manifest["code"]["git_commit"], "run_id": run_id, "manifest": MANIFEST_NAME}
+
+
+def add_files(manifest: dict, out_dir: Path, written: Mapping[str, Path]) -> dict:
+    """The manifest with the written files (path relative to the report folder, sha256) under ``files``."""
+    from cbp_platform.imaging.nifti import sha256_file
+
+    manifest["files"] = {k: {"path": str(p.relative_to(out_dir)), "sha256": sha256_file(p)}
+                         for k, p in written.items()}
+    return manifest
 
 
 def write_manifest(path: Path, manifest: dict) -> None:

@@ -17,7 +17,7 @@ import polars as pl
 
 from cbp_platform.qc import reviews as rv
 from cbp_platform.warehouse import now_utc
-from resources.warehouse import Warehouse
+from resources.warehouse import WAREHOUSE_KIND, Warehouse
 
 REVIEWS_ASSET = dg.AssetKey(rv.TABLE)
 QC_TABLE = "segmentation_qc"
@@ -26,7 +26,7 @@ QUEUE_STATUSES = ("todo", "reviewed", "rejected", "accepted", "outdated", "all")
 
 def reviews_spec() -> dg.AssetSpec:
     """The external asset the reviews are in Dagster (written by reviewers, not by a run)."""
-    return dg.AssetSpec(REVIEWS_ASSET, group_name="segmentation", kinds={"duckdb"},
+    return dg.AssetSpec(REVIEWS_ASSET, group_name="segmentation", kinds={WAREHOUSE_KIND},
                         description="Reviewers' decisions on segmentations (append-only warehouse table "
                                     "qc_reviews, written by `cbp qc` and the review app). Each decision is "
                                     "reported here with the reviews' count and hash; analysis_cohort reads them.")

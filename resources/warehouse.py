@@ -102,6 +102,11 @@ def _arrow(df: pl.DataFrame):
     return storable(df).to_arrow(compat_level=pl.CompatLevel.oldest())
 
 
+# The kind an asset that writes the warehouse declares (``kinds={WAREHOUSE_KIND, ...}``). The code location shows
+# it as the deployment's backend, duckdb or postgres (:func:`orchestration.profiles.show_warehouse_kind`).
+WAREHOUSE_KIND = "warehouse"
+
+
 class Warehouse(dg.ConfigurableResource):
     """The warehouse interface and its named operations (the backends implement ``_read``, ``_write``,
     ``tables``). Assets take a ``warehouse: Warehouse`` resource; which backend it is is the profile's choice."""

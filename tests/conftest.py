@@ -1,12 +1,148 @@
-"""Shared fixtures: small simulated cohorts written once per test session."""
+"""Shared fixtures (built once per test session) and the layers of the suite.
+
+Layers (markers, registered in pyproject.toml; README's "Tests" section):
+
+* ``pipeline``: runs Dagster jobs (or drives the code location) against a temporary instance;
+* ``model``: trains or builds a segmentation model (the default MONAI model, nnU-Net's planner and trainer);
+* ``ui``: drives a browser (headless Debian Chromium through Playwright);
+* ``postgres``: starts a real PostgreSQL server;
+* ``unit``: everything else, given here to every test without one of the four above. ``make test-fast`` runs
+  ``-m unit``.
+
+A test gets its layers from what it uses, so they cannot drift from the code: the fixtures in ``FIXTURE_LAYERS``
+(wherever the test lives), the folders in ``FOLDER_LAYERS``, and explicit marks (``pytestmark`` or a decorator)
+for the rest. While a ``unit`` test runs, launching a Dagster job, training a model, building the test nnU-Net
+model, driving a browser or starting PostgreSQL fails it with a message naming the marker it needs.
+
+The two models are built once per session. Order: the modules that use the test nnU-Net model (``nnunet_model``),
+then the one that trains the default MONAI model (``monai_pipeline``), run after everything else. The nnU-Net build
+is a separate process; when the session has other tests to run first, it starts in the background as the session
+starts (one thread, at low priority), so it overlaps them, and the MONAI training runs alone on the cores.
+"""
 
 from __future__ import annotations
 
+import functools
 import os
+import subprocess
+import sys
+import types
+from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+
+HEAVY = ("pipeline", "model", "ui", "postgres")
+# fixtures that put every test using them (directly or through another fixture) in a layer
+FIXTURE_LAYERS = {
+    "postgres_server": ("postgres",),
+    "nnunet_model": ("model",),
+    "monai_pipeline": ("model", "pipeline"),
+}
+# folders (under tests/) whose every test is in a layer
+FOLDER_LAYERS = {
+    "assets": ("pipeline",),      # the Dagster graph: jobs, the sensor, the code location
+    "ui": ("ui",),
+}
+TESTS = Path(__file__).resolve().parent
+
+
+# fixtures whose modules run last, in this order (see the module's docstring)
+LATE = ("nnunet_model", "monai_pipeline")
+
+
+def _module(item) -> str:
+    return item.nodeid.split("::")[0]
+
+
+def _folder(item) -> str:
+    """The folder under tests/ that holds the item's module ("" for tests/ itself or outside it)."""
+    path = Path(str(item.path)).resolve()
+    rel = path.relative_to(TESTS).parts if path.is_relative_to(TESTS) else ()
+    return rel[0] if len(rel) > 1 else ""
+
+
+def _late(item) -> int:
+    names = getattr(item, "fixturenames", ())
+    return max((k + 1 for k, name in enumerate(LATE) if name in names), default=0)
+
+
+@pytest.hookimpl(tryfirst=True)         # before ``-m`` deselects by these markers
+def pytest_collection_modifyitems(config, items):
+    stage: dict[str, int] = {}
+    for item in items:
+        stage[_module(item)] = max(stage.get(_module(item), 0), _late(item))
+    items.sort(key=lambda item: stage[_module(item)])     # stable: whole modules move, in collection order
+    for item in items:
+        layers = {m for name in getattr(item, "fixturenames", ()) for m in FIXTURE_LAYERS.get(name, ())}
+        layers.update(FOLDER_LAYERS.get(_folder(item), ()))
+        for m in sorted(layers):
+            if not item.get_closest_marker(m):
+                item.add_marker(m)
+        if not any(item.get_closest_marker(m) for m in HEAVY):
+            item.add_marker("unit")
+
+
+# --- what a unit test may not do -----------------------------------------------------------------------------------
+# (module, attribute path, what it does, the marker it needs). Wrapped as each unit test starts, in the modules
+# imported by then: a name bound earlier (``from dagster import ...`` binds the class, which is wrapped; ``from
+# cbp_platform.segmentation.train import train`` at a module's top binds the function, which escapes) or a module
+# first imported inside the test escapes the guard. It is a safety net; the markers do not depend on it.
+
+GUARDED = (
+    ("dagster", "JobDefinition.execute_in_process", "launched a Dagster job", "pipeline"),
+    ("cbp_platform.segmentation.train", "train", "trained a model", "model"),
+    ("cbp_platform.segmentation.backends.nnunet_phantom", "build", "built an nnU-Net model", "model"),
+    ("playwright.sync_api", "sync_playwright", "drove a browser", "ui"),
+    ("tests.support.system", "PostgresServer.start", "started PostgreSQL", "postgres"),
+)
+_running_unit: list[str] = []       # the node id of the unit test now running (set up, called, torn down)
+
+
+def _guard(owner, attr: str, what: str, marker: str) -> None:
+    fn = getattr(owner, attr)
+    if getattr(fn, "_layer_guard", False):
+        return
+
+    @functools.wraps(fn)
+    def guarded(*args, **kwargs):
+        if _running_unit:
+            pytest.fail(f"{_running_unit[0]} {what}, which a unit test may not: mark it {marker} "
+                        "(tests/conftest.py lists the layers)", pytrace=False)
+        return fn(*args, **kwargs)
+
+    guarded._layer_guard = True
+    setattr(owner, attr, guarded)
+
+
+def _install_guards() -> None:
+    for module, path, what, marker in GUARDED:
+        mod = sys.modules.get(module)
+        if mod is None:
+            continue
+        *owners, attr = path.split(".")
+        owner: object = mod
+        for name in owners:
+            owner = getattr(owner, name)
+        if isinstance(owner, (type, types.ModuleType)):
+            _guard(owner, attr, what, marker)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    unit = item.get_closest_marker("unit") is not None
+    if unit:
+        _install_guards()
+        _running_unit.append(item.nodeid)
+    try:
+        yield
+    finally:
+        if unit:
+            _running_unit.clear()
+
+
+# --- shared fixtures -----------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")
@@ -20,34 +156,6 @@ def small_cohort(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def nnunet_model(tmp_path_factory):
-    """A small nnU-Net v2 model folder trained here by nnU-Net itself (cbp_platform.segmentation.backends.
-    nnunet_phantom), in a fresh interpreter: nnU-Net fixes its paths at import and plans with process pools.
-    Returns (trained-model folder, the builder's report). ``CBP_TEST_NNUNET_OUT``: build into (and reuse from) that
-    folder instead, to iterate on the tests without retraining; CI never sets it."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    reuse = os.environ.get("CBP_TEST_NNUNET_OUT")
-    report_path = Path(reuse) / "report.json" if reuse else None
-    if report_path is not None and report_path.exists():
-        report = json.loads(report_path.read_text())
-        return Path(report["folder"]), report
-    out = Path(reuse) if reuse else tmp_path_factory.mktemp("nnunet-model")
-    proc = subprocess.run([sys.executable, "-m", "cbp_platform.segmentation.backends.nnunet_phantom", "--out",
-                           str(out / "results")], capture_output=True, text=True, timeout=1500)
-    if proc.returncode != 0:
-        raise RuntimeError(f"building the test nnU-Net model failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
-    if report_path is not None:
-        report_path.write_text(json.dumps(report))
-    return Path(report["folder"]), report
-
-
-@pytest.fixture(scope="session")
 def faulty_cohort(tmp_path_factory):
     """40 participants in 2 deliveries, half of them with a delivery fault (each kind twice)."""
     from cbp_platform.synth.delivery import synthesize
@@ -58,10 +166,94 @@ def faulty_cohort(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tables():
+    """One simulated cohort's warehouse tables (3,000 participants, seed 5; tests/support/synthetic.py), read-only:
+    the analysis tests (tests/analysis) and the model comparison's (tests/segmentation/test_compare.py) share it.
+    A test that changes a table does so on a copy (``dict(tables)``)."""
+    from tests.support.synthetic import warehouse_tables
+
+    return types.MappingProxyType(warehouse_tables(3000, seed=5))
+
+
+@pytest.fixture(scope="session")
+def cohort(tables):
+    """The analysis cohort of :func:`tables`."""
+    from cbp_platform.analysis.cohort import build_analysis_cohort
+
+    return build_analysis_cohort(tables["covariates"], tables["scans"], tables["metrics"], tables["quarantine"])
+
+
+NNUNET_BUILD = [sys.executable, "-m", "cbp_platform.segmentation.backends.nnunet_phantom", "--out"]
+_background: dict = {}          # the nnU-Net build started in the background: its process and output folder
+
+
+def _nnunet_out(tmp_path_factory) -> Path:
+    reuse = os.environ.get("CBP_TEST_NNUNET_OUT")
+    return Path(reuse) if reuse else tmp_path_factory.mktemp("nnunet-model")
+
+
+def _reusable() -> bool:
+    reuse = os.environ.get("CBP_TEST_NNUNET_OUT")
+    return bool(reuse) and (Path(reuse) / "report.json").exists()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _nnunet_build_in_background(request, tmp_path_factory):
+    """Start building the test nnU-Net model as the session starts when some of its tests use it and others come
+    first (they run before its users: ``LATE``): one torch thread, ``nice`` 10, output to ``build.out``/``.err``."""
+    items = request.session.items
+    users = sum("nnunet_model" in getattr(item, "fixturenames", ()) for item in items)
+    if not users or users == len(items) or _reusable():
+        yield
+        return
+    out = _nnunet_out(tmp_path_factory)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "build.out", "wb") as stdout, open(out / "build.err", "wb") as stderr:
+        proc = subprocess.Popen(["nice", "-n", "10", *NNUNET_BUILD, str(out / "results"), "--threads", "1"],
+                                stdout=stdout, stderr=stderr)
+        _background.update(proc=proc, out=out)
+        try:
+            yield
+        finally:
+            if proc.poll() is None:         # the session ended before a test needed the model
+                proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def nnunet_model(tmp_path_factory):
+    """A small nnU-Net v2 model folder trained here by nnU-Net itself (cbp_platform.segmentation.backends.
+    nnunet_phantom), in a fresh interpreter: nnU-Net fixes its paths at import and plans with process pools.
+    Built once per session (in the background when other tests run first: ``_nnunet_build_in_background``) for
+    every test that uses it (tests/segmentation/test_nnunet.py, tests/ingest/test_dicom_pipeline.py). Returns
+    (trained-model folder, the builder's report). ``CBP_TEST_NNUNET_OUT``: build into (and reuse from) that folder
+    instead, to iterate on the tests without retraining; CI never sets it."""
+    import json
+
+    if _reusable():
+        report = json.loads((Path(os.environ["CBP_TEST_NNUNET_OUT"]) / "report.json").read_text())
+        return Path(report["folder"]), report
+    if _background:
+        out = _background["out"]
+        code = _background["proc"].wait(timeout=1500)
+        stdout, stderr = ((out / f"build.{k}").read_text(errors="replace") for k in ("out", "err"))
+    else:
+        out = _nnunet_out(tmp_path_factory)
+        done = subprocess.run([*NNUNET_BUILD, str(out / "results")], capture_output=True, text=True, timeout=1500)
+        code, stdout, stderr = done.returncode, done.stdout, done.stderr
+    if code != 0:
+        raise RuntimeError(f"building the test nnU-Net model failed ({code}):\n{stdout[-3000:]}\n{stderr[-3000:]}")
+    report = json.loads(stdout.strip().splitlines()[-1])
+    if os.environ.get("CBP_TEST_NNUNET_OUT"):
+        (out / "report.json").write_text(json.dumps(report))
+    return Path(report["folder"]), report
+
+
+@pytest.fixture(scope="session")
 def postgres_server():
-    """One throw-away PostgreSQL server on loopback for the session (tests/system.py); each test that writes a
-    warehouse takes its own schema."""
-    from tests.system import PostgresServer
+    """One throw-away PostgreSQL server on loopback for the session (tests/support/system.py); each test that
+    writes a warehouse takes its own schema."""
+    from tests.support.system import PostgresServer
 
     server = PostgresServer().start()
     yield server

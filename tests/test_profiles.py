@@ -1,4 +1,4 @@
-"""Resources per deployment profile, chosen in one place (cbp_platform.definitions.resources_for): one data root
+"""Resources per deployment profile, chosen in one place (orchestration.profiles.resources_for): one data root
 moves every path, environment values reach the resources through dg.EnvVar, and the warehouse follows the
 profile unless CBP_WAREHOUSE says otherwise."""
 
@@ -19,13 +19,13 @@ def clean_env(monkeypatch):
 
 
 def _configured(profile: str, data_root: str | None = None) -> dict:
-    from cbp_platform.definitions import configured, resources_for
+    from orchestration.profiles import configured, resources_for
 
     return {k: configured(v) for k, v in resources_for(profile, data_root).items()}
 
 
 def test_one_data_root_moves_every_path(clean_env, tmp_path):
-    from cbp_platform.definitions import resources_for
+    from orchestration.profiles import resources_for
 
     for name in ("a", "b"):                           # the EnvVar is read when the resources are configured
         clean_env.setenv("CBP_DATA_ROOT", str(tmp_path / name))
@@ -43,7 +43,7 @@ def test_one_data_root_moves_every_path(clean_env, tmp_path):
 
 
 def test_the_profile_chooses_the_warehouse_and_configuration_overrides_it(clean_env):
-    from cbp_platform.definitions import resources_for
+    from orchestration.profiles import resources_for
 
     assert type(resources_for("local")["warehouse"]).__name__ == "DuckDBWarehouse"
     for profile in ("production", "kubernetes"):
@@ -70,7 +70,7 @@ def test_the_profile_chooses_the_warehouse_and_configuration_overrides_it(clean_
 
 def test_a_production_deployment_without_its_settings_fails_naming_them(clean_env):
     """EnvVars are required where the profile reads them: a run would fail naming the missing variable."""
-    from cbp_platform.definitions import resources_for
+    from orchestration.profiles import resources_for
 
     for k in ("CBP_PG_HOST", "CBP_PG_PORT", "CBP_PG_USER", "CBP_PG_PASSWORD", "CBP_PG_DB"):
         clean_env.delenv(k, raising=False)
@@ -78,6 +78,34 @@ def test_a_production_deployment_without_its_settings_fails_naming_them(clean_en
         _configured("production")
     res = resources_for("production")
     with pytest.raises(Exception, match="CBP_PG_HOST"):
-        from cbp_platform.definitions import configured
+        from orchestration.profiles import configured
 
         configured(res["warehouse"])
+
+
+@pytest.mark.parametrize("profile, override, kind", [("local", None, "duckdb"), ("production", None, "postgres"),
+                                                     ("kubernetes", None, "postgres"), ("production", "duckdb", "duckdb")])
+def test_the_code_location_shows_the_profiles_warehouse(clean_env, profile, override, kind):
+    """Assets writing the warehouse declare the kind ``warehouse``; the code location shows the backend the profile
+    (or CBP_WAREHOUSE) uses, and nothing else of the merged areas is lost on the way."""
+    from cbp_platform.definitions import AREAS, build_definitions
+
+    if override:
+        clean_env.setenv("CBP_WAREHOUSE", override)
+    defs = build_definitions(profile)
+    kinds = {s.key.to_user_string(): set(s.kinds) for s in defs.resolve_all_asset_specs()}
+    writers = {k for k, v in kinds.items() if {"duckdb", "postgres"} & v}
+    assert {"raw_mri_scans", "participant_covariates", "muscle_metrics", "analysis_cohort", "qc_reviews"} <= writers
+    assert all(kind in kinds[k] and not ({"duckdb", "postgres", "warehouse"} - {kind}) & kinds[k] for k in writers)
+    assert kinds["raw_mri_scans"] == {kind, "nifti"} and kinds["landing_zone"] == {"filesystem"}
+    area_assets = {k.to_user_string() for a in AREAS for x in a.defs.assets for k in getattr(x, "keys", [x.key])}
+    assert set(kinds) == area_assets
+    area_checks = {k for a in AREAS for x in (a.defs.asset_checks or ()) for k in x.check_keys}
+    area_checks |= {k for a in AREAS for x in a.defs.assets for k in getattr(x, "check_keys", ())}
+    assert set(defs.resolve_asset_graph().asset_check_keys) == area_checks and len(area_checks) >= 9
+    jobs = {j.name for j in defs.resolve_all_job_defs()} - {"__ASSET_JOB"}
+    assert jobs == {"ingest_batch", "process_batch", "train_segmentation_model", "cohort_refresh",
+                    "compare_model_batch", "compare_models"}
+    assert {s.name for s in defs.sensors} == ({"delivery_sensor"} if profile == "kubernetes"
+                                              else {"delivery_sensor", "run_reaper"})
+    assert {s.name for s in defs.schedules} == {"daily_cohort_refresh"}

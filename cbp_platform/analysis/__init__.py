@@ -4,9 +4,12 @@
   :func:`participant_trace`;
 * :mod:`.tables`: Table 1, physical-activity prevalence, stratified comparisons, :func:`publishable`;
 * :mod:`.disclosure`: small-cell suppression and the pseudonym guard;
-* :mod:`.report`: :func:`paper_vs_run_table` and :func:`render_report` (Markdown, HTML, PNG figures).
+* :mod:`.report`: :func:`paper_vs_run_table` and :func:`render_report` (Markdown, HTML, PNG figures);
+* :mod:`.models`: :func:`~.models.fit_analysis`, one analysis of :mod:`cbp_platform.study` as the model assets fit it;
+* :mod:`.publish`: the report and its lineage manifest from the analysis assets' tables (``published_results``).
 
-The mixed model lives in :mod:`cbp_platform.stats`; the report takes its OR tables. See docs/analysis.md.
+The exposures and analyses are defined in :mod:`cbp_platform.study`; the mixed model lives in
+:mod:`cbp_platform.stats`; the report takes its OR tables. See docs/analysis.md.
 """
 
 from cbp_platform.analysis.cohort import (

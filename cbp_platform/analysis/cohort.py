@@ -37,12 +37,14 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import polars as pl
 
+from cbp_platform import study
 from cbp_platform.classes import BACK_TOTAL
+from cbp_platform.reasons import MUSCLE_SEGMENTATIONS, R
+from cbp_platform.study import NORMALISERS, Normaliser  # noqa: F401  (re-exported: the LMM normalisers)
 
 COHORT_HASH_VERSION = "cbp-analysis-cohort/1"
 AGE_RANGE = (19, 74)
@@ -71,36 +73,25 @@ START_LABEL = "Participants with an MRI delivery"
 ANALYSED_LABEL = "Analysed"
 
 
-@dataclass(frozen=True)
-class Normaliser:
-    """How the lean back-muscle volume (cm3) is normalised to body size into the LMM index."""
+# The muscle_metrics columns read from the back_total row (the metrics vocabulary; the exposures are computed
+# from these, see cbp_platform.study).
+METRIC_COLUMNS = ("compartment_ml", "lean_ml", "fat_ml", "imat_pct", "mfi")
+assert set(study.metric_columns()) <= set(METRIC_COLUMNS), "an exposure's metric is not read from muscle_metrics"
 
-    name: str
-    unit: str
-    description: str
-    denominator: Callable[[], pl.Expr]
-
-
-NORMALISERS: dict[str, Normaliser] = {n.name: n for n in (
-    Normaliser("weight_per_height", "cm3/(kg/m)", "lean volume / (weight kg / height m), the paper's unit",
-               lambda: pl.col("weight_kg") / (pl.col("height_cm") / 100.0)),
-    Normaliser("per_height2", "cm3/m2", "lean volume / height m squared (like a muscle-volume index)",
-               lambda: (pl.col("height_cm") / 100.0) ** 2),
-    Normaliser("per_weight", "cm3/kg", "lean volume / weight kg",
-               lambda: pl.col("weight_kg")),
-    Normaliser("none", "cm3", "lean volume, not normalised",
-               lambda: pl.lit(1.0)),
-)}
-
-# Columns of the analysed frame, in this order.
+# Columns of the analysed frame, in this order: the paper's exposures where they always were, secondary
+# exposures at the end.
 FRAME_COLUMNS = (
     "pseudonym", "delivery_id", "batch_key", "site", "exam_date", "age", "sex", "female", "height_cm",
     "weight_kg", "bmi", "cbp", "nrs_pain", "nrs_high", "met_min_week", "met_category", *COMORBIDITIES,
-    "compartment_ml", "lean_ml", "fat_ml", "imat_pct", "mfi", "lmm", "imat", "lmm_z2", "imat_z2",
-    "age_10y", "pa_moderate", "pa_high",
+    *METRIC_COLUMNS, *study.exposure_columns(study.PRIMARY_EXPOSURES),
+    "age_10y", "pa_moderate", "pa_high", *study.exposure_columns(study.SECONDARY_EXPOSURES),
 )
-# Bookkeeping columns are left out of the hash: re-batching the same data must not change it.
-HASH_COLUMNS = tuple(c for c in FRAME_COLUMNS if c not in ("delivery_id", "batch_key"))
+# Left out of the hash: bookkeeping columns (re-batching the same data must not change it) and the secondary
+# exposures' columns. Those are functions of hashed metric columns (asserted below) and of the registry's code,
+# so the hash still pins them, and adding a secondary exposure leaves the anchor of the paper's results as it was.
+HASH_COLUMNS = tuple(c for c in FRAME_COLUMNS if c not in ("delivery_id", "batch_key",
+                                                           *study.exposure_columns(study.SECONDARY_EXPOSURES)))
+assert set(study.metric_columns(study.SECONDARY_EXPOSURES)) <= set(HASH_COLUMNS)
 
 
 @dataclass(frozen=True)
@@ -110,7 +101,8 @@ class AnalysisCohort:
     ``frame``: one row per analysed participant, columns :data:`FRAME_COLUMNS`, sorted by pseudonym.
     ``flow``: step, criterion, description, excluded, remaining (no pseudonyms; publishable).
     ``cohort_hash``: sha256 of the canonical serialisation of ``frame`` (see :func:`cohort_hash`).
-    ``standardisation``: ``{"lmm": {"mean", "sd"}, "imat": {...}}`` used for ``lmm_z2`` / ``imat_z2``.
+    ``standardisation``: per exposure name (:data:`cbp_platform.study.EXPOSURES`) the ``mean`` and ``sd`` its
+    standardised column (:attr:`~cbp_platform.study.Exposure.z_column`) was computed with.
     ``exclusions``: pseudonym, reason of every excluded participant (internal, never published).
     """
 
@@ -167,8 +159,7 @@ def _scans(df: pl.DataFrame) -> pl.DataFrame:
 
 
 def _metrics(df: pl.DataFrame) -> pl.DataFrame:
-    cols = {"compartment_ml": pl.Float64, "lean_ml": pl.Float64, "fat_ml": pl.Float64, "imat_pct": pl.Float64,
-            "mfi": pl.Float64}
+    cols = {c: pl.Float64 for c in METRIC_COLUMNS}
     if df.height == 0 and "pseudonym" not in df.columns:
         return pl.DataFrame(schema={"pseudonym": pl.String, **cols})
     missing = [c for c in ("pseudonym", "muscle", "lean_ml", "imat_pct") if c not in df.columns]
@@ -210,8 +201,9 @@ def classify_participants(covariates: pl.DataFrame, scans: pl.DataFrame, metrics
     scan_agg = sc.group_by("pseudonym").agg(pl.len().alias("n_scan"), pl.col("swap_suspected").any().alias("swap"))
     cov_n = cov.group_by("pseudonym").agg(pl.len().alias("n_cov"))
     met_n = met.group_by("pseudonym").agg(pl.len().alias("n_met"))
-    q_swap = (q.filter((pl.col("stage") == "muscle_segmentations") & (pl.col("reason") == "fat_water_swap_suspected"))
-              .select("pseudonym").unique().with_columns(pl.lit(True).alias("q_swap")))
+    swap_quarantined = ((pl.col("stage") == MUSCLE_SEGMENTATIONS)
+                        & (pl.col("reason") == R.fat_water_swap_suspected.code))
+    q_swap = q.filter(swap_quarantined).select("pseudonym").unique().with_columns(pl.lit(True).alias("q_swap"))
 
     rej = (_pseudonyms(rejected).unique().to_frame("pseudonym").with_columns(pl.lit(True).alias("rejected"))
            if rejected is not None else pl.DataFrame(schema={"pseudonym": pl.String, "rejected": pl.Boolean}))
@@ -283,7 +275,8 @@ def met_category(met: pl.Expr) -> pl.Expr:
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
-    """Mean and sample SD computed with exactly rounded sums, so they do not depend on row order."""
+    """Mean and sample SD of the finite values, computed with exactly rounded sums (independent of row order)."""
+    values = [v for v in values if v is not None and math.isfinite(v)]
     n = len(values)
     if n == 0:
         return math.nan, math.nan
@@ -293,30 +286,37 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
 
 
-def _z2(col: str, mean: float, sd: float) -> pl.Expr:
-    """(x - mean) / (2 SD): a regression coefficient on it is the effect of a 2-SD difference."""
+def _standardised(col: str, mean: float, sd: float, k: float = 2.0) -> pl.Expr:
+    """(x - mean) / (k SD): a regression coefficient on it is the effect of a k-SD difference."""
     if not (math.isfinite(sd) and sd > 0):
         return pl.lit(None, pl.Float64)
-    return (pl.col(col) - mean) / (2.0 * sd)
+    return (pl.col(col) - mean) / (k * sd)
+
+
+def _finite(e: pl.Expr) -> pl.Expr:
+    return pl.when(e.is_finite()).then(e).otherwise(pl.lit(None, pl.Float64))
 
 
 def derive(analysed: pl.DataFrame, normaliser: Normaliser) -> tuple[pl.DataFrame, dict[str, dict[str, float]]]:
-    """The analysed frame's derived variables (columns :data:`FRAME_COLUMNS`) and the standardisation used."""
+    """The analysed frame's derived variables (columns :data:`FRAME_COLUMNS`) and the standardisation used.
+
+    Every exposure of :data:`cbp_platform.study.EXPOSURES` is computed from its metric (a non-finite value is
+    null: unmeasured) and standardised per k SD over the participants who have it.
+    """
     df = analysed.sort("pseudonym").with_columns(
         (pl.col("sex") == "F").alias("female"),
         (pl.col("weight_kg") / (pl.col("height_cm") / 100.0) ** 2).alias("bmi"),
         pl.when(pl.col("nrs_pain").is_null()).then(pl.lit(None, pl.Boolean))
         .otherwise(pl.col("nrs_pain") >= NRS_HIGH_THRESHOLD).alias("nrs_high"),
         met_category(pl.col("met_min_week")).alias("met_category"),
-        (pl.col("lean_ml") / normaliser.denominator()).alias("lmm"),
-        pl.col("imat_pct").alias("imat"),
+        *(_finite(e.expr(normaliser)).alias(e.name) for e in study.EXPOSURES),
     )
     std = {}
-    for var in ("lmm", "imat"):
-        mean, sd = _mean_sd(df.get_column(var).to_list())
-        std[var] = {"mean": mean, "sd": sd}
+    for e in study.EXPOSURES:
+        mean, sd = _mean_sd(df.get_column(e.name).to_list())
+        std[e.name] = {"mean": mean, "sd": sd}
     df = df.with_columns(
-        _z2("lmm", **std["lmm"]).alias("lmm_z2"), _z2("imat", **std["imat"]).alias("imat_z2"),
+        *(_standardised(e.name, **std[e.name], k=e.sd_multiple).alias(e.z_column) for e in study.EXPOSURES),
         ((pl.col("age") - AGE_CENTRE) / 10.0).alias("age_10y"),
         (pl.col("met_category") == "500-5000").alias("pa_moderate"),
         (pl.col("met_category") == ">5000").alias("pa_high"),

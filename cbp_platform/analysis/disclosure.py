@@ -2,11 +2,12 @@
 
 NAKO results leave the secure environment only as aggregates (docs/study.md, data protection). Two rules follow:
 
-* :func:`suppress_small_cells`: a count under ``min_count`` (default 5) is replaced by ``"<5"``, and so is every
-  statistic computed from that cell (its %, median, CI ...). Secondary suppression then stops the hidden
-  count from being recovered by subtraction: within a row, cells that add up to a published margin (CBP +
-  no CBP = all) and, down a column, the levels of one variable (the MET categories add up to the group n)
-  are suppressed in pairs: when exactly one cell of such a set is hidden, the smallest other one is hidden too.
+* :func:`suppress_small_cells`: a count under ``min_count`` (default 5) is replaced by ``"<5"`` (``"<10"`` under
+  a limit of 10: :func:`suppressed_marker`), and so is every statistic computed from that cell (its %, median,
+  CI ...). Secondary suppression then stops the hidden count from being recovered by subtraction: within a
+  row, cells that add up to a published margin (CBP + no CBP = all) and, down a column, the levels of one
+  variable (the MET categories add up to the group n) are suppressed in pairs: when exactly one cell of such
+  a set is hidden, the smallest other one is hidden too.
 * :func:`assert_no_pseudonyms`: every text written for publication is scanned for pseudonym-shaped tokens
   (:data:`cbp_platform.landing.PSEUDONYM_RE` without its anchors) and for the cohort's own pseudonyms;
   a hit raises before anything is written.
@@ -22,7 +23,15 @@ import polars as pl
 from cbp_platform.landing import PSEUDONYM_ALPHABET, PSEUDONYM_LENGTH, PSEUDONYM_RE
 
 MIN_COUNT = 5
-SUPPRESSED = "<5"
+
+
+def suppressed_marker(min_count: int = MIN_COUNT) -> str:
+    """What a suppressed cell shows: ``"<5"`` under the default limit, ``"<10"`` under a limit of 10. The marker
+    states the limit in force, so a published table never claims a smaller bound than the one applied."""
+    return f"<{int(min_count)}"
+
+
+SUPPRESSED = suppressed_marker(MIN_COUNT)      # the marker under the default limit
 
 # A pseudonym-shaped token: exactly 10 characters of the pseudonym alphabet, not part of a longer word.
 PSEUDONYM_TOKEN_RE = re.compile(
@@ -116,8 +125,9 @@ def _fmt_default(v, col: str) -> str:
 def suppress_small_cells(df: pl.DataFrame, min_count: int = MIN_COUNT, count_columns: Sequence[str] | None = None,
                          *, derived: Mapping[str, Sequence[str]] | None = None,
                          row_links: Sequence[Sequence[str]] = (), row_groups: Sequence[Sequence[int]] = (),
-                         marker: str = SUPPRESSED) -> pl.DataFrame:
-    """``df`` with every count cell under ``min_count`` (and the statistics derived from it) replaced by ``marker``.
+                         marker: str | None = None) -> pl.DataFrame:
+    """``df`` with every count cell under ``min_count`` (and the statistics derived from it) replaced by ``marker``
+    (default :func:`suppressed_marker` of ``min_count``).
 
     ``count_columns`` default to the columns ending in ``_n``; ``derived`` maps a count column to the columns
     computed from its cell (default: ``X_n`` -> every ``X_*``). The count and derived columns come back as
@@ -130,6 +140,7 @@ def suppress_small_cells(df: pl.DataFrame, min_count: int = MIN_COUNT, count_col
         raise ValueError(f"count columns {unknown} not in the table")
     derived = dict(derived) if derived is not None else _derived_default(df.columns, count_columns)
     cell_mask = masked_cells(df, min_count, count_columns, derived, row_links, row_groups)
+    marker = suppressed_marker(min_count) if marker is None else marker
     out = {}
     for col, m in cell_mask.items():
         vals = df.get_column(col).to_list()

@@ -4,9 +4,14 @@
 summaries, the paper-vs-run table (:func:`paper_vs_run_table`) and the lineage, and writes
 
 * ``report.md`` and ``report.html``: exclusion flow, Table 1, physical activity, models (OR tables, forest
-  plot, summaries), stratified comparisons, paper vs this run, lineage, disclosure note;
-* ``figures/flow.png``, ``figures/pa_prevalence.png``, ``figures/forest.png``;
+  plot, summaries), stratified comparisons, paper vs this run, secondary exposures (when the registry has any),
+  lineage, disclosure note, segmentation model comparisons (when supplied); one function per section
+  (``_section_*``), each adding its text, tables and figures to the report being built;
+* ``figures/flow.png``, ``figures/pa_prevalence.png``, ``figures/forest.png`` (``forest_secondary.png``);
 * ``tables/*.csv``: the published (suppressed, formatted) tables.
+
+Exposures and analyses come from :mod:`cbp_platform.study`: the paper's (primary) ones fill the paper's sections
+and the paper-vs-run table; secondary ones only their own section, never a row beside a paper value.
 
 Every table goes through :func:`cbp_platform.analysis.tables.publishable` (small-cell suppression) and every
 text is checked by :func:`cbp_platform.analysis.disclosure.assert_no_pseudonyms` *before* anything is written.
@@ -28,8 +33,9 @@ import polars as pl
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
 
+from cbp_platform import study
 from cbp_platform.analysis.cohort import MET_CATEGORIES
-from cbp_platform.analysis.disclosure import MIN_COUNT, SUPPRESSED, assert_no_pseudonyms
+from cbp_platform.analysis.disclosure import MIN_COUNT, assert_no_pseudonyms, suppressed_marker
 from cbp_platform.analysis.tables import format_p, p_phrase, publishable, suppression_cells
 from cbp_platform.imaging.nifti import atomic_write_bytes
 
@@ -48,19 +54,13 @@ PAPER: dict = {
     "age": {"all": (49, 41, 57), "cbp": (53, 46, 60), "no_cbp": (48, 39, 56)},      # median (IQR)
     "pa": {"<500": (10892, 24.6), "500-5000": (12826, 19.4), ">5000": (3800, 22.0)},  # n, CBP prevalence %
     "pa_p": "< 0.0001",
-    # (model, exposure) -> OR per 2 SD, 95 % CI, p as printed
-    "or": {("cbp", "lmm"): (0.87, 0.79, 0.95, "p = 0.003"),
-           ("cbp", "imat"): (1.22, 1.13, 1.30, "p < 0.0001"),
-           ("nrs_high", "lmm"): (0.63, 0.57, 0.70, "p < 0.0001"),
-           ("nrs_high", "imat"): (1.22, 1.13, 1.30, "p < 0.0001")},
-    # (stratum, exposure) -> CBP, no CBP, p as printed (the abstract does not say median or mean)
-    "stratified": {("osteoarthritis", "lmm"): (22.9, 24.3, "p < 0.0001"),
-                   ("osteoarthritis", "imat"): (7.53, 6.96, "p < 0.0001"),
-                   ("osteoporosis", "lmm"): (20.9, 21.3, "p = 0.16"),
-                   ("osteoporosis", "imat"): (8.43, 7.9, "p = 0.0019")},
+    # The exposures' values live with the exposures and analyses (cbp_platform.study); collected here:
+    # (analysis key, exposure name) -> OR per 2 SD, 95 % CI, p as printed
+    "or": {(a.key, e): v.as_tuple() for a in study.PRIMARY_ANALYSES for e, v in a.paper_or.items()},
+    # (stratum, exposure name) -> CBP, no CBP, p as printed (the abstract does not say median or mean)
+    "stratified": {(s, e.name): (e.paper_stratified[s].cbp, e.paper_stratified[s].no_cbp, e.paper_stratified[s].p)
+                   for s in study.STRATA for e in study.PRIMARY_EXPOSURES if s in e.paper_stratified},
 }
-MODEL_LABELS = {"cbp": "CBP", "nrs_high": "Pain intensity NRS >= 4"}
-EXPOSURE_LABELS = {"lmm": "LMM, per 2 SD", "imat": "InterMAT, per 2 SD"}
 # Display names of the adjustment terms as the analysis frame names them; other terms are shown as they are.
 TERM_LABELS = {"age_10y": "Age, per 10 years", "female": "Female sex", "diabetes": "Diabetes",
                "dyslipidemia": "Dyslipidemia", "osteoporosis": "Osteoporosis", "osteoarthritis": "Osteoarthritis",
@@ -77,34 +77,31 @@ _PNG_META = {"Software": None}
 # naming
 
 
-def exposure_of(term: str) -> str | None:
-    """'lmm' or 'imat' when a model term is one of the standardised exposures (e.g. ``lmm_z2``), else None."""
-    t = term.lower()
-    if "imat" in t or "intermat" in t:
-        return "imat"
-    if "lmm" in t:
-        return "lmm"
-    return None
-
-
-def paper_model_of(name: str) -> str | None:
-    """Which of the paper's models a model-results key stands for: 'nrs_high' (pain intensity) or 'cbp'."""
-    n = name.lower()
-    if "nrs" in n or "intensity" in n:
-        return "nrs_high"
-    if "cbp" in n:
-        return "cbp"
-    return None
-
-
 def term_label(term: str) -> str:
-    exp = exposure_of(term)
-    return EXPOSURE_LABELS[exp] if exp else TERM_LABELS.get(term, term)
+    """A model term's display name: an exposure's standardised term by the registry (``LMM, per 2 SD``), an
+    adjustment term by :data:`TERM_LABELS`, anything else as it is."""
+    e = study.exposure_of(term)
+    if e is not None:
+        return e.term_label if term == e.z_column else e.label
+    return TERM_LABELS.get(term, term)
 
 
 def model_label(name: str) -> str:
-    m = paper_model_of(name)
-    return MODEL_LABELS[m] if m else name
+    """An analysis' display name, by its name or key in the registry (``cbp`` -> ``CBP``); others as they are."""
+    a = study.find_analysis(name)
+    return a.label if a else name
+
+
+def _is_secondary(name: str) -> bool:
+    a = study.find_analysis(name)
+    return a is not None and a.role == study.SECONDARY
+
+
+def _role_rows(df: pl.DataFrame, role: str) -> pl.DataFrame:
+    """The rows of a descriptive table that belong to ``role`` (a table without the column is all primary)."""
+    if "role" not in df.columns:
+        return df if role == study.PRIMARY else df.clear()
+    return df.filter(pl.col("role") == role)
 
 
 def _fmt_or(o, lo, hi) -> str:
@@ -136,9 +133,14 @@ def paper_vs_run_table(*, flow: pl.DataFrame, table_one: pl.DataFrame, pa_preval
     """The paper's numbers (:data:`PAPER`) beside this run's, computed from the numeric tables.
 
     Columns: section, quantity, paper, this_run (display text), paper_value, run_value (numbers for checks;
-    null where not a single number). Cells the published tables suppress are suppressed here too.
+    null where not a single number). Cells the published tables suppress are suppressed here too. Only the
+    paper's analyses and exposures (:mod:`cbp_platform.study`, role primary) are compared; ``model_results`` keys
+    are analysis names or keys, a secondary analysis is never matched to a paper value.
     """
     rows: list[dict] = []
+    hidden_marker = suppressed_marker(min_count)
+    table_one = _role_rows(table_one, study.PRIMARY)
+    stratified = _role_rows(stratified, study.PRIMARY)
 
     def add(section, quantity, paper, run, pv=None, rv=None):
         rows.append(dict(section=section, quantity=quantity, paper=paper, this_run=run,
@@ -158,24 +160,25 @@ def paper_vs_run_table(*, flow: pl.DataFrame, table_one: pl.DataFrame, pa_preval
         hidden = m1["cbp_n"][i]
         pct = 100.0 * part["cbp_n"] / part["all_n"] if part["all_n"] else None
         add("Cohort", "CBP, n (%)", f"{PAPER['cbp_n']:,} ({PAPER['cbp_pct']} %)",
-            SUPPRESSED if hidden else f"{part['cbp_n']:,} ({pct:.1f} %)", PAPER["cbp_pct"], None if hidden else pct)
+            hidden_marker if hidden else f"{part['cbp_n']:,} ({pct:.1f} %)", PAPER["cbp_pct"],
+            None if hidden else pct)
     i, fem = _row_of(table_one, key="female")
     if fem is not None:
         hidden = m1["all_n"][i]
         add("Cohort", "Women, n (%)", f"{PAPER['women_n']:,} ({PAPER['women_pct']} %)",
-            SUPPRESSED if hidden else f"{fem['all_n']:,} ({fem['all_pct']:.1f} %)", PAPER["women_pct"],
+            hidden_marker if hidden else f"{fem['all_n']:,} ({fem['all_pct']:.1f} %)", PAPER["women_pct"],
             None if hidden else fem["all_pct"])
         for g, key, lab in (("cbp", "women_cbp_n", "Women in the CBP group, n"),
                             ("no_cbp", "women_no_cbp_n", "Women in the no-CBP group, n")):
             hidden = m1[f"{g}_n"][i]
-            add("Cohort", lab, f"{PAPER[key]:,}", SUPPRESSED if hidden else f"{fem[f'{g}_n']:,}", PAPER[key],
+            add("Cohort", lab, f"{PAPER[key]:,}", hidden_marker if hidden else f"{fem[f'{g}_n']:,}", PAPER[key],
                 None if hidden else fem[f"{g}_n"])
     i, age = _row_of(table_one, key="age")
     if age is not None:
         for g, lab in (("all", "all"), ("cbp", "CBP"), ("no_cbp", "no CBP")):
             med, q1, q3 = PAPER["age"][g]
             hidden = m1[f"{g}_n"][i] or age[f"{g}_median"] is None
-            run = SUPPRESSED if hidden else f"{age[f'{g}_median']:.0f} ({age[f'{g}_q1']:.0f}-{age[f'{g}_q3']:.0f})"
+            run = hidden_marker if hidden else f"{age[f'{g}_median']:.0f} ({age[f'{g}_q1']:.0f}-{age[f'{g}_q3']:.0f})"
             add("Cohort", f"Age, median (IQR), {lab}", f"{med} ({q1}-{q3})", run, med,
                 None if hidden else age[f"{g}_median"])
 
@@ -186,9 +189,9 @@ def paper_vs_run_table(*, flow: pl.DataFrame, table_one: pl.DataFrame, pa_preval
         if r is None:
             continue
         hide_n, hide_p = mp["all_n"][i], mp["cbp_pct"][i]
-        add("Physical activity", f"MET {c}: n", f"{n_paper:,}", SUPPRESSED if hide_n else f"{r['all_n']:,}",
+        add("Physical activity", f"MET {c}: n", f"{n_paper:,}", hidden_marker if hide_n else f"{r['all_n']:,}",
             n_paper, None if hide_n else r["all_n"])
-        run = (SUPPRESSED if hide_p else "" if r["cbp_pct"] is None else
+        run = (hidden_marker if hide_p else "" if r["cbp_pct"] is None else
                f"{r['cbp_pct']:.1f} ({r['cbp_pct_low']:.1f}-{r['cbp_pct_high']:.1f})")
         add("Physical activity", f"MET {c}: CBP prevalence, % (95 % CI)", f"{prev_paper}", run, prev_paper,
             None if hide_p or r["cbp_pct"] is None else r["cbp_pct"])
@@ -201,32 +204,40 @@ def paper_vs_run_table(*, flow: pl.DataFrame, table_one: pl.DataFrame, pa_preval
     found: dict[tuple[str, str], dict] = {}
     for name, df in model_results.items():
         _check_or_table(name, df)
-        m = paper_model_of(name)
+        a = study.find_analysis(name)
+        if a is None or a.role != study.PRIMARY:
+            continue
         for r in df.iter_rows(named=True):
-            e = exposure_of(str(r["term"]))
-            if m and e and (m, e) not in found:
-                found[(m, e)] = r
-    for (m, e), (o, lo, hi, p) in PAPER["or"].items():
-        r = found.get((m, e))
-        run = f"{_fmt_or(r['or'], r['or_low'], r['or_high'])}, {p_phrase(r['p'])}" if r else "not fitted"
-        add("Models", f"{MODEL_LABELS[m]}: OR {EXPOSURE_LABELS[e]} (95 % CI)", f"{o:.2f} ({lo:.2f}-{hi:.2f}), {p}",
-            run, o, r["or"] if r else None)
+            e = study.exposure_of(str(r["term"]))
+            if e is not None and e.name in a.paper_or and (a.key, e.name) not in found:
+                found[(a.key, e.name)] = r
+    for a in study.PRIMARY_ANALYSES:
+        for name, paper in a.paper_or.items():
+            e, (o, lo, hi, p) = study.exposure(name), paper.as_tuple()
+            r = found.get((a.key, name))
+            run = f"{_fmt_or(r['or'], r['or_low'], r['or_high'])}, {p_phrase(r['p'])}" if r else "not fitted"
+            add("Models", f"{a.label}: OR {e.term_label} (95 % CI)", f"{o:.2f} ({lo:.2f}-{hi:.2f}), {p}",
+                run, o, r["or"] if r else None)
 
     ms = suppression_cells(stratified, "stratified", min_count=min_count)
-    for (s, e), (cbp, no_cbp, p) in PAPER["stratified"].items():
-        i, r = _row_of(stratified, stratum=s, exposure=e)
-        unit = " %" if e == "imat" else ""
-        d = 2 if e == "imat" else 1
-        label = f"{s.capitalize()}: {'InterMAT' if e == 'imat' else 'LMM'}"
-        for g, pv, lab in (("cbp", cbp, "CBP"), ("no_cbp", no_cbp, "no CBP")):
-            hidden = r is None or ms[f"{g}_n"][i] or r[f"{g}_median"] is None
-            add("Stratified", f"{label}, {lab} (run: median)", f"{pv}{unit}",
-                SUPPRESSED if hidden and r is not None else "" if hidden else f"{r[f'{g}_median']:.{d}f}{unit}",
-                pv, None if hidden else r[f"{g}_median"])
-        hidden = r is None or ms["p_value"][i]
-        add("Stratified", f"{label}, Mann-Whitney U p", p,
-            SUPPRESSED if hidden and r is not None else "" if hidden else p_phrase(r["p_value"]),
-            None, None if hidden else r["p_value"])
+    for s in study.STRATA:
+        for e in study.PRIMARY_EXPOSURES:
+            if s not in e.paper_stratified:
+                continue
+            paper = e.paper_stratified[s]
+            i, r = _row_of(stratified, stratum=s, exposure=e.name)
+            unit = f" {e.unit}" if e.unit else ""
+            d = e.decimals
+            label = f"{s.capitalize()}: {e.label}"
+            for g, pv, lab in (("cbp", paper.cbp, "CBP"), ("no_cbp", paper.no_cbp, "no CBP")):
+                hidden = r is None or ms[f"{g}_n"][i] or r[f"{g}_median"] is None
+                add("Stratified", f"{label}, {lab} (run: median)", f"{pv}{unit}",
+                    hidden_marker if hidden and r is not None else "" if hidden
+                    else f"{r[f'{g}_median']:.{d}f}{unit}", pv, None if hidden else r[f"{g}_median"])
+            hidden = r is None or ms["p_value"][i]
+            add("Stratified", f"{label}, Mann-Whitney U p", paper.p,
+                hidden_marker if hidden and r is not None else "" if hidden else p_phrase(r["p_value"]),
+                None, None if hidden else r["p_value"])
     return pl.DataFrame(rows, schema={"section": pl.String, "quantity": pl.String, "paper": pl.String,
                                       "this_run": pl.String, "paper_value": pl.Float64, "run_value": pl.Float64})
 
@@ -244,16 +255,17 @@ def _png(fig: Figure) -> bytes:
 def figure_pa_prevalence(pa: pl.DataFrame, *, min_count: int = MIN_COUNT) -> tuple[bytes, list[str]]:
     """Bar chart of CBP prevalence per MET category with Wilson 95 % CIs and the paper's values (PNG, labels)."""
     mask = suppression_cells(pa, "pa_prevalence", min_count=min_count)
+    marker = suppressed_marker(min_count)
     fig = Figure(figsize=(6.0, 4.0))
     ax = fig.add_subplot()
     labels = []
     for x, c in enumerate(MET_CATEGORIES):
         i, r = _row_of(pa, category=c)
         hidden = r is None or mask["cbp_pct"][i] or r["cbp_pct"] is None
-        n_txt = SUPPRESSED if r is None or mask["all_n"][i] else f"{r['all_n']:,}"
+        n_txt = marker if r is None or mask["all_n"][i] else f"{r['all_n']:,}"
         labels.append(f"{c}\nn = {n_txt}")
         if hidden:
-            ax.text(x, 1.0, "suppressed\n(< 5)", ha="center", va="bottom", fontsize=8)
+            ax.text(x, 1.0, f"suppressed\n(< {min_count})", ha="center", va="bottom", fontsize=8)
         else:
             err = [[r["cbp_pct"] - r["cbp_pct_low"]], [r["cbp_pct_high"] - r["cbp_pct"]]]
             ax.bar(x, r["cbp_pct"], width=0.6, color="#9ecae9", edgecolor="#4c78a8", yerr=err, capsize=5,
@@ -270,14 +282,17 @@ def figure_pa_prevalence(pa: pl.DataFrame, *, min_count: int = MIN_COUNT) -> tup
     return _png(fig), labels
 
 
-def figure_forest(model_results: Mapping[str, pl.DataFrame]) -> tuple[bytes, list[str]]:
-    """Forest plot of the models' ORs (log scale), the paper's ORs beside the exposures (PNG, labels)."""
+def figure_forest(model_results: Mapping[str, pl.DataFrame], *,
+                  title: str = "Mixed logistic regression: odds ratios") -> tuple[bytes, list[str]]:
+    """Forest plot of the models' ORs (log scale), the paper's ORs beside the exposures of the paper's analyses
+    (PNG, labels)."""
     items: list[tuple[str, float, float, float, tuple | None]] = []
     headers: list[tuple[int, str]] = []
     for name, df in model_results.items():
         _check_or_table(name, df)
         headers.append((len(items), model_label(name)))
-        m = paper_model_of(name)
+        a = study.find_analysis(name)
+        paper_or = a.paper_or if a is not None and a.role == study.PRIMARY else {}
         for r in df.iter_rows(named=True):
             term = str(r["term"])
             if term.lower() in INTERCEPT_TERMS:
@@ -285,8 +300,8 @@ def figure_forest(model_results: Mapping[str, pl.DataFrame]) -> tuple[bytes, lis
             vals = (r["or"], r["or_low"], r["or_high"])
             if not all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in vals):
                 continue
-            e = exposure_of(term)
-            paper = PAPER["or"].get((m, e)) if m and e else None
+            e = study.exposure_of(term)
+            paper = paper_or[e.name].as_tuple() if e is not None and e.name in paper_or else None
             items.append((term_label(term), *vals, paper))
     rows = len(items) + len(headers)
     fig = Figure(figsize=(7.0, 1.2 + 0.32 * max(rows, 1)))
@@ -334,7 +349,7 @@ def figure_forest(model_results: Mapping[str, pl.DataFrame]) -> tuple[bytes, lis
         fig.legend(loc="lower center", ncol=2, fontsize=8, frameon=False)
     else:
         ax.text(0.5, 0.5, "no model results", transform=ax.transAxes, ha="center")
-    ax.set_title("Mixed logistic regression: odds ratios")
+    ax.set_title(title)
     fig.tight_layout(rect=(0, 0.05 if items else 0, 1, 1))
     return _png(fig), labels
 
@@ -343,7 +358,8 @@ def figure_comparison(forest: pl.DataFrame, models: list[str]) -> tuple[bytes, l
     """The exposures' ORs of each model side by side (log scale): one row per (analysis, exposure), one marker per
     model. ``forest``: analysis, term, model, or, or_low, or_high (:func:`~cbp_platform.segmentation.compare.
     forest_rows`)."""
-    keys = [(a, t) for a in dict.fromkeys(forest["analysis"].to_list()) for t in ("lmm_z2", "imat_z2")
+    terms = [e.z_column for e in study.EXPOSURES]
+    keys = [(a, t) for a in dict.fromkeys(forest["analysis"].to_list()) for t in terms
             if forest.filter((pl.col("analysis") == a) & (pl.col("term") == t)).height]
     fig = Figure(figsize=(7.0, 1.4 + 0.55 * max(len(keys), 1)))
     ax = fig.add_subplot()
@@ -353,8 +369,7 @@ def figure_comparison(forest: pl.DataFrame, models: list[str]) -> tuple[bytes, l
     for i, (analysis, term) in enumerate(keys):
         y = -float(i)
         ticks.append(y)
-        m = paper_model_of(analysis)
-        labels.append(f"{MODEL_LABELS.get(m, analysis)}: {term_label(term)}")
+        labels.append(f"{model_label(analysis)}: {term_label(term)}")
         for k, model in enumerate(models):
             r = forest.filter((pl.col("analysis") == analysis) & (pl.col("term") == term) & (pl.col("model") == model))
             if not r.height:
@@ -381,6 +396,11 @@ def figure_comparison(forest: pl.DataFrame, models: list[str]) -> tuple[bytes, l
     return _png(fig), labels + list(models)
 
 
+def _measure_label(e: study.Exposure) -> str:
+    """An exposure as a measured quantity with its fixed unit: ``LMM index``, ``InterMAT %``."""
+    return f"{e.measure} {e.unit}" if e.unit else e.measure
+
+
 def comparison_tables(c: Mapping) -> dict[str, pl.DataFrame]:
     """The report's tables of one model comparison (:func:`cbp_platform.segmentation.compare` output)."""
     a, b = c["primary"]["name"], c["other"]["name"]
@@ -388,10 +408,10 @@ def comparison_tables(c: Mapping) -> dict[str, pl.DataFrame]:
                           "Participants": str(v["n"])} for k, v in c["label_dice"].items()])
     ag = c["agreement"]
     rows = []
-    for key, label in (("lmm", "LMM index"), ("imat", "InterMAT %")):
-        if key in ag:
-            x = ag[key]
-            rows.append({"Measure": label, "ICC(A,1)": f"{x['icc']:.4f}",
+    for e in study.EXPOSURES:
+        if e.name in ag:
+            x = ag[e.name]
+            rows.append({"Measure": _measure_label(e), "ICC(A,1)": f"{x['icc']:.4f}",
                          "Mean difference (% of primary)": f"{x['bias']:+.2f} %",
                          "95 % limits of agreement": f"{x['loa_low']:+.2f} % to {x['loa_high']:+.2f} %",
                          "Proportional (slope)": f"{x['proportional']['slope']:+.3f}"})
@@ -399,20 +419,21 @@ def comparison_tables(c: Mapping) -> dict[str, pl.DataFrame]:
                                        "95 % limits of agreement", "Proportional (slope)"])
     ors = []
     for r in pl.DataFrame(c["forest"]).iter_rows(named=True) if c["forest"] else []:
-        ors.append({"Analysis": MODEL_LABELS.get(paper_model_of(r["analysis"]), r["analysis"]),
+        ors.append({"Analysis": model_label(r["analysis"]),
                     "Exposure": term_label(r["term"]), "Model": r["model"],
                     "OR (95 % CI)": _fmt_or(r["or"], r["or_low"], r["or_high"]), "p": format_p(r["p"])})
     ors_df = pl.DataFrame(ors, schema=["Analysis", "Exposure", "Model", "OR (95 % CI)", "p"])
     truth = []
-    for side in ("primary", "other"):
-        t = c[side].get("truth") or {}
+    sides = [c[side].get("truth") or {} for side in ("primary", "other")]
+    measured = [e for e in study.EXPOSURES if any(e.name in t for t in sides if t.get("n"))]
+    for side, t in zip(("primary", "other"), sides):
         if t.get("n"):
             truth.append({"Model": c[side]["name"], "Participants": str(t["n"]),
                           "Min Dice": f"{min(t['dice'].values()):.3f}",
-                          "LMM ICC / bias": f"{t['lmm']['icc']:.4f} / {t['lmm']['bias']:+.2f} %",
-                          "InterMAT ICC / bias": f"{t['imat']['icc']:.4f} / {t['imat']['bias']:+.2f} %"})
-    truth_df = pl.DataFrame(truth, schema=["Model", "Participants", "Min Dice", "LMM ICC / bias",
-                                           "InterMAT ICC / bias"])
+                          **{f"{e.label} ICC / bias": (f"{t[e.name]['icc']:.4f} / {t[e.name]['bias']:+.2f} %"
+                                                       if e.name in t else "") for e in measured}})
+    truth_df = pl.DataFrame(truth, schema=["Model", "Participants", "Min Dice",
+                                           *(f"{e.label} ICC / bias" for e in measured)])
     models = pl.DataFrame([{"Role": role, "Model": c[side]["name"], "Backend": c[side]["backend"],
                             "Weights sha256": c[side]["weights_sha256"][:16] + "...",
                             "Participants": str(c[side].get("segmented", ""))}
@@ -553,6 +574,224 @@ class _Doc:
 
 SECTIONS = ("flow", "table-one", "physical-activity", "models", "stratified", "paper-vs-run", "lineage",
             "disclosure")
+SECONDARY_SECTION = "secondary-exposures"      # present when the registry has a secondary exposure with results
+COMPARISON_SECTION = "model-comparison"        # present when model comparisons are supplied
+DEFAULT_TITLE = "Back-muscle composition and chronic back pain"
+
+
+class _Report:
+    """The report being built: the document, the published texts (CSV tables) and the figures, in the order they
+    are written. Each ``_section_*`` function adds one numbered section; numbering follows the sections present."""
+
+    def __init__(self, title: str, min_count: int):
+        self.title = title
+        self.min_count = min_count
+        self.doc = _Doc(title)
+        self.tables: dict[str, bytes] = {}
+        self.figures: dict[str, tuple[bytes, list[str]]] = {}
+        self._number = 0
+
+    def section(self, title: str, anchor: str) -> None:
+        self._number += 1
+        self.doc.heading(f"{self._number}. {title}", anchor)
+
+    def publish(self, name: str, df: pl.DataFrame) -> pl.DataFrame:
+        """Keep ``df`` (already in published form) as ``tables/<name>.csv``; returns it."""
+        self.tables[f"tables/{name}.csv"] = df.write_csv().encode()
+        return df
+
+    def figure(self, name: str, png_labels: tuple[bytes, list[str]], alt: str) -> None:
+        self.figures[name] = png_labels
+        self.doc.figure(f"figures/{name}.png", alt)
+
+    def texts(self) -> dict[str, bytes]:
+        return {"report.md": self.doc.markdown().encode(), "report.html": self.doc.html_page(self.title).encode(),
+                **self.tables}
+
+    def write(self, out: Path, known_pseudonyms: Iterable[str]) -> dict[str, Path]:
+        """Check every text and figure label for pseudonyms, then write them all (atomically, each)."""
+        texts = self.texts()
+        known = set(known_pseudonyms)
+        for rel, payload in texts.items():
+            assert_no_pseudonyms(payload.decode(), known, where=rel)
+        for name, (_, labels) in self.figures.items():
+            assert_no_pseudonyms("\n".join(labels), known, where=f"figures/{name}.png")
+        written: dict[str, Path] = {}
+        for name, (png, _) in self.figures.items():
+            path = out / "figures" / f"{name}.png"
+            atomic_write_bytes(path, png)
+            written[f"figure_{name}"] = path
+        for rel, payload in texts.items():
+            path = out / rel
+            atomic_write_bytes(path, payload)
+            key = {"report.md": "report_md", "report.html": "report_html"}.get(rel, "table_" + Path(rel).stem)
+            written[key] = path
+        return written
+
+
+def _standardisation_text(exposures: Iterable[study.Exposure], standardisation: Mapping | None,
+                          lmm_unit: str) -> str | None:
+    """What "per k SD" is in this cohort: ``LMM mean 22.10, SD 3.00 (2 SD = 6.00 cm3/(kg/m))``."""
+    parts = []
+    for e in exposures:
+        st = (standardisation or {}).get(e.name)
+        if st and all(isinstance(st.get(k), float) and math.isfinite(st[k]) for k in ("mean", "sd")):
+            k = e.sd_multiple
+            parts.append(f"{e.label} mean {st['mean']:.2f}, SD {st['sd']:.2f} ({k} SD = {k * st['sd']:.2f} "
+                         f"{e.unit_for(lmm_unit)})")
+    return "Standardisation of this cohort: " + "; ".join(parts) + "." if parts else None
+
+
+def _model_tables(r: _Report, models: Mapping[str, pl.DataFrame], summaries: Mapping[str, str]) -> None:
+    """One OR table (and its summary) per model, each published as ``tables/model_<name>.csv``."""
+    for name, df in models.items():
+        r.doc.heading(f"Model: {model_label(name)} ({name})", _anchor(f"model-{name}"), level=3)
+        r.doc.table(r.publish(f"model_{name}", model_table(df)))
+        if name in summaries:
+            r.doc.pre(summaries[name])
+
+
+def _intro(r: _Report, flow: pl.DataFrame, lineage: Mapping) -> None:
+    fl = {row["criterion"]: row for row in flow.iter_rows(named=True)}
+    r.doc.para(f"Reproduction of Ziegelmayer et al., Lancet Reg Health Eur 2025 (NAKO whole-body MRI). "
+               f"{fl['analysed']['remaining']:,} of {fl['start']['remaining']:,} participants with an MRI delivery "
+               f"analysed. Analysis cohort hash: {lineage.get('cohort_hash', 'n/a')}.")
+
+
+def _section_flow(r: _Report, flow: pl.DataFrame) -> None:
+    r.section("Exclusion flow", "flow")
+    r.doc.para("Rules applied in this order; a participant is counted once, at the first rule they fail.")
+    r.doc.table(r.publish("flow", publishable(flow, "flow", min_count=r.min_count)))
+    r.figure("flow", figure_flow(flow), "Exclusion flow diagram")
+
+
+def _section_table_one(r: _Report, table_one: pl.DataFrame) -> None:
+    r.section("Participant characteristics (Table 1)", "table-one")
+    r.doc.para("Continuous: median (IQR), Mann-Whitney U test; categorical: n (% of answered), Pearson "
+               "chi-square test without continuity correction; CBP vs no CBP.", note=True)
+    rows = _role_rows(table_one, study.PRIMARY)
+    r.doc.table(r.publish("table_one", publishable(rows, "table_one", min_count=r.min_count)))
+
+
+def _section_physical_activity(r: _Report, pa: pl.DataFrame) -> None:
+    r.section("Physical activity and CBP prevalence", "physical-activity")
+    r.doc.para("MET-min/week: low < 500, moderate 500-5000, high > 5000. Prevalence with Wilson 95 % CI; "
+               "chi-square test of the 3 x 2 table.", note=True)
+    r.doc.table(r.publish("pa_prevalence", publishable(pa, "pa_prevalence", min_count=r.min_count)))
+    r.figure("pa_prevalence", figure_pa_prevalence(pa, min_count=r.min_count),
+             "CBP prevalence by physical activity category")
+
+
+def _section_models(r: _Report, models: Mapping[str, pl.DataFrame], summaries: Mapping[str, str],
+                    standardisation: Mapping | None, lmm_unit: str) -> None:
+    r.section("Mixed logistic regression", "models")
+    r.doc.para("Odds ratios per 2 SD of the standardised exposures, adjusted for age, sex, diabetes, dyslipidemia, "
+               "osteoporosis, osteoarthritis and physical activity; study site as random intercept.", note=True)
+    text = _standardisation_text(study.PRIMARY_EXPOSURES, standardisation, lmm_unit)
+    if text:
+        r.doc.para(text)
+    if not models:
+        r.doc.para("No model results were supplied to this report.")
+    _model_tables(r, models, summaries)
+    for name in summaries:
+        if name not in models and not _is_secondary(name):
+            r.doc.heading(f"Model summary: {name}", _anchor(f"summary-{name}"), level=3)
+            r.doc.pre(summaries[name])
+    r.figure("forest", figure_forest(models), "Forest plot of odds ratios (log scale), paper values for comparison")
+
+
+def _section_stratified(r: _Report, stratified: pl.DataFrame) -> None:
+    r.section("Stratified comparisons", "stratified")
+    r.doc.para("Within participants with osteoarthritis and with osteoporosis: CBP vs no CBP, two-sided "
+               "Mann-Whitney U test.", note=True)
+    rows = _role_rows(stratified, study.PRIMARY)
+    r.doc.table(r.publish("stratified", publishable(rows, "stratified", min_count=r.min_count)))
+
+
+def _section_paper_vs_run(r: _Report, paper_vs_run: pl.DataFrame) -> None:
+    r.section("Paper vs this run", "paper-vs-run")
+    r.doc.para("Paper values from the published abstract (docs/study.md); the abstract does not say whether the "
+               "stratified values are medians or means (this run: medians).", note=True)
+    r.doc.table(r.publish("paper_vs_run", paper_vs_run.select(
+        pl.col("section").alias("Section"), pl.col("quantity").alias("Quantity"),
+        pl.col("paper").alias("Paper"), pl.col("this_run").alias("This run"))))
+
+
+def _section_secondary(r: _Report, table_one: pl.DataFrame, stratified: pl.DataFrame,
+                       models: Mapping[str, pl.DataFrame], summaries: Mapping[str, str],
+                       standardisation: Mapping | None, lmm_unit: str) -> None:
+    """The secondary exposures (:data:`cbp_platform.study.SECONDARY_EXPOSURES`): described, standardised and
+    modelled apart from the paper's, never beside a paper value. Absent when there is nothing to show."""
+    exposures = study.SECONDARY_EXPOSURES
+    t1, st = _role_rows(table_one, study.SECONDARY), _role_rows(stratified, study.SECONDARY)
+    only_summary = [n for n in summaries if _is_secondary(n) and n not in models]    # e.g. a fit that failed
+    if not exposures or not (t1.height or st.height or models or only_summary):
+        return
+    r.section("Secondary exposures", SECONDARY_SECTION)
+    r.doc.para("Not exposures of the paper: shown here only, never in its tables, its forest plot or the paper-vs-"
+               "run comparison. " + " ".join(f"{e.label}: {e.description}." for e in exposures) + " Each secondary "
+               "model is the paper's model of the same outcome with the exposure added (the paper's exposures and "
+               "adjustment unchanged), fitted on the participants with the exposure measured.", note=True)
+    text = _standardisation_text(exposures, standardisation, lmm_unit)
+    if text:
+        r.doc.para(text)
+    if t1.height:
+        r.doc.para("By CBP group: median (IQR), Mann-Whitney U test.", note=True)
+        r.doc.table(r.publish("secondary_table_one", publishable(t1, "table_one", min_count=r.min_count)))
+    if st.height:
+        r.doc.para("Within participants with osteoarthritis and with osteoporosis: CBP vs no CBP.", note=True)
+        r.doc.table(r.publish("secondary_stratified", publishable(st, "stratified", min_count=r.min_count)))
+    if not models:
+        r.doc.para("No secondary model results were supplied to this report.")
+    _model_tables(r, models, summaries)
+    for name in only_summary:
+        r.doc.heading(f"Model summary: {model_label(name)} ({name})", _anchor(f"summary-{name}"), level=3)
+        r.doc.pre(summaries[name])
+    if not models:
+        return
+    r.figure("forest_secondary", figure_forest(models, title="Secondary analyses: odds ratios"),
+             "Forest plot of the secondary analyses' odds ratios (log scale)")
+
+
+def _section_lineage(r: _Report, lineage: Mapping) -> None:
+    r.section("Lineage", "lineage")
+    r.doc.table(pl.DataFrame(_flatten(lineage), schema={"Item": pl.String, "Value": pl.String}, orient="row"))
+
+
+def _section_disclosure(r: _Report) -> None:
+    r.section("Disclosure control", "disclosure")
+    r.doc.para(f"Counts below {r.min_count} and every statistic computed from them are shown as "
+               f"'{suppressed_marker(r.min_count)}'; where a hidden count could be recovered by subtraction from a "
+               "published total, the next smallest cell of the same row or variable is hidden too. The exclusion "
+               "flow lists processing counts and is not suppressed. No pseudonym appears in this report.")
+
+
+def _section_comparisons(r: _Report, comparisons: list[Mapping]) -> None:
+    if not comparisons:
+        return
+    r.section("Segmentation model comparison", COMPARISON_SECTION)
+    r.doc.para("A second registered model segmented the same participants (its results never replace the "
+               "primary's). Dice between the two models' label maps, agreement of their metrics (the compared "
+               "model minus the primary, in % of the primary), the study's odds ratios computed from each "
+               "model's metrics through the same cohort rules and mixed model, and each model against the "
+               "simulated truth where one exists.", note=True)
+    for c in comparisons:
+        name = c["other"]["name"]
+        t = comparison_tables(c)
+        r.doc.heading(f"{c['primary']['name']} vs {name}", _anchor(f"comparison-{name}"), level=3)
+        r.doc.table(t["models"])
+        r.doc.table(t["dice"])
+        r.doc.table(t["agreement"])
+        r.doc.table(t["odds_ratios"])
+        if t["truth"].height:
+            r.doc.table(t["truth"])
+        key = f"comparison_{_anchor(name)}"
+        forest = (pl.DataFrame(c["forest"]) if c["forest"] else
+                  pl.DataFrame(schema=["analysis", "term", "model", "or", "or_low", "or_high"]))
+        r.figure(key, figure_comparison(forest, [c["primary"]["name"], name]),
+                 f"Odds ratios by model: {c['primary']['name']} and {name}")
+        for tname in ("dice", "agreement", "odds_ratios"):
+            r.publish(f"{key}_{tname}", t[tname])
 
 
 def render_report(out_dir: str | Path, *, flow: pl.DataFrame, table_one: pl.DataFrame,
@@ -561,152 +800,33 @@ def render_report(out_dir: str | Path, *, flow: pl.DataFrame, table_one: pl.Data
                   paper_vs_run: pl.DataFrame, lineage: Mapping, known_pseudonyms: Iterable[str] = (),
                   standardisation: Mapping[str, Mapping[str, float]] | None = None,
                   lmm_unit: str = "cm3/(kg/m)", min_count: int = MIN_COUNT,
-                  comparisons: Iterable[Mapping] = (),
-                  title: str = "Back-muscle composition and chronic back pain") -> dict[str, Path]:
+                  comparisons: Iterable[Mapping] = (), title: str = DEFAULT_TITLE) -> dict[str, Path]:
     """Write the report, its figures and published tables under ``out_dir``; returns name -> path.
 
     Tables are the *numeric* ones (``table_one(...)`` etc., ``AnalysisCohort.flow``); they are suppressed
-    and formatted here. ``model_results``: model name -> frame with columns term, or, or_low, or_high, p
-    (names containing 'cbp' / 'nrs' are matched to the paper's CBP / pain-intensity models).
-    ``known_pseudonyms``: the cohort's pseudonyms (e.g. ``cohort.frame['pseudonym']``); any of them, or any
-    pseudonym-shaped token, in the texts raises :class:`~cbp_platform.analysis.disclosure.PseudonymLeak`
-    before a file is written. ``standardisation`` (``AnalysisCohort.standardisation``) and ``lmm_unit`` state
-    what "per 2 SD" means in this run.
+    (limit ``min_count``, marker ``<min_count``) and formatted here; their secondary-exposure rows (``role``)
+    go to the secondary section. ``model_results``: analysis name or key (:mod:`cbp_platform.study`) -> frame
+    with columns term, or, or_low, or_high, p; secondary analyses go to the secondary section, the others to
+    the models section (the paper's analyses beside the paper's values). ``known_pseudonyms``: the cohort's
+    pseudonyms (e.g. ``cohort.frame['pseudonym']``); any of them, or any pseudonym-shaped token, in the texts
+    raises :class:`~cbp_platform.analysis.disclosure.PseudonymLeak` before a file is written.
+    ``standardisation`` (``AnalysisCohort.standardisation``) and ``lmm_unit`` state what "per 2 SD" means in
+    this run.
     """
-    out = Path(out_dir)
     for name, df in model_results.items():
         _check_or_table(name, df)
-    pub = {
-        "flow": publishable(flow, "flow", min_count=min_count),
-        "table_one": publishable(table_one, "table_one", min_count=min_count),
-        "pa_prevalence": publishable(pa_prevalence, "pa_prevalence", min_count=min_count),
-        "stratified": publishable(stratified, "stratified", min_count=min_count),
-        "paper_vs_run": paper_vs_run.select(
-            pl.col("section").alias("Section"), pl.col("quantity").alias("Quantity"),
-            pl.col("paper").alias("Paper"), pl.col("this_run").alias("This run")),
-    }
-    models = {name: model_table(df) for name, df in model_results.items()}
-
-    figures: dict[str, tuple[bytes, list[str]]] = {
-        "flow": figure_flow(flow),
-        "pa_prevalence": figure_pa_prevalence(pa_prevalence, min_count=min_count),
-        "forest": figure_forest(model_results),
-    }
-
-    fl = {r["criterion"]: r for r in flow.iter_rows(named=True)}
-    doc = _Doc(title)
-    doc.para(f"Reproduction of Ziegelmayer et al., Lancet Reg Health Eur 2025 (NAKO whole-body MRI). "
-             f"{fl['analysed']['remaining']:,} of {fl['start']['remaining']:,} participants with an MRI delivery "
-             f"analysed. Analysis cohort hash: {lineage.get('cohort_hash', 'n/a')}.")
-
-    doc.heading("1. Exclusion flow", "flow")
-    doc.para("Rules applied in this order; a participant is counted once, at the first rule they fail.")
-    doc.table(pub["flow"])
-    doc.figure("figures/flow.png", "Exclusion flow diagram")
-
-    doc.heading("2. Participant characteristics (Table 1)", "table-one")
-    doc.para("Continuous: median (IQR), Mann-Whitney U test; categorical: n (% of answered), Pearson "
-             "chi-square test without continuity correction; CBP vs no CBP.", note=True)
-    doc.table(pub["table_one"])
-
-    doc.heading("3. Physical activity and CBP prevalence", "physical-activity")
-    doc.para("MET-min/week: low < 500, moderate 500-5000, high > 5000. Prevalence with Wilson 95 % CI; "
-             "chi-square test of the 3 x 2 table.", note=True)
-    doc.table(pub["pa_prevalence"])
-    doc.figure("figures/pa_prevalence.png", "CBP prevalence by physical activity category")
-
-    doc.heading("4. Mixed logistic regression", "models")
-    doc.para("Odds ratios per 2 SD of the standardised exposures, adjusted for age, sex, diabetes, dyslipidemia, "
-             "osteoporosis, osteoarthritis and physical activity; study site as random intercept.", note=True)
-    if standardisation:
-        parts = []
-        for var, name, unit in (("lmm", "LMM", lmm_unit), ("imat", "InterMAT", "%")):
-            st = standardisation.get(var)
-            if st and all(isinstance(st.get(k), float) and math.isfinite(st[k]) for k in ("mean", "sd")):
-                parts.append(f"{name} mean {st['mean']:.2f}, SD {st['sd']:.2f} (2 SD = {2 * st['sd']:.2f} {unit})")
-        if parts:
-            doc.para("Standardisation of this cohort: " + "; ".join(parts) + ".")
-    if not models:
-        doc.para("No model results were supplied to this report.")
-    for name, table in models.items():
-        doc.heading(f"Model: {model_label(name)} ({name})", _anchor(f"model-{name}"), level=3)
-        doc.table(table)
-        if name in model_summaries:
-            doc.pre(model_summaries[name])
-    for name in model_summaries:
-        if name not in models:
-            doc.heading(f"Model summary: {name}", _anchor(f"summary-{name}"), level=3)
-            doc.pre(model_summaries[name])
-    doc.figure("figures/forest.png", "Forest plot of odds ratios (log scale), paper values for comparison")
-
-    doc.heading("5. Stratified comparisons", "stratified")
-    doc.para("Within participants with osteoarthritis and with osteoporosis: CBP vs no CBP, two-sided "
-             "Mann-Whitney U test.", note=True)
-    doc.table(pub["stratified"])
-
-    doc.heading("6. Paper vs this run", "paper-vs-run")
-    doc.para("Paper values from the published abstract (docs/study.md); the abstract does not say whether the "
-             "stratified values are medians or means (this run: medians).", note=True)
-    doc.table(pub["paper_vs_run"])
-
-    doc.heading("7. Lineage", "lineage")
-    doc.table(pl.DataFrame(_flatten(lineage), schema={"Item": pl.String, "Value": pl.String}, orient="row"))
-
-    doc.heading("8. Disclosure control", "disclosure")
-    doc.para(f"Counts below {min_count} and every statistic computed from them are shown as '{SUPPRESSED}'; "
-             "where a hidden count could be recovered by subtraction from a published total, the next smallest "
-             "cell of the same row or variable is hidden too. The exclusion flow lists processing counts and is "
-             "not suppressed. No pseudonym appears in this report.")
-
-    texts: dict[str, bytes] = {
-        "report.md": doc.markdown().encode(),
-        "report.html": doc.html_page(title).encode(),
-        **{f"tables/{k}.csv": v.write_csv().encode() for k, v in pub.items()},
-        **{f"tables/model_{k}.csv": v.write_csv().encode() for k, v in models.items()},
-    }
-    comparisons = list(comparisons)
-    if comparisons:
-        doc.heading("9. Segmentation model comparison", "model-comparison")
-        doc.para("A second registered model segmented the same participants (its results never replace the "
-                 "primary's). Dice between the two models' label maps, agreement of their metrics (the compared "
-                 "model minus the primary, in % of the primary), the study's odds ratios computed from each "
-                 "model's metrics through the same cohort rules and mixed model, and each model against the "
-                 "simulated truth where one exists.", note=True)
-    for c in comparisons:
-        name = c["other"]["name"]
-        t = comparison_tables(c)
-        doc.heading(f"{c['primary']['name']} vs {name}", _anchor(f"comparison-{name}"), level=3)
-        doc.table(t["models"])
-        doc.table(t["dice"])
-        doc.table(t["agreement"])
-        doc.table(t["odds_ratios"])
-        if t["truth"].height:
-            doc.table(t["truth"])
-        key = f"comparison_{_anchor(name)}"
-        figures[key] = figure_comparison(pl.DataFrame(c["forest"]) if c["forest"] else
-                                         pl.DataFrame(schema=["analysis", "term", "model", "or", "or_low",
-                                                              "or_high"]),
-                                         [c["primary"]["name"], name])
-        doc.figure(f"figures/{key}.png", f"Odds ratios by model: {c['primary']['name']} and {name}")
-        for tname in ("dice", "agreement", "odds_ratios"):
-            texts[f"tables/{key}_{tname}.csv"] = t[tname].write_csv().encode()
-    if comparisons:
-        texts["report.md"] = doc.markdown().encode()
-        texts["report.html"] = doc.html_page(title).encode()
-    known = set(known_pseudonyms)
-    for rel, payload in texts.items():
-        assert_no_pseudonyms(payload.decode(), known, where=rel)
-    for name, (_, labels) in figures.items():
-        assert_no_pseudonyms("\n".join(labels), known, where=f"figures/{name}.png")
-
-    written: dict[str, Path] = {}
-    for name, (png, _) in figures.items():
-        path = out / "figures" / f"{name}.png"
-        atomic_write_bytes(path, png)
-        written[f"figure_{name}"] = path
-    for rel, payload in texts.items():
-        path = out / rel
-        atomic_write_bytes(path, payload)
-        key = {"report.md": "report_md", "report.html": "report_html"}.get(rel, "table_" + Path(rel).stem)
-        written[key] = path
-    return written
+    primary = {k: v for k, v in model_results.items() if not _is_secondary(k)}
+    secondary = {k: v for k, v in model_results.items() if _is_secondary(k)}
+    r = _Report(title, min_count)
+    _intro(r, flow, lineage)
+    _section_flow(r, flow)
+    _section_table_one(r, table_one)
+    _section_physical_activity(r, pa_prevalence)
+    _section_models(r, primary, model_summaries, standardisation, lmm_unit)
+    _section_stratified(r, stratified)
+    _section_paper_vs_run(r, paper_vs_run)
+    _section_secondary(r, table_one, stratified, secondary, model_summaries, standardisation, lmm_unit)
+    _section_lineage(r, lineage)
+    _section_disclosure(r)
+    _section_comparisons(r, list(comparisons))
+    return r.write(Path(out_dir), known_pseudonyms)

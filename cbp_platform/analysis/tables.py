@@ -20,8 +20,9 @@ import numpy as np
 import polars as pl
 from scipy import stats
 
+from cbp_platform import study
 from cbp_platform.analysis.cohort import COMORBIDITIES, MET_CATEGORIES, NORMALISERS
-from cbp_platform.analysis.disclosure import MIN_COUNT, SUPPRESSED, masked_cells, suppress_small_cells
+from cbp_platform.analysis.disclosure import MIN_COUNT, masked_cells, suppress_small_cells, suppressed_marker
 
 __all__ = ["table_one", "stratified_comparisons", "physical_activity_prevalence", "chi_square_test",
            "wilson_interval", "suppress_small_cells", "suppression_cells", "publishable", "format_p",
@@ -90,28 +91,35 @@ def _empty_group_cells() -> dict:
 # --------------------------------------------------------------------------------------------------------
 # Table 1
 
-# key, label, decimals for the display (continuous rows)
+# key, label, decimals for the display (continuous rows); the paper's exposures follow these
 CONTINUOUS = (("age", "Age, years", 0), ("height_cm", "Height, cm", 1), ("weight_kg", "Weight, kg", 1),
-              ("bmi", "BMI, kg/m2", 1), ("lmm", "LMM index", 1), ("imat", "InterMAT, %", 2))
+              ("bmi", "BMI, kg/m2", 1))
 BINARY = (("female", "Women"), *((c, c.capitalize()) for c in COMORBIDITIES),
           ("nrs_high", "Pain intensity NRS >= 4"))
-DECIMALS = {k: d for k, _, d in CONTINUOUS}
+DECIMALS = {**{k: d for k, _, d in CONTINUOUS}, **{e.name: e.decimals for e in study.EXPOSURES}}
 
 
-def table_one(frame: pl.DataFrame, *, lmm_unit: str = NORMALISERS["weight_per_height"].unit) -> pl.DataFrame:
+def _exposure_label(e: study.Exposure, lmm_unit: str) -> str:
+    """Table 1's row label of an exposure: its measure and unit (``LMM index, cm3/(kg/m)``, ``InterMAT, %``)."""
+    return f"{e.measure}, {e.unit_for(lmm_unit)}"
+
+
+def table_one(frame: pl.DataFrame, *, lmm_unit: str = NORMALISERS[study.DEFAULT_NORMALISER].unit) -> pl.DataFrame:
     """Characteristics by CBP group (CBP / no CBP / all) with a test of the CBP difference.
 
     Columns: key, variable, level, statistic ('n', 'n (%)', 'median (IQR)'), then per group g in
     :data:`GROUPS` ``g_n`` (participants with the level, or with a value), ``g_pct`` (of the group's
-    answered), ``g_median``, ``g_q1``, ``g_q3``; then p_value and test. Rows: participants, women, age,
-    height, weight, BMI, LMM, InterMAT, MET categories, the four comorbidities, NRS >= 4.
+    answered), ``g_median``, ``g_q1``, ``g_q3``; then p_value, test and ``role``. Rows: participants, women, age,
+    height, weight, BMI, the primary exposures (LMM, InterMAT), MET categories, the four comorbidities, NRS >= 4
+    (``role`` primary: the paper's Table 1); then one row per secondary exposure the frame carries (the analysis
+    cohort carries every one; ``role`` secondary: published in the report's own section, never in Table 1).
     """
     g = _groups(frame)
     rows: list[dict] = []
 
-    def add(key, variable, level, statistic, cells, p=None, test=None):
+    def add(key, variable, level, statistic, cells, p=None, test=None, role=study.PRIMARY):
         rows.append(dict(key=key, variable=variable, level=level, statistic=statistic,
-                         **{**_empty_group_cells(), **cells}, p_value=p, test=test))
+                         **{**_empty_group_cells(), **cells}, p_value=p, test=test, role=role))
 
     add("participants", "Participants", None, "n", {f"{k}_n": v.height for k, v in g.items()})
 
@@ -128,18 +136,20 @@ def table_one(frame: pl.DataFrame, *, lmm_unit: str = NORMALISERS["weight_per_he
         _, _, p = chi_square_test(table)
         add(col, label, "yes" if col != "female" else "women", "n (%)", cells, p, CHI2)
 
-    def continuous(col: str, label: str):
+    def continuous(col: str, label: str, role=study.PRIMARY):
         cells = {}
         for k, df in g.items():
             x = _values(df, col)
             med, q1, q3 = _quartiles(x)
             cells.update({f"{k}_n": int(x.size), f"{k}_median": med, f"{k}_q1": q1, f"{k}_q3": q3})
         _, p = mann_whitney(_values(g["cbp"], col), _values(g["no_cbp"], col))
-        add(col, label if col != "lmm" else f"{label}, {lmm_unit}", None, "median (IQR)", cells, p, MWU)
+        add(col, label, None, "median (IQR)", cells, p, MWU, role)
 
     binary("female", "Women")
     for col, label, _ in CONTINUOUS:
         continuous(col, label)
+    for e in study.PRIMARY_EXPOSURES:
+        continuous(e.name, _exposure_label(e, lmm_unit))
     counts = {k: [int((df.get_column("met_category").cast(pl.String) == c).sum()) for c in MET_CATEGORIES]
               for k, df in g.items()}
     answered = {k: df.get_column("met_category").drop_nulls().len() for k, df in g.items()}
@@ -153,33 +163,54 @@ def table_one(frame: pl.DataFrame, *, lmm_unit: str = NORMALISERS["weight_per_he
             CHI2 if i == 0 else None)
     for col, label in BINARY[1:]:
         binary(col, label)
+    for e in study.SECONDARY_EXPOSURES:
+        if e.name in frame.columns:
+            continuous(e.name, _exposure_label(e, lmm_unit), study.SECONDARY)
     schema = {"key": pl.String, "variable": pl.String, "level": pl.String, "statistic": pl.String,
               **{f"{k}_{s}": (pl.Int64 if s == "n" else pl.Float64)
                  for k in GROUPS for s in ("n", "pct", "median", "q1", "q3")},
-              "p_value": pl.Float64, "test": pl.String}
+              "p_value": pl.Float64, "test": pl.String, "role": pl.String}
     return pl.DataFrame(rows, schema=schema)
 
 
 # --------------------------------------------------------------------------------------------------------
 # stratified comparisons
 
-EXPOSURES = (("lmm", "LMM"), ("imat", "InterMAT, %"))
+def _stratified_label(e: study.Exposure) -> str:
+    """The stratified table's measure label: ``LMM`` (its unit depends on the normaliser), ``InterMAT, %``."""
+    return e.label if e.per_body_size else f"{e.label}, {e.unit}"
 
 
-def stratified_comparisons(frame: pl.DataFrame, strata: Sequence[str] = ("osteoarthritis", "osteoporosis"),
-                           exposures: Sequence[tuple[str, str]] = EXPOSURES) -> pl.DataFrame:
+# (column, label) of the exposures compared within strata: the paper's first, then the secondary ones
+EXPOSURES = tuple((e.name, _stratified_label(e)) for e in (*study.PRIMARY_EXPOSURES, *study.SECONDARY_EXPOSURES))
+
+
+def _default_exposures(frame: pl.DataFrame) -> tuple[tuple[str, str], ...]:
+    """The paper's exposures, then the secondary ones the frame carries (the analysis cohort carries every one)."""
+    return tuple((c, label) for c, label in EXPOSURES
+                 if study.exposure(c).role == study.PRIMARY or c in frame.columns)
+
+
+def stratified_comparisons(frame: pl.DataFrame, strata: Sequence[str] = study.STRATA,
+                           exposures: Sequence[tuple[str, str]] | None = None) -> pl.DataFrame:
     """Within each stratum (participants with the comorbidity), the exposures in CBP vs no CBP.
 
+    ``exposures``: (column, label) pairs; default the paper's exposures and the secondary ones the frame carries.
+
     Columns: stratum, exposure, label, then for g in (cbp, no_cbp) ``g_n``, ``g_median``, ``g_q1``, ``g_q3``,
-    ``g_mean``; u_statistic, p_value (two-sided Mann-Whitney U), test. Paper (docs/study.md): osteoarthritis LMM
-    22.9 vs 24.3, InterMAT 7.53 % vs 6.96 %; osteoporosis LMM 20.9 vs 21.3, InterMAT 8.43 % vs 7.9 %.
+    ``g_mean``; u_statistic, p_value (two-sided Mann-Whitney U), test, ``role`` (the exposure's: the report
+    shows primary rows as the paper's table, secondary rows in their own section). Paper (docs/study.md,
+    :attr:`cbp_platform.study.Exposure.paper_stratified`): osteoarthritis LMM 22.9 vs 24.3, InterMAT 7.53 % vs
+    6.96 %; osteoporosis LMM 20.9 vs 21.3, InterMAT 8.43 % vs 7.9 %.
     """
+    exposures = _default_exposures(frame) if exposures is None else exposures
     rows = []
     for stratum in strata:
         sub = frame.filter(pl.col(stratum).fill_null(False))
         g = {"cbp": sub.filter(pl.col("cbp")), "no_cbp": sub.filter(~pl.col("cbp"))}
         for col, label in exposures:
-            row = dict(stratum=stratum, exposure=col, label=label)
+            e = study.exposure_of(col)
+            row = dict(stratum=stratum, exposure=col, label=label, role=e.role if e else study.PRIMARY)
             xs = {}
             for k, df in g.items():
                 x = _values(df, col)
@@ -192,7 +223,7 @@ def stratified_comparisons(frame: pl.DataFrame, strata: Sequence[str] = ("osteoa
     schema = {"stratum": pl.String, "exposure": pl.String, "label": pl.String,
               **{f"{k}_{s}": (pl.Int64 if s == "n" else pl.Float64)
                  for k in ("cbp", "no_cbp") for s in ("n", "median", "q1", "q3", "mean")},
-              "u_statistic": pl.Float64, "p_value": pl.Float64, "test": pl.String}
+              "u_statistic": pl.Float64, "p_value": pl.Float64, "test": pl.String, "role": pl.String}
     return pl.DataFrame(rows, schema=schema)
 
 
@@ -287,13 +318,14 @@ def suppression_cells(df: pl.DataFrame, kind: str, *, min_count: int = MIN_COUNT
 
 def _publish_table_one(df: pl.DataFrame, min_count: int) -> pl.DataFrame:
     mask = suppression_cells(df, "table_one", min_count=min_count)
+    hidden = suppressed_marker(min_count)
     out = []
     for i, r in enumerate(df.iter_rows(named=True)):
         name = r["variable"] + (f": {r['level']}" if r["key"] == "met_category" else "")
         row = {"Characteristic": name, "Statistic": r["statistic"]}
         for g in GROUPS:
             if mask[f"{g}_n"][i]:
-                cell = SUPPRESSED
+                cell = hidden
             elif r["statistic"] == "median (IQR)":
                 d = DECIMALS.get(r["key"], 1)
                 cell = (f"{_num(r[f'{g}_median'], d)} ({_num(r[f'{g}_q1'], d)}-{_num(r[f'{g}_q3'], d)})"
@@ -313,19 +345,20 @@ def _publish_table_one(df: pl.DataFrame, min_count: int) -> pl.DataFrame:
 
 def _publish_stratified(df: pl.DataFrame, min_count: int) -> pl.DataFrame:
     mask = suppression_cells(df, "stratified", min_count=min_count)
+    hidden = suppressed_marker(min_count)
     out = []
     for i, r in enumerate(df.iter_rows(named=True)):
-        d = 2 if r["exposure"] == "imat" else 1
+        d = DECIMALS.get(r["exposure"], 1)
         row = {"Stratum": r["stratum"].capitalize(), "Measure": r["label"]}
         for g, lab in (("cbp", "CBP"), ("no_cbp", "No CBP")):
             if mask[f"{g}_n"][i]:
-                row[f"{lab} n"] = row[f"{lab} median (IQR)"] = row[f"{lab} mean"] = SUPPRESSED
+                row[f"{lab} n"] = row[f"{lab} median (IQR)"] = row[f"{lab} mean"] = hidden
             else:
                 row[f"{lab} n"] = _n(r[f"{g}_n"])
                 row[f"{lab} median (IQR)"] = (f"{_num(r[f'{g}_median'], d)} ({_num(r[f'{g}_q1'], d)}-"
                                               f"{_num(r[f'{g}_q3'], d)})" if r[f"{g}_median"] is not None else "")
                 row[f"{lab} mean"] = _num(r[f"{g}_mean"], d)
-        row["p (Mann-Whitney U)"] = SUPPRESSED if mask["p_value"][i] else format_p(r["p_value"])
+        row["p (Mann-Whitney U)"] = hidden if mask["p_value"][i] else format_p(r["p_value"])
         out.append(row)
     cols = ("Stratum", "Measure", "CBP n", "CBP median (IQR)", "CBP mean", "No CBP n", "No CBP median (IQR)",
             "No CBP mean", "p (Mann-Whitney U)")
@@ -334,6 +367,7 @@ def _publish_stratified(df: pl.DataFrame, min_count: int) -> pl.DataFrame:
 
 def _publish_pa(df: pl.DataFrame, min_count: int) -> pl.DataFrame:
     mask = suppression_cells(df, "pa_prevalence", min_count=min_count)
+    hidden = suppressed_marker(min_count)
     out = []
     for i, r in enumerate(df.iter_rows(named=True)):
         hide = mask["cbp_pct"][i]
@@ -342,10 +376,10 @@ def _publish_pa(df: pl.DataFrame, min_count: int) -> pl.DataFrame:
         test = (f"chi2 = {r['chi2']:.1f}, df = {r['dof']}, {p_phrase(r['p_value'])}"
                 if r["chi2"] is not None else "")
         out.append({"MET-min/week": r["category"],
-                    "n": SUPPRESSED if mask["all_n"][i] else _n(r["all_n"]),
-                    "CBP n": SUPPRESSED if mask["cbp_n"][i] else _n(r["cbp_n"]),
-                    "No CBP n": SUPPRESSED if mask["no_cbp_n"][i] else _n(r["no_cbp_n"]),
-                    "CBP prevalence, % (95 % CI)": SUPPRESSED if hide else prev,
+                    "n": hidden if mask["all_n"][i] else _n(r["all_n"]),
+                    "CBP n": hidden if mask["cbp_n"][i] else _n(r["cbp_n"]),
+                    "No CBP n": hidden if mask["no_cbp_n"][i] else _n(r["no_cbp_n"]),
+                    "CBP prevalence, % (95 % CI)": hidden if hide else prev,
                     "Chi-square test": test})
     return pl.DataFrame(out, schema={c: pl.String for c in ("MET-min/week", "n", "CBP n", "No CBP n",
                                                             "CBP prevalence, % (95 % CI)", "Chi-square test")})

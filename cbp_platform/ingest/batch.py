@@ -11,6 +11,7 @@ from cbp_platform.ingest.deliveries import Batch
 from cbp_platform.ingest.dicom import inspect_dicom_participant
 from cbp_platform.ingest.scans import SCAN_FACTS_SCHEMA, ByteBudget, ScanProblem, inspect_participant
 from cbp_platform.paths import DataLayout
+from cbp_platform.reasons import R
 
 
 def ingest_scans(batch: Batch, delivery_dir: Path, manifest: dict, *, duplicates: set[str] | dict[str, str],
@@ -33,7 +34,7 @@ def ingest_scans(batch: Batch, delivery_dir: Path, manifest: dict, *, duplicates
     for p in batch.participants:
         if p in duplicates:
             owner = duplicates[p] if isinstance(duplicates, dict) else ""
-            quarantine.append(dict(pseudonym=p, reason="duplicate_pseudonym",
+            quarantine.append(dict(pseudonym=p, reason=R.duplicate_pseudonym.code,
                                    message=f"{batch.delivery_id}: participant already registered "
                                            f"{f'by delivery {owner}' if owner else 'by an earlier delivery'} "
                                            "(first registered wins)"))
@@ -55,7 +56,7 @@ def ingest_scans(batch: Batch, delivery_dir: Path, manifest: dict, *, duplicates
             return None, dict(pseudonym=p, reason=exc.reason, message=f"{batch.delivery_id}: {exc.message}")
         except Exception as exc:  # an unforeseen failure quarantines one scan, not the batch
             text = redact(f"{type(exc).__name__}: {exc}", p, delivery_dir)
-            return None, dict(pseudonym=p, reason="unreadable", message=f"{batch.delivery_id}: {text}")
+            return None, dict(pseudonym=p, reason=R.unreadable.code, message=f"{batch.delivery_id}: {text}")
 
     with ThreadPoolExecutor(max_workers=max(threads, 1)) as pool:
         for i, (ok, bad) in enumerate(pool.map(one, todo), start=1):

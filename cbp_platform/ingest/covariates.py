@@ -17,6 +17,7 @@ from pathlib import Path
 import polars as pl
 
 from cbp_platform.landing import COVARIATE_COLUMNS, PSEUDONYM_RE, SITES
+from cbp_platform.reasons import R, Reason, code_of
 
 BINARY = ("cbp", "diabetes", "dyslipidemia", "osteoporosis", "osteoarthritis")
 
@@ -63,8 +64,8 @@ class CovariateResult:
     quarantine: list[dict]             # pseudonym, reason, message
 
 
-def _reject(out: list[dict], pseudonym: str, reason: str, message: str) -> None:
-    out.append(dict(pseudonym=pseudonym, reason=reason, message=message))
+def _reject(out: list[dict], pseudonym: str, reason: Reason | str, message: str) -> None:
+    out.append(dict(pseudonym=pseudonym, reason=code_of(reason), message=message))
 
 
 def _undecodable(text: str) -> int | None:
@@ -76,28 +77,28 @@ def _undecodable(text: str) -> int | None:
 _SURROGATE = re.compile("[\udc80-\udcff]")
 
 
-def _path_problem(path: Path, delivery_dir: Path, label: str) -> tuple[str, str] | None:
+def _path_problem(path: Path, delivery_dir: Path, label: str) -> tuple[Reason | str, str] | None:
     """A link or non-file (never opened), or a missing file, as (reason, message); None for a regular file."""
     from cbp_platform.ingest.scans import ScanProblem, check_regular_file
 
     try:
         check_regular_file(delivery_dir, path.name, label)
     except ScanProblem as exc:
-        if exc.reason == "missing_file":
-            return ("no_covariates_file", f"{label}: missing")
+        if exc.reason == R.missing_file.code:
+            return (R.no_covariates_file, f"{label}: missing")
         return (exc.reason, exc.message)
     return None
 
 
-def _manifest_problem(payload: bytes, entry: dict | None, label: str) -> tuple[str, str] | None:
+def _manifest_problem(payload: bytes, entry: dict | None, label: str) -> tuple[Reason, str] | None:
     """The file's bytes against its manifest entry (listed, size, sha256), as (reason, message), or None."""
     if entry is None:
-        return ("not_in_manifest", f"{label}: present but not listed in the manifest")
+        return (R.not_in_manifest, f"{label}: present but not listed in the manifest")
     if len(payload) != entry["size"]:
-        return ("size_mismatch", f"{label}: {len(payload)} bytes, the manifest says {entry['size']}")
+        return (R.size_mismatch, f"{label}: {len(payload)} bytes, the manifest says {entry['size']}")
     digest = hashlib.sha256(payload).hexdigest()
     if digest != entry["sha256"]:
-        return ("checksum_mismatch", f"{label}: sha256 {digest[:12]}... differs from the manifest's "
+        return (R.checksum_mismatch, f"{label}: sha256 {digest[:12]}... differs from the manifest's "
                                      f"{entry['sha256'][:12]}...")
     return None
 
@@ -119,7 +120,7 @@ def parse_covariates(path: Path, participants: list[str] | set[str],
     label = label or str(path)
     empty = CovariateResult(pl.DataFrame(schema=SCHEMA), quarantine)
 
-    def everyone(reason: str, message: str) -> CovariateResult:
+    def everyone(reason: Reason | str, message: str) -> CovariateResult:
         for p in sorted(wanted):
             _reject(quarantine, p, reason, message)
         return empty
@@ -130,9 +131,9 @@ def parse_covariates(path: Path, participants: list[str] | set[str],
     try:
         payload = path.read_bytes()                  # read once: checked against the manifest, then parsed
     except FileNotFoundError:
-        return everyone("no_covariates_file", f"{label}: missing")
+        return everyone(R.no_covariates_file, f"{label}: missing")
     except OSError as exc:
-        return everyone("unreadable_covariates", f"{label}: cannot be read ({exc.strerror})")
+        return everyone(R.unreadable_covariates, f"{label}: cannot be read ({exc.strerror})")
     problem = _manifest_problem(payload, entry, label) if verify else None
     if problem:
         return everyone(*problem)
@@ -140,16 +141,16 @@ def parse_covariates(path: Path, participants: list[str] | set[str],
         payload = payload[len(codecs.BOM_UTF8):]
     lines = payload.decode("utf-8", errors="surrogateescape").split("\n")
     if not payload.strip():
-        return everyone("unreadable_covariates", f"{label}: empty file, no header")
+        return everyone(R.unreadable_covariates, f"{label}: empty file, no header")
     header_text = lines[0].rstrip("\r")
     if _undecodable(header_text) is not None:
-        return everyone("unreadable_covariates", f"{label} line 1: the header holds bytes that are not UTF-8")
+        return everyone(R.unreadable_covariates, f"{label} line 1: the header holds bytes that are not UTF-8")
     try:
         header = next(csv.reader([header_text]))
     except (StopIteration, csv.Error) as exc:
-        return everyone("unreadable_covariates", f"{label} line 1: header cannot be parsed ({exc})")
+        return everyone(R.unreadable_covariates, f"{label} line 1: header cannot be parsed ({exc})")
     if tuple(h.strip() for h in header) != COVARIATE_COLUMNS:
-        return everyone("unexpected_columns", f"{label}: header {header} is not the contract's")
+        return everyone(R.unexpected_columns, f"{label}: header {header} is not the contract's")
     raw: list[list[str]] = []
     seen: dict[str, int] = {}
     unattributed: list[int] = []
@@ -163,7 +164,7 @@ def parse_covariates(path: Path, participants: list[str] | set[str],
         except (StopIteration, csv.Error) as exc:
             first = line.split(",", 1)[0].strip()
             if first in wanted:
-                _reject(quarantine, first, "malformed_row", f"{where}: cannot be parsed ({exc})")
+                _reject(quarantine, first, R.malformed_row, f"{where}: cannot be parsed ({exc})")
                 seen[first] = lineno
             else:
                 unattributed.append(lineno)
@@ -175,31 +176,31 @@ def parse_covariates(path: Path, participants: list[str] | set[str],
             continue
         bad = next((c for c, v in zip(COVARIATE_COLUMNS, cells) if _undecodable(v) is not None), None)
         if bad is not None or _undecodable(line) is not None:
-            _reject(quarantine, p, "undecodable_row",
+            _reject(quarantine, p, R.undecodable_row,
                     f"{where}: bytes that are not UTF-8{f' in {bad}' if bad else ''}; the other rows are kept")
             seen[p] = lineno
             continue
         if len(cells) != len(COVARIATE_COLUMNS):
-            _reject(quarantine, p, "malformed_row",
+            _reject(quarantine, p, R.malformed_row,
                     f"{where}: {len(cells)} fields, header has {len(COVARIATE_COLUMNS)}")
             seen[p] = lineno
             continue
         if p in seen:
-            _reject(quarantine, p, "duplicate_pseudonym", f"{where}: pseudonym repeated (first on line {seen[p]})")
+            _reject(quarantine, p, R.duplicate_pseudonym, f"{where}: pseudonym repeated (first on line {seen[p]})")
             raw = [r for r in raw if r[0] != p]
             continue
         seen[p] = lineno
         if p in duplicates_elsewhere:
             owner = duplicates_elsewhere[p] if isinstance(duplicates_elsewhere, dict) else ""
             by = f"by delivery {owner}" if owner else "by an earlier delivery"
-            _reject(quarantine, p, "duplicate_pseudonym",
+            _reject(quarantine, p, R.duplicate_pseudonym,
                     f"{where}: participant already registered {by} (first registered wins)")
             continue
         raw.append(cells + [str(lineno)])
     hint = (f" (line{'s' if len(unattributed) > 1 else ''} {', '.join(map(str, unattributed[:5]))}"
             f"{' ...' if len(unattributed) > 5 else ''} could not be read or attributed)") if unattributed else ""
     for p in sorted(wanted - set(seen)):
-        _reject(quarantine, p, "no_covariate_row", f"{label}: no row for this participant{hint}")
+        _reject(quarantine, p, R.no_covariate_row, f"{label}: no row for this participant{hint}")
 
     cols = list(COVARIATE_COLUMNS) + ["_line"]
     df = pl.DataFrame(raw, schema={c: pl.String for c in cols}, orient="row")
@@ -227,25 +228,25 @@ def parse_covariates(path: Path, participants: list[str] | set[str],
         where = f"{label} line {row['_line']}"
         problem = None
         if not PSEUDONYM_RE.match(p):
-            problem = ("invalid_value", f"{where}: pseudonym {p!r} malformed")
+            problem = (R.invalid_value, f"{where}: pseudonym {p!r} malformed")
         for c in COVARIATE_COLUMNS:
             if problem:
                 break
             rv, tv = row[f"r_{c}"], row[f"t_{c}"]
             if rv is None and c in REQUIRED:
-                problem = ("missing_required", f"{where}: {c} is empty")
+                problem = (R.missing_required, f"{where}: {c} is empty")
             elif rv is not None and tv is None:
-                problem = ("invalid_value", f"{where}: {c}={rv!r} cannot be read as {SCHEMA[c]}")
+                problem = (R.invalid_value, f"{where}: {c}={rv!r} cannot be read as {SCHEMA[c]}")
         if not problem:
             for c, rng in RULES.items():
                 v = row[f"t_{c}"]
                 if v is not None and ((rng.lo is not None and v < rng.lo) or (rng.hi is not None and v > rng.hi)):
-                    problem = ("out_of_range", f"{where}: {c}={v} outside [{rng.lo}, {rng.hi}]")
+                    problem = (R.out_of_range, f"{where}: {c}={v} outside [{rng.lo}, {rng.hi}]")
                     break
         if not problem:
             d = row["t_exam_date"]
             if not (EXAM_DATE_RANGE[0] <= d.isoformat() <= EXAM_DATE_RANGE[1]):
-                problem = ("out_of_range", f"{where}: exam_date={d} outside {EXAM_DATE_RANGE}")
+                problem = (R.out_of_range, f"{where}: exam_date={d} outside {EXAM_DATE_RANGE}")
         if problem:
             _reject(quarantine, p, *problem)
         else:

@@ -57,8 +57,10 @@ import numpy as np
 
 from cbp_platform.imaging.nifti import atomic_write_bytes, nifti_bytes, sha256_bytes
 from cbp_platform.imaging.qc import fat_water_swap, subsample
-from cbp_platform.ingest.scans import (RULES, ByteBudget, ScanProblem, _Listed, _open, _verify, role_of)
+from cbp_platform.ingest.scans import (MISSING_CHANNEL, RULES, ByteBudget, ScanProblem, _Listed, _open, _verify,
+                                       role_of)
 from cbp_platform.landing import DICOM_DIR, OPTIONAL_CHANNELS, REQUIRED_CHANNELS
+from cbp_platform.reasons import R
 
 CONTRASTS = REQUIRED_CHANNELS + OPTIONAL_CHANNELS              # water, fat, in, opp
 IMAGE_TYPE_TOKENS = {"WATER": "water", "FAT": "fat", "IN_PHASE": "in", "OPP_PHASE": "opp", "OUT_PHASE": "opp"}
@@ -148,26 +150,26 @@ def _extract(f: _Listed, work: Path, zip_no: int, state: dict, rules: DicomRules
         try:
             zf = zipfile.ZipFile(fh)
         except (zipfile.BadZipFile, OSError, ValueError) as exc:
-            raise ScanProblem("corrupt_zip", f"{f.role}: not a readable zip archive ({type(exc).__name__})") from None
+            raise ScanProblem(R.corrupt_zip, f"{f.role}: not a readable zip archive ({type(exc).__name__})") from None
         with zf:
             infos = [i for i in zf.infolist() if not i.is_dir()]
             if len(infos) > rules.max_members:
-                raise ScanProblem("zip_too_large", f"{f.role}: {len(infos)} files (limit {rules.max_members}); "
+                raise ScanProblem(R.zip_too_large, f"{f.role}: {len(infos)} files (limit {rules.max_members}); "
                                                    "refused before extracting")
             big = max(infos, key=lambda i: i.file_size, default=None)
             if big is not None and big.file_size > rules.max_member_bytes:
-                raise ScanProblem("zip_too_large", f"{f.role}: a file declares {big.file_size / 2**20:.0f} MiB "
+                raise ScanProblem(R.zip_too_large, f"{f.role}: a file declares {big.file_size / 2**20:.0f} MiB "
                                                    f"uncompressed (limit {rules.max_member_bytes >> 20} MiB); "
                                                    "refused before extracting")
             state["declared"] += sum(i.file_size for i in infos)
             if state["declared"] > rules.max_participant_bytes:
-                raise ScanProblem("zip_too_large", f"{f.role}: the participant's zips declare "
+                raise ScanProblem(R.zip_too_large, f"{f.role}: the participant's zips declare "
                                                    f"{state['declared'] / 2**30:.1f} GiB uncompressed (limit "
                                                    f"{rules.max_participant_bytes / 2**30:.1f} GiB); refused "
                                                    "before extracting")
             for k, info in enumerate(infos):
                 if info.flag_bits & 0x1:
-                    raise ScanProblem("corrupt_zip", f"{f.role}: member {k} is encrypted")
+                    raise ScanProblem(R.corrupt_zip, f"{f.role}: member {k} is encrypted")
                 dest = work / f"z{zip_no}-{k:05d}"
                 h = hashlib.sha256()
                 try:
@@ -180,7 +182,7 @@ def _extract(f: _Listed, work: Path, zip_no: int, state: dict, rules: DicomRules
                 except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as exc:
                     # (the exception's text names the member, and member names may hold a patient's name)
                     why = "CRC check failed" if "CRC" in str(exc) else type(exc).__name__
-                    raise ScanProblem("corrupt_zip", f"{f.role}: member {k} cannot be extracted ({why})") from None
+                    raise ScanProblem(R.corrupt_zip, f"{f.role}: member {k} cannot be extracted ({why})") from None
                 out.append((k, dest, h.hexdigest()))
     return out
 
@@ -218,7 +220,7 @@ def _classify(members: list[tuple[str, int, Path, str]], role_of_zip: dict[str, 
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=HEADER_TAGS)
             if not ds.get("SOPClassUID") or not ds.get("SeriesInstanceUID"):
-                raise ScanProblem("unreadable_dicom", f"{where}: has the DICOM preamble but no SOP class or series "
+                raise ScanProblem(R.unreadable_dicom, f"{where}: has the DICOM preamble but no SOP class or series "
                                                       "UID (a damaged file)")
             modality = str(ds.get("Modality") or "")
             image_type = {str(t).upper() for t in (ds.get("ImageType") or [])}
@@ -238,13 +240,13 @@ def _classify(members: list[tuple[str, int, Path, str]], role_of_zip: dict[str, 
                         np.array([float(x) for x in ds.ImageOrientationPatient]),
                         (float(ds.PixelSpacing[0]), float(ds.PixelSpacing[1])), (int(ds.Rows), int(ds.Columns)))
             if int(ds.get("BitsAllocated", 16)) not in (8, 16) or int(ds.get("SamplesPerPixel", 1)) != 1:
-                raise ScanProblem("unreadable_dicom", f"{where}: {ds.get('BitsAllocated')}-bit, "
+                raise ScanProblem(R.unreadable_dicom, f"{where}: {ds.get('BitsAllocated')}-bit, "
                                                       f"{ds.get('SamplesPerPixel')} samples per pixel (want "
                                                       "8- or 16-bit grey levels)")
         except ScanProblem:
             raise
         except (InvalidDicomError, AttributeError, KeyError, TypeError, ValueError, IndexError, OSError) as exc:
-            raise ScanProblem("unreadable_dicom", f"{where}: DICOM header unreadable or incomplete "
+            raise ScanProblem(R.unreadable_dicom, f"{where}: DICOM header unreadable or incomplete "
                                                   f"({type(exc).__name__})") from None
         if uid not in series:
             acquired = f"{ds.get('AcquisitionDate') or ds.get('SeriesDate') or ''}" \
@@ -275,33 +277,33 @@ def _stack(s: _Series, rules: DicomRules) -> None:
     for sl in s.slices[1:]:
         if (not np.allclose(sl.iop, first.iop, atol=1e-4) or sl.matrix != first.matrix
                 or not np.allclose(sl.spacing, first.spacing, atol=1e-4)):
-            raise ScanProblem("station_incomplete", f"{s.label}: slices differ in orientation, matrix or pixel "
+            raise ScanProblem(R.station_incomplete, f"{s.label}: slices differ in orientation, matrix or pixel "
                                                     "spacing")
     row, col = first.iop[:3], first.iop[3:]
     normal = np.cross(row, col)
     if abs(np.linalg.norm(normal) - 1) > 1e-3:
-        raise ScanProblem("station_incomplete", f"{s.label}: ImageOrientationPatient is not two unit vectors")
+        raise ScanProblem(R.station_incomplete, f"{s.label}: ImageOrientationPatient is not two unit vectors")
     pos = np.array([float(sl.ipp @ normal) for sl in s.slices])
     order = np.argsort(pos, kind="stable")
     s.slices = [s.slices[i] for i in order]
     pos = pos[order]
     if len(pos) < 2:
-        raise ScanProblem("station_incomplete", f"{s.label}: {len(pos)} slice")
+        raise ScanProblem(R.station_incomplete, f"{s.label}: {len(pos)} slice")
     steps = np.diff(pos)
     if (steps < 1e-3).any():
-        raise ScanProblem("station_incomplete", f"{s.label}: two slices at the same position")
+        raise ScanProblem(R.station_incomplete, f"{s.label}: two slices at the same position")
     dz = float(np.median(steps))
     bad = np.abs(steps - dz) > rules.slice_gap_tolerance * dz
     if bad.any():
         i = int(np.argmax(bad))
         missing = round(steps[i] / dz) - 1
         what = f"{missing} slice{'s' if missing != 1 else ''} missing" if missing >= 1 else "uneven slice spacing"
-        raise ScanProblem("station_incomplete", f"{s.label}: {what} after slice {i + 1} of {len(pos)} "
+        raise ScanProblem(R.station_incomplete, f"{s.label}: {what} after slice {i + 1} of {len(pos)} "
                                                 f"(step {steps[i]:.2f} mm, spacing {dz:.2f} mm)")
     rows, cols = first.matrix
     nbytes = rows * cols * len(pos) * 2
     if nbytes > RULES.max_image_bytes:
-        raise ScanProblem("series_too_large", f"{s.label}: {cols} x {rows} x {len(pos)} voxels "
+        raise ScanProblem(R.series_too_large, f"{s.label}: {cols} x {rows} x {len(pos)} voxels "
                                               f"({nbytes / 2**20:.0f} MiB, limit {RULES.max_image_bytes >> 20} MiB)")
     # voxel (i = column, j = row, k = slice) -> LPS mm, then RAS+, then LAS voxel order
     lps = np.eye(4)
@@ -338,18 +340,18 @@ def _check_stations(chosen: dict[str, dict], rules: DicomRules) -> list[_Series]
     """Checks across series; returns the water stations ordered inferior to superior."""
     for c in REQUIRED_CHANNELS:
         if not chosen.get(c):
-            raise ScanProblem(f"missing_{c}", f"{c}: no {c} series delivered")
+            raise ScanProblem(MISSING_CHANNEL[c], f"{c}: no {c} series delivered")
     water = chosen["water"]
     for c, by in chosen.items():
         if set(by) != set(water):
             gone = sorted(set(water) - set(by), key=str) or sorted(set(by) - set(water), key=str)
-            raise ScanProblem("station_gap", f"{c}: station {gone[0]} delivered for "
+            raise ScanProblem(R.station_gap, f"{c}: station {gone[0]} delivered for "
                                              f"{'water' if set(water) - set(by) else c} only")
     numbered = [k for k in water if isinstance(k, int)]
     if numbered:
         missing = sorted(set(range(1, max(numbered) + 1)) - set(numbered))
         if missing:
-            raise ScanProblem("station_gap", f"station {missing[0]} of 1-{max(numbered)} not delivered")
+            raise ScanProblem(R.station_gap, f"station {missing[0]} of 1-{max(numbered)} not delivered")
     tol = rules.geometry_tolerance_mm
     for c, by in chosen.items():
         if c == "water":
@@ -358,20 +360,20 @@ def _check_stations(chosen: dict[str, dict], rules: DicomRules) -> list[_Series]
             w = water[key]
             if s.shape != w.shape or not np.allclose(s.affine, w.affine, atol=tol):
                 d = float(np.abs(s.affine[:3, 3] - w.affine[:3, 3]).max()) if s.shape == w.shape else float("nan")
-                reason = "water_fat_geometry" if c == "fat" else "in_opp_geometry"
+                reason = R.water_fat_geometry if c == "fat" else R.in_opp_geometry
                 shift = f"origins {d:.1f} mm apart" if d == d else f"matrix {s.shape} vs {w.shape}"
                 raise ScanProblem(reason, f"{s.label}: grid differs from the water series' ({shift})")
     stations = sorted(water.values(), key=lambda s: _z_range(s)[0])
     ref = stations[0]
     for s in stations[1:]:
         if not np.allclose(s.affine[:3, :3], ref.affine[:3, :3], atol=1e-3):
-            raise ScanProblem("station_geometry", f"{s.label}: orientation or voxel size differs from "
+            raise ScanProblem(R.station_geometry, f"{s.label}: orientation or voxel size differs from "
                                                   f"{ref.label}'s; stations must share them")
     for a, b in zip(stations, stations[1:]):
         gap = _z_range(b)[0] - _z_range(a)[1]
         dz = float(np.linalg.norm(a.affine[:3, 2]))
         if gap > dz * (1 + rules.slice_gap_tolerance):
-            raise ScanProblem("station_gap", f"{a.label} and {b.label} leave {gap - dz:.1f} mm uncovered "
+            raise ScanProblem(R.station_gap, f"{a.label} and {b.label} leave {gap - dz:.1f} mm uncovered "
                                              "between them")
     return stations
 
@@ -404,25 +406,25 @@ def _convert(chosen: dict[str, dict], work: Path, rules: DicomRules) -> tuple[di
         run = subprocess.run([dcm2niix.bin, "-z", "n", "-b", "n", "-f", "%j", "-o", str(out), str(src)],
                              capture_output=True, text=True, timeout=rules.dcm2niix_timeout_s)
     except subprocess.TimeoutExpired:
-        raise ScanProblem("conversion_failed", f"dcm2niix did not finish in {rules.dcm2niix_timeout_s:.0f} s") from None
+        raise ScanProblem(R.conversion_failed, f"dcm2niix did not finish in {rules.dcm2niix_timeout_s:.0f} s") from None
     version = next((ln.strip() for ln in run.stdout.splitlines() if "version" in ln), "dcm2niix")
     if run.returncode != 0:
-        raise ScanProblem("conversion_failed", f"dcm2niix exited with status {run.returncode}")
+        raise ScanProblem(R.conversion_failed, f"dcm2niix exited with status {run.returncode}")
     arrays = {}
     for s in todo:
         found = sorted(out.glob(f"{s.uid}*.nii"))
         if len(found) != 1:
-            raise ScanProblem("conversion_failed", f"{s.label}: dcm2niix wrote {len(found)} volumes for the "
+            raise ScanProblem(R.conversion_failed, f"{s.label}: dcm2niix wrote {len(found)} volumes for the "
                                                    "series (want 1)")
         img = nib.load(found[0])
         if len(img.shape) != 3:
-            raise ScanProblem("conversion_failed", f"{s.label}: dcm2niix wrote a {len(img.shape)}D volume")
+            raise ScanProblem(R.conversion_failed, f"{s.label}: dcm2niix wrote a {len(img.shape)}D volume")
         ornt = nib.orientations.ornt_transform(nib.io_orientation(img.affine),
                                                nib.orientations.axcodes2ornt(OUTPUT_AXES))
         img = img.as_reoriented(ornt)
         if img.shape != s.shape or not np.allclose(img.affine, s.affine, atol=max(rules.geometry_tolerance_mm, 1e-3)):
             d = float(np.abs(img.affine - s.affine).max()) if img.shape == s.shape else float("nan")
-            raise ScanProblem("conversion_geometry", f"{s.label}: the converted volume's geometry differs from "
+            raise ScanProblem(R.conversion_geometry, f"{s.label}: the converted volume's geometry differs from "
                                                      f"the headers' (shape {img.shape} vs {s.shape}, max affine "
                                                      f"difference {d:.3g})")
         data = np.asanyarray(img.dataobj)         # 16-bit as stored (float32 only when dcm2niix scaled it)
@@ -444,7 +446,7 @@ def _station_checks(chosen: dict[str, dict], arrays: dict[str, np.ndarray], rule
         entry = dict(station=w.station, swap_reversed_fraction=None if q.n_slices == 0 else round(q.reversed_fraction, 3),
                      _swap=q)
         if q.n_slices >= 3 and q.reversed_fraction >= rules.station_swap_reversed:
-            raise ScanProblem("station_fat_water_swap", f"{w.label}: water and fat appear exchanged "
+            raise ScanProblem(R.station_fat_water_swap, f"{w.label}: water and fat appear exchanged "
                                                         f"({q.reversed_fraction:.0%} of {q.n_slices} slices "
                                                         "reversed)")
         if "in" in chosen:
@@ -454,7 +456,7 @@ def _station_checks(chosen: dict[str, dict], arrays: dict[str, np.ndarray], rule
                 dev = float(np.median(np.abs(arrays[chosen["in"][key].uid][body] - s[body])) / np.median(s[body]))
                 entry["in_phase_deviation"] = round(dev, 4)
                 if dev > rules.in_phase_tolerance:
-                    raise ScanProblem("in_phase_inconsistent", f"{chosen['in'][key].label}: differs from water + "
+                    raise ScanProblem(R.in_phase_inconsistent, f"{chosen['in'][key].label}: differs from water + "
                                                                f"fat by {dev:.0%} inside the body (tolerance "
                                                                f"{rules.in_phase_tolerance:.0%})")
         report.append(entry)
@@ -509,7 +511,7 @@ def stitch(stations: list[tuple[np.ndarray, np.ndarray]], affine: np.ndarray, sh
                     acc[c, :, :, k] += (w[k] * vals * ok).reshape(shape[:2])
         wsum += w
     if (wsum <= 0).any():
-        raise ScanProblem("station_gap", f"{int((wsum <= 0).sum())} slices of the stitched grid are covered by no "
+        raise ScanProblem(R.station_gap, f"{int((wsum <= 0).sum())} slices of the stitched grid are covered by no "
                                          "station")
     out = [(acc[c] / wsum[None, None, :]) for c in range(contrasts)]
     return out, dict(resampled_stations=resampled, slices=int(shape[2]))
@@ -539,7 +541,7 @@ def inspect_dicom_participant(delivery_dir: Path, pseudonym: str, files_by_path:
     shutil.rmtree(out_dir, ignore_errors=True)               # a re-run never keeps an earlier run's volumes
     zips = dicom_zips(pseudonym, files_by_path)
     if not zips:
-        raise ScanProblem("missing_water", "no DICOM zip listed for the participant")
+        raise ScanProblem(R.missing_water, "no DICOM zip listed for the participant")
     listed = [_Listed("dicom", z, Path(delivery_dir) / z, role_of("DICOM zip", z, idx).replace(" image", ""),
                       files_by_path[z]) for z in zips]
     inputs: dict[str, str] = {}
@@ -566,8 +568,8 @@ def inspect_dicom_participant(delivery_dir: Path, pseudonym: str, files_by_path:
             stations = _check_stations(chosen, rules)
         except ScanProblem as exc:
             comp, _ = _select(series, composed=True)
-            if exc.reason not in ("station_gap", "station_incomplete") or not all(comp.get(c) for c in
-                                                                                    REQUIRED_CHANNELS):
+            if (exc.reason not in (R.station_gap.code, R.station_incomplete.code)
+                    or not all(comp.get(c) for c in REQUIRED_CHANNELS)):
                 raise
             source, problem, chosen = "composed", exc, comp
             stations = _check_stations(chosen, rules)
@@ -575,11 +577,11 @@ def inspect_dicom_participant(delivery_dir: Path, pseudonym: str, files_by_path:
         contrasts = [c for c in CONTRASTS if c in chosen]
         coverage = shape[2] * float(np.linalg.norm(affine[:3, 2]))
         if coverage < rules.min_coverage_mm:
-            raise ScanProblem("fov_too_short", f"the stitched volume covers {coverage:.0f} mm superior-inferior; "
+            raise ScanProblem(R.fov_too_short, f"the stitched volume covers {coverage:.0f} mm superior-inferior; "
                                                f"the lumbar back muscles need {rules.min_coverage_mm:.0f} mm "
                                                "(a station missing at an end?)")
         if int(np.prod(shape)) * 2 > RULES.max_image_bytes:
-            raise ScanProblem("series_too_large", f"the stitched volume would have {shape} voxels, over "
+            raise ScanProblem(R.series_too_large, f"the stitched volume would have {shape} voxels, over "
                                                   f"{RULES.max_image_bytes >> 20} MiB per contrast")
         # held at once: the converted series (16-bit), one contrast's float32 accumulator and the 16-bit outputs
         need = sum(int(np.prod(s.shape)) * 2 for by in chosen.values() for s in by.values()) \

@@ -43,6 +43,7 @@ import polars as pl
 
 from cbp_platform.imaging.qc import fat_water_swap, subsample
 from cbp_platform.landing import OPTIONAL_CHANNELS, REQUIRED_CHANNELS, scan_relpath
+from cbp_platform.reasons import R, Reason, code_of
 
 NIFTI1_HEADER_BYTES = 348
 NIFTI1_MIN_VOX_OFFSET = 352          # header + the 4-byte extension flag
@@ -82,10 +83,17 @@ SCAN_FACTS_SCHEMA = {
 }
 
 
+# a required channel that is not delivered (NIfTI: no image; DICOM: no series)
+MISSING_CHANNEL: dict[str, Reason] = {"water": R.missing_water, "fat": R.missing_fat}
+
+
 @dataclass
 class ScanProblem(Exception):
-    reason: str       # machine-readable reason code
+    reason: str       # a registered reason code (cbp_platform/reasons.py; given as ``R.<code>`` or checked)
     message: str      # names the file by role and manifest position, and the problem
+
+    def __post_init__(self):
+        self.reason = code_of(self.reason)         # an unregistered code fails here, where it is raised
 
     def __str__(self) -> str:
         return f"{self.reason}: {self.message}"
@@ -153,15 +161,15 @@ def check_regular_file(delivery_dir: Path, rel: str, role: str) -> os.stat_resul
         try:
             st = os.lstat(cur)
         except FileNotFoundError:
-            raise ScanProblem("missing_file", f"{role}: listed in the manifest but missing") from None
+            raise ScanProblem(R.missing_file, f"{role}: listed in the manifest but missing") from None
         except OSError as exc:
-            raise ScanProblem("unreadable", f"{role}: cannot be examined ({exc.strerror})") from None
+            raise ScanProblem(R.unreadable, f"{role}: cannot be examined ({exc.strerror})") from None
         if stat.S_ISLNK(st.st_mode):
             what = "the file" if i == len(parts) - 1 else "a folder on its path"
-            raise ScanProblem("outside_delivery", f"{role}: {what} is a symbolic link; links are never followed "
+            raise ScanProblem(R.outside_delivery, f"{role}: {what} is a symbolic link; links are never followed "
                                                   "out of the delivery")
     if st is None or not stat.S_ISREG(st.st_mode):
-        raise ScanProblem("not_a_file", f"{role}: not a regular file")
+        raise ScanProblem(R.not_a_file, f"{role}: not a regular file")
     return st
 
 
@@ -169,26 +177,26 @@ def _open(path: Path, role: str):
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     except OSError as exc:
-        raise ScanProblem("unreadable", f"{role}: cannot be opened ({exc.strerror})") from None
+        raise ScanProblem(R.unreadable, f"{role}: cannot be opened ({exc.strerror})") from None
     return os.fdopen(fd, "rb")
 
 
 def _verify(f: _Listed, delivery_dir: Path) -> os.stat_result:
     if f.entry is None:
-        raise ScanProblem("not_in_manifest", f"{f.role}: file present but not listed in the manifest")
+        raise ScanProblem(R.not_in_manifest, f"{f.role}: file present but not listed in the manifest")
     st = check_regular_file(delivery_dir, f.rel, f.role)
     if st.st_size != f.entry["size"]:
         if st.st_size == 0:
-            raise ScanProblem("empty_file", f"{f.role}: 0 bytes (the manifest says {f.entry['size']})")
-        raise ScanProblem("size_mismatch", f"{f.role}: {st.st_size} bytes, the manifest says {f.entry['size']}")
+            raise ScanProblem(R.empty_file, f"{f.role}: 0 bytes (the manifest says {f.entry['size']})")
+        raise ScanProblem(R.size_mismatch, f"{f.role}: {st.st_size} bytes, the manifest says {f.entry['size']}")
     if st.st_size == 0:
-        raise ScanProblem("empty_file", f"{f.role}: 0 bytes")
+        raise ScanProblem(R.empty_file, f"{f.role}: 0 bytes")
     h = hashlib.sha256()
     with _open(f.path, f.role) as fh:
         while block := fh.read(CHUNK):
             h.update(block)
     if h.hexdigest() != f.entry["sha256"]:
-        raise ScanProblem("checksum_mismatch", f"{f.role}: sha256 {h.hexdigest()[:12]}... differs from the "
+        raise ScanProblem(R.checksum_mismatch, f"{f.role}: sha256 {h.hexdigest()[:12]}... differs from the "
                                                f"manifest's {f.entry['sha256'][:12]}...")
     return st
 
@@ -202,7 +210,7 @@ class _Stream:
         self.tail = b""
 
     def _problem(self, exc: Exception) -> ScanProblem:
-        return ScanProblem("corrupt_gzip", f"{self.role}: corrupt gzip stream ({exc})")
+        return ScanProblem(R.corrupt_gzip, f"{self.role}: corrupt gzip stream ({exc})")
 
     def readinto(self, buf: memoryview) -> int:
         """Fill ``buf`` as far as the stream goes; return the bytes written."""
@@ -256,60 +264,60 @@ def _header(f: _Listed) -> _Header:
         head = s.read(NIFTI1_HEADER_BYTES)
     if len(head) < NIFTI1_HEADER_BYTES:
         if gz and s.ended_early:
-            raise ScanProblem("truncated_gzip", f"{f.role}: the gzip stream ends inside the NIfTI header")
-        raise ScanProblem("not_nifti", f"{f.role}: {len(head)} bytes, shorter than a NIfTI-1 header")
+            raise ScanProblem(R.truncated_gzip, f"{f.role}: the gzip stream ends inside the NIfTI header")
+        raise ScanProblem(R.not_nifti, f"{f.role}: {len(head)} bytes, shorter than a NIfTI-1 header")
     sizeof = int.from_bytes(head[:4], "little")
     if sizeof not in (NIFTI1_HEADER_BYTES, 0x5C010000) or head[344:348] not in (b"n+1\0", b"ni1\0"):
         if sizeof in (540, 0x1C020000):
-            raise ScanProblem("not_nifti", f"{f.role}: a NIfTI-2 file; the landing-zone contract is NIfTI-1")
-        raise ScanProblem("not_nifti", f"{f.role}: not a NIfTI-1 file (no NIfTI-1 header"
+            raise ScanProblem(R.not_nifti, f"{f.role}: a NIfTI-2 file; the landing-zone contract is NIfTI-1")
+        raise ScanProblem(R.not_nifti, f"{f.role}: not a NIfTI-1 file (no NIfTI-1 header"
                                        f"{' inside the gzip stream' if gz else ''})")
     if head[344:348] == b"ni1\0":
-        raise ScanProblem("not_nifti", f"{f.role}: a NIfTI header/image pair; the contract is one .nii.gz file")
+        raise ScanProblem(R.not_nifti, f"{f.role}: a NIfTI header/image pair; the contract is one .nii.gz file")
     try:
         hdr = nib.Nifti1Header.from_fileobj(io.BytesIO(head), check=False)
         dtype = hdr.get_data_dtype()
         hdr.get_slope_inter()
     except Exception as exc:  # nibabel raises a variety of header errors
-        raise ScanProblem("invalid_header", f"{f.role}: NIfTI-1 header unreadable ({exc})") from None
+        raise ScanProblem(R.invalid_header, f"{f.role}: NIfTI-1 header unreadable ({exc})") from None
     dims = [int(x) for x in hdr["dim"]]
     ndim = dims[0]
     if not 3 <= ndim <= 7 or any(d != 1 for d in dims[4:ndim + 1]):
-        raise ScanProblem("invalid_dimensions", f"{f.role}: {ndim}D image with dim {dims[1:ndim + 1]} "
+        raise ScanProblem(R.invalid_dimensions, f"{f.role}: {ndim}D image with dim {dims[1:ndim + 1]} "
                                                 "(want one 3D volume)")
     shape = (dims[1], dims[2], dims[3])
     if any(d < 1 for d in shape):
-        raise ScanProblem("invalid_dimensions", f"{f.role}: header dimensions {shape}")
+        raise ScanProblem(R.invalid_dimensions, f"{f.role}: header dimensions {shape}")
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if nbytes > RULES.max_image_bytes:
-        raise ScanProblem("absurd_size", f"{f.role}: header declares shape {shape} of {dtype.name} "
+        raise ScanProblem(R.absurd_size, f"{f.role}: header declares shape {shape} of {dtype.name} "
                                          f"({nbytes / 2**20:.0f} MiB, limit {RULES.max_image_bytes >> 20} MiB); "
                                          "refused before decompressing")
     lo, hi = RULES.shape
     if not all(lo <= d <= hi for d in shape):
-        raise ScanProblem("implausible_shape", f"{f.role}: shape {shape} outside {lo}-{hi} voxels per axis")
+        raise ScanProblem(R.implausible_shape, f"{f.role}: shape {shape} outside {lo}-{hi} voxels per axis")
     if dtype.name not in RULES.dtypes:
-        raise ScanProblem("unsupported_dtype", f"{f.role}: data type {dtype.name} (accepted: "
+        raise ScanProblem(R.unsupported_dtype, f"{f.role}: data type {dtype.name} (accepted: "
                                                f"{', '.join(RULES.dtypes)})")
     off = float(hdr["vox_offset"])
     if not (np.isfinite(off) and off == int(off)
             and NIFTI1_MIN_VOX_OFFSET <= off <= NIFTI1_MIN_VOX_OFFSET + MAX_EXTENSION_BYTES):
-        raise ScanProblem("invalid_data_offset", f"{f.role}: data offset {off:g} (the image data must start at "
+        raise ScanProblem(R.invalid_data_offset, f"{f.role}: data offset {off:g} (the image data must start at "
                                                  f"or after byte {NIFTI1_MIN_VOX_OFFSET}, after the header)")
     pix = np.asarray(hdr["pixdim"][1:4], dtype=np.float64)
     if not (np.isfinite(pix).all() and (pix > 0).all()):
-        raise ScanProblem("invalid_spacing", f"{f.role}: voxel spacing {tuple(float(x) for x in pix)} mm "
+        raise ScanProblem(R.invalid_spacing, f"{f.role}: voxel spacing {tuple(float(x) for x in pix)} mm "
                                              "(must be positive and finite)")
     zooms = tuple(float(z) for z in pix)
     lo_mm, hi_mm = RULES.spacing_mm
     if not all(lo_mm <= z <= hi_mm for z in zooms):
-        raise ScanProblem("invalid_spacing", f"{f.role}: voxel spacing {zooms} mm outside {lo_mm}-{hi_mm} mm")
+        raise ScanProblem(R.invalid_spacing, f"{f.role}: voxel spacing {zooms} mm outside {lo_mm}-{hi_mm} mm")
     try:
         affine = hdr.get_best_affine()
     except Exception as exc:
-        raise ScanProblem("invalid_affine", f"{f.role}: no usable affine ({exc})") from None
+        raise ScanProblem(R.invalid_affine, f"{f.role}: no usable affine ({exc})") from None
     if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-6:
-        raise ScanProblem("invalid_affine", f"{f.role}: affine is singular or not finite")
+        raise ScanProblem(R.invalid_affine, f"{f.role}: affine is singular or not finite")
     return _Header(hdr, shape, dtype, int(off), nbytes, zooms, affine, gz)
 
 
@@ -322,16 +330,16 @@ def _data(f: _Listed, h: _Header) -> np.ndarray:
         skip = len(s.read(h.vox_offset))
         got = s.readinto(memoryview(buf)) if skip == h.vox_offset else 0
         if got < h.nbytes:
-            reason = "truncated_gzip" if h.gz else "truncated_file"
+            reason = R.truncated_gzip if h.gz else R.truncated_file
             raise ScanProblem(reason, f"{f.role}: the {what} ends after {skip + got} bytes; the header declares "
                                       f"{h.vox_offset + h.nbytes}")
         extra = s.trailing()
         if extra:
             more = "+" if extra >= TRAILING_PROBE else ""
-            raise ScanProblem("trailing_data", f"{f.role}: {extra}{more} bytes after the image the header declares "
+            raise ScanProblem(R.trailing_data, f"{f.role}: {extra}{more} bytes after the image the header declares "
                                                f"(decompression stopped there)")
         if h.gz and not s.d.eof:
-            raise ScanProblem("truncated_gzip", f"{f.role}: the gzip stream does not end properly")
+            raise ScanProblem(R.truncated_gzip, f"{f.role}: the gzip stream does not end properly")
     arr = np.frombuffer(buf, dtype=h.dtype).reshape(h.shape, order="F")
     slope, inter = h.hdr.get_slope_inter()
     if slope is not None and (slope != 1 or (inter or 0) != 0):
@@ -345,15 +353,15 @@ def _values(f: _Listed, arr: np.ndarray) -> None:
     if arr.dtype.kind == "f":
         bad = ~np.isfinite(arr)
         if bad.any():
-            raise ScanProblem("nan_values", f"{f.role}: {int(bad.sum())} voxels are NaN or infinite")
+            raise ScanProblem(R.nan_values, f"{f.role}: {int(bad.sum())} voxels are NaN or infinite")
     lo, hi = float(arr.min()), float(arr.max())
     if lo < RULES.min_signal:
-        raise ScanProblem("negative_signal", f"{f.role}: minimum {lo:.4g} below {RULES.min_signal:g} "
+        raise ScanProblem(R.negative_signal, f"{f.role}: minimum {lo:.4g} below {RULES.min_signal:g} "
                                              "(magnitude images have no negative signal)")
     if hi <= 0:
-        raise ScanProblem("empty_image", f"{f.role}: image has no signal")
+        raise ScanProblem(R.empty_image, f"{f.role}: image has no signal")
     if lo == hi:
-        raise ScanProblem("constant_image", f"{f.role}: every voxel is {lo:g}")
+        raise ScanProblem(R.constant_image, f"{f.role}: every voxel is {lo:g}")
 
 
 def verified_headers(delivery_dir: Path, pseudonym: str, files_by_path: dict[str, dict],
@@ -372,7 +380,7 @@ def verified_headers(delivery_dir: Path, pseudonym: str, files_by_path: dict[str
                 present = False
             if not present:
                 if ch in REQUIRED_CHANNELS:
-                    raise ScanProblem(f"missing_{ch}", f"{ch} image: required, not delivered")
+                    raise ScanProblem(MISSING_CHANNEL[ch], f"{ch} image: required, not delivered")
                 continue
         _verify(f, Path(delivery_dir))
         out.append((f, _header(f)))
@@ -402,11 +410,11 @@ def _inspect(listed: list[tuple[_Listed, _Header]], pseudonym: str, swap_qc: boo
         if f.channel == "water":
             continue
         if h.shape != wh.shape:
-            raise ScanProblem("shape_mismatch", f"{f.role}: shape {h.shape} differs from the water image's "
+            raise ScanProblem(R.shape_mismatch, f"{f.role}: shape {h.shape} differs from the water image's "
                                                 f"{wh.shape}")
         if not np.allclose(h.affine, wh.affine, atol=1e-3):
             d = float(np.abs(h.affine - wh.affine).max())
-            raise ScanProblem("affine_mismatch", f"{f.role}: affine differs from the water image's "
+            raise ScanProblem(R.affine_mismatch, f"{f.role}: affine differs from the water image's "
                                                  f"(max difference {d:.3g} mm)")
     arrays = {}
     for f, h in listed:

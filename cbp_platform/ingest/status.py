@@ -4,7 +4,10 @@ States (:data:`cbp_platform.ingest.deliveries.STATES`): ``waiting`` (no marker y
 registered; the reason says why), ``ready`` (closed; the next sensor tick registers it), ``registered``,
 ``changed`` (registered, then changed in the landing zone: reported, never re-ingested) and ``gone``
 (registered, folder removed). Counts come from the registry and the warehouse: participants, batches, valid
-scans and covariate rows, quarantined participants by reason. Nothing here names a pseudonym.
+scans and covariate rows, quarantined participants by reason. Reasons are read through the registry
+(:mod:`cbp_platform.reasons`): the JSON carries each one's explanation, ``--explain`` lists them under the table, and
+a code the registry does not know (a row of another platform version) is marked, never hidden. Nothing here names
+a pseudonym.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from pathlib import Path
 
 from cbp_platform.ingest.deliveries import REGISTERED, scan_landing
 from cbp_platform.ingest.registry import registered_deliveries, registered_state
+from cbp_platform.reasons import REASONS, explain
 
 
 @dataclass
@@ -30,7 +34,12 @@ class DeliveryReport:
     quarantine_reasons: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "quarantine_explained": {k: explain(k) for k in sorted(self.quarantine_reasons)}}
+
+
+def reason_label(code: str) -> str:
+    """A quarantine reason as the table shows it: its code, marked when the registry does not know it."""
+    return code if code in REASONS else f"{code} (unregistered)"
 
 
 def landing_report(root: Path, landing: Path, *, deep: bool = False, counts: dict | None = None,
@@ -62,7 +71,9 @@ def landing_report(root: Path, landing: Path, *, deep: bool = False, counts: dic
     return [out[k] for k in sorted(out)]
 
 
-def format_report(reports: list[DeliveryReport]) -> str:
+def format_report(reports: list[DeliveryReport], *, explain_reasons: bool = False) -> str:
+    """The table of ``reports``; ``explain_reasons``: then one line per quarantine reason shown, with its stages and
+    explanation from the registry."""
     if not reports:
         return "landing zone empty: no deliveries"
     head = ("delivery", "state", "participants", "batches", "scans ok", "covariates ok", "quarantined", "reason")
@@ -73,7 +84,7 @@ def format_report(reports: list[DeliveryReport]) -> str:
             batches += " (" + ", ".join(f"{n} {s.lower()}" for s, n in sorted(r.batch_runs.items())) + ")"
         q = "" if r.quarantined is None else str(r.quarantined)
         if r.quarantine_reasons:
-            q += " (" + ", ".join(f"{k} {v}" for k, v in sorted(r.quarantine_reasons.items())) + ")"
+            q += " (" + ", ".join(f"{reason_label(k)} {v}" for k, v in sorted(r.quarantine_reasons.items())) + ")"
         rows.append((r.delivery_id, r.state, "" if r.participants is None else str(r.participants), batches,
                      "" if r.scans_valid is None else str(r.scans_valid),
                      "" if r.covariates_valid is None else str(r.covariates_valid), q, r.reason))
@@ -86,4 +97,10 @@ def format_report(reports: list[DeliveryReport]) -> str:
         by_state[r.state] = by_state.get(r.state, 0) + 1
     lines.append("")
     lines.append(f"{len(reports)} deliveries: " + ", ".join(f"{n} {s}" for s, n in sorted(by_state.items())))
+    shown = sorted({k for r in reports for k in r.quarantine_reasons})
+    if explain_reasons and shown:
+        lines += ["", "quarantine reasons (cbp_platform/reasons.py):"]
+        for k in shown:
+            where = f" [{', '.join(REASONS[k].stages)}]" if k in REASONS else ""
+            lines.append(f"  {reason_label(k)}{where}: {explain(k)}")
     return "\n".join(lines)

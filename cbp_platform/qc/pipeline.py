@@ -15,13 +15,14 @@ import numpy as np
 import polars as pl
 
 from cbp_platform.imaging.nifti import atomic_write_bytes
+from cbp_platform.study import LMM
 from cbp_platform.qc.features import FEATURE_NAMES, Z_CAP, scan_features, triage
 from cbp_platform.qc.render import montage, qc_image
 
 QC_SCHEMA = {
     "pseudonym": pl.String, "batch_key": pl.String, "delivery_id": pl.String, "site": pl.String,
     "label_sha256": pl.String, "model_sha256": pl.String, "model_name": pl.String, "qc_image": pl.String,
-    "lean_ml": pl.Float64, "compartment_ml": pl.Float64, "lmm": pl.Float64,
+    "lean_ml": pl.Float64, "compartment_ml": pl.Float64, LMM.name: pl.Float64,
     **{f: pl.Float64 for f in FEATURE_NAMES}, "muscle_voxels": pl.Int64, "qc_error": pl.String,
 }
 
@@ -55,7 +56,7 @@ class ScanQC:
                    "model uncertainty": "n/a" if uncertainty is None else f"{uncertainty:.3f}"}
         path = qc_path(self.out_dir, pseudonym)
         atomic_write_bytes(path, qc_image(water, fat, labels, affine, figures, title="segmentation QC"))
-        return {**feats, "lmm": lmm, "qc_image": str(path)}
+        return {**feats, LMM.name: lmm, "qc_image": str(path)}
 
 
 def batch_qc(rows: list[dict], *, batch_key: str, delivery_id: str, model_sha256: str, model_name: str,

@@ -10,7 +10,8 @@ A registered model is a backend plus a manifest (``$CBP_DATA_ROOT/models/registr
 * ``weights``: the sha256 of every weight file (relative path -> hex digest). Before each use the files are hashed
   again; a changed file stops the run with the file's name. :attr:`ModelManifest.sha256` is the model's identity in
   lineage (the weight file's own sha256 when there is one file, so a ``monai-bundle`` keeps its identity);
-* ``backend`` and ``backend_version``; ``folder``; ``preset`` and ``source`` (where the label table comes from).
+* ``backend`` (a name of :data:`cbp_platform.segmentation.backends.BACKENDS`) and ``backend_version``; ``folder``;
+  ``preset`` and ``source`` (where the label table comes from).
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from pathlib import Path
 
 from cbp_platform.classes import BY_NAME, NAMES
 from cbp_platform.imaging.nifti import atomic_write_bytes, sha256_file
-
-BACKENDS = ("monai-bundle", "nnunetv2")
+from cbp_platform.segmentation.backends import BACKENDS
+from cbp_platform.segmentation.errors import ManifestError  # (its own module: the backend registry raises it too)
 
 # The Dixon contrasts a model may ask for. Deliveries carry water and fat images; in-phase and opposed-phase are
 # derived from them when a delivery has no such images: in a two-point Dixon magnitude model (no T2* decay between
@@ -37,10 +38,6 @@ CONTRASTS = {
 }
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
-
-
-class ManifestError(ValueError):
-    """A model folder or manifest cannot be used; the message names the file and the problem."""
 
 
 @dataclass(frozen=True)

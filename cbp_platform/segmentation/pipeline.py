@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 from cbp_platform.classes import IDS, NAMES, NUM_CLASSES
 from cbp_platform.imaging.nifti import atomic_write_bytes, nifti_bytes, sha256_bytes
 from cbp_platform.metrics.body_composition import dice_per_class, muscle_metrics
+from cbp_platform.reasons import R
 from cbp_platform.segmentation.train import simulated_set
 
 
@@ -65,7 +66,7 @@ def segment_scans(items: list[dict], segmenter, out_dir: Path, *, num_workers: i
     for k, prep in enumerate(loader, start=1):
         it = items[prep["index"]]
         if prep["error"]:
-            failures.append({"pseudonym": it["pseudonym"], "reason": "unreadable_scan", "message": prep["error"]})
+            failures.append({"pseudonym": it["pseudonym"], "reason": R.unreadable_scan.code, "message": prep["error"]})
             if progress is not None:
                 progress(k, len(items), time.perf_counter() - t0)
             continue
@@ -98,7 +99,7 @@ class MuscleAtFovEdge(ValueError):
     measured short. (Superior-inferior, the image is the measured slab by design: a scan too short there is
     refused at ingestion, ``fov_too_short``.)"""
 
-    reason = "muscle_at_fov_edge"
+    reason = R.muscle_at_fov_edge.code
 
 
 def muscles_at_fov_edge(labels: np.ndarray) -> list[str]:

@@ -17,9 +17,10 @@ from cbp_platform.segmentation.presets import PRESETS
 def register(registry_dir: Path, folder: str | Path, *, preset: str = "", name: str = "", backend: str = "",
              labels: dict[int, str] | None = None, inputs: tuple[str, ...] | None = None, orientation: str = "",
              folds: list | None = None, configuration: str = "") -> tuple[ModelManifest, Path]:
-    """Describe ``folder`` with ``preset`` (or explicit ``backend``/``labels``/``inputs``), check it, save it."""
-    from cbp_platform.segmentation.backends import describe_monai_bundle
-    from cbp_platform.segmentation.backends import nnunet
+    """Describe ``folder`` with ``preset`` (or explicit ``backend``/``labels``/``inputs``), check it, save it. The
+    backend is looked up by name (:data:`cbp_platform.segmentation.backends.BACKENDS`)."""
+    from cbp_platform.segmentation.backends import Registration, UnknownBackend
+    from cbp_platform.segmentation.backends import backend as find_backend
 
     p = None
     if preset:
@@ -30,23 +31,12 @@ def register(registry_dir: Path, folder: str | Path, *, preset: str = "", name: 
     name = name or (p.name if p else "")
     if not name:
         raise ManifestError("a model without a preset needs --name")
-    if backend == "monai-bundle":
-        m = describe_monai_bundle(folder, name=name, preset=preset)
-    elif backend == "nnunetv2":
-        labels = labels or (dict(p.labels) if p else None)
-        inputs = tuple(inputs or (p.inputs if p else ()))
-        if not labels or not inputs:
-            raise ManifestError(f"{folder}: an nnunetv2 model without a preset needs its labels "
-                                "(--label CLASS=ID for every platform class) and inputs (--inputs)")
-        m = nnunet.describe(folder, name=name, labels=labels, inputs=inputs,
-                            orientation=orientation or (p.orientation if p else ""),
-                            orientation_key="" if orientation else (p.orientation_key if p else ""),
-                            folds=folds or (p.folds if p else None),
-                            configuration=configuration or (p.configuration if p else ""), preset=preset,
-                            label_names=dict(p.label_names) if p else None,
-                            source={"preset": p.citation} if p else {"labels": "operator (cbp model register)"})
-    else:
-        raise ManifestError(f"{folder}: unknown backend {backend!r} (monai-bundle or nnunetv2)")
+    try:
+        b = find_backend(backend)
+    except UnknownBackend as exc:
+        raise UnknownBackend(f"{folder}: {exc}") from None
+    m = b.describe(Registration(folder=folder, name=name, preset_name=preset, preset=p, labels=labels,
+                                inputs=inputs, orientation=orientation, folds=folds, configuration=configuration))
     return m, save_manifest(registry_dir, m)
 
 

@@ -6,6 +6,9 @@ shift, a smooth multiplicative bias field, small affine (rotation, scale), Gauss
 that swaps the left and right labels. Training runs a fixed number of iterations under a one-cycle learning-rate
 schedule (reproducible). An optional wall-clock cap never shortens training silently: reaching it raises
 :class:`TrainingCapReached` and no model comes out, since a model trained for fewer iterations is another model.
+The network trains in channels-last memory layout (NDHWC): oneDNN's 3D convolutions, above all their backward pass,
+run faster in it on the CPU (0.24 instead of 0.31 s an iteration on two cores), with the same arithmetic up to
+float rounding; the trained network is handed back, and saved, in the usual contiguous layout.
 """
 
 import time
@@ -111,6 +114,7 @@ def train(network: torch.nn.Module, *, n_train: int = 120, budget_s: float | Non
     loader = DataLoader(Dataset(data, transform=augmentations()), batch_size=batch_size, shuffle=True,
                         num_workers=0, drop_last=True)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    network.to(memory_format=torch.channels_last_3d)        # (in place: the optimiser below sees these parameters)
     opt = torch.optim.AdamW(network.parameters(), lr=lr, weight_decay=1e-4)
     # one-cycle schedule over the fixed iteration count: warm-up, then cosine decay to ~0, so the final weights
     # are a converged model rather than a snapshot of a noisy constant-rate walk (steadier fascial borders)
@@ -124,7 +128,8 @@ def train(network: torch.nn.Module, *, n_train: int = 120, budget_s: float | Non
     while not done:
         for batch in loader:
             opt.zero_grad()
-            loss = loss_fn(network(batch["image"].float()), batch["label"].long())
+            image = batch["image"].float().contiguous(memory_format=torch.channels_last_3d)
+            loss = loss_fn(network(image), batch["label"].long())
             loss.backward()
             opt.step()
             sched.step()
@@ -141,7 +146,7 @@ def train(network: torch.nn.Module, *, n_train: int = 120, budget_s: float | Non
                     f"training reached its wall-clock cap of {budget_s:g} s after {it} of {max_iterations} iterations; "
                     "a shorter-trained model is a different model, so none was kept. Raise train_budget_s (0: no "
                     "cap) or lower max_iterations deliberately")
-    network.eval()
+    network.to(memory_format=torch.contiguous_format).eval()
     seconds = time.perf_counter() - t0
     prov = {"generator": "cbp_platform.synth (phantom renderer), in memory", "cohort_seed": seed, "n_train": n_train,
             "initialisation": INITIALISATION,

@@ -45,15 +45,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import Literal, Protocol
 
 import numpy as np
+import polars as pl
 from scipy import linalg, optimize
 
 from cbp_platform.stats.design import INTERCEPT, Design, build_design
-
-if TYPE_CHECKING:  # pragma: no cover
-    from cbp_platform.stats.glmm import GLMMResult
+from cbp_platform.stats.logistic import LogisticFit, logistic_mle
 
 Status = Literal["pass", "fail", "skip"]
 Severity = Literal["error", "warning"]
@@ -76,6 +75,36 @@ DATA_CHECKS = (BINARY_OUTCOME, NO_MISSING_VALUES, MIN_GROUPS, MIN_GROUP_SIZE, NO
                FULL_RANK_DESIGN, EVENTS_PER_VARIABLE, NO_SEPARATION)
 FIT_CHECKS = (CONVERGED, HESSIAN_POSITIVE_DEFINITE, FINITE_CONFIDENCE_INTERVALS, NO_DIVERGENT_ESTIMATES,
               SITE_VARIANCE_NOT_SINGULAR)
+
+
+class FitDiagnostics(Protocol):
+    """What the fit checks read of an optimiser's report (:class:`cbp_platform.stats.glmm.ConvergenceDiagnostics`)."""
+
+    converged: bool
+    message: str
+    iterations: int
+    max_abs_gradient: float
+    newton_decrement: float
+    hessian_positive_definite: bool
+    min_eigenvalue: float
+    condition_number: float
+
+
+class FittedModel(Protocol):
+    """What the fit checks read of a fitted random-intercept model (:class:`cbp_platform.stats.glmm.GLMMResult`
+    has it). A protocol, so this module of diagnostics needs nothing from the estimator's module."""
+
+    @property
+    def diagnostics(self) -> FitDiagnostics: ...
+
+    @property
+    def coefficients(self) -> pl.DataFrame: ...
+
+    @property
+    def site_sd(self) -> float: ...
+
+    @property
+    def group(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -114,7 +143,7 @@ class ModelCheckError(ValueError):
     ``result`` is the fitted model when the failure came from a fit check (for inspection), else None.
     """
 
-    def __init__(self, failures: Sequence[CheckOutcome], result: GLMMResult | None = None):
+    def __init__(self, failures: Sequence[CheckOutcome], result: FittedModel | None = None):
         self.failures = tuple(failures)
         self.result = result
         lines = "; ".join(f"[{f.name}] {f.message}" for f in self.failures)
@@ -125,7 +154,7 @@ class ModelCheckError(ValueError):
         return tuple(f.name for f in self.failures)
 
 
-def raise_for_failures(outcomes: Iterable[CheckOutcome], result: GLMMResult | None = None) -> None:
+def raise_for_failures(outcomes: Iterable[CheckOutcome], result: FittedModel | None = None) -> None:
     """Raise :class:`ModelCheckError` if any outcome is a blocking failure."""
     failures = [o for o in outcomes if o.blocking]
     if failures:
@@ -145,72 +174,7 @@ def _skip(name: str, why: str) -> CheckOutcome:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# plain logistic regression: starting values and the no-separation certificate
-
-
-@dataclass(frozen=True)
-class LogisticFit:
-    """Plain logistic regression by Newton's method (IRLS) with step halving."""
-
-    beta: np.ndarray
-    converged: bool
-    iterations: int
-    loglik: float
-    min_fitted_variance: float      # min mu (1 - mu): ~0 when fitted probabilities hit 0 or 1
-
-    @property
-    def certifies_no_separation(self) -> bool:
-        return bool(self.converged and np.all(np.isfinite(self.beta)) and self.min_fitted_variance > 1e-8)
-
-
-def logistic_mle(y: np.ndarray, X: np.ndarray, max_iter: int = 30, tol: float = 1e-10) -> LogisticFit:
-    """Maximum-likelihood logistic regression of 0/1 ``y`` on ``X`` (intercept included by the caller).
-
-    Converged when the Newton decrement g' I^-1 g falls below ``tol`` with the information well conditioned.
-    Under separation the estimate diverges, so the iteration stops at ``max_iter`` or with fitted
-    probabilities at 0 / 1, and :attr:`LogisticFit.certifies_no_separation` is False.
-    """
-    p = X.shape[1]
-    ybar = min(max(float(y.mean()), 1e-6), 1 - 1e-6)
-    beta = np.zeros(p)
-    beta[0] = math.log(ybar / (1 - ybar)) if np.allclose(X[:, 0], 1.0) else 0.0
-
-    def ll(b):
-        eta = X @ b
-        return float(np.sum(y * eta - np.logaddexp(0.0, eta)))
-
-    cur = ll(beta)
-    converged = False
-    it = 0
-    for it in range(1, max_iter + 1):
-        eta = X @ beta
-        mu = 0.5 * (1.0 + np.tanh(0.5 * eta))
-        w = mu * (1.0 - mu)
-        g = X.T @ (y - mu)
-        info = (X * w[:, None]).T @ X
-        try:
-            c = linalg.cho_factor(info)
-            step = linalg.cho_solve(c, g)
-        except linalg.LinAlgError:
-            break
-        dec = float(g @ step)
-        if dec < tol:
-            converged = True
-            break
-        t, improved = 1.0, False
-        while t > 1e-10:
-            cand = beta + t * step
-            new = ll(cand)
-            if new >= cur:
-                improved = True
-                break
-            t *= 0.5
-        if not improved or not np.all(np.isfinite(cand)):
-            break
-        beta, cur = cand, new
-    mu = 0.5 * (1.0 + np.tanh(0.5 * (X @ beta)))
-    return LogisticFit(beta=beta, converged=converged, iterations=it, loglik=cur,
-                       min_fitted_variance=float(np.min(mu * (1.0 - mu))))
+# separation: the linear programs (the certificate is a finite plain logistic regression, :mod:`.logistic`)
 
 
 def separating_direction(y: np.ndarray, X: np.ndarray) -> np.ndarray | None:
@@ -389,7 +353,7 @@ def model_checks(df, outcome: str, fixed: Sequence[str], group: str, *, min_epv:
 # fit checks
 
 
-def fit_checks(result: GLMMResult, *, max_abs_estimate: float = 10.0, decrement_tol: float = 1e-6,
+def fit_checks(result: FittedModel, *, max_abs_estimate: float = 10.0, decrement_tol: float = 1e-6,
                singular_tol: float = 1e-4) -> list[CheckOutcome]:
     """Checks on a fitted GLMM (see the module docstring); one outcome per check of :data:`FIT_CHECKS`."""
     d = result.diagnostics

@@ -26,11 +26,13 @@ import numpy as np
 import polars as pl
 from scipy import stats
 
+from cbp_platform.study import IMAT, LMM, PRIMARY_ANALYSES
+
 INTERCEPT = "(Intercept)"
 
-# Fixed effects of the paper's adjusted model, in the order of the reference fixtures.
-PAPER_COVARIATES = ("lmm_z2", "imat_z2", "age_10y", "female", "diabetes", "dyslipidemia", "osteoporosis",
-                    "osteoarthritis", "pa_moderate", "pa_high")
+# Fixed effects of the paper's adjusted model (cbp_platform.study), in the order of the reference fixtures:
+# lmm_z2, imat_z2, age_10y, female, diabetes, dyslipidemia, osteoporosis, osteoarthritis, pa_moderate, pa_high.
+PAPER_COVARIATES = PRIMARY_ANALYSES[0].fixed
 AGE_CENTRE = 50.0   # age_10y = (age - 50) / 10: per 10 years, intercept at age 50 (as the cohort model)
 
 
@@ -206,12 +208,12 @@ class SimulatedDesign:
         if self.outcome != "cbp_true":
             raise ValueError("true coefficients are tabulated for the CBP outcome only")
         b_l, b_i = beta_2sd(p.or_lmm_2sd), beta_2sd(p.or_imat_2sd)          # per reference SD
-        (ml, sl), (mi, si) = self.scale["lmm"], self.scale["imat"]
+        (ml, sl), (mi, si) = self.scale[LMM.name], self.scale[IMAT.name]
         return {
             INTERCEPT: p.cbp_intercept + b_l * (ml - p.lmm_ref[0]) / p.lmm_ref[1]
             + b_i * (mi - p.imat_ref[0]) / p.imat_ref[1],
-            "lmm_z2": b_l * 2.0 * sl / p.lmm_ref[1],
-            "imat_z2": b_i * 2.0 * si / p.imat_ref[1],
+            LMM.z_column: b_l * 2.0 * sl / p.lmm_ref[1],
+            IMAT.z_column: b_i * 2.0 * si / p.imat_ref[1],
             "age_10y": p.cbp_age10,
             "female": p.cbp_female,
             "diabetes": math.log(p.or_diabetes),
@@ -235,8 +237,8 @@ def simulated_design(n: int, seed: int, outcome: str = "cbp_true") -> SimulatedD
     frame = pl.DataFrame({
         "site": a.get_column("site"),
         "cbp": a.get_column(outcome).cast(pl.Int8),
-        "lmm_z2": lz,
-        "imat_z2": iz,
+        LMM.z_column: lz,
+        IMAT.z_column: iz,
         "age_10y": (b("age") - AGE_CENTRE) / 10.0,
         "female": (a.get_column("sex") == "F").cast(pl.Float64),
         "diabetes": b("diabetes"),
@@ -247,7 +249,7 @@ def simulated_design(n: int, seed: int, outcome: str = "cbp_true") -> SimulatedD
         "pa_high": (a.get_column("pa_category") == "high").cast(pl.Float64),
     })
     return SimulatedDesign(n=n, seed=seed, outcome=outcome, frame=frame,
-                           scale={"lmm": (lm, ls), "imat": (im, is_)})
+                           scale={LMM.name: (lm, ls), IMAT.name: (im, is_)})
 
 
 def clustered_design(seed: int = 20250101) -> pl.DataFrame:
@@ -272,7 +274,7 @@ def clustered_design(seed: int = 20250101) -> pl.DataFrame:
 # beside the AVX2 / scalar libm one, and the two differ in the last bit of some results. These columns hold across
 # machines only within :data:`DESIGN_ATOL`. Every other column is an integer, a 0/1 flag, a site label or a
 # correctly rounded IEEE-754 operation on integers (``age_10y``), which are bitwise on any machine.
-INEXACT_DESIGN_COLUMNS = ("lmm_z2", "imat_z2")
+INEXACT_DESIGN_COLUMNS = (LMM.z_column, IMAT.z_column)
 # A one-ulp difference in exp (2.2e-16 relative) reaches a per-2-SD exposure (|z| < 6, raw values < 60 over 2 SD
 # > 4) as < 1e-14 absolute, through the mean and SD too (math.fsum); 1e-12 leaves a 100-fold margin and is eight
 # orders below the lme4 comparisons' tolerances, so no estimate can feel it.

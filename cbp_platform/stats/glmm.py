@@ -43,9 +43,9 @@ from statsmodels.base.model import GenericLikelihoodModel, GenericLikelihoodMode
 from statsmodels.tools.sm_exceptions import ConvergenceWarning, HessianInversionWarning
 
 from cbp_platform.stats._likelihood import Evaluation, GroupedLogitLikelihood, gauss_hermite
-from cbp_platform.stats.checks import (CheckOutcome, LogisticFit, design_checks, fit_checks, logistic_mle,
-                                       raise_for_failures)
+from cbp_platform.stats.checks import CheckOutcome, design_checks, fit_checks, raise_for_failures
 from cbp_platform.stats.design import Design, build_design
+from cbp_platform.stats.logistic import LogisticFit, logistic_mle
 
 DEFAULT_NAGQ = 25
 DECREMENT_TOL = 1e-10          # Newton decrement g' (-H)^-1 g at which the optimiser stops

@@ -11,35 +11,63 @@ those of the broken file. ``checksum_mismatch`` is the reverse: a good file whos
 
 from __future__ import annotations
 
-FAULT_KINDS = (
-    "corrupt_gzip",            # bytes in the middle of the water image's gzip stream are garbage
-    "truncated_gzip",          # the fat image's gzip stream ends early
-    "missing_fat",             # no fat image (and none listed in the manifest)
-    "shape_mismatch",          # fat image has one slice fewer than water
-    "affine_mismatch",         # fat image's affine is shifted 15 mm along z
-    "nan_values",              # water image stored as float32 with a slab of NaNs
-    "checksum_mismatch",       # manifest sha256 of the water image is wrong
-    "malformed_covariate_row", # covariates.csv row cannot be parsed (extra field, unit in a number, bad date)
-    "out_of_range_covariate",  # a parseable but impossible value (age, height, weight, NRS, MET)
-    "duplicate_pseudonym",     # pseudonym already delivered in an earlier delivery of this cohort
+from dataclasses import dataclass
+
+from cbp_platform.reasons import R, Reason
+
+
+@dataclass(frozen=True)
+class Fault:
+    """A fault kind and what ingestion must make of it: quarantine the participant with one of ``reasons`` (from
+    :mod:`cbp_platform.reasons`), or, with no reasons, handle it (the participant is measured)."""
+
+    kind: str
+    reasons: tuple[Reason, ...]
+    what: str
+
+    @property
+    def handled(self) -> bool:
+        return not self.reasons
+
+
+_CHECKSUM = Fault("checksum_mismatch", (R.checksum_mismatch,), "manifest sha256 of the water image is wrong")
+_MALFORMED = Fault("malformed_covariate_row", (R.malformed_row, R.invalid_value),
+                   "covariates.csv row cannot be parsed (extra field, unit in a number, bad date)")
+_OUT_OF_RANGE = Fault("out_of_range_covariate", (R.out_of_range,),
+                      "a parseable but impossible value (age, height, weight, NRS, MET)")
+_DUPLICATE = Fault("duplicate_pseudonym", (R.duplicate_pseudonym,),
+                   "pseudonym already delivered in an earlier delivery of this cohort")
+
+# ``cbp synth --faults``: NIfTI deliveries (the order is part of the simulator's seeded assignment)
+NIFTI_FAULTS: tuple[Fault, ...] = (
+    Fault("corrupt_gzip", (R.corrupt_gzip,), "bytes in the middle of the water image's gzip stream are garbage"),
+    Fault("truncated_gzip", (R.truncated_gzip,), "the fat image's gzip stream ends early"),
+    Fault("missing_fat", (R.missing_fat,), "no fat image (and none listed in the manifest)"),
+    Fault("shape_mismatch", (R.shape_mismatch,), "fat image has one slice fewer than water"),
+    Fault("affine_mismatch", (R.affine_mismatch,), "fat image's affine is shifted 15 mm along z"),
+    Fault("nan_values", (R.nan_values,), "water image stored as float32 with a slab of NaNs"),
+    _CHECKSUM, _MALFORMED, _OUT_OF_RANGE, _DUPLICATE,
 )
 
 # ``cbp synth --format dicom``: the image faults of DICOM deliveries (with the manifest and covariate ones)
-DICOM_FAULT_KINDS = (
-    "missing_station",         # station 2 of 4 not delivered (a gap in coverage)
-    "missing_slice",           # one slice missing from a water station
-    "repeated_station",        # a station acquired twice, the older series motion-degraded: keep the newer
-    "water_fat_grid",          # the fat series of one station on another grid
-    "non_dicom_file",          # a text file inside a zip (ignored, like the PACS's own notes)
-    "other_modality",          # a secondary-capture (OT) series inside a zip (ignored)
-    "swapped_station",         # water and fat exchanged in one station
-    "checksum_mismatch",
-    "malformed_covariate_row",
-    "out_of_range_covariate",
-    "duplicate_pseudonym",
+DICOM_FAULTS: tuple[Fault, ...] = (
+    Fault("missing_station", (R.station_gap,), "station 2 of 4 not delivered (a gap in coverage)"),
+    Fault("missing_slice", (R.station_incomplete,), "one slice missing from a water station"),
+    Fault("repeated_station", (), "a station acquired twice, the older series motion-degraded: keep the newer"),
+    Fault("water_fat_grid", (R.water_fat_geometry,), "the fat series of one station on another grid"),
+    Fault("non_dicom_file", (), "a text file inside a zip (ignored, like the PACS's own notes)"),
+    Fault("other_modality", (), "a secondary-capture (OT) series inside a zip (ignored)"),
+    Fault("swapped_station", (R.station_fat_water_swap,), "water and fat exchanged in one station"),
+    _CHECKSUM, _MALFORMED, _OUT_OF_RANGE, _DUPLICATE,
 )
+
+FAULTS: dict[str, Fault] = {f.kind: f for f in NIFTI_FAULTS + DICOM_FAULTS}
+FAULT_KINDS = tuple(f.kind for f in NIFTI_FAULTS)
+DICOM_FAULT_KINDS = tuple(f.kind for f in DICOM_FAULTS)
+# fault kind -> the quarantine reason codes that catch it (any one of them); the one map the tests use
+EXPECTED_REASONS: dict[str, frozenset[str]] = {k: frozenset(r.code for r in f.reasons) for k, f in FAULTS.items()}
 # faults the platform is expected to handle (the participant is measured), not to quarantine
-HANDLED_FAULTS = {"repeated_station", "non_dicom_file", "other_modality"}
+HANDLED_FAULTS = {k for k, f in FAULTS.items() if f.handled}
 
 IMAGE_FAULTS = {"corrupt_gzip", "truncated_gzip", "missing_fat", "shape_mismatch", "affine_mismatch", "nan_values"}
 MANIFEST_FAULTS = {"checksum_mismatch"}

@@ -14,7 +14,7 @@ from cbp_platform.analysis.disclosure import find_pseudonyms
 from cbp_platform.qc.reviews import effective_reviews
 from cbp_platform.synth.cohort import exclusion_cause
 
-from .synthetic import quarantine_rows, warehouse_tables
+from tests.support.synthetic import quarantine_rows, warehouse_tables
 
 SIM_CAUSE = {"missing_cbp_answer": "cbp_not_answered", "missing_physical_activity": "physical_activity_missing",
              "missing_comorbidity": "comorbidity_missing", "image_qc_fat_water_swap": "fat_water_swap_suspected"}
@@ -292,7 +292,7 @@ def test_nrs_missing_gives_null_nrs_high(tables):
 
 
 def test_empty_input_gives_an_empty_cohort():
-    from .synthetic import COMORB
+    from tests.support.synthetic import COMORB
     cov = pl.DataFrame(schema={"pseudonym": pl.String, "site": pl.String, "exam_date": pl.Date, "age": pl.Int16,
                                "sex": pl.String, "height_cm": pl.Float64, "weight_kg": pl.Float64, "cbp": pl.Boolean,
                                "nrs_pain": pl.Int8, "met_min_week": pl.Int32, **{c: pl.Boolean for c in COMORB}})

@@ -131,3 +131,64 @@ def test_paper_vs_run_table(inputs, cohort):
     with pytest.raises(ValueError, match="lack columns"):
         paper_vs_run_table(flow=inputs["flow"], table_one=inputs["table_one"], pa_prevalence=inputs["pa_prevalence"],
                            stratified=inputs["stratified"], model_results={"cbp": pl.DataFrame({"term": ["x"]})})
+
+
+def test_small_cell_note_and_markers_follow_the_disclosure_limit(tmp_path, inputs, cohort):
+    """Under a limit of 10 a count of 7 is hidden and shown as '<10', and the note says 10 and '<10' (it said '<5'
+    whatever the limit); under the default 5 the same count is shown."""
+    from cbp_platform.analysis.report import figure_pa_prevalence
+
+    f = cohort.frame.head(40)
+    small = {**inputs, "table_one": table_one(f), "stratified": stratified_comparisons(f),
+             "pa_prevalence": physical_activity_prevalence(f)}
+    t1 = small["table_one"]
+    dys = t1.filter(pl.col("key") == "dyslipidemia")["all_n"][0]
+    assert 5 <= dys < 10
+    ten = render_report(tmp_path / "ten", min_count=10, **small)
+    md = ten["report_md"].read_text()
+    assert "Counts below 10 and every statistic computed from them are shown as '<10'" in md
+    assert re.search(r"<5(?!00)", md) is None                       # "<500" is a MET category, not a marker
+    pub = pl.read_csv(ten["table_table_one"], infer_schema=False)
+    assert pub.filter(pl.col("Characteristic") == "Dyslipidemia")["All"][0] == "<10"
+    five = render_report(tmp_path / "five", **small)
+    md5 = five["report_md"].read_text()
+    assert "Counts below 5 and every statistic computed from them are shown as '<5'" in md5
+    pub5 = pl.read_csv(five["table_table_one"], infer_schema=False)
+    assert pub5.filter(pl.col("Characteristic") == "Dyslipidemia")["All"][0].startswith(f"{dys} (")
+    _, labels = figure_pa_prevalence(small["pa_prevalence"], min_count=1000)
+    assert all(lab.endswith("n = <1000") for lab in labels)
+
+
+def test_secondary_exposure_has_its_own_section_never_beside_the_paper(tmp_path, inputs, cohort):
+    """A secondary analysis (the CBP model adding fat fraction) goes to the 'Secondary exposures' section with the
+    fat fraction's own descriptive rows; it never feeds the paper-vs-run table (even listed first, with another
+    LMM OR), Table 1 or the paper's forest plot."""
+    from cbp_platform.analysis.report import SECONDARY_SECTION, figure_forest
+
+    secondary = _ors({"lmm_z2": (0.50, 0.40, 0.60, 1e-9), "imat_z2": (1.23, 1.14, 1.31, 1e-8),
+                      "ff_z2": (1.05, 0.90, 1.22, 0.51)})
+    models = {"cbp_ff": secondary, **MODELS}
+    pvr = paper_vs_run_table(flow=inputs["flow"], table_one=inputs["table_one"], pa_prevalence=inputs["pa_prevalence"],
+                             stratified=inputs["stratified"], model_results=models)
+    assert pvr.equals(inputs["paper_vs_run"])
+    paths = render_report(tmp_path, **{**inputs, "model_results": models, "paper_vs_run": pvr,
+                                       "model_summaries": {**inputs["model_summaries"], "cbp_ff": "secondary fit"}},
+                          standardisation=cohort.standardisation, lmm_unit=cohort.lmm_unit)
+    page, md = paths["report_html"].read_text(), paths["report_md"].read_text()
+    assert f'id="{SECONDARY_SECTION}"' in page
+    paper_part, secondary_part = md.split("Secondary exposures")
+    assert "Fat fraction" not in paper_part and "fat fraction" not in paper_part.lower()
+    assert "Fat fraction, per 2 SD" in secondary_part and "secondary fit" in secondary_part
+    sd = cohort.standardisation["ff"]["sd"]
+    assert f"Fat fraction mean {cohort.standardisation['ff']['mean']:.2f}, SD {sd:.2f} (2 SD = {2 * sd:.2f} %)" in md
+    assert "Muscle fat fraction, %" in paths["table_secondary_table_one"].read_text()
+    assert "fat fraction" not in paths["table_table_one"].read_text().lower()
+    assert "Fat fraction" in paths["table_secondary_stratified"].read_text()
+    assert "Fat fraction" not in paths["table_stratified"].read_text()
+    assert paths["table_model_cbp_ff"].is_file() and paths["figure_forest_secondary"].read_bytes().startswith(PNG_MAGIC)
+    assert paths["figure_forest"].read_bytes() == figure_forest(MODELS)[0]      # the paper's forest: paper models only
+    # a secondary analysis that could not be fitted is said so, in its section
+    failed = render_report(tmp_path / "failed", **{**inputs, "model_summaries": {
+        "cbp_ff": "Not fitted on 60 participants: model checks failed: events_per_variable."}})
+    text = failed["report_md"].read_text().split("Secondary exposures")[1]
+    assert "Not fitted on 60 participants" in text and "No secondary model results" in text

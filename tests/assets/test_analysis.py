@@ -1,7 +1,7 @@
 """The cohort-level half of the graph through Dagster: analysis cohort, models, tables, published report, lineage.
 
 The per-batch tables are written straight into the warehouse from the simulator's truth (exact metrics, no MRI;
-``tests/analysis/synthetic.py``), so these tests exercise the analysis assets in seconds; the whole graph from
+``tests/support/synthetic.py``), so these tests exercise the analysis assets in seconds; the whole graph from
 NIfTI files runs in ``tests/segmentation`` and in ``make demo``.
 """
 
@@ -14,8 +14,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from tests.analysis.synthetic import write_warehouse
-from tests.warehouse_query import query as _q
+from tests.support.synthetic import write_warehouse
+from tests.support.warehouse import query as _q
 from cbp_platform.paths import DataLayout
 
 COHORT_ASSETS = ("analysis_cohort", "cbp_association_model", "pain_intensity_model", "table_one",
@@ -34,7 +34,7 @@ def _refresh(root: Path):
 
 @pytest.fixture(scope="module")
 def refreshed(tmp_path_factory):
-    from assets.runner import pipeline_environment
+    from orchestration.runner import pipeline_environment
 
     root = tmp_path_factory.mktemp("analysis")
     with pipeline_environment(root):
@@ -91,7 +91,18 @@ def test_models_recover_the_generating_odds_ratios(refreshed):
     pain = fits.filter(pl.col("analysis") == "pain_intensity_model")
     cohort = _q(root, "SELECT count(*) AS n FROM analysis_cohort WHERE nrs_high IS NOT NULL")
     assert pain["nobs"][0] == cohort["n"][0]
-    assert set(res["analysis"]) == {"cbp_association_model", "pain_intensity_model"}
+    # every analysis of the registry: the paper's two, and per secondary exposure one extending each
+    from cbp_platform import study
+
+    assert set(res["analysis"]) == {a.name for a in study.ANALYSES} >= {"cbp_association_model", "pain_intensity_model"}
+    for a in study.SECONDARY_ANALYSES:
+        fit = fits.filter(pl.col("analysis") == a.name).row(0, named=True)
+        assert (fit["role"], fit["extends"], fit["error"]) == ("secondary", a.extends, None)
+        terms = set(res.filter(pl.col("analysis") == a.name)["term"])
+        assert set(a.exposure_terms) <= terms
+        assert not terms - set(a.exposure_terms) - set(res.filter(pl.col("analysis") == a.extends)["term"])
+    primary_terms = set(res.filter(pl.col("analysis").is_in([a.name for a in study.PRIMARY_ANALYSES]))["term"])
+    assert not primary_terms & {e.z_column for e in study.SECONDARY_EXPOSURES}   # the paper's models stay the paper's
     sens = _q(root, "SELECT DISTINCT model FROM model_results")["model"].to_list()
     assert {"glmm_agq25", "glmm_laplace", "site_fixed", "gee"} <= set(sens)
 
@@ -102,9 +113,12 @@ def test_report_has_every_section_and_no_pseudonym(refreshed):
     out = Path(latest["path"])
     md = (out / "report.md").read_text()
     for heading in ("Exclusion flow", "Table 1", "Physical activity", "Mixed logistic regression",
-                    "Stratified comparisons", "Paper vs this run", "Lineage"):
+                    "Stratified comparisons", "Paper vs this run", "Secondary exposures", "Lineage"):
         assert heading in md, heading
-    for fig in ("flow", "pa_prevalence", "forest"):
+    pvr = (out / "tables" / "paper_vs_run.csv").read_text()
+    assert "Fat fraction" not in pvr and "LMM, per 2 SD" in pvr            # secondary never beside a paper value
+    assert "Fat fraction, per 2 SD" in md.split("Secondary exposures")[1]
+    for fig in ("flow", "pa_prevalence", "forest", "forest_secondary"):
         png = (out / "figures" / f"{fig}.png").read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     assert (out / "report.html").read_text().count("<img") >= 3
@@ -154,8 +168,28 @@ def test_cbp_lineage_prints_the_chain_and_a_participant_path(refreshed, capsys):
     assert main(["lineage", "--data-root", str(root), "--participant", "not-a-pseudonym"]) == 2
 
 
+def test_the_disclosure_limit_is_configured_and_the_report_says_which(refreshed):
+    """published_results' config min_count: under 10 the report says 10 and marks hidden cells '<10' (it said '<5'
+    whatever the limit); the default run restores the report of the default limit."""
+    from cbp_platform.definitions import build_definitions
+
+    root, inst, _, _ = refreshed
+    job = build_definitions().resolve_job_def("cohort_refresh")
+    for limit in (10, None):
+        config = {"ops": {"published_results": {"config": {"min_count": limit}}}} if limit else None
+        res = job.execute_in_process(instance=inst, raise_on_error=False, run_config=config,
+                                     asset_selection=[dg.AssetKey("published_results")])
+        assert res.success
+        md = (Path(json.loads((root / "published" / "latest.json").read_text())["path"]) / "report.md").read_text()
+        shown = limit or 5
+        assert f"Counts below {shown} and every statistic computed from them are shown as '<{shown}'" in md
+        assert (re.search(r"<5(?!00)", md) is None) == (limit == 10)
+        ev = inst.get_latest_materialization_event(dg.AssetKey("published_results")).asset_materialization
+        assert ev.metadata["disclosure_min_count"].value == shown
+
+
 def test_too_few_events_fails_with_a_named_model_check(tmp_path):
-    from assets.runner import pipeline_environment
+    from orchestration.runner import pipeline_environment
 
     with pipeline_environment(tmp_path):
         write_warehouse(tmp_path, 250, seed=12)
@@ -187,7 +221,7 @@ def test_the_refresh_computes_cohort_level_assets_only():
 def test_report_refuses_inputs_from_another_analysis_cohort(tmp_path):
     """Re-materialising analysis_cohort (here with another LMM normaliser) makes every table and model stale; the
     report is not published from such a mix."""
-    from assets.runner import pipeline_environment
+    from orchestration.runner import pipeline_environment
     from cbp_platform.definitions import build_definitions
 
     with pipeline_environment(tmp_path):
@@ -215,8 +249,8 @@ def test_the_postgres_warehouse_gives_the_same_cohort_and_odds_ratios(refreshed,
     cohort refresh through Dagster: the same cohort hash, exclusion flow, tables and odds ratios as DuckDB."""
     from polars.testing import assert_frame_equal
 
-    from assets.runner import pipeline_environment
-    from cbp_platform.definitions import warehouse
+    from orchestration.runner import pipeline_environment
+    from orchestration.profiles import warehouse
 
     root = refreshed[0]
     schema = "analysis_equivalence"

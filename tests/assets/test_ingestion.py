@@ -13,23 +13,16 @@ import polars as pl
 import pytest
 
 from cbp_platform.synth.delivery import synthesize
-from tests.warehouse_query import query as _q
+from cbp_platform.synth.faults import EXPECTED_REASONS
+from tests.support.warehouse import query as _q
 
 ROOT = Path(__file__).resolve().parents[2]
-
-# what each injected fault must be quarantined as
-EXPECTED_REASON = {
-    "corrupt_gzip": {"corrupt_gzip"}, "truncated_gzip": {"truncated_gzip"}, "missing_fat": {"missing_fat"},
-    "shape_mismatch": {"shape_mismatch"}, "affine_mismatch": {"affine_mismatch"}, "nan_values": {"nan_values"},
-    "checksum_mismatch": {"checksum_mismatch"}, "malformed_covariate_row": {"malformed_row", "invalid_value"},
-    "out_of_range_covariate": {"out_of_range"}, "duplicate_pseudonym": {"duplicate_pseudonym"},
-}
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """A data root with two faulty deliveries and a persistent Dagster home; env vars point at them."""
-    from assets.runner import pipeline_environment
+    from orchestration.runner import pipeline_environment
 
     root = tmp_path_factory.mktemp("ingest")
     synthesize(participants=50, deliveries=2, seed=21, data_root=root, fault_rate=0.4, workers=2)
@@ -39,7 +32,7 @@ def env(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ingested(env):
-    from assets.runner import run_pending
+    from orchestration.runner import run_pending
 
     instance = dg.DagsterInstance.get()
     summary = run_pending(instance, log=lambda *_: None, job_name="ingest_batch")
@@ -122,7 +115,7 @@ def test_every_batch_materialises_and_faults_end_in_quarantine(ingested):
     q = _q(root, "SELECT delivery_id, pseudonym, stage, reason FROM quarantine")
     for row in faults.iter_rows(named=True):
         got = q.filter((pl.col("delivery_id") == row["delivery_id"]) & (pl.col("pseudonym") == row["pseudonym"]))
-        assert set(got["reason"].to_list()) & EXPECTED_REASON[row["fault"]], (row, got)
+        assert set(got["reason"].to_list()) & EXPECTED_REASONS[row["fault"]], (row, got)
     # nobody else is quarantined, and every good participant has both scan facts and covariates
     bad = set(zip(faults["delivery_id"], faults["pseudonym"]))
     assert set(zip(q["delivery_id"], q["pseudonym"])) <= bad

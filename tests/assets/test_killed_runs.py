@@ -18,8 +18,8 @@ import pytest
 from cbp_platform.processes import alive
 from cbp_platform.synth.delivery import synthesize
 from cbp_platform.warehouse import table_checksum
-from tests.registration import register_batches
-from tests.warehouse_query import query
+from tests.support.registration import register_batches
+from tests.support.warehouse import query
 from cbp_platform.paths import DataLayout
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,8 +46,8 @@ def _count(root: Path, table: str) -> int:
 @pytest.fixture(scope="module")
 def killed(tmp_path_factory):
     """A clean run of one batch, and the same batch in another root: killed at its first step, reaped, re-run."""
-    from assets.reaper import reap
-    from assets.runner import pipeline_environment, run_pending
+    from orchestration.reaper import reap
+    from orchestration.runner import pipeline_environment, run_pending
 
     clean, root = tmp_path_factory.mktemp("clean"), tmp_path_factory.mktemp("killed")
     for r in (clean, root):
@@ -80,7 +80,7 @@ def killed(tmp_path_factory):
         proc.wait()
         out["killed_at"] = time.time()
         out["run_id"] = run.run_id
-        from assets.reaper import run_processes
+        from orchestration.reaper import run_processes
 
         _, steps = run_processes(inst, run.run_id)
         out["status_before"] = inst.get_run_by_id(run.run_id).status

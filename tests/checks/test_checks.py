@@ -57,3 +57,19 @@ def test_swap_detector_on_phantoms():
         flags[kind].append(fat_water_swap(ph.water, ph.fat, preset.spacing).suspected)
     assert sum(flags["none"]) == 0
     assert np.mean(flags["full"] + flags["slab"]) >= 0.95
+
+
+def test_analysis_cohort_expectations_cover_every_exposure(cohort):
+    """The cohort's expectations come from the registry: each exposure in its plausible range and standardised
+    (mean 0, SD 1/2), the secondary fat fraction included; a fat fraction above 100 % is named."""
+    from checks.analysis import MODEL_COLUMNS, cohort_expectations
+
+    exp = cohort_expectations()
+    cols = {kw["column"] for _, kw in exp}
+    assert {"lmm", "imat", "ff", "lmm_z2", "imat_z2", "ff_z2"} <= cols and "ff_z2" not in MODEL_COLUMNS
+    md = outcomes_metadata(run_suite("cohort_ok", cohort.frame, exp))
+    assert md["failed_expectations"] == 0
+    bad = cohort.frame.with_columns(pl.when(pl.int_range(pl.len()) == 0).then(150.0).otherwise(pl.col("ff"))
+                                    .alias("ff"))
+    md = outcomes_metadata(run_suite("cohort_bad", bad, exp))
+    assert md["failures"] == ["expect_column_values_to_be_between(ff): 1 of %d rows" % bad.height]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from assets.k8s_plan import helm_values, render_step_jobs, step_summary
+from orchestration.k8s_plan import helm_values, render_step_jobs, step_summary
 from cbp_platform import deployment
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -149,7 +149,7 @@ WAREHOUSE_ENV = {"CBP_PG_HOST": "cbp-postgres.cbp.svc.cluster.local", "CBP_PG_PO
 def test_every_manifest_is_valid_against_the_kubernetes_api_schema(k8s_env):
     """Every step Job of every job, the objects the Helm values configure and the storage manifest, validated
     offline against the targeted release's API schema, strict (an unknown field is an error)."""
-    from assets.k8s_plan import manifests, validate_manifests
+    from orchestration.k8s_plan import manifests, validate_manifests
 
     res = validate_manifests()
     assert {k: v for k, v in res.items() if v} == {}
@@ -173,8 +173,8 @@ def test_every_manifest_is_valid_against_the_kubernetes_api_schema(k8s_env):
 
 
 def test_the_kubernetes_profile_uses_the_production_warehouse(k8s_env, monkeypatch):
-    from assets.k8s_plan import run_worker_environment
-    from cbp_platform.definitions import resources_for, warehouse
+    from orchestration.k8s_plan import run_worker_environment
+    from orchestration.profiles import resources_for, warehouse
 
     monkeypatch.delenv("CBP_WAREHOUSE", raising=False)
     assert type(resources_for("kubernetes")["warehouse"]).__name__ == "PostgresWarehouse"

@@ -12,7 +12,7 @@ import pytest
 
 from cbp_platform.synth.delivery import synthesize
 
-pytestmark = pytest.mark.postgres
+pytestmark = [pytest.mark.postgres, pytest.mark.pipeline]
 CBP = str(Path(sys.executable).with_name("cbp"))
 
 
@@ -55,7 +55,7 @@ def test_instance_init_renders_postgres_queue_and_gpu_pool(production, pg):
 
 
 def test_sensor_and_batch_run_are_recorded_in_postgres(production, pg):
-    from assets.runner import run_pending
+    from orchestration.runner import run_pending
 
     root, home, _ = production
     with dg.DagsterInstance.from_config(str(home)) as inst:

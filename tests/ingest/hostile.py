@@ -23,46 +23,48 @@ import nibabel as nib
 import numpy as np
 
 from cbp_platform.imaging.nifti import nifti_bytes
+from cbp_platform.reasons import R
 from cbp_platform.synth.faults import corrupt_gzip, truncate_gzip
 
-# participant fault -> (stage, expected quarantine reason)
+# participant fault -> the quarantine reason expected (stage: raw_mri_scans for SCAN_FAULTS, participant_covariates
+# for COVARIATE_FAULTS); the codes come from the registry, cbp_platform/reasons.py
 SCAN_FAULTS = {
-    "corrupt_gzip": "corrupt_gzip",
-    "truncated_gzip": "truncated_gzip",
-    "empty_file": "empty_file",
-    "not_nifti": "not_nifti",
-    "not_nifti_gz": "not_nifti",
-    "gzip_bomb": "trailing_data",
-    "trailing_garbage": "trailing_data",
-    "offset_inside_header": "invalid_data_offset",
-    "four_d": "invalid_dimensions",
-    "absurd_header_size": "absurd_size",
-    "zero_spacing": "invalid_spacing",
-    "nan_values": "nan_values",
-    "negative_signal": "negative_signal",
-    "constant_image": "constant_image",
-    "unsupported_dtype": "unsupported_dtype",
-    "shape_mismatch": "shape_mismatch",
-    "affine_mismatch": "affine_mismatch",
-    "checksum_mismatch": "checksum_mismatch",
-    "size_mismatch": "size_mismatch",
-    "missing_file": "missing_file",
-    "missing_fat": "missing_fat",
-    "symlink_to_valid_copy": "outside_delivery",
-    "symlink_to_fifo": "outside_delivery",
-    "symlinked_participant_folder": "outside_delivery",
-    "fifo_in_delivery": "not_a_file",
-    "not_in_manifest": "not_in_manifest",
+    "corrupt_gzip": R.corrupt_gzip.code,
+    "truncated_gzip": R.truncated_gzip.code,
+    "empty_file": R.empty_file.code,
+    "not_nifti": R.not_nifti.code,
+    "not_nifti_gz": R.not_nifti.code,
+    "gzip_bomb": R.trailing_data.code,
+    "trailing_garbage": R.trailing_data.code,
+    "offset_inside_header": R.invalid_data_offset.code,
+    "four_d": R.invalid_dimensions.code,
+    "absurd_header_size": R.absurd_size.code,
+    "zero_spacing": R.invalid_spacing.code,
+    "nan_values": R.nan_values.code,
+    "negative_signal": R.negative_signal.code,
+    "constant_image": R.constant_image.code,
+    "unsupported_dtype": R.unsupported_dtype.code,
+    "shape_mismatch": R.shape_mismatch.code,
+    "affine_mismatch": R.affine_mismatch.code,
+    "checksum_mismatch": R.checksum_mismatch.code,
+    "size_mismatch": R.size_mismatch.code,
+    "missing_file": R.missing_file.code,
+    "missing_fat": R.missing_fat.code,
+    "symlink_to_valid_copy": R.outside_delivery.code,
+    "symlink_to_fifo": R.outside_delivery.code,
+    "symlinked_participant_folder": R.outside_delivery.code,
+    "fifo_in_delivery": R.not_a_file.code,
+    "not_in_manifest": R.not_in_manifest.code,
 }
 COVARIATE_FAULTS = {
-    "undecodable_byte": "undecodable_row",
-    "extra_field": "malformed_row",
-    "age_out_of_range": "out_of_range",
-    "mistyped_age": "invalid_value",
-    "unknown_site": "invalid_value",
-    "empty_required": "missing_required",
-    "repeated_row": "duplicate_pseudonym",
-    "no_row": "no_covariate_row",
+    "undecodable_byte": R.undecodable_row.code,
+    "extra_field": R.malformed_row.code,
+    "age_out_of_range": R.out_of_range.code,
+    "mistyped_age": R.invalid_value.code,
+    "unknown_site": R.invalid_value.code,
+    "empty_required": R.missing_required.code,
+    "repeated_row": R.duplicate_pseudonym.code,
+    "no_row": R.no_covariate_row.code,
 }
 HOSTILE = "hostile-d01"
 # a re-send of three participants under an id that sorts before the original, arriving with it (same tick), and

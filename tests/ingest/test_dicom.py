@@ -20,6 +20,7 @@ from cbp_platform.ingest.scans import ScanProblem
 from cbp_platform.landing import dicom_relpath
 from cbp_platform.synth.dicom import (FakeIdentity, StationPlan, participant_zips, plan_stations, series_slices,
                                       station_ranges)
+from cbp_platform.synth.faults import EXPECTED_REASONS
 from cbp_platform.synth.phantom import PRESETS, Subject, render_phantom
 
 P = "PPPPPPPPPP"
@@ -127,19 +128,19 @@ def test_non_dicom_files_and_other_modalities_are_ignored_and_counted(tmp_path, 
         np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / fault / res.facts["fat_path"]).dataobj), ph.fat)
 
 
-@pytest.mark.parametrize("fault, reason, words", [
-    ("missing_station", "station_gap", "station 2 of 1-4 not delivered"),
-    ("missing_slice", "station_incomplete", "water station 3: 1 slice missing"),
-    ("water_fat_grid", "water_fat_geometry", "fat station 3: grid differs"),
-    ("swapped_station", "station_fat_water_swap", "water station 2: water and fat appear exchanged"),
+@pytest.mark.parametrize("fault, words", [
+    ("missing_station", "station 2 of 1-4 not delivered"),
+    ("missing_slice", "water station 3: 1 slice missing"),
+    ("water_fat_grid", "fat station 3: grid differs"),
+    ("swapped_station", "water station 2: water and fat appear exchanged"),
 ])
-def test_each_station_fault_has_its_own_reason(tmp_path, phantom, fault, reason, words):
+def test_each_station_fault_has_its_own_reason(tmp_path, phantom, fault, words):
     ph = phantom
     ddir, files = _deliver(tmp_path, participant_zips(_volumes(ph), ph.affine, _plan(ph, fault), pseudonym=P, seed=1,
                                                       exam=EXAM))
     with pytest.raises(ScanProblem) as e:
         _ingest(tmp_path, ddir, files)
-    assert e.value.reason == reason and words in e.value.message, e.value
+    assert e.value.reason in EXPECTED_REASONS[fault] and words in e.value.message, e.value
     assert P not in e.value.message
     assert not (tmp_path / "derived" / "dicom" / "d1" / P).exists()    # nothing half-written is left
 

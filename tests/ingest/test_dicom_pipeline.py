@@ -13,13 +13,12 @@ import polars as pl
 import pytest
 
 from cbp_platform.synth.dicom import UID_ROOT, FakeIdentity
-from cbp_platform.synth.faults import DICOM_FAULT_KINDS, HANDLED_FAULTS
-from tests.warehouse_query import query as _q
+from cbp_platform.reasons import R
+from cbp_platform.synth.faults import DICOM_FAULT_KINDS, EXPECTED_REASONS, HANDLED_FAULTS
+from tests.support.nnunet import register_phantom_model
+from tests.support.warehouse import query as _q
 
-EXPECTED = {"missing_station": {"station_gap"}, "missing_slice": {"station_incomplete"},
-            "water_fat_grid": {"water_fat_geometry"}, "swapped_station": {"station_fat_water_swap"},
-            "checksum_mismatch": {"checksum_mismatch"}, "malformed_covariate_row": {"malformed_row", "invalid_value"},
-            "out_of_range_covariate": {"out_of_range"}, "duplicate_pseudonym": {"duplicate_pseudonym"}}
+pytestmark = pytest.mark.pipeline          # (and model: the nnunet_model fixture)
 
 
 def _landing_digest(root):
@@ -32,9 +31,8 @@ def _landing_digest(root):
 
 @pytest.fixture(scope="module")
 def dicom_run(nnunet_model, tmp_path_factory):
-    from assets.runner import pipeline_environment, run_pending
+    from orchestration.runner import pipeline_environment, run_pending
     from cbp_platform.synth.delivery import synthesize
-    from tests.segmentation.test_nnunet import _register
 
     folder, _ = nnunet_model
     root = tmp_path_factory.mktemp("dicom-pipeline")
@@ -43,7 +41,7 @@ def dicom_run(nnunet_model, tmp_path_factory):
     before = _landing_digest(root)
     lines: list[str] = []
     with pipeline_environment(root):
-        _register(root / "models" / "registry", folder)
+        register_phantom_model(root / "models" / "registry", folder)
         inst = dg.DagsterInstance.get()
         summary = run_pending(inst, log=lines.append, refresh=False,
                               model_config={"model": "phantom-nnunet", "n_val": 2})
@@ -61,12 +59,12 @@ def test_every_faulty_participant_is_quarantined_with_its_reason_and_every_good_
         if f["outcome"] == "handled":
             continue
         got = by.get((f["delivery_id"], f["pseudonym"]))
-        assert got is not None and got["reason"] in EXPECTED[f["fault"]], (f, got)
+        assert got is not None and got["reason"] in EXPECTED_REASONS[f["fault"]], (f, got)
     # a cohort swap is one exchanged station in DICOM: refused per station
     swapped = {(r["delivery_id"], r["pseudonym"]) for r in truth.filter(pl.col("fat_water_swap") != "none")
                .iter_rows(named=True)}
     for k in swapped:
-        assert by[k]["reason"] == "station_fat_water_swap", by.get(k)
+        assert by[k]["reason"] == R.station_fat_water_swap.code, by.get(k)
     bad_scan = {(f["delivery_id"], f["pseudonym"]) for f in faults.iter_rows(named=True)
                 if f["outcome"] == "quarantine" and f["fault"] not in ("malformed_covariate_row",
                                                                        "out_of_range_covariate")} | swapped

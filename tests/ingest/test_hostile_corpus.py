@@ -14,14 +14,17 @@ import dagster as dg
 import polars as pl
 import pytest
 
+from cbp_platform.reasons import REASONS, R, emitted_at
 from cbp_platform.synth.delivery import synthesize
 from tests.ingest import hostile
-from tests.warehouse_query import query
+from tests.support.warehouse import query
+
+pytestmark = pytest.mark.pipeline
 
 
 @pytest.fixture(scope="module")
 def corpus_run(tmp_path_factory):
-    from assets.runner import pipeline_environment, run_pending
+    from orchestration.runner import pipeline_environment, run_pending
     from cbp_platform.cli import main as cbp
 
     src, root = tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("hostile")
@@ -52,7 +55,7 @@ def corpus_run(tmp_path_factory):
             out["after2"] = hostile.snapshot(landing)
             buf = io.StringIO()
             with contextlib.redirect_stdout(buf):
-                assert cbp(["status", "--deep"]) == 0
+                assert cbp(["status", "--deep", "--explain"]) == 0
             out["status"] = buf.getvalue()
             buf = io.StringIO()
             with contextlib.redirect_stdout(buf):
@@ -99,6 +102,13 @@ def test_each_fault_quarantines_its_participant_with_the_expected_reason(corpus_
     assert p not in msg and "Traceback" not in msg, msg        # named by role and position, never by path
 
 
+def test_every_quarantine_row_carries_a_reason_registered_for_its_stage(corpus_run):
+    q = _quarantine(corpus_run["root"])
+    pairs = set(zip(q["stage"].to_list(), q["reason"].to_list()))
+    assert len(pairs) >= len(set(hostile.SCAN_FAULTS.values()) | set(hostile.COVARIATE_FAULTS.values()))
+    assert sorted(p for p in pairs if not emitted_at(p[1], p[0])) == []
+
+
 def test_every_other_participant_is_processed(corpus_run):
     corpus, root = corpus_run["corpus"], corpus_run["root"]
     scans = set(query(root, f"SELECT pseudonym FROM raw_mri_scans WHERE delivery_id = '{hostile.HOSTILE}'")
@@ -141,12 +151,16 @@ def test_cbp_status_explains_every_delivery(corpus_run):
     for did in (hostile.RESEND_SAME_TICK, hostile.RESEND_LATER):
         assert st[did]["state"] == "registered"
         assert st[did]["quarantine_reasons"] == {"duplicate_pseudonym": len(corpus_run["corpus"].resent)}
+        assert st[did]["quarantine_explained"] == {"duplicate_pseudonym": R.duplicate_pseudonym.explanation}
     h = st[hostile.HOSTILE]
     assert h["participants"] == 44 and h["batch_runs"] == {"SUCCESS": 1}
     assert h["quarantined"] == len(corpus_run["corpus"].expected)
     text = corpus_run["status"]
     for did in hostile.DELIVERY_CASES:
         assert did in text
+    for code in h["quarantine_reasons"]:                        # --explain: each reason shown, from the registry
+        r = REASONS[code]
+        assert f"  {code} [{', '.join(r.stages)}]: {r.explanation}" in text.splitlines(), code
 
 
 def test_a_changed_delivery_is_reported_and_never_reingested(corpus_run):

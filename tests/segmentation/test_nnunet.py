@@ -4,7 +4,6 @@ preprocessing, the stock nnUNetTrainer), registered, run through Dagster's proce
 import json
 import shutil
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,16 +16,8 @@ import pytest
 from cbp_platform.segmentation.backends import nnunet_phantom as phantom
 from cbp_platform.segmentation.manifest import ManifestError, load_manifest
 from cbp_platform.segmentation.registry import register
-from tests.warehouse_query import query as _q
-
-LABEL_ARGS = {v: k for k, v in phantom.PLATFORM_OF.items()}      # platform class -> this model's label id
-
-
-def _register(registry: Path, folder: Path, name: str = "phantom-nnunet", **kw):
-    kw.setdefault("labels", dict(phantom.PLATFORM_OF))
-    kw.setdefault("inputs", ("water", "fat"))
-    kw.setdefault("orientation", phantom.ORIENTATION)
-    return register(registry, folder, backend="nnunetv2", name=name, **kw)
+from tests.support.nnunet import LABEL_ARGS, register_phantom_model
+from tests.support.warehouse import query as _q
 
 
 def _scan(root: Path, delivery: str, p: str):
@@ -50,7 +41,7 @@ def test_the_model_folder_is_nnunets_own_and_needed_neither_timm_nor_torchvision
 
 def test_registration_reads_labels_channels_and_geometry_from_the_folder(nnunet_model, tmp_path):
     folder, _ = nnunet_model
-    m, path = _register(tmp_path / "registry", folder)
+    m, path = register_phantom_model(tmp_path / "registry", folder)
     assert load_manifest(tmp_path / "registry", m.name) == m and path.exists()
     plans = json.loads((folder / "plans.json").read_text())
     sp = plans["configurations"]["3d_fullres"]["spacing"]          # nnU-Net's (k, j, i) order
@@ -77,23 +68,23 @@ def test_folders_that_do_not_fit_fail_naming_the_file_and_the_problem(nnunet_mod
         register(reg, copy, preset="mrsegmentator")
     with pytest.raises(ManifestError, match=r"dataset.json: the model takes 2 channel\(s\) \(water, fat\), the "
                                             r"manifest feeds 1 \(water\)"):
-        _register(reg, copy, inputs=("water",))
+        register_phantom_model(reg, copy, inputs=("water",))
     with pytest.raises(ManifestError, match="keeps the stored voxel order, so the orientation"):
-        _register(reg, copy, orientation="")
+        register_phantom_model(reg, copy, orientation="")
     ds = json.loads((copy / "dataset.json").read_text())
     ds["labels"].pop("iliopsoas_right")
     (copy / "dataset.json").write_text(json.dumps(ds))
     with pytest.raises(ManifestError, match=r"dataset.json: label 3 \(for psoas_right\) missing"):
-        _register(reg, copy)
+        register_phantom_model(reg, copy)
     shutil.copy(folder / "dataset.json", copy / "dataset.json")
-    m, _ = _register(reg, copy)
+    m, _ = register_phantom_model(reg, copy)
     ck = copy / "fold_0" / "checkpoint_final.pth"
     ck.write_bytes(ck.read_bytes()[:-1000])
     with pytest.raises(ManifestError, match=r"fold_0/checkpoint_final.pth: weights changed since registration"):
         load_runner(m, device="cpu")
     ck.write_bytes(b"not a checkpoint")
     with pytest.raises(ManifestError, match=r"fold_0/checkpoint_final.pth: unreadable checkpoint"):
-        _register(reg, copy)
+        register_phantom_model(reg, copy)
     (copy / "plans.json").unlink()
     assert main(["model", "register", "--folder", str(copy), "--backend", "nnunetv2", "--name", "x", "--inputs",
                  "water,fat", "--orientation", "LAS", "--models-dir", str(tmp_path / "m")]
@@ -141,7 +132,7 @@ def test_registration_loading_and_inference_open_no_network_socket(nnunet_model,
         socket.socket(socket.AF_INET, socket.SOCK_STREAM).close()
         assert _NoNetwork.events, "the audit hook does not see sockets"
         _NoNetwork.events = []
-        m, _ = _register(tmp_path / "registry", folder)
+        m, _ = register_phantom_model(tmp_path / "registry", folder)
         labels = load_runner(m, device="cpu").segment(item["water"], item["fat"], item["affine"])
         seen = list(_NoNetwork.events)
     assert seen == []
@@ -160,7 +151,7 @@ def test_labels_are_nnunets_prediction_mapped_onto_the_platforms_classes(nnunet_
     from cbp_platform.segmentation.train import simulated_set
 
     folder, _ = nnunet_model
-    m, _ = _register(tmp_path / "registry", folder)
+    m, _ = register_phantom_model(tmp_path / "registry", folder)
     item = simulated_set(1, 78)[0]
     runner = load_runner(m, device="cpu")
     ours = runner.segment(item["water"], item["fat"], item["affine"])
@@ -195,8 +186,8 @@ def test_an_ensemble_of_folds_is_one_identity_and_averages_the_folds(nnunet_mode
     two = tmp_path / folder.name
     shutil.copytree(folder, two)
     shutil.copytree(two / "fold_0", two / "fold_1")
-    single, _ = _register(tmp_path / "r", folder, name="one")
-    m, _ = _register(tmp_path / "r", two, name="two")
+    single, _ = register_phantom_model(tmp_path / "r", folder, name="one")
+    m, _ = register_phantom_model(tmp_path / "r", two, name="two")
     assert m.options["folds"] == ["0", "1"] and len(m.weights) == 2 and m.sha256 not in m.weights.values()
     item = simulated_set(1, 79)[0]
     a = load_runner(single, device="cpu").segment(item["water"], item["fat"], item["affine"])
@@ -222,7 +213,7 @@ def test_one_unreadable_scan_is_reported_and_the_rest_segmented(nnunet_model, tm
     from cbp_platform.segmentation.pipeline import segment_scans
 
     folder, _ = nnunet_model
-    m, _ = _register(tmp_path / "registry", folder)
+    m, _ = register_phantom_model(tmp_path / "registry", folder)
     items = _nifti_items(tmp_path, seed=80)
     (tmp_path / "p1_water.nii.gz").write_bytes(b"\x1f\x8b damaged")
     results, failures = segment_scans(items, load_runner(m, device="cpu"), tmp_path / "out", num_workers=0)
@@ -238,7 +229,7 @@ def test_a_failed_qc_keeps_the_label_map_and_tops_the_queue(nnunet_model, tmp_pa
     from cbp_platform.segmentation.pipeline import segment_scans
 
     folder, _ = nnunet_model
-    m, _ = _register(tmp_path / "registry", folder)
+    m, _ = register_phantom_model(tmp_path / "registry", folder)
     items = _nifti_items(tmp_path, seed=81)
     out = tmp_path / "out"
     out.mkdir()
@@ -259,7 +250,7 @@ def test_a_failed_qc_keeps_the_label_map_and_tops_the_queue(nnunet_model, tmp_pa
 
 @pytest.fixture(scope="module")
 def nnunet_pipeline(nnunet_model, tmp_path_factory):
-    from assets.runner import compare_with, pipeline_environment, run_pending
+    from orchestration.runner import compare_with, pipeline_environment, run_pending
     from cbp_platform.synth.cohort import CohortParameters
     from cbp_platform.synth.delivery import synthesize
 
@@ -271,8 +262,8 @@ def nnunet_pipeline(nnunet_model, tmp_path_factory):
     shutil.copytree(folder, two)
     shutil.copytree(two / "fold_0", two / "fold_1")
     with pipeline_environment(root):
-        _register(root / "models" / "registry", folder)
-        _register(root / "models" / "registry", two, name="phantom-ensemble")
+        register_phantom_model(root / "models" / "registry", folder)
+        register_phantom_model(root / "models" / "registry", two, name="phantom-ensemble")
         inst = dg.DagsterInstance.get()
         summary = run_pending(inst, log=lambda *_: None, refresh=False,
                               model_config={"model": "phantom-nnunet", "n_val": 2})
@@ -281,6 +272,7 @@ def nnunet_pipeline(nnunet_model, tmp_path_factory):
 
 
 
+@pytest.mark.pipeline
 def test_process_batch_runs_the_registered_nnunet_model_with_its_identity_in_lineage(nnunet_pipeline):
     """Segmentation, metrics, lineage and quarantine with the nnU-Net model. The test model's psoas (Dice 0.3-0.7
     after its minutes of training; nnU-Net's augmentation is not seeded, so each build differs a little) may trip
@@ -330,6 +322,7 @@ def test_process_batch_runs_the_registered_nnunet_model_with_its_identity_in_lin
     assert met.height == 5 * segs.height
 
 
+@pytest.mark.pipeline
 def test_each_segmentation_gets_its_qc_image_features_and_triage(nnunet_pipeline):
     """muscle_segmentations writes, with its rows, one segmentation_qc row per label map (the same map's sha256,
     lean volume equal to muscle_metrics', nnU-Net's own uncertainty, a rank in the batch) and a QC image beside
@@ -359,6 +352,7 @@ def test_each_segmentation_gets_its_qc_image_features_and_triage(nnunet_pipeline
     assert not any(p in text for p in segs["pseudonym"].to_list())
 
 
+@pytest.mark.pipeline
 def test_compare_keeps_the_primary_untouched_and_two_equal_models_agree(nnunet_pipeline):
     root, inst, _, compared = nnunet_pipeline
     assert compared["failed"] == [], compared
@@ -380,8 +374,9 @@ def test_compare_keeps_the_primary_untouched_and_two_equal_models_agree(nnunet_p
     assert md["participants"].value == segs.height
 
 
+@pytest.mark.pipeline
 def test_compare_again_skips_batches_already_compared_with_the_same_weights(nnunet_pipeline):
-    from assets.runner import compare_with, pipeline_environment
+    from orchestration.runner import compare_with, pipeline_environment
 
     root, inst, _, _ = nnunet_pipeline
     before = len(inst.get_run_records(filters=dg.RunsFilter(job_name="compare_model_batch")))

@@ -27,7 +27,7 @@ from cbp_platform.stats import (DATA_CHECKS, FIT_CHECKS, PAPER_COVARIATES, TIDY_
                                 fit_bayes_mixed, fit_checks, fit_gee, fit_glmm, fit_site_fixed, model_checks,
                                 per_sd_odds_ratio, sensitivity_table, simulated_design, standardise_2sd)
 from cbp_platform.stats._likelihood import GroupedLogitLikelihood, gauss_hermite
-from cbp_platform.stats.checks import logistic_mle
+from cbp_platform.stats.logistic import logistic_mle
 from cbp_platform.stats.design import (DESIGN_ATOL, INEXACT_DESIGN_COLUMNS, INTERCEPT, build_design, design_differences,
                                       design_sha256, exact_columns)
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.registration import register_batches
-from tests.system import chromium_page, chromium_path, free_port, require, served
+from tests.support.registration import register_batches
+from tests.support.system import chromium_page, chromium_path, free_port, require, served
 
 pytestmark = pytest.mark.ui
 ROOT = Path(__file__).resolve().parents[2]

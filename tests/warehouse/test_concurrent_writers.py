@@ -9,7 +9,7 @@ from __future__ import annotations
 import polars as pl
 import pytest
 
-from tests.warehouse.writers import batch_frames, run_writers
+from tests.support.writers import batch_frames, run_writers
 
 WRITERS = 16
 PARTICIPANTS = 200          # per batch: 192 measured x 4 muscles = 768 stage rows, 8 quarantined, 192 provenance

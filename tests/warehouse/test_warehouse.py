@@ -12,7 +12,7 @@ import polars as pl
 import pytest
 
 from resources import DuplicateRows, MissingTable
-from tests.warehouse.writers import batch_frames, config, write_batch
+from tests.support.writers import batch_frames, config, write_batch
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
 
@@ -92,7 +92,7 @@ def test_a_failed_guard_keeps_nothing_of_the_stage(wh):
 def test_a_process_killed_inside_the_write_leaves_nothing(wh):
     """A real crash between the stage's writes (os._exit inside the transaction): no rows, no quarantine, no
     provenance; the next writer is not blocked by it."""
-    proc = subprocess.run([sys.executable, "-c", "import sys; from tests.warehouse.writers import "
+    proc = subprocess.run([sys.executable, "-c", "import sys; from tests.support.writers import "
                            "crash_before_commit as c; c(sys.argv[1])", json.dumps(config(wh))],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 17, proc.stderr[-2000:]

@@ -175,6 +175,29 @@ def describe(folder: str | Path, *, name: str, labels: dict[int, str], inputs: t
                 "labels": "dataset.json labels, mapped by the preset or operator", **(source or {})})
 
 
+def describe_registration(req) -> ModelManifest:
+    """``cbp model register`` for an nnU-Net folder (``req``: :class:`~cbp_platform.segmentation.backends.
+    Registration`): labels, inputs, orientation, folds and configuration from the operator, else from the preset."""
+    p = req.preset
+    labels = req.labels or (dict(p.labels) if p else None)
+    inputs = tuple(req.inputs or (p.inputs if p else ()))
+    if not labels or not inputs:
+        raise ManifestError(f"{req.folder}: an nnunetv2 model without a preset needs its labels "
+                            "(--label CLASS=ID for every platform class) and inputs (--inputs)")
+    return describe(req.folder, name=req.name, labels=labels, inputs=inputs,
+                    orientation=req.orientation or (p.orientation if p else ""),
+                    orientation_key="" if req.orientation else (p.orientation_key if p else ""),
+                    folds=req.folds or (p.folds if p else None),
+                    configuration=req.configuration or (p.configuration if p else ""), preset=req.preset_name,
+                    label_names=dict(p.label_names) if p else None,
+                    source={"preset": p.citation} if p else {"labels": "operator (cbp model register)"})
+
+
+def load_runner(manifest: ModelManifest, *, device: str = "auto", sw_batch_size: int = 2) -> "NnunetRunner":
+    """The backend's runner (nnU-Net's predictor tiles by itself: ``sw_batch_size`` does not apply)."""
+    return NnunetRunner(manifest, device=device)
+
+
 def _norm(label_name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", str(label_name).lower())
 

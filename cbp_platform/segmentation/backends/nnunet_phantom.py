@@ -5,9 +5,12 @@ weights are the operator's, kept offline). Every step is nnU-Net's own: a raw da
 ``dataset.json``), ``DatasetFingerprintExtractor``, ``ExperimentPlanner`` (3d_fullres, then shrunk to a small
 network and patch so training fits in minutes), ``DefaultPreprocessor``, and the stock ``nnUNetTrainer`` (fold 0,
 20 epochs of 60 iterations, its SGD and poly schedule from an initial rate of 0.05 instead of 0.01: at 0.01 the
-psoas classes had not appeared after 450 iterations). On 2 idle cores the build takes about 3-4 minutes; the model
-reaches Dice ~0.9 for the autochthonous muscles and ~0.3-0.6 for the psoas on held-out phantoms, enough to
-exercise every class of the mapping (it is a test model, not a measurement model). The result is the folder nnU-Net writes,
+psoas classes had not appeared after 450 iterations). The network trains in channels-last memory layout (an
+instance-level change: oneDNN's 3D convolution backward runs about 30 % faster in it on the CPU, the arithmetic the
+same up to float rounding; the checkpoint is written in the usual layout). On 2 idle cores the build takes about 2.5
+minutes (4 with one thread, ``--threads 1``); the model reaches Dice ~0.9 for the autochthonous muscles and ~0.3-0.9
+for the psoas on held-out phantoms, enough to exercise every class of the mapping (it is a test model, not a
+measurement model). The result is the folder nnU-Net writes,
 ``<out>/nnUNetTrainer__nnUNetPlans__3d_fullres/{dataset.json,plans.json,fold_0/checkpoint_final.pth}``, which
 the platform then registers and runs like any public model.
 
@@ -161,6 +164,17 @@ def build(out: Path, *, n_train: int = 10, seed: int = 4242, epochs: int = 20, i
         return rot, dummy_2d, patch, axes
 
     trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size = no_lr_mirroring
+    start, end = trainer.on_train_start, trainer.on_train_end
+
+    def channels_last_start():              # the network and its optimiser exist from here on
+        start()
+        trainer.network.to(memory_format=torch.channels_last_3d)     # in place: the optimiser keeps its parameters
+
+    def contiguous_end():                   # checkpoint_final.pth in the usual layout
+        trainer.network.to(memory_format=torch.contiguous_format)
+        end()
+
+    trainer.on_train_start, trainer.on_train_end = channels_last_start, contiguous_end
     trainer.run_training()
     folder = Path(trainer.output_folder_base)
     shutil.rmtree(work)

@@ -4,7 +4,7 @@ The same steps the daemon takes, done in the foreground: evaluate ``delivery_sen
 partitions it requests, train (or load) the segmentation model if there is none yet, execute ``process_batch``
 for every requested batch that has no successful run yet (runs are recorded in ``$DAGSTER_HOME``, so
 ``make dev`` shows them afterwards), then refresh the cohort-level assets (analysis cohort, models, tables,
-published report). ``python -m assets.runner``.
+published report). ``python -m orchestration.runner``.
 """
 
 import argparse
@@ -18,13 +18,14 @@ import dagster as dg
 import polars as pl
 
 from assets.partitions import BATCHES
-from assets.reaper import host_tag, reap
 from assets.schedules import COHORT_LEVEL  # noqa: F401  (documents what the refresh covers)
 from assets.sensors import INGEST_JOB, PROCESS_JOB, batch_already_ingested, delivery_sensor
-from cbp_platform.definitions import build_definitions, runtime, warehouse
+from cbp_platform.definitions import build_definitions
 from cbp_platform.paths import DataLayout
 from cbp_platform.processes import environment
 from cbp_platform.progress import bar
+from orchestration.profiles import runtime, warehouse
+from orchestration.reaper import host_tag, reap
 from resources import DataRootResource
 
 CURSOR_FILE = "demo_sensor_cursor.json"
@@ -160,6 +161,12 @@ def compare_with(instance: dg.DagsterInstance, model: str, *, log=print, log_lev
     return summary
 
 
+def compare_models(name: str, log=print) -> dict:
+    """``cbp model compare``: :func:`compare_with` against ``$DAGSTER_HOME``'s instance."""
+    with dg.DagsterInstance.get() as instance:
+        return compare_with(instance, name, log=log)
+
+
 def _latest_success(instance: dg.DagsterInstance, job_name: str, tags: dict):
     runs = instance.get_run_records(filters=dg.RunsFilter(job_name=job_name, tags=tags,
                                                           statuses=[dg.DagsterRunStatus.SUCCESS]), limit=1)
@@ -177,7 +184,7 @@ def _compared_since_segmented(instance: dg.DagsterInstance, key: str, tags: dict
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m assets.runner", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m orchestration.runner", description=__doc__.splitlines()[0])
     ap.add_argument("--no-refresh", action="store_true", help="skip the cohort-level refresh")
     ap.add_argument("--log-level", default="WARNING", help="Dagster console log level of the runs (INFO, DEBUG)")
     ap.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,

@@ -7,7 +7,7 @@ stays STARTED forever. Every Dagster event records the pid of the process that e
 the run worker's pid (``RUN_START``) and the step processes' pids (``STEP_START``) from the event log, and a run
 whose worker is gone (:func:`cbp_platform.processes.alive`, which also rules out a reused pid) is reported
 failed; its step processes still running are sent SIGTERM, then SIGKILL. Their writes are discarded anyway
-(:mod:`assets.writes`). Dagster's run retries (``run_retries`` in the instance) then re-run a crashed batch a
+(:mod:`assets.writes`, which reads the same pids: :func:`assets.writes.run_processes`). Dagster's run retries (``run_retries`` in the instance) then re-run a crashed batch a
 bounded number of times.
 
 ``run_reaper`` runs this every minute; the foreground runner calls it before it starts, for its own host's runs.
@@ -22,38 +22,12 @@ import socket
 import dagster as dg
 from dagster._core.events import JobFailureData, RunFailureReason
 
+from assets.writes import run_processes
 from cbp_platform.deployment import automation_running, profile
 from cbp_platform.processes import alive, terminate
 
 HOST_TAG = "cbp/host"
 ACTIVE = [dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.CANCELING]
-
-
-def run_processes(instance: dg.DagsterInstance, run_id: str) -> tuple[tuple[int, float] | None,
-                                                                       list[tuple[int, float]]]:
-    """(run worker (pid, time recorded), step processes [(pid, time recorded)]) from the run's event log."""
-    conn = instance.get_records_for_run(run_id, of_type={dg.DagsterEventType.RUN_START,
-                                                         dg.DagsterEventType.STEP_START})
-    worker, steps = None, {}
-    for rec in conn.records:
-        ev = rec.event_log_entry.dagster_event
-        if ev is None or not ev.pid:
-            continue
-        if ev.event_type == dg.DagsterEventType.RUN_START and worker is None:
-            worker = (int(ev.pid), rec.event_log_entry.timestamp)
-        elif ev.event_type == dg.DagsterEventType.STEP_START:
-            steps.setdefault(int(ev.pid), rec.event_log_entry.timestamp)
-    if worker is not None:
-        steps.pop(worker[0], None)
-    return worker, sorted(steps.items())
-
-
-def worker_gone(instance: dg.DagsterInstance, run_id: str) -> int | None:
-    """The run worker's pid when that process is gone from this host, else None."""
-    worker, _ = run_processes(instance, run_id)
-    if worker is None or alive(*worker):
-        return None
-    return worker[0]
 
 
 def host_tag() -> dict:

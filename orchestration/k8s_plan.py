@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import yaml
 
+from cbp_platform.definitions import build_definitions
 from cbp_platform.deployment import DEPLOY_DIR, K8S_PG_PASSWORD_VAR, NODE_POOL_LABEL
 from cbp_platform.processes import environment
 
@@ -51,7 +52,6 @@ def _render(values: dict, job_name: str, image: str | None) -> dict:
     from dagster_k8s.container_context import K8sContainerContext
     from dagster_k8s.job import UserDefinedDagsterK8sConfig, construct_dagster_k8s_job, get_user_defined_k8s_config
 
-    from cbp_platform.definitions import build_definitions
 
     if image is None:
         img = values["dagster-user-deployments"]["deployments"][0]["image"]
@@ -160,7 +160,6 @@ def manifests(jobs: tuple[str, ...] | None = None) -> dict[str, dict]:
     documents, the objects the Helm values configure, and the Job of every step of every job."""
     from kubernetes.client import ApiClient
 
-    from cbp_platform.definitions import build_definitions
 
     out = {f"{STORAGE_MANIFEST.relative_to(DEPLOY_DIR.parent)}: {d['kind']} {d['metadata']['name']}": d
            for d in yaml.safe_load_all(STORAGE_MANIFEST.read_text()) if d}

@@ -11,7 +11,7 @@ def register_batches(root: Path) -> list[str]:
     import dagster as dg
 
     from assets.partitions import BATCHES
-    from assets.runner import pipeline_environment
+    from orchestration.runner import pipeline_environment
     from assets.sensors import delivery_sensor
     from resources import DataRootResource
 

@@ -1,0 +1,109 @@
+"""Fitting the study's analyses (:data:`cbp_platform.study.ANALYSES`) on the analysis cohort.
+
+:func:`fit_analysis` fits one analysis the way the published results use it: the mixed logistic regression by
+adaptive Gauss-Hermite quadrature (the reported model), its Laplace fit and the sensitivity fits (site as fixed
+effect, GEE) beside it, all in the tidy shape of :data:`cbp_platform.stats.TIDY_COLUMNS` with ``analysis`` and
+``model`` columns (the ``model_results`` table), and one row describing the fit (``model_fits``). The model
+assets call it for the primary analysis (a failed check fails the asset) and for each secondary analysis that
+extends it (a failed check is recorded by :func:`failed_fit` and reported, the paper's results stand).
+Framework-free: no Dagster.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+
+import polars as pl
+
+from cbp_platform import study
+from cbp_platform.stats import ModelCheckError, fit_glmm, sensitivity_table
+from cbp_platform.stats.glmm import GLMMResult
+
+LAPLACE_MODEL = "glmm_laplace"
+
+
+@dataclass(frozen=True)
+class FittedAnalysis:
+    """One analysis fitted: its ``model_results`` rows, its ``model_fits`` row and the reported GLMM."""
+
+    analysis: study.Analysis
+    table: pl.DataFrame
+    fit: dict
+    result: GLMMResult | None
+
+    def odds_ratios(self) -> dict[str, str]:
+        """term -> 'OR (low-high), p' of the reported model (intercept left out), for logs and metadata."""
+        if self.result is None:
+            return {}
+        return {r["term"]: f"{r['or']:.3f} ({r['or_low']:.3f}-{r['or_high']:.3f}), p {r['p']:.2g}"
+                for r in self.result.coefficients.iter_rows(named=True) if r["term"] != "(Intercept)"}
+
+
+def _identity(a: study.Analysis) -> dict:
+    return {"analysis": a.name, "outcome": a.outcome, "population": a.population, "role": a.role,
+            "extends": a.extends, "exposures": json.dumps(list(a.exposures))}
+
+
+def exposure_correlations(frame: pl.DataFrame, a: study.Analysis) -> dict[str, float]:
+    """Pearson correlation of each pair of the analysis' exposure terms in the fitted rows (collinearity of a
+    secondary exposure with the paper's), keyed ``term~term``."""
+    terms = a.exposure_terms
+    out = {}
+    for i, x in enumerate(terms):
+        for y in terms[i + 1:]:
+            r = frame.select(pl.corr(x, y)).item()
+            out[f"{x}~{y}"] = float(r) if r is not None and math.isfinite(r) else None
+    return out
+
+
+def fit_analysis(cohort_frame: pl.DataFrame, a: study.Analysis, *, cohort_hash: str, nagq: int = 25,
+                 min_epv: float = 10.0) -> FittedAnalysis:
+    """Fit analysis ``a`` on the analysis cohort's frame (its rows: :meth:`~cbp_platform.study.Analysis.data`).
+
+    Raises :class:`~cbp_platform.stats.ModelCheckError` when a data or fit check fails (nothing is returned then).
+    """
+    frame = a.data(cohort_frame)
+    fixed = list(a.fixed)
+    t0 = time.perf_counter()
+    res = fit_glmm(frame, a.outcome, fixed, study.SITE, nagq=nagq, min_epv=min_epv)
+    laplace = fit_glmm(frame, a.outcome, fixed, study.SITE, nagq=1, min_epv=min_epv)
+    seconds = time.perf_counter() - t0
+    table = sensitivity_table(frame, a.outcome, fixed, study.SITE, glmm=res)
+    table = pl.concat([table, laplace.coefficients.with_columns(pl.lit(LAPLACE_MODEL).alias("model"))],
+                      how="diagonal_relaxed")
+    table = table.with_columns(pl.lit(a.name).alias("analysis"))
+    d = res.diagnostics
+    fit = {
+        **_identity(a), "method": res.method, "nagq": res.nagq, "primary_model": res.coefficients["model"][0],
+        "nobs": res.nobs, "events": res.events, "n_groups": res.n_groups, "loglik": res.loglik, "aic": res.aic,
+        "site_variance": res.site_variance, "site_sd": res.site_sd, "laplace_loglik": laplace.loglik,
+        "converged": bool(d.converged), "fit_seconds": seconds,
+        "checks": json.dumps([c.to_dict() for c in res.checks], default=str),
+        "summary": str(res.sm_results.summary()) if res.sm_results is not None else "",
+        "exposure_correlations": json.dumps(exposure_correlations(frame, a)), "error": None,
+        "cohort_hash": cohort_hash}
+    return FittedAnalysis(analysis=a, table=table, fit=fit, result=res)
+
+
+def failed_fit(cohort_frame: pl.DataFrame, a: study.Analysis, exc: ModelCheckError, *,
+               cohort_hash: str) -> FittedAnalysis:
+    """A secondary analysis whose checks failed: no results, a ``model_fits`` row naming the failed checks."""
+    frame = a.data(cohort_frame)
+    fit = {**_identity(a), "nobs": frame.height, "converged": False,
+           "checks": json.dumps([f.to_dict() for f in exc.failures], default=str),
+           "error": f"model checks failed: {', '.join(exc.names)}", "cohort_hash": cohort_hash}
+    return FittedAnalysis(analysis=a, table=pl.DataFrame(), fit=fit, result=None)
+
+
+def fits_frame(fits: list[FittedAnalysis]) -> pl.DataFrame:
+    """The ``model_fits`` rows of several fits (a failed fit's missing figures are null)."""
+    keys = list(dict.fromkeys(k for f in fits for k in f.fit))
+    return pl.DataFrame([{k: f.fit.get(k) for k in keys} for f in fits], infer_schema_length=None)
+
+
+def results_frame(fits: list[FittedAnalysis]) -> pl.DataFrame:
+    """The ``model_results`` rows of several fits, in fit order."""
+    return pl.concat([f.table for f in fits if f.table.height], how="diagonal_relaxed")
