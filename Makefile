@@ -66,9 +66,10 @@ demo: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
 	@echo "Open the UI: make dev   (then http://127.0.0.1:$${DAGSTER_PORT:-3000})"
 
 # The whole suite, browser (tests/ui) and Postgres (tests/deploy) tests included: with the system packages
-# installed, a missing one is a failure, not a skip.
+# installed, a missing one is a failure, not a skip. Two pytest processes side by side, one stream of work per core
+# (tools/run_tests.py, tests/conftest.py): the training of the default MONAI model, and everything else.
 test: $(STAMP) $(SYSDEPS_STAMP)
-	CBP_REQUIRE_SYSTEM_TESTS=1 $(PY) -m pytest -q
+	CBP_REQUIRE_SYSTEM_TESTS=1 $(PY) tools/run_tests.py -q
 
 # The unit layer alone (no Dagster job, no training, no browser, no PostgreSQL server: tests/conftest.py gives
 # every test its layer markers), in about a minute; no system packages needed.

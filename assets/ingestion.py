@@ -15,15 +15,13 @@ import polars as pl
 from assets.partitions import batches_partitions
 from assets.writes import write_stage
 from cbp_platform.deployment import k8s_step_tags
-from cbp_platform.ingest.batch import facts_frame, ingest_scans
-from cbp_platform.ingest.covariates import parse_covariates
+from cbp_platform.ingest.batch import facts_frame, ingest_covariates, ingest_scans
 from cbp_platform.ingest.registry import duplicates_of, registered_manifest
-from cbp_platform.landing import COVARIATES_NAME
 from cbp_platform.progress import RateLogger
 from resources import WAREHOUSE_KIND, DataRootResource, Warehouse
 
-RAW_MRI_SCANS_VERSION = "raw_mri_scans/3"        # 2: bounded, strict reading; 3: DICOM deliveries, source_format
-COVARIATES_VERSION = "participant_covariates/2"  # 2: row by row, BOM, checked against the manifest
+RAW_MRI_SCANS_VERSION = "raw_mri_scans/4"        # 2: bounded; 3: DICOM; 4: one person, one scan
+COVARIATES_VERSION = "participant_covariates/3"  # 2: row by row, BOM, manifest; 3: streamed, bounded
 PREVIEW_ROWS = 5
 
 
@@ -127,10 +125,7 @@ def participant_covariates(context: dg.AssetExecutionContext, data_root: DataRoo
                            warehouse: Warehouse) -> dg.MaterializeResult:
     batch, ddir, manifest = _batch(context, data_root)
     dups = duplicates_of(data_root.path, batch.delivery_id)
-    k, entry = next(((i, f) for i, f in enumerate(manifest["files"]) if f["path"] == COVARIATES_NAME), (None, None))
-    res = parse_covariates(ddir / COVARIATES_NAME, batch.participants, dups, delivery_dir=ddir, entry=entry,
-                           verify=True, label=f"{batch.delivery_id}: {COVARIATES_NAME} "
-                                              f"({'not in the manifest' if k is None else f'files[{k}]'})")
+    res, entry = ingest_covariates(batch, ddir, manifest, duplicates=dups)
     df = res.rows.with_columns(pl.lit(batch.key).alias("batch_key"), pl.lit(batch.delivery_id).alias("delivery_id"))
     df = df.select(["batch_key", "delivery_id", *res.rows.columns])
     cov_sha = entry["sha256"] if entry else ""

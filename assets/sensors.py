@@ -60,7 +60,14 @@ def delivery_sensor(context: dg.SensorEvaluationContext, data_root: DataRootReso
     runs: list[dg.RunRequest] = []
     for st in sorted((s for s in statuses if s.state == READY),
                      key=lambda s: (s.manifest["created_at"], s.delivery_id)):
-        batches = register_delivery(data_root.path, st.path, st.manifest, st.manifest_bytes, data_root.batch_size)
+        try:
+            batches = register_delivery(data_root.path, st.path, st.manifest, st.manifest_bytes,
+                                        data_root.batch_size)
+        except Exception as exc:  # noqa: BLE001  (this delivery's boundary: the others are registered)
+            reason = f"{st.delivery_id}: registration failed ({type(exc).__name__}); the other deliveries go on"
+            context.log.warning(f"delivery refused: {reason}")
+            refused[st.delivery_id] = {"reason": reason, "mtime": _manifest_mtime(st.path)}
+            continue
         for b in batches:
             new_keys.append(b.key)
             if batch_already_ingested(context.instance, b.key):   # e.g. by `make demo` before the daemon ran

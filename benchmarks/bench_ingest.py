@@ -1,6 +1,7 @@
 """Ingestion figures: time per batch of 250 through Dagster, Dagster's overhead per run, the fat-water swap
-detector against the simulator's truth, sensor tick time with thousands of deliveries on disk, and DICOM
-conversion + stitching time and peak RSS per NAKO-size participant."""
+detector against the simulator's truth, sensor tick time with thousands of deliveries on disk, DICOM
+conversion + stitching time and peak RSS per NAKO-size participant, and the peak RSS of parsing a covariates.csv
+just under its size limit (valid rows, then a tail of NUL bytes)."""
 
 import json
 import shutil
@@ -10,7 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
+from cbp_platform.ingest.covariates import MAX_COVARIATES_BYTES
 from cbp_platform.paths import DataLayout
+
+MAX_COVARIATES_MIB = MAX_COVARIATES_BYTES >> 20
 
 
 def _batch_run(n: int, preset: str) -> dict:
@@ -214,6 +218,65 @@ def _ingest_memory(bomb_gib: int = 4) -> dict:
         shutil.rmtree(root, ignore_errors=True)
 
 
+# covariates.csv parsed by a fresh interpreter (verified against its manifest entry, then parsed, as the asset does):
+# its own peak (VmHWM) and, from a small wrapper process around it, getrusage(RUSAGE_CHILDREN).ru_maxrss (a child's
+# ru_maxrss carries the peak of the process that spawned it across exec, so the spawner is kept small)
+_COV_WORKER = """
+import json, sys, time
+from pathlib import Path
+from cbp_platform.ingest.covariates import parse_covariates
+def hwm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+p, ps, entry = Path(sys.argv[1]), json.loads(Path(sys.argv[2]).read_text()), json.loads(sys.argv[3])
+base = hwm()
+t = time.perf_counter()
+res = parse_covariates(p, ps, delivery_dir=p.parent, entry=entry, verify=True, label="bench")
+print(json.dumps({"seconds": time.perf_counter() - t, "valid": res.rows.height,
+                  "reasons": sorted({q["reason"] for q in res.quarantine}), "rss_mb": hwm(), "base_mb": base}))
+"""
+_COV_WRAPPER = """
+import json, resource, subprocess, sys
+out = subprocess.run([sys.executable, "-c", *sys.argv[1:]], capture_output=True, text=True, check=True)
+r = json.loads(out.stdout.strip().splitlines()[-1])
+r["ru_maxrss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+print(json.dumps(r))
+"""
+
+
+def _covariates_memory(size_mib: int = 255, rows: int = 1000) -> dict:
+    """Peak RSS and seconds of parsing a ``size_mib`` MiB covariates.csv: ``rows`` valid rows, then NUL bytes (a
+    sparse file), checked against its manifest entry first (the streamed sha256 pass) as the asset does."""
+    import random
+    import subprocess
+    import sys
+
+    from cbp_platform.imaging.nifti import sha256_file
+    from cbp_platform.landing import COVARIATE_COLUMNS, PSEUDONYM_ALPHABET
+
+    root = Path(tempfile.mkdtemp(prefix="cbp-bench-covariates-"))
+    try:
+        rng = random.Random(26)
+        ps = sorted({"".join(rng.choices(PSEUDONYM_ALPHABET, k=10)) for _ in range(rows)})
+        row = "{},Berlin,2016-03-04,45,F,168.0,64.5,1,5,1200,0,0,0,1"
+        lines = [",".join(COVARIATE_COLUMNS)] + [row.format(p) for p in ps]
+        path = root / "covariates.csv"
+        path.write_text("\n".join(lines) + "\n")
+        with open(path, "r+b") as fh:
+            fh.truncate(size_mib << 20)
+        entry = {"path": path.name, "size": size_mib << 20, "sha256": sha256_file(path)}
+        (root / "participants.json").write_text(json.dumps(ps))
+        out = subprocess.run([sys.executable, "-c", _COV_WRAPPER, _COV_WORKER, str(path),
+                              str(root / "participants.json"), json.dumps(entry)],
+                             capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1])
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        r.update(file_mib=size_mib, rows=len(ps))
+        return r
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def _dicom_figures(n: int = 8) -> dict:
     """DICOM deliveries at NAKO size (4 contrasts x 4 stations of 288 x 224 x 30 slices): conversion + stitching
     per participant with one thread and with the worker's two, peak RSS, and a zip declaring 4 GiB."""
@@ -292,6 +355,11 @@ def run() -> dict:
         print(f"ingest worker peak RSS, {what}: {r['rss_mb']:.0f} MiB (imports alone {r['base_mb']:.0f} MiB; "
               f"target < {limit} MiB, ratio {r['rss_mb'] / limit:.2f}), {r['seconds']:.1f} s, {r['valid']} valid, "
               f"reasons {r['reasons'] or 'none'}")
+    cm = _covariates_memory()
+    print(f"covariates.csv of {cm['file_mib']} MiB ({cm['rows']} valid rows, then NUL bytes; limit "
+          f"{MAX_COVARIATES_MIB} MiB): peak RSS {cm['ru_maxrss_mb']:.0f} MiB (imports alone {cm['base_mb']:.0f} MiB; "
+          f"target < {limit} MiB, ratio {cm['ru_maxrss_mb'] / limit:.2f}), {cm['seconds']:.2f} s (sha256 pass + "
+          f"parse), {cm['valid']} valid, reasons {cm['reasons'] or 'none'}")
     dc = _dicom_figures()
     seg_target = 20.0          # the segmentation target per NAKO volume on CPU (bench_segmentation)
     one, two = dc["one_thread"], dc["two_threads"]
@@ -306,7 +374,7 @@ def run() -> dict:
     print(f"DICOM zip declaring 4 GiB ({b['file_mb']:.1f} MB on disk) in place of one zip: refused "
           f"{b['reasons']}, peak RSS {b['rss_mb']:.0f} MiB, {b['valid']} valid, {b['seconds']:.1f} s")
     return dict(batch_small=small, batch_250=b250, batch_nako=nako, swap_detector=sw, sensor=tick, memory=mem,
-                dicom=dc)
+                covariates_memory=cm, dicom=dc)
 
 
 if __name__ == "__main__":

@@ -30,8 +30,12 @@ OPTIONAL_CHANNELS = ("in", "opp")
 # Pseudonyms: 10 characters of an unambiguous alphabet (no 0/O, 1/I/L), opaque and unordered.
 PSEUDONYM_ALPHABET = "23456789ABCDEFGHJKMNPQRSTUVWXYZ"
 PSEUDONYM_LENGTH = 10
-PSEUDONYM_RE = re.compile(rf"^[{PSEUDONYM_ALPHABET}]{{{PSEUDONYM_LENGTH}}}$")
-DELIVERY_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+PSEUDONYM_RE = re.compile(rf"^[{PSEUDONYM_ALPHABET}]{{{PSEUDONYM_LENGTH}}}\Z")
+# Delivery ids: a letter or digit, then letters, digits, '_' or '-'; at most 64. No '.': the registry names its files
+# ``<id>.json``, ``<id>.manifest.json``, ``<id>.files.json`` and batches ``<id>.b<NNN>``, so an id with a dot could
+# collide with another delivery's file or batch (``x.manifest`` did). ``\Z``, not ``$``: no trailing newline.
+DELIVERY_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
+DELIVERY_ID_RULE = "a letter or digit, then letters, digits, '_' or '-'; at most 64 characters; no '.'"
 
 COVARIATE_COLUMNS = (
     "pseudonym",      # participant pseudonym

@@ -108,7 +108,7 @@ _ALL: tuple[Reason, ...] = (
            "the image data would start inside the header (or after a header extension over 1 MiB)"),
     Reason("invalid_spacing", SCANS, "nifti_header",
            "a voxel size that is zero, negative, not finite or outside 0.2-20 mm"),
-    Reason("invalid_affine", SCANS, "nifti_header", "no usable affine (singular or not finite)"),
+    Reason("invalid_affine", SCANS, "nifti_header", "no usable affine (singular, not finite, or no clear orientation)"),
     Reason("shape_mismatch", SCANS, "nifti_geometry", "an image's shape differs from the water image's"),
     Reason("affine_mismatch", SCANS, "nifti_geometry", "an image's affine differs from the water image's"),
     Reason("corrupt_gzip", SCANS, "nifti_data", "the gzip stream is corrupt"),
@@ -124,6 +124,12 @@ _ALL: tuple[Reason, ...] = (
     Reason("duplicate_pseudonym", FILES, "participant",
            "the pseudonym was registered first by another delivery, or repeats in covariates.csv "
            "(first registered wins)"),
+    Reason("not_in_participant_list", FILES, "participant",
+           "files are listed under the participant's folder, but the manifest's participant list lacks the "
+           "pseudonym (nothing of a delivery disappears unreported)"),
+    Reason("duplicate_content", SCANS, "participant",
+           "the same image content is delivered under another pseudonym of the delivery (both are quarantined; "
+           "the message names the other's position in the manifest)"),
     Reason("unreadable", FILES, "participant",
            "a file that cannot be examined or opened, or an unforeseen error (the message names its type, "
            "never a path)"),
@@ -136,6 +142,13 @@ _ALL: tuple[Reason, ...] = (
     Reason("unreadable_dicom", SCANS, "dicom_headers",
            "a file with the DICOM preamble whose header does not parse or lacks its SOP class or series UID; "
            "other than 8- or 16-bit grey levels"),
+    Reason("participant_mismatch", SCANS, "dicom_headers",
+           "the participant's series disagree on PatientID, study or frame of reference: another person's station "
+           "(the message names the station and the field, never the values)"),
+    Reason("mixed_series", SCANS, "dicom_headers",
+           "one series holds several Dixon contrasts that its ImageType does not tell apart"),
+    Reason("truncated_dicom", SCANS, "dicom_headers",
+           "a slice whose pixel data ends before its rows x columns x bits declare"),
     Reason("station_incomplete", SCANS, "dicom_geometry",
            "a series whose slices differ in orientation, matrix or pixel spacing, or are not evenly spaced "
            "(a missing or doubled slice)"),
@@ -163,6 +176,8 @@ _ALL: tuple[Reason, ...] = (
     Reason("no_covariates_file", COVARIATES, "covariates_file", "covariates.csv is missing"),
     Reason("unreadable_covariates", COVARIATES, "covariates_file",
            "covariates.csv cannot be read: empty, or a header that is not UTF-8 or not parseable"),
+    Reason("covariates_too_large", COVARIATES, "covariates_file",
+           "covariates.csv is larger than the limit (256 MiB): refused before it is parsed"),
     Reason("unexpected_columns", COVARIATES, "covariates_file", "the header is not the contract's columns"),
     Reason("undecodable_row", COVARIATES, "covariates_row", "the participant's row holds bytes that are not UTF-8"),
     Reason("malformed_row", COVARIATES, "covariates_row",

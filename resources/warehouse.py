@@ -208,6 +208,22 @@ class Warehouse(dg.ConfigurableResource):
                 out[name] = pl.DataFrame()
         return out
 
+    def ingestion_outcomes(self, delivery_id: str) -> pl.DataFrame:
+        """Every participant of a delivery that an ingestion stage has ruled on: ``stage``, ``batch_key``,
+        ``pseudonym`` and ``reason`` (null: stored in the stage's table; else the quarantine reason). For the
+        accounting of ``cbp status --json`` (:mod:`cbp_platform.ingest.accounting`); never printed."""
+        have = set(self.tables())
+        parts = []
+        for stage in ("raw_mri_scans", "participant_covariates"):
+            if stage in have:
+                parts.append(self._read(f"SELECT '{stage}' AS stage, batch_key, pseudonym, CAST(NULL AS VARCHAR) AS "
+                                        f"reason FROM {stage} WHERE delivery_id = ?", [delivery_id]))
+        if "quarantine" in have:
+            parts.append(self._read("SELECT stage, batch_key, pseudonym, reason FROM quarantine WHERE delivery_id = ? "
+                                    "AND stage IN ('raw_mri_scans', 'participant_covariates')", [delivery_id]))
+        schema = {"stage": pl.String, "batch_key": pl.String, "pseudonym": pl.String, "reason": pl.String}
+        return pl.concat([p.cast(schema) for p in parts]) if parts else pl.DataFrame(schema=schema)
+
     # --- writes ------------------------------------------------------------------------------------------------
     def replace_rows(self, table: str, df: pl.DataFrame, where: dict[str, Any], *, guard=None) -> str:
         """Atomically replace the rows of ``table`` matching ``where`` by ``df``; return df's checksum."""

@@ -14,10 +14,15 @@ A test gets its layers from what it uses, so they cannot drift from the code: th
 for the rest. While a ``unit`` test runs, launching a Dagster job, training a model, building the test nnU-Net
 model, driving a browser or starting PostgreSQL fails it with a message naming the marker it needs.
 
-The two models are built once per session. Order: the modules that use the test nnU-Net model (``nnunet_model``),
-then the one that trains the default MONAI model (``monai_pipeline``), run after everything else. The nnU-Net build
-is a separate process; when the session has other tests to run first, it starts in the background as the session
-starts (one thread, at low priority), so it overlaps them, and the MONAI training runs alone on the cores.
+The two models are built once per session, and ``make test`` runs the suite as two streams of work, two pytest
+processes side by side (``tools/run_tests.py``), each selected here by ``CBP_TEST_STREAM``: ``monai`` (the module
+that trains the default MONAI model through Dagster, the ``monai_pipeline`` fixture's users) and ``rest``
+(everything else). Each runs torch on one thread (``OMP_NUM_THREADS=1``): two single-threaded streams use two
+cores better than one stream on two threads. In the ``rest`` stream the modules that use the test nnU-Net model
+(``nnunet_model``) run last; its build, a separate process, starts in the background as the stream's first test
+starts (one thread, at low priority), so it overlaps the other tests. Without ``CBP_TEST_STREAM`` (plain
+``pytest``) every test runs, in one process, in this order: everything else, the nnU-Net model's users, then the
+MONAI module.
 """
 
 from __future__ import annotations
@@ -48,8 +53,11 @@ FOLDER_LAYERS = {
 TESTS = Path(__file__).resolve().parent
 
 
-# fixtures whose modules run last, in this order (see the module's docstring)
+# fixtures whose modules run last, in this order (see the module's docstring); the last one's modules form the
+# stream ``monai``, every other test the stream ``rest``
 LATE = ("nnunet_model", "monai_pipeline")
+STREAMS = ("monai", "rest")
+STREAM = os.environ.get("CBP_TEST_STREAM", "")
 
 
 def _module(item) -> str:
@@ -74,6 +82,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         stage[_module(item)] = max(stage.get(_module(item), 0), _late(item))
     items.sort(key=lambda item: stage[_module(item)])     # stable: whole modules move, in collection order
+    if STREAM:
+        if STREAM not in STREAMS:
+            raise pytest.UsageError(f"CBP_TEST_STREAM={STREAM!r}: one of {', '.join(STREAMS)}")
+        mine = [item for item in items if _stream(stage[_module(item)]) == STREAM]
+        if len(mine) < len(items):
+            kept = set(mine)
+            config.hook.pytest_deselected(items=[item for item in items if item not in kept])
+            items[:] = mine
     for item in items:
         layers = {m for name in getattr(item, "fixturenames", ()) for m in FIXTURE_LAYERS.get(name, ())}
         layers.update(FOLDER_LAYERS.get(_folder(item), ()))
@@ -82,6 +98,10 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(m)
         if not any(item.get_closest_marker(m) for m in HEAVY):
             item.add_marker("unit")
+
+
+def _stream(stage: int) -> str:
+    return "monai" if stage == len(LATE) else "rest"
 
 
 # --- what a unit test may not do -----------------------------------------------------------------------------------
@@ -184,7 +204,7 @@ def cohort(tables):
 
 
 NNUNET_BUILD = [sys.executable, "-m", "cbp_platform.segmentation.backends.nnunet_phantom", "--out"]
-_background: dict = {}          # the nnU-Net build started in the background: its process and output folder
+_background: dict = {}          # whether decided, and the nnU-Net build started in the background: process, folder
 
 
 def _nnunet_out(tmp_path_factory) -> Path:
@@ -197,27 +217,31 @@ def _reusable() -> bool:
     return bool(reuse) and (Path(reuse) / "report.json").exists()
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(autouse=True)
 def _nnunet_build_in_background(request, tmp_path_factory):
-    """Start building the test nnU-Net model as the session starts when some of its tests use it and others come
-    first (they run before its users: ``LATE``): one torch thread, ``nice`` 10, output to ``build.out``/``.err``."""
+    """At the session's first test: start building the test nnU-Net model in the background when some of its tests
+    use it and others come first (they run before its users: ``LATE``). One torch thread, ``nice`` 10, output to
+    ``build.out``/``.err``; stopped at the session's end if still running."""
+    if "decided" in _background:
+        return
+    _background["decided"] = True
     items = request.session.items
     users = sum("nnunet_model" in getattr(item, "fixturenames", ()) for item in items)
     if not users or users == len(items) or _reusable():
-        yield
         return
     out = _nnunet_out(tmp_path_factory)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "build.out", "wb") as stdout, open(out / "build.err", "wb") as stderr:
         proc = subprocess.Popen(["nice", "-n", "10", *NNUNET_BUILD, str(out / "results"), "--threads", "1"],
                                 stdout=stdout, stderr=stderr)
-        _background.update(proc=proc, out=out)
-        try:
-            yield
-        finally:
-            if proc.poll() is None:         # the session ended before a test needed the model
-                proc.kill()
-            proc.wait()
+    _background.update(proc=proc, out=out)
+
+
+def pytest_sessionfinish(session):
+    proc = _background.get("proc")
+    if proc is not None and proc.poll() is None:       # the session ended before a test needed the model
+        proc.kill()
+        proc.wait()
 
 
 @pytest.fixture(scope="session")
@@ -233,13 +257,15 @@ def nnunet_model(tmp_path_factory):
     if _reusable():
         report = json.loads((Path(os.environ["CBP_TEST_NNUNET_OUT"]) / "report.json").read_text())
         return Path(report["folder"]), report
-    if _background:
+    if "proc" in _background:
         out = _background["out"]
         code = _background["proc"].wait(timeout=1500)
         stdout, stderr = ((out / f"build.{k}").read_text(errors="replace") for k in ("out", "err"))
     else:
         out = _nnunet_out(tmp_path_factory)
-        done = subprocess.run([*NNUNET_BUILD, str(out / "results")], capture_output=True, text=True, timeout=1500)
+        threads = ["--threads", "1"] if STREAM else []
+        done = subprocess.run([*NNUNET_BUILD, str(out / "results"), *threads], capture_output=True, text=True,
+                              timeout=1500)
         code, stdout, stderr = done.returncode, done.stdout, done.stderr
     if code != 0:
         raise RuntimeError(f"building the test nnU-Net model failed ({code}):\n{stdout[-3000:]}\n{stderr[-3000:]}")

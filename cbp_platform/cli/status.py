@@ -17,7 +17,9 @@ def register(sub) -> None:
                     help="check every listed file of registered deliveries for changes (default: the manifest "
                          "and the covariates file)")
     st.add_argument("--json", action="store_true",
-                    help="one object per delivery; quarantine_explained holds each reason's explanation")
+                    help="one object per delivery; quarantine_explained holds each reason's explanation, accounting "
+                         "where every file and covariate row of a registered delivery went (stored, quarantined, "
+                         "ignored with a reason, pending; unaccounted must be 0)")
     st.add_argument("--explain", action="store_true",
                     help="list the quarantine reasons shown, with their stages and explanations (from "
                          "cbp_platform/reasons.py)")
@@ -47,6 +49,18 @@ def _status_counts(data_root: str | None) -> dict | None:
     return out
 
 
+def _outcomes(data_root: str | None):
+    """delivery id -> the warehouse's ingestion outcomes (rows), for the accounting; no warehouse: none ruled yet."""
+    from orchestration.profiles import warehouse
+
+    try:
+        wh = warehouse(data_root, lock_timeout_s=5.0)
+        wh.tables()
+    except Exception:  # noqa: BLE001  (no warehouse yet, a run holding its lock: every batch counts as not run)
+        return lambda did: []
+    return lambda did: wh.ingestion_outcomes(did).to_dicts()
+
+
 def _cmd_status(args) -> int:
     import os
 
@@ -60,7 +74,8 @@ def _cmd_status(args) -> int:
         from orchestration.instance import batch_run_states
 
         runs = batch_run_states()
-    reports = landing_report(layout.root, layout.landing, deep=args.deep, counts=counts, runs=runs)
+    reports = landing_report(layout.root, layout.landing, deep=args.deep, counts=counts, runs=runs,
+                             outcomes=_outcomes(args.data_root) if args.json else None)
     if args.json:
         print(json.dumps([r.as_dict() for r in reports], indent=1))
     else:

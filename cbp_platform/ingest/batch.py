@@ -10,6 +10,8 @@ import polars as pl
 from cbp_platform.ingest.deliveries import Batch
 from cbp_platform.ingest.dicom import inspect_dicom_participant
 from cbp_platform.ingest.scans import SCAN_FACTS_SCHEMA, ByteBudget, ScanProblem, inspect_participant
+from cbp_platform.ingest.covariates import CovariateResult, parse_covariates
+from cbp_platform.landing import COVARIATES_NAME, DICOM_DIR, MRI_DIR
 from cbp_platform.paths import DataLayout
 from cbp_platform.reasons import R
 
@@ -31,8 +33,16 @@ def ingest_scans(batch: Batch, delivery_dir: Path, manifest: dict, *, duplicates
     facts: list[dict] = []
     quarantine: list[dict] = []
     todo = []
+    listed = set(manifest["participants"])
+    same = duplicate_content(manifest)
     for p in batch.participants:
-        if p in duplicates:
+        if p not in listed:
+            quarantine.append(dict(pseudonym=p, reason=R.not_in_participant_list.code,
+                                   message=unlisted_message(batch.delivery_id, p, index)))
+        elif p in same:
+            quarantine.append(dict(pseudonym=p, reason=R.duplicate_content.code,
+                                   message=f"{batch.delivery_id}: {same[p]}"))
+        elif p in duplicates:
             owner = duplicates[p] if isinstance(duplicates, dict) else ""
             quarantine.append(dict(pseudonym=p, reason=R.duplicate_pseudonym.code,
                                    message=f"{batch.delivery_id}: participant already registered "
@@ -66,7 +76,64 @@ def ingest_scans(batch: Batch, delivery_dir: Path, manifest: dict, *, duplicates
                 quarantine.append(bad)
             if progress is not None:
                 progress(i, len(todo))
+    # the same image under two pseudonyms that the manifest could not show (DICOM: zips that differ in their headers,
+    # one volume): by the sha256 of the stored (DICOM: stitched) water image, within the batch
+    by_sha: dict[str, list[dict]] = {}
+    for f in facts:
+        by_sha.setdefault(f["water_sha256"], []).append(f)
+    for group in (g for g in by_sha.values() if len(g) > 1):
+        for f in group:
+            others = ", ".join(f"participant {batch.participants.index(g['pseudonym']) + 1} of the batch"
+                               for g in group if g is not f)
+            quarantine.append(dict(pseudonym=f["pseudonym"], reason=R.duplicate_content.code,
+                                   message=f"{batch.delivery_id}: the same water image as {others}; both "
+                                           "quarantined"))
+            facts.remove(f)
     return facts, quarantine
+
+
+def ingest_covariates(batch: Batch, delivery_dir: Path, manifest: dict, *, duplicates: set[str] | dict[str, str]
+                      ) -> tuple[CovariateResult, dict | None]:
+    """The batch's rows of ``covariates.csv`` (checked against its manifest entry) and their quarantine, with the
+    participants the manifest's participant list lacks quarantined as ``not_in_participant_list``; and the entry."""
+    k, entry = next(((i, f) for i, f in enumerate(manifest["files"]) if f["path"] == COVARIATES_NAME), (None, None))
+    listed = set(manifest["participants"])
+    res = parse_covariates(Path(delivery_dir) / COVARIATES_NAME, [p for p in batch.participants if p in listed],
+                           duplicates, delivery_dir=delivery_dir, entry=entry, verify=True,
+                           label=f"{batch.delivery_id}: {COVARIATES_NAME} "
+                                 f"({'not in the manifest' if k is None else f'files[{k}]'})")
+    index = {f["path"]: i for i, f in enumerate(manifest["files"])}
+    res.quarantine.extend(dict(pseudonym=p, reason=R.not_in_participant_list.code,
+                               message=unlisted_message(batch.delivery_id, p, index))
+                          for p in batch.participants if p not in listed)
+    return res, entry
+
+
+def unlisted_message(delivery_id: str, pseudonym: str, index: dict[str, int]) -> str:
+    first = min((i for path, i in index.items() if path.split("/")[1:2] == [pseudonym]), default=None)
+    where = f" (files[{first}] and the participant's other files)" if first is not None else ""
+    return (f"{delivery_id}: files are listed under the participant's folder{where}, but the manifest's "
+            "participant list lacks the pseudonym")
+
+
+def duplicate_content(manifest: dict) -> dict[str, str]:
+    """Participants of the delivery whose image files (a NIfTI channel, a DICOM zip) have the sha256 of another
+    participant's: pseudonym -> a message naming the other's file by its position in the manifest."""
+    owner: dict[str, list[tuple[str, int]]] = {}
+    for i, f in enumerate(manifest["files"]):
+        parts = f["path"].split("/")
+        if len(parts) >= 3 and parts[0] in (MRI_DIR, DICOM_DIR):
+            owner.setdefault(f["sha256"], []).append((parts[1], i))
+    out: dict[str, str] = {}
+    for holders in owner.values():
+        people = {p for p, _ in holders}
+        if len(people) < 2:
+            continue
+        for p, i in holders:
+            j = next(j for q, j in holders if q != p)
+            out.setdefault(p, f"files[{i}] has the same content (sha256) as files[{j}], another participant's; "
+                              "both quarantined")
+    return out
 
 
 def redact(text: str, pseudonym: str, delivery_dir: Path | None = None) -> str:

@@ -13,18 +13,29 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from cbp_platform.imaging.nifti import atomic_write_bytes
+from cbp_platform.landing import (DELIVERY_ID_RE, DELIVERY_ID_RULE, DICOM_DIR, MANIFEST_NAME, MRI_DIR, PSEUDONYM_RE,
+                                  SCAN_FORMATS, SCHEMA_VERSION, SUCCESS_MARKER)
 from cbp_platform.paths import DataLayout
-from cbp_platform.landing import (DELIVERY_ID_RE, MANIFEST_NAME, PSEUDONYM_RE, SCAN_FORMATS, SCHEMA_VERSION,
-                                  SUCCESS_MARKER)
 
 BATCH_SEP = ".b"
 DEFAULT_BATCH_SIZE = 250
+
+# The manifest parser's bounds: a manifest beyond any of them refuses its delivery, with a message naming the bound.
 MAX_MANIFEST_BYTES = 256 << 20
+MAX_MANIFEST_DEPTH = 32                 # nesting of objects and arrays (a valid manifest has 3)
+MAX_MANIFEST_FILES = 1_000_000          # entries of ``files``
+MAX_MANIFEST_PARTICIPANTS = 200_000     # entries of ``participants`` (NAKO has ~205,000 participants in all)
+MAX_PATH_CHARS = 1024                   # one listed path
+_HEX64 = re.compile(r"[0-9a-fA-F]{64}\Z")
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 
 
 def batch_key(delivery_id: str, number: int) -> str:
@@ -88,15 +99,54 @@ def read_manifest_bytes(delivery_dir: Path) -> bytes:
         raise ManifestError(f"{label}: cannot be read ({exc.strerror})") from None
 
 
+def nesting_depth(payload: bytes) -> int:
+    """The deepest nesting of objects and arrays in a JSON text (brackets inside strings do not count); computed
+    without recursion, so a document nested 100,000 levels deep is measured, not parsed."""
+    skeleton = _STRING.sub(b'""', payload)
+    step = np.zeros(256, dtype=np.int32)
+    step[[ord("["), ord("{")]] = 1
+    step[[ord("]"), ord("}")]] = -1
+    depth = deepest = 0
+    for i in range(0, len(skeleton), 1 << 22):           # in chunks: bounded memory for a 256 MiB manifest
+        run = np.cumsum(step[np.frombuffer(skeleton, dtype=np.uint8, count=min(1 << 22, len(skeleton) - i),
+                                           offset=i)]) + depth
+        deepest = max(deepest, int(run.max()))
+        depth = int(run[-1])
+    return deepest
+
+
+def normalise_path(path: str) -> str | None:
+    """A listed path in its one spelling: ``./`` and duplicate or trailing slashes removed. None when it would
+    escape the delivery (absolute, ``..``, a backslash or a control character) or is empty."""
+    if path.startswith("/") or "\\" in path or any(ord(c) < 32 for c in path):
+        return None
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    if not parts or ".." in parts:
+        return None
+    return "/".join(parts)
+
+
 def parse_manifest(delivery_dir: Path, payload: bytes) -> dict:
     """Parse and structurally validate a manifest; raise :class:`ManifestError` naming the problem. Messages
-    name entries by their position (``files[3]``), never by a path holding a pseudonym."""
+    name entries by their position (``files[3]``), never by a path holding a pseudonym.
+
+    Bounded: bytes (:data:`MAX_MANIFEST_BYTES`), nesting (:data:`MAX_MANIFEST_DEPTH`, measured before parsing),
+    entries and path length. Harmless variations are normalised, so they compare equal: checksums to lower-case hex,
+    paths without ``./`` or duplicate and trailing slashes (:func:`normalise_path`); a path that escapes the delivery
+    is refused, and so are two entries that name one file."""
     path = f"{delivery_dir.name}/{MANIFEST_NAME}"
+    if len(payload) > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"{path}: {len(payload)} bytes, more than a manifest may hold ({MAX_MANIFEST_BYTES})")
+    depth = nesting_depth(payload)
+    if depth > MAX_MANIFEST_DEPTH:
+        raise ManifestError(f"{path}: nested {depth} levels deep (a manifest has 3; limit {MAX_MANIFEST_DEPTH})")
     try:
         doc = json.loads(payload.decode("utf-8-sig"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ManifestError(f"{path}: not valid JSON ({type(exc).__name__} at byte "
                             f"{getattr(exc, 'pos', getattr(exc, 'start', '?'))})") from None
+    except (RecursionError, MemoryError, ValueError) as exc:     # a number too long to convert, too deep a text
+        raise ManifestError(f"{path}: cannot be parsed ({type(exc).__name__})") from None
     if not isinstance(doc, dict):
         raise ManifestError(f"{path}: top level is not an object")
     for key, typ in (("schema_version", str), ("delivery_id", str), ("created_at", str), ("participants", list),
@@ -104,27 +154,58 @@ def parse_manifest(delivery_dir: Path, payload: bytes) -> dict:
         if not isinstance(doc.get(key), typ):
             raise ManifestError(f"{path}: field {key!r} missing or not a {typ.__name__}")
     if doc["schema_version"].split(".")[0] != SCHEMA_VERSION.split(".")[0]:
-        raise ManifestError(f"{path}: schema_version {doc['schema_version']!r} not supported (want {SCHEMA_VERSION})")
+        raise ManifestError(f"{path}: schema_version {doc['schema_version'][:20]!r} not supported "
+                            f"(want {SCHEMA_VERSION})")
     if doc["delivery_id"] != delivery_dir.name:
-        raise ManifestError(f"{path}: delivery_id {doc['delivery_id']!r} does not match folder {delivery_dir.name!r}")
-    seen = set()
+        raise ManifestError(f"{path}: delivery_id {doc['delivery_id'][:80]!r} does not match folder "
+                            f"{delivery_dir.name!r}")
+    if len(doc["files"]) > MAX_MANIFEST_FILES:
+        raise ManifestError(f"{path}: {len(doc['files'])} files listed (limit {MAX_MANIFEST_FILES})")
+    if len(doc["participants"]) > MAX_MANIFEST_PARTICIPANTS:
+        raise ManifestError(f"{path}: {len(doc['participants'])} participants listed "
+                            f"(limit {MAX_MANIFEST_PARTICIPANTS})")
+    seen: dict[str, int] = {}
+    files = []
     for i, f in enumerate(doc["files"]):
-        if not (isinstance(f, dict) and isinstance(f.get("path"), str) and isinstance(f.get("size"), int)
-                and isinstance(f.get("sha256"), str) and len(f["sha256"]) == 64):
+        if not (isinstance(f, dict) and isinstance(f.get("path"), str) and type(f.get("size")) is int
+                and isinstance(f.get("sha256"), str)):
             raise ManifestError(f"{path}: files[{i}] lacks path/size/sha256")
-        p = f["path"]
-        if p.startswith("/") or "\\" in p or ".." in p.split("/") or not p.strip("/"):
+        if f["size"] < 0:
+            raise ManifestError(f"{path}: files[{i}] has a negative size")
+        if not _HEX64.match(f["sha256"]):
+            raise ManifestError(f"{path}: files[{i}] has a sha256 that is not 64 hexadecimal digits")
+        if len(f["path"]) > MAX_PATH_CHARS:
+            raise ManifestError(f"{path}: files[{i}] has a path of {len(f['path'])} characters "
+                                f"(limit {MAX_PATH_CHARS})")
+        p = normalise_path(f["path"])
+        if p is None:
             raise ManifestError(f"{path}: files[{i}] has a path that escapes the delivery folder")
         if p in seen:
-            raise ManifestError(f"{path}: files[{i}] repeats the path of an earlier entry")
-        seen.add(p)
+            raise ManifestError(f"{path}: files[{i}] names the same file as files[{seen[p]}]")
+        seen[p] = i
+        files.append({**f, "path": p, "sha256": f["sha256"].lower()})
+    doc["files"] = files
     fmt = doc.get("scan_format", "nifti")
     if fmt not in SCAN_FORMATS:
-        raise ManifestError(f"{path}: scan_format {fmt!r} not supported (one of {', '.join(SCAN_FORMATS)})")
+        raise ManifestError(f"{path}: scan_format {str(fmt)[:20]!r} not supported (one of {', '.join(SCAN_FORMATS)})")
     bad = [p for p in doc["participants"] if not isinstance(p, str) or not PSEUDONYM_RE.match(p)]
     if bad:
         raise ManifestError(f"{path}: {len(bad)} participant entries are not valid pseudonyms")
     return doc
+
+
+def unlisted_participants(manifest: dict) -> list[str]:
+    """Pseudonyms whose files the manifest lists (``mri/<pseudonym>/...``, ``dicom/<pseudonym>/...``) but whose
+    participant entry it lacks. They are batched with the others and quarantined as ``not_in_participant_list``
+    at every stage, so nothing of a delivery disappears unreported."""
+    listed = set(manifest["participants"])
+    out = set()
+    for f in manifest.get("files", ()):
+        parts = f["path"].split("/")
+        if len(parts) >= 3 and parts[0] in (MRI_DIR, DICOM_DIR) and PSEUDONYM_RE.match(parts[1]) \
+                and parts[1] not in listed:
+            out.add(parts[1])
+    return sorted(out)
 
 
 def load_manifest(delivery_dir: Path) -> dict:
@@ -142,8 +223,7 @@ def check_delivery(delivery_dir: Path) -> DeliveryStatus:
         return DeliveryStatus(did, delivery_dir, REFUSED, f"{did}: the delivery folder is a symbolic link "
                                                           "(links are never followed)")
     if not DELIVERY_ID_RE.match(did):
-        return DeliveryStatus(did, delivery_dir, REFUSED, f"{did!r}: invalid delivery id (letters, digits, '_', "
-                                                          "'.', '-'; at most 64)")
+        return DeliveryStatus(did, delivery_dir, REFUSED, f"{did[:80]!r}: invalid delivery id ({DELIVERY_ID_RULE})")
     if not os.path.lexists(delivery_dir / SUCCESS_MARKER):
         return DeliveryStatus(did, delivery_dir, WAITING, f"{did}: no {SUCCESS_MARKER} marker yet (in transfer)")
     try:
@@ -165,15 +245,26 @@ def scan_landing(landing: Path, skip: set[str] | frozenset[str] = frozenset()) -
     for e in entries:
         if e.name in skip:
             continue
-        out.append(check_delivery(Path(e.path)))
+        out.append(checked(Path(e.path)))
     return out
+
+
+def checked(delivery_dir: Path) -> DeliveryStatus:
+    """:func:`check_delivery` inside the delivery's own boundary: whatever goes wrong there refuses this delivery,
+    with the error's type as the reason, and never reaches the caller (the sensor, ``cbp status``)."""
+    try:
+        return check_delivery(delivery_dir)
+    except Exception as exc:  # noqa: BLE001  (the boundary: one delivery's problem never stops the others)
+        return DeliveryStatus(delivery_dir.name, delivery_dir, REFUSED,
+                              f"{delivery_dir.name}: could not be checked ({type(exc).__name__}); refused, the "
+                              "other deliveries go on")
 
 
 def plan_batches(manifest: dict, batch_size: int = DEFAULT_BATCH_SIZE) -> list[Batch]:
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
     did = manifest["delivery_id"]
-    ps = sorted(set(manifest["participants"]))
+    ps = sorted(set(manifest["participants"]) | set(unlisted_participants(manifest)))
     if not ps:
         return []
     return [Batch(batch_key(did, i // batch_size + 1), did, i // batch_size + 1, ps[i:i + batch_size])

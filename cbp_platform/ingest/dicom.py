@@ -11,20 +11,35 @@ quarantine reason; the rest of the batch goes on):
    uncompressed is ``zip_too_large``, refused before anything is extracted. Extraction streams each member into
    a private work folder with its sha256; it can never write more than the declared size (a lying header ends in a
    CRC error: ``corrupt_zip``).
-2. **Classification** by header: a file without the DICOM preamble is ignored (a PACS note), and so is a series of
-   another modality or a localizer; each ignored file is counted in the sidecar. A file with the preamble that
-   does not parse is ``unreadable_dicom``. The contrast comes from ``ImageType`` (``WATER``, ``FAT``,
-   ``IN_PHASE``, ``OPP_PHASE``), else from the ``SeriesDescription`` suffix (``_W``, ``_F``, ``_in``,
-   ``_opp``); the station from ``ProtocolName`` (``..._S<n>``); ``COMPOSED`` marks the scanner's whole-body
-   series. A station acquired twice keeps its newest series (acquisition time, then series number).
+2. **Classification** by header: a DICOMDIR (named so, or of the Media Storage Directory SOP class) is ignored,
+   and so is a series of another modality or a localizer; each ignored file is counted in the sidecar. A file
+   without the DICOM preamble is read all the same when it parses as an MR image (some exports omit the preamble;
+   it is rewritten as a standard file before conversion), else ignored as not a DICOM file (a PACS note); when
+   such files exist and no water or fat series is left, that is ``unreadable_dicom`` naming how many, not
+   ``missing_water``. A file with the preamble that does not parse is ``unreadable_dicom``. The contrast comes
+   from ``ImageType`` (``WATER``, ``FAT``, ``IN_PHASE``, ``OPP_PHASE``), else from the ``SeriesDescription``
+   suffix (``_W``, ``_F``, ``_in``, ``_opp``); the station from ``ProtocolName`` (``..._S<n>``); ``COMPOSED``
+   marks the scanner's whole-body series. A series is its UID and contrast: water and fat written under one
+   ``SeriesInstanceUID`` are split by ``ImageType``; several contrasts in one series that ``ImageType`` does not
+   tell apart are ``mixed_series``. An enhanced (multi-frame) MR file is not read yet: ``unreadable_dicom``.
+   **One person**: every Dixon series (chosen, superseded or composed) must carry the same ``PatientID``; the
+   series of a station share ``StudyInstanceUID`` and ``FrameOfReferenceUID``, and where stations share a value,
+   a station with another is refused (stations that each have their own are accepted): ``participant_mismatch``,
+   naming the series and the field, never the values (which are compared, never kept). Only then is a station
+   acquired twice resolved: the newest series is kept (acquisition time, then series number).
 3. **Geometry from the headers**: every series' slices share orientation, matrix and pixel spacing and are evenly
    spaced (a missing or doubled slice is ``station_incomplete``); water and fat of each station lie on the same
    grid (``water_fat_geometry``; in-phase/opposed-phase: ``in_opp_geometry``); the stations are numbered without
    a gap and overlap or touch (``station_gap``); a series or the stitched volume larger than
    :attr:`~cbp_platform.ingest.scans.ScanRules.max_image_bytes` is ``series_too_large``.
-4. **Conversion** with dcm2niix (the PyPI wheel's binary), one run per participant; each output is oriented to
-   the platform's LAS voxel order and its affine must equal the one computed from the headers
-   (``conversion_geometry``).
+4. **Conversion** with dcm2niix (the PyPI wheel's binary). First every slice of the kept series must hold the
+   pixel data its rows, columns and bits declare (``truncated_dicom``, naming the series, slice and the file's
+   position in the delivery); files without the preamble or with a deflated transfer syntax are rewritten as
+   standard uncompressed files in the work folder. One dcm2niix run per participant (the parts of a series UID
+   that holds several contrasts each in a run of their own, dcm2niix grouping by UID); a failure is
+   ``conversion_failed`` with dcm2niix's own error lines, each path replaced by the series and slice number.
+   Each output is oriented to the platform's LAS voxel order and its affine must equal the one computed from the
+   headers (``conversion_geometry``).
 5. **Per-station checks**: fat-water swap (``station_fat_water_swap``) and, where delivered, in-phase close to
    water + fat (``in_phase_inconsistent``).
 6. **Stitching** each contrast onto one grid (the first station's in-plane grid, the whole superior-inferior
@@ -34,9 +49,11 @@ quarantine reason; the rest of the batch goes on):
    (``fov_too_short``). When the stations are incomplete or have a gap and the composed series is delivered and
    passes the same checks, the composed series is used instead (``source: composed`` in the sidecar).
 7. **Outputs** under ``$CBP_DATA_ROOT/derived/dicom/<delivery>/<pseudonym>/`` (never the landing zone): one
-   ``.nii.gz`` per contrast and ``<pseudonym>_dixon.json``, a sidecar holding a whitelisted, de-identified subset
-   of the header (no name, birth date, institution, UID or date). The sha256 of every DICOM file read is
-   returned for provenance.
+   ``.nii.gz`` per contrast and ``<pseudonym>_dixon.json``, a sidecar whose header part is an allow-list: the
+   contrast and station (derived, not copied), scanner make and model, field strength, TE, TR, flip angle, slice
+   thickness as numbers, and ``ImageType`` tokens of a known set. No free text (series or study description,
+   protocol name, comments, operators), name, birth date, institution, UID or date. The sha256 of every DICOM
+   file read is returned for provenance.
 """
 
 from __future__ import annotations
@@ -68,9 +85,22 @@ DESCRIPTION_SUFFIX = re.compile(r"_(W|F|IN|OPP)(_COMPOSED)?$", re.IGNORECASE)
 SUFFIX_CONTRAST = {"W": "water", "F": "fat", "IN": "in", "OPP": "opp"}
 OUTPUT_AXES = ("L", "A", "S")            # the platform's voxel order (NIfTI deliveries and the simulator's)
 CHUNK = 1 << 20
-# the only header fields a sidecar may carry (acquisition physics and scanner model; nothing that identifies)
-SIDECAR_FIELDS = ("Manufacturer", "ManufacturerModelName", "MagneticFieldStrength", "EchoTime", "RepetitionTime",
-                  "FlipAngle", "SliceThickness")
+# the only header fields a sidecar may carry (acquisition physics and scanner model; nothing that identifies):
+# numbers as numbers (anything else is left out), the scanner's make and model as short printable text
+SIDECAR_NUMBERS = ("MagneticFieldStrength", "EchoTime", "RepetitionTime", "FlipAngle", "SliceThickness")
+SIDECAR_TEXT = ("Manufacturer", "ManufacturerModelName")
+SIDECAR_FIELDS = SIDECAR_TEXT + SIDECAR_NUMBERS
+# ImageType values a sidecar may repeat (any other token, typed in by a person or a vendor, is left out)
+KNOWN_IMAGE_TYPE = frozenset({"ORIGINAL", "DERIVED", "PRIMARY", "SECONDARY", "M", "P", "R", "I", "MAGNITUDE",
+                              "PHASE", "REAL", "IMAGINARY", "DIXON", "WATER", "FAT", "IN_PHASE", "OPP_PHASE",
+                              "OUT_PHASE", "COMPOSED", "NORM", "DIS2D", "DIS3D", "ND", "MPR", "MOCO", "FILTERED",
+                              "NONE", "OTHER", "MIXED", "VOLUME", "AXIAL"})
+# who and what the series belong to: compared between the participant's series, never copied or reported
+IDENTITY_FIELDS = ("PatientID", "StudyInstanceUID", "FrameOfReferenceUID")
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"           # a DICOMDIR's SOP class
+ENHANCED_MR = ("1.2.840.10008.5.1.4.1.1.4.1", "1.2.840.10008.5.1.4.1.1.4.4")   # Enhanced / Legacy Converted
+DEFLATED = "1.2.840.10008.1.2.1.99"                        # Deflated Explicit VR Little Endian
+NATIVE_SYNTAXES = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2")   # uncompressed pixels
 
 
 @dataclass(frozen=True)
@@ -90,11 +120,12 @@ class DicomRules:
 
 DICOM_RULES = DicomRules()
 SWAP_MIN_REVERSED = 0.2          # the share of reversed slices that flags a volume (as for NIfTI scans)
-# the only tags parsed (the rest of each header is skipped: identifying fields are never even decoded)
+# the only tags parsed (the rest of each header is skipped: identifying fields are never even decoded; the
+# identity fields are compared, never kept; PixelData's value is not read, only where it starts and its length)
 HEADER_TAGS = ["SOPClassUID", "SeriesInstanceUID", "Modality", "ImageType", "SeriesDescription", "ProtocolName",
                "SeriesNumber", "AcquisitionDate", "AcquisitionTime", "SeriesDate", "SeriesTime",
                "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns",
-               "BitsAllocated", "SamplesPerPixel", *SIDECAR_FIELDS]
+               "BitsAllocated", "SamplesPerPixel", "NumberOfFrames", *IDENTITY_FIELDS, *SIDECAR_FIELDS, "PixelData"]
 STATION_RE = re.compile(r"_S(\d+)$")
 
 
@@ -105,6 +136,11 @@ class _Slice:
     iop: np.ndarray
     spacing: tuple[float, float]          # PixelSpacing: between rows, between columns
     matrix: tuple[int, int]               # rows, columns
+    where: str = ""                       # "<zip's role> member <k>": the file's position in the delivery
+    pixel_bytes: int | None = None        # bytes of pixel data in the file (None: compressed, not measured)
+    expected_bytes: int = 0               # rows x columns x bytes per pixel
+    rewrite: bool = False                 # no preamble, or deflated: rewritten as a standard file to convert
+    syntax: str = ""                      # its transfer syntax UID (a standard one: never identifying)
 
 
 @dataclass
@@ -119,6 +155,13 @@ class _Series:
     slices: list[_Slice] = field(default_factory=list)
     affine: np.ndarray | None = None      # RAS+ affine of the sorted slice stack, LAS voxel order
     shape: tuple[int, int, int] | None = None
+    ident: dict = field(default_factory=dict, repr=False)   # IDENTITY_FIELDS: compared only, never written
+    by_image_type: bool = True            # the contrast came from ImageType (not from the description)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """A series is its UID and contrast: some scanners write water and fat under one SeriesInstanceUID."""
+        return self.uid, self.contrast
 
     @property
     def label(self) -> str:
@@ -143,8 +186,10 @@ def dicom_zips(pseudonym: str, files_by_path: dict[str, dict]) -> list[str]:
 # 1. zips
 
 
-def _extract(f: _Listed, work: Path, zip_no: int, state: dict, rules: DicomRules) -> list[tuple[int, Path, str]]:
-    """Members of one verified zip, streamed into ``work`` with their sha256: ``[(member index, path, sha)]``."""
+def _extract(f: _Listed, work: Path, zip_no: int, state: dict, rules: DicomRules
+             ) -> list[tuple[int, Path, str, bool]]:
+    """Members of one verified zip, streamed into ``work`` with their sha256: ``[(member index, path, sha, named
+    DICOMDIR)]`` (the member's name itself is never kept: it may hold a patient's name)."""
     out = []
     with _open(f.path, f.role) as fh:
         try:
@@ -183,7 +228,7 @@ def _extract(f: _Listed, work: Path, zip_no: int, state: dict, rules: DicomRules
                     # (the exception's text names the member, and member names may hold a patient's name)
                     why = "CRC check failed" if "CRC" in str(exc) else type(exc).__name__
                     raise ScanProblem(R.corrupt_zip, f"{f.role}: member {k} cannot be extracted ({why})") from None
-                out.append((k, dest, h.hexdigest()))
+                out.append((k, dest, h.hexdigest(), info.filename.rsplit("/", 1)[-1].upper() == "DICOMDIR"))
     return out
 
 
@@ -191,80 +236,249 @@ def _extract(f: _Listed, work: Path, zip_no: int, state: dict, rules: DicomRules
 # 2. classification
 
 
-def _contrast(ds) -> tuple[str | None, bool]:
+def _contrast(ds) -> tuple[str | None, bool, bool]:
+    """(contrast, composed, whether ImageType told the contrast) of one file."""
     tokens = {str(t).upper() for t in (ds.get("ImageType") or [])}
     desc = str(ds.get("SeriesDescription") or "").strip()
     composed = "COMPOSED" in tokens or desc.upper().endswith("_COMPOSED")
     for tok, c in IMAGE_TYPE_TOKENS.items():
         if tok in tokens:
-            return c, composed
+            return c, composed, True
     m = DESCRIPTION_SUFFIX.search(desc)
-    return (SUFFIX_CONTRAST[m.group(1).upper()] if m else None), composed
+    return (SUFFIX_CONTRAST[m.group(1).upper()] if m else None), composed, False
 
 
-def _classify(members: list[tuple[str, int, Path, str]], role_of_zip: dict[str, str]
-              ) -> tuple[dict[str, _Series], list[dict]]:
-    """Series by UID from the extracted files, and the files ignored (with why)."""
+def _classify(members: list[tuple[str, int, Path, str, bool]], role_of_zip: dict[str, str]
+              ) -> tuple[dict[tuple[str, str], _Series], list[dict], list[str]]:
+    """Series by (UID, contrast) from the extracted files; the files ignored (with why); and the positions of the
+    files without the DICOM preamble that do not parse as DICOM either."""
     import pydicom
     from pydicom.errors import InvalidDicomError
+    from pydicom.filereader import read_file_meta_info
 
-    series: dict[str, _Series] = {}
+    series: dict[tuple[str, str], _Series] = {}
     ignored: list[dict] = []
-    for zrel, k, path, _sha in members:
+    unparsed: list[str] = []
+    for zrel, k, path, _sha, named_dicomdir in members:
         where = f"{role_of_zip[zrel]} member {k}"
+        if named_dicomdir:
+            ignored.append(dict(file=where, why="a DICOMDIR (the export's index)"))
+            continue
         with open(path, "rb") as fh:
             head = fh.read(132)
-        if len(head) < 132 or head[128:132] != b"DICM":
-            ignored.append(dict(file=where, why="not a DICOM file"))
-            continue
+        preamble = len(head) == 132 and head[128:132] == b"DICM"
+        if preamble:
+            try:
+                meta = read_file_meta_info(path)
+            except Exception:                    # noqa: BLE001  (any failure: the file is damaged)
+                raise ScanProblem(R.unreadable_dicom, f"{where}: has the DICOM preamble but its file meta "
+                                                      "information does not parse") from None
+            if str(meta.get("MediaStorageSOPClassUID") or "") == MEDIA_STORAGE_DIRECTORY:
+                ignored.append(dict(file=where, why="a DICOMDIR (the export's index)"))
+                continue
+            try:
+                ds = pydicom.dcmread(path, defer_size=1024, specific_tags=HEADER_TAGS)
+            except (InvalidDicomError, AttributeError, KeyError, TypeError, ValueError, IndexError, OSError,
+                    EOFError) as exc:
+                raise ScanProblem(R.unreadable_dicom, f"{where}: DICOM header unreadable or incomplete "
+                                                      f"({type(exc).__name__})") from None
+        else:
+            # no preamble: a PACS note, or a DICOM data set written without it (read below when it is an MR image)
+            try:
+                ds = pydicom.dcmread(path, force=True, defer_size=1024, specific_tags=HEADER_TAGS)
+                ok = bool(ds.get("SOPClassUID")) and bool(_raw(ds, "SeriesInstanceUID"))
+            except Exception:                    # noqa: BLE001  (whatever a random file makes the parser do)
+                ok = False
+            if not ok:
+                ignored.append(dict(file=where, why="not a DICOM file"))
+                unparsed.append(where)
+                continue
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=HEADER_TAGS)
-            if not ds.get("SOPClassUID") or not ds.get("SeriesInstanceUID"):
+            if not ds.get("SOPClassUID") or not _raw(ds, "SeriesInstanceUID"):
                 raise ScanProblem(R.unreadable_dicom, f"{where}: has the DICOM preamble but no SOP class or series "
                                                       "UID (a damaged file)")
             modality = str(ds.get("Modality") or "")
             image_type = {str(t).upper() for t in (ds.get("ImageType") or [])}
             if modality != "MR":
-                ignored.append(dict(file=where, why=f"a series of modality {modality or 'unknown'}"))
+                shown = modality if re.fullmatch(r"[A-Z]{2,4}", modality) else "unknown"
+                ignored.append(dict(file=where, why=f"a series of modality {shown}"))
                 continue
             if "LOCALIZER" in image_type:
                 ignored.append(dict(file=where, why="a localizer"))
                 continue
-            contrast, composed = _contrast(ds)
+            if str(ds.SOPClassUID) in ENHANCED_MR or int(ds.get("NumberOfFrames") or 1) > 1:
+                raise ScanProblem(R.unreadable_dicom, f"{where}: an enhanced (multi-frame) MR image; not read yet "
+                                                      "(export the series as classic single-frame MR images)")
+            contrast, composed, by_image_type = _contrast(ds)
             if contrast is None:
                 ignored.append(dict(file=where, why="an MR series that is not a Dixon contrast"))
                 continue
-            uid = str(ds.SeriesInstanceUID)
-            m = STATION_RE.search(str(ds.get("ProtocolName") or ""))
+            uid = _raw(ds, "SeriesInstanceUID")
+            m = STATION_RE.search(str(ds.get("ProtocolName") or "").strip())
+            rows, cols = int(ds.Rows), int(ds.Columns)
+            bits, samples = int(ds.get("BitsAllocated", 16)), int(ds.get("SamplesPerPixel", 1))
+            frames = max(1, int(ds.get("NumberOfFrames") or 1))
             sl = _Slice(path, np.array([float(x) for x in ds.ImagePositionPatient]),
                         np.array([float(x) for x in ds.ImageOrientationPatient]),
-                        (float(ds.PixelSpacing[0]), float(ds.PixelSpacing[1])), (int(ds.Rows), int(ds.Columns)))
-            if int(ds.get("BitsAllocated", 16)) not in (8, 16) or int(ds.get("SamplesPerPixel", 1)) != 1:
+                        (float(ds.PixelSpacing[0]), float(ds.PixelSpacing[1])), (rows, cols), where=where,
+                        expected_bytes=rows * cols * (bits // 8) * samples * frames)
+            if bits not in (8, 16) or samples != 1:
                 raise ScanProblem(R.unreadable_dicom, f"{where}: {ds.get('BitsAllocated')}-bit, "
                                                       f"{ds.get('SamplesPerPixel')} samples per pixel (want "
                                                       "8- or 16-bit grey levels)")
+            syntax = str(ds.file_meta.get("TransferSyntaxUID") or "") if hasattr(ds, "file_meta") else ""
+            sl.rewrite, sl.syntax = not preamble or syntax == DEFLATED, syntax
+            if not sl.rewrite:
+                sl.pixel_bytes = _pixel_bytes(ds, path, syntax)
+            ident = {f: _raw(ds, f) for f in IDENTITY_FIELDS}
         except ScanProblem:
+            if not preamble:                    # parsed by force only: not taken for a damaged DICOM file
+                ignored.append(dict(file=where, why="not a DICOM file"))
+                unparsed.append(where)
+                continue
             raise
         except (InvalidDicomError, AttributeError, KeyError, TypeError, ValueError, IndexError, OSError) as exc:
+            if not preamble:
+                ignored.append(dict(file=where, why="not a DICOM file"))
+                unparsed.append(where)
+                continue
             raise ScanProblem(R.unreadable_dicom, f"{where}: DICOM header unreadable or incomplete "
                                                   f"({type(exc).__name__})") from None
-        if uid not in series:
+        key = (uid, contrast)
+        if key not in series:
             acquired = f"{ds.get('AcquisitionDate') or ds.get('SeriesDate') or ''}" \
                        f"{ds.get('AcquisitionTime') or ds.get('SeriesTime') or ''}"
-            header = {k: _plain(ds.get(k)) for k in SIDECAR_FIELDS if ds.get(k) is not None}
-            header["SeriesDescription"] = str(ds.get("SeriesDescription") or "")
-            header["ImageType"] = sorted(image_type)
-            series[uid] = _Series(uid, contrast, None if composed or not m else int(m.group(1)), composed,
-                                  acquired, int(ds.get("SeriesNumber") or 0), header)
-        series[uid].slices.append(sl)
-    return series, ignored
+            station = None if composed or not m else int(m.group(1))
+            series[key] = _Series(uid, contrast, station, composed, acquired, int(ds.get("SeriesNumber") or 0),
+                                  _sidecar_header(ds, image_type, contrast, station, composed), ident=ident,
+                                  by_image_type=by_image_type)
+        s = series[key]
+        s.by_image_type = s.by_image_type and by_image_type
+        for f in IDENTITY_FIELDS:
+            if ident[f] != s.ident[f]:
+                raise ScanProblem(R.participant_mismatch, f"{s.label}: the slices of one series differ in {f}")
+        s.slices.append(sl)
+    _check_mixed(series)
+    return series, ignored, unparsed
 
 
-def _plain(v):
+def _raw(ds, keyword: str) -> str:
+    """An identifying element's value as stored, never decoded: pydicom's validation of a decoded value warns
+    and logs the value itself (a malformed UID, an over-long PatientID)."""
+    from pydicom.dataelem import RawDataElement
+    from pydicom.datadict import tag_for_keyword
+
+    el = ds.get_item(tag_for_keyword(keyword))
+    if el is None:
+        return ""
+    v = el.value if isinstance(el, RawDataElement) else str(el.value)
+    if isinstance(v, (bytes, bytearray)):
+        v = bytes(v).decode("latin-1")
+    return str(v or "").strip(" \x00")
+
+
+def _pixel_bytes(ds, path: Path, syntax: str) -> int | None:
+    """Bytes of uncompressed pixel data the file holds (its declared length, cut at the end of the file); None
+    for compressed (encapsulated) pixel data."""
+    from pydicom.dataelem import RawDataElement
+
+    if syntax and syntax not in NATIVE_SYNTAXES:
+        return None
+    el = ds.get_item(0x7FE00010, keep_deferred=True)
+    if el is None:
+        return 0
+    if isinstance(el, RawDataElement):
+        if el.length == 0xFFFFFFFF:                # encapsulated
+            return None
+        if el.value is None:                     # deferred: not read, only its position and length
+            return max(0, min(int(el.length), path.stat().st_size - int(el.value_tell)))
+        return len(el.value)
+    v = el.value
+    return len(v) if isinstance(v, (bytes, bytearray)) else None
+
+
+def _check_mixed(series: dict[tuple[str, str], _Series]) -> None:
+    """One SeriesInstanceUID holding several contrasts is split by ImageType; told apart by anything else (the
+    description) it is refused."""
+    by_uid: dict[str, list[_Series]] = {}
+    for s in series.values():
+        by_uid.setdefault(s.uid, []).append(s)
+    for parts in by_uid.values():
+        if len(parts) > 1 and not all(p.by_image_type for p in parts):
+            parts.sort(key=lambda p: CONTRASTS.index(p.contrast))
+            raise ScanProblem(R.mixed_series, f"{parts[0].label}: one series holds "
+                                              f"{' and '.join(p.contrast for p in parts)} slices that its ImageType "
+                                              "does not tell apart (only the description does)")
+
+
+def _sidecar_header(ds, image_type: set[str], contrast: str, station: int | None, composed: bool) -> dict:
+    """The allow-listed header of a series: derived, controlled values and numbers; no free text at all."""
+    header: dict = {"contrast": contrast, "series": "composed" if composed else
+                    (f"station {station}" if station is not None else "a station")}
+    for k in SIDECAR_TEXT:
+        v = str(ds.get(k) or "").strip()
+        if v and re.fullmatch(r"[A-Za-z0-9 ._+-]{1,64}", v):
+            header[k] = v
+    for k in SIDECAR_NUMBERS:
+        v = _number(ds.get(k))
+        if v is not None:
+            header[k] = v
+    header["ImageType"] = sorted(image_type & KNOWN_IMAGE_TYPE)
+    return header
+
+
+def _number(v) -> float | None:
     try:
-        return float(v)
+        x = float(v)
     except (TypeError, ValueError):
-        return str(v)
+        return None
+    return x if np.isfinite(x) else None
+
+
+def _order(s: _Series):
+    return (s.composed, s.station if s.station is not None else 0, CONTRASTS.index(s.contrast), s.acquired, s.number)
+
+
+def _station_key(s: _Series):
+    """A station's key: its number, else its position along the body (rounded mean slice z, mm)."""
+    return s.station if s.station is not None else f"z{round(float(np.mean([sl.ipp[2] for sl in s.slices])))}"
+
+
+def _check_identity(series: dict[tuple[str, str], _Series]) -> None:
+    """Every Dixon series of the participant (chosen, superseded and composed alike) is the same person's:
+    one PatientID. The series of one station share their study and frame of reference; across stations, where
+    two or more stations share a value, a station with another value is someone else's (or another
+    examination's). Stations that each have their own value (vendors that start a frame of reference per
+    table position) are accepted. The values themselves are never reported."""
+    from collections import Counter
+
+    def odd_one(group: list[_Series], f: str) -> _Series | None:
+        counts = Counter(s.ident[f] for s in group)
+        if len(counts) < 2:
+            return None
+        common = counts.most_common(1)[0][0]
+        return next(s for s in group if s.ident[f] != common)
+
+    dixon = sorted(series.values(), key=_order)
+    s = odd_one(dixon, "PatientID")
+    if s is not None:
+        raise ScanProblem(R.participant_mismatch, f"{s.label}: PatientID differs from the participant's other "
+                                                  "series (another person's series in the zips?)")
+    groups: dict = {}
+    for s in dixon:
+        groups.setdefault("composed" if s.composed else _station_key(s), []).append(s)
+    for f in ("StudyInstanceUID", "FrameOfReferenceUID"):
+        for group in groups.values():
+            s = odd_one(group, f)
+            if s is not None:
+                raise ScanProblem(R.participant_mismatch, f"{s.label}: {f} differs from the other series of its "
+                                                          "station")
+        heads = [group[0] for group in groups.values()]
+        counts = Counter(h.ident[f] for h in heads)
+        if len(counts) > 1 and counts.most_common(1)[0][1] >= 2:
+            s = odd_one(heads, f)
+            raise ScanProblem(R.participant_mismatch, f"{s.label}: {f} differs from the other stations' "
+                                                      "(another person's or another examination's series?)")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -321,14 +535,14 @@ def _stack(s: _Series, rules: DicomRules) -> None:
     s.shape = tuple(new_shape)
 
 
-def _select(series: dict[str, _Series], composed: bool) -> tuple[dict[str, dict], list[dict]]:
+def _select(series: dict[tuple[str, str], _Series], composed: bool) -> tuple[dict[str, dict], list[dict]]:
     """contrast -> station key -> newest series (``composed``: the composed series only); superseded ones."""
     chosen: dict[str, dict] = {}
     superseded = []
     for s in sorted(series.values(), key=lambda s: (s.acquired, s.number)):
         if s.composed != composed:
             continue
-        key = s.station if s.station is not None else f"z{round(float(np.mean([sl.ipp[2] for sl in s.slices])))}"
+        key = _station_key(s)
         prev = chosen.setdefault(s.contrast, {}).get(key)
         if prev is not None:
             superseded.append(dict(series=prev.label, kept="a newer acquisition of the same station"))
@@ -387,35 +601,101 @@ def _z_range(s: _Series) -> tuple[float, float]:
 # 4. conversion
 
 
-def _convert(chosen: dict[str, dict], work: Path, rules: DicomRules) -> tuple[dict[str, np.ndarray], str]:
-    """dcm2niix on the chosen series (one run); each output in LAS order, its affine checked against the
-    headers'. Returns series uid -> voxels, and the converter's version line."""
+def _prepare(chosen: dict[str, dict]) -> None:
+    """Before conversion, every slice of the chosen series: its pixel data complete (else ``truncated_dicom``,
+    naming the slice); a file without the preamble or deflated rewritten in place (in the private work folder)
+    as a standard DICOM file, uncompressed, so that dcm2niix reads it."""
+    for by in chosen.values():
+        for s in by.values():
+            for n, sl in enumerate(s.slices, start=1):
+                what = f"{s.label}: slice {n} of {len(s.slices)} ({sl.where})"
+                ds = _rewrite(sl, what) if sl.rewrite else None
+                if sl.pixel_bytes is not None and sl.pixel_bytes < sl.expected_bytes:
+                    raise ScanProblem(R.truncated_dicom, f"{what}: the pixel data ends after {sl.pixel_bytes} of "
+                                                         f"the {sl.expected_bytes} bytes its rows, columns and "
+                                                         "bits declare (a file cut short)")
+                if ds is not None:
+                    ds.save_as(sl.path, enforce_file_format=True)
+                    sl.rewrite = False
+
+
+def _rewrite(sl: _Slice, what: str):
+    """A whole file read (no preamble or deflated) and made a standard one: file meta added, deflated data set
+    inflated to explicit VR little endian; sets ``sl.pixel_bytes``. Returns the data set to save."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import (ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian,
+                             generate_uid)
+
+    try:
+        ds = pydicom.dcmread(sl.path, force=True)
+        syntax = str(ds.file_meta.get("TransferSyntaxUID") or "") if hasattr(ds, "file_meta") else ""
+        pixels = ds.get("PixelData")
+    except zlib.error:
+        raise ScanProblem(R.truncated_dicom, f"{what}: the deflated data set ends early (a file cut short)") from None
+    except Exception as exc:                     # noqa: BLE001  (a forced read can fail in many ways)
+        raise ScanProblem(R.unreadable_dicom, f"{what}: cannot be read whole ({type(exc).__name__})") from None
+    if syntax == DEFLATED or not syntax:
+        implicit, little = ds.original_encoding[:2] if syntax != DEFLATED else (False, True)
+        syntax = (ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian) if little else ExplicitVRBigEndian
+    native = syntax in NATIVE_SYNTAXES
+    sl.syntax = str(syntax)
+    sl.pixel_bytes = (len(pixels) if isinstance(pixels, (bytes, bytearray)) else 0) if native else None
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.get("SOPInstanceUID") or generate_uid()
+    meta.TransferSyntaxUID = syntax
+    ds.file_meta = meta
+    return ds
+
+
+def _convert(chosen: dict[str, dict], work: Path, rules: DicomRules
+             ) -> tuple[dict[tuple[str, str], np.ndarray], str]:
+    """dcm2niix on the chosen series: one run for all of them, except that the parts of a series UID holding
+    several contrasts (dcm2niix groups by UID) are converted each in a run of its own. Each output in LAS order,
+    its affine checked against the headers'. Returns series key -> voxels, and the converter's version line."""
     import dcm2niix
+    from collections import Counter
 
     src, out = work / "series", work / "nifti"
     for d in (src, out):
         d.mkdir()
     todo = [s for by in chosen.values() for s in by.values()]
+    per_uid = Counter(s.uid for s in todo)
+    runs: dict[str, list[int]] = {}
     for j, s in enumerate(todo):
-        folder = src / f"{j:03d}"
-        folder.mkdir()
-        for n, sl in enumerate(s.slices):
-            sl.path.rename(folder / f"{n:05d}.dcm")
-            sl.path = folder / f"{n:05d}.dcm"
-    try:
-        run = subprocess.run([dcm2niix.bin, "-z", "n", "-b", "n", "-f", "%j", "-o", str(out), str(src)],
-                             capture_output=True, text=True, timeout=rules.dcm2niix_timeout_s)
-    except subprocess.TimeoutExpired:
-        raise ScanProblem(R.conversion_failed, f"dcm2niix did not finish in {rules.dcm2niix_timeout_s:.0f} s") from None
-    version = next((ln.strip() for ln in run.stdout.splitlines() if "version" in ln), "dcm2niix")
-    if run.returncode != 0:
-        raise ScanProblem(R.conversion_failed, f"dcm2niix exited with status {run.returncode}")
+        runs.setdefault("all" if per_uid[s.uid] == 1 else f"part{j:03d}", []).append(j)
+    run_of = {}
+    for name, js in runs.items():
+        (out / name).mkdir()
+        for j in js:
+            run_of[j] = name
+            folder = src / name / f"{j:03d}"
+            folder.mkdir(parents=True)
+            for n, sl in enumerate(todo[j].slices):
+                sl.path.rename(folder / f"{n:05d}.dcm")
+                sl.path = folder / f"{n:05d}.dcm"
+    version, said_by_run = None, {}
+    for name in runs:
+        try:
+            run = subprocess.run([dcm2niix.bin, "-z", "n", "-b", "n", "-f", "%j", "-o", str(out / name),
+                                  str(src / name)], capture_output=True, text=True, timeout=rules.dcm2niix_timeout_s)
+        except subprocess.TimeoutExpired:
+            raise ScanProblem(R.conversion_failed, f"dcm2niix did not finish in {rules.dcm2niix_timeout_s:.0f} s"
+                              ) from None
+        version = version or next((ln.strip() for ln in run.stdout.splitlines() if "version" in ln), "dcm2niix")
+        said = _converter_said(run.stdout + "\n" + run.stderr, todo, work)
+        if run.returncode != 0:
+            raise ScanProblem(R.conversion_failed, f"dcm2niix exited with status {run.returncode}"
+                                                   + (f": {said}" if said else ""))
+        said_by_run[name] = said                 # kept for a refusal below
     arrays = {}
-    for s in todo:
-        found = sorted(out.glob(f"{s.uid}*.nii"))
+    for j, s in enumerate(todo):
+        found = sorted((out / run_of[j]).glob(f"{s.uid}*.nii"))
         if len(found) != 1:
+            said = said_by_run[run_of[j]]
             raise ScanProblem(R.conversion_failed, f"{s.label}: dcm2niix wrote {len(found)} volumes for the "
-                                                   "series (want 1)")
+                                                   "series (want 1)" + (f"; it said: {said}" if said else ""))
         img = nib.load(found[0])
         if len(img.shape) != 3:
             raise ScanProblem(R.conversion_failed, f"{s.label}: dcm2niix wrote a {len(img.shape)}D volume")
@@ -428,20 +708,66 @@ def _convert(chosen: dict[str, dict], work: Path, rules: DicomRules) -> tuple[di
                                                      f"the headers' (shape {img.shape} vs {s.shape}, max affine "
                                                      f"difference {d:.3g})")
         data = np.asanyarray(img.dataobj)         # 16-bit as stored (float32 only when dcm2niix scaled it)
-        arrays[s.uid] = data if data.dtype in (np.uint8, np.uint16, np.int16) else data.astype(np.float32)
+        arrays[s.key] = data if data.dtype in (np.uint8, np.uint16, np.int16) else data.astype(np.float32)
         found[0].unlink()
-    return arrays, version
+    return arrays, version or "dcm2niix"
+
+
+_PATH = re.compile(r"(?<![\w.])(?:[A-Za-z]:)?(?:[/\\][^\s\"'`,;:()\[\]<>]+)+")
+_WORK_FILE = re.compile(r"[/\\](\d{3})[/\\](\d{5})\.dcm$")
+_WORK_FOLDER = re.compile(r"[/\\](\d{3})[/\\]?$")
+_UID = re.compile(r"\b\d+(?:\.\d+){3,}\b")
+_SAID = re.compile(r"error|warning|unsupported|not supported|unable|corrupt|truncat|no valid", re.IGNORECASE)
+_SYNTAX = re.compile(r"\b1\.2\.840\.10008\.1\.2(?:\.\d+)*\b")
+
+
+def _converter_said(text: str, todo: list[_Series], work: Path, most: int = 3) -> str:
+    """dcm2niix's own error and warning lines, each path replaced by the file's position (series label and slice
+    number: the work files are numbered ``<series>/<slice>.dcm``) and any UID that is not a standard DICOM one
+    (a transfer syntax) left out: never a path, file name or identifying value. A line naming a transfer syntax
+    but no file gets the first slice of that syntax, and how many there are."""
+
+    def where(m: re.Match) -> str:
+        p = m.group(0)
+        f = _WORK_FILE.search(p)
+        if f and int(f.group(1)) < len(todo):
+            s = todo[int(f.group(1))]
+            return f"{s.label} slice {int(f.group(2)) + 1}"
+        d = _WORK_FOLDER.search(p)
+        if d and int(d.group(1)) < len(todo):
+            return todo[int(d.group(1))].label
+        return "<a file>"
+
+    seen: list[str] = []
+    text = text.replace(str(work), "")          # the work folder's own path, whatever it holds (then the rest)
+    for ln in text.splitlines():
+        if not _SAID.search(ln):
+            continue
+        ln = _PATH.sub(where, ln.strip())
+        ln = _UID.sub(lambda m: m.group(0) if m.group(0).startswith("1.2.840.10008.") else "<uid>", ln)
+        ln = re.sub(r"\s+", " ", ln)[:200]
+        ts = _SYNTAX.search(ln)
+        if ts and " slice " not in ln:
+            ts = ts.group(0).rstrip(".")
+            hits = [(s, n) for s in todo for n, sl in enumerate(s.slices, start=1) if sl.syntax == ts]
+            if hits:
+                (first, n), many = hits[0], len(hits)
+                ln += f" (from {first.label} slice {n}: {many} slice{'s' if many > 1 else ''} in all)"
+        if ln and ln not in seen:
+            seen.append(ln)
+    return "; ".join(seen[:most])
 
 
 # ----------------------------------------------------------------------------------------------------------
 # 5-6. per-station checks, stitching
 
 
-def _station_checks(chosen: dict[str, dict], arrays: dict[str, np.ndarray], rules: DicomRules) -> list[dict]:
+def _station_checks(chosen: dict[str, dict], arrays: dict[tuple[str, str], np.ndarray], rules: DicomRules
+                    ) -> list[dict]:
     report = []
     for key, w in chosen["water"].items():
         f = chosen["fat"][key]
-        q = fat_water_swap(arrays[w.uid], arrays[f.uid], tuple(abs(float(x)) for x in np.diag(w.affine)[:3]),
+        q = fat_water_swap(arrays[w.key], arrays[f.key], tuple(abs(float(x)) for x in np.diag(w.affine)[:3]),
                            max_slices=8)
         entry = dict(station=w.station, swap_reversed_fraction=None if q.n_slices == 0 else round(q.reversed_fraction, 3),
                      _swap=q)
@@ -450,10 +776,10 @@ def _station_checks(chosen: dict[str, dict], arrays: dict[str, np.ndarray], rule
                                                         f"({q.reversed_fraction:.0%} of {q.n_slices} slices "
                                                         "reversed)")
         if "in" in chosen:
-            s = arrays[w.uid].astype(np.float32) + arrays[f.uid]
+            s = arrays[w.key].astype(np.float32) + arrays[f.key]
             body = s > 0.25 * float(np.percentile(subsample(s), 99))
             if body.any():
-                dev = float(np.median(np.abs(arrays[chosen["in"][key].uid][body] - s[body])) / np.median(s[body]))
+                dev = float(np.median(np.abs(arrays[chosen["in"][key].key][body] - s[body])) / np.median(s[body]))
                 entry["in_phase_deviation"] = round(dev, 4)
                 if dev > rules.in_phase_tolerance:
                     raise ScanProblem(R.in_phase_inconsistent, f"{chosen['in'][key].label}: differs from water + "
@@ -556,10 +882,18 @@ def inspect_dicom_participant(delivery_dir: Path, pseudonym: str, files_by_path:
         state = {"declared": 0}
         members = []
         for n, f in enumerate(listed):
-            for k, path, sha in _extract(f, work, n, state, rules):
-                members.append((f.rel, k, path, sha))
+            for k, path, sha, named_dicomdir in _extract(f, work, n, state, rules):
+                members.append((f.rel, k, path, sha, named_dicomdir))
                 inputs[f"{f.rel}#{k}"] = sha
-        series, ignored = _classify(members, {f.rel: f.role for f in listed})
+        series, ignored, unparsed = _classify(members, {f.rel: f.role for f in listed})
+        _check_identity(series)
+        if unparsed:
+            have = {s.contrast for s in series.values()}
+            for c in (c for c in REQUIRED_CHANNELS if c not in have):
+                raise ScanProblem(R.unreadable_dicom, f"no {c} series, and {len(unparsed)} "
+                                                      f"file{'s' if len(unparsed) != 1 else ''} without the DICOM "
+                                                      "preamble (no DICM at byte 128) that do not parse as DICOM "
+                                                      f"either (the first: {unparsed[0]})")
         for s in series.values():
             _stack(s, rules)
         source, problem = "stations", None
@@ -587,12 +921,13 @@ def inspect_dicom_participant(delivery_dir: Path, pseudonym: str, files_by_path:
         need = sum(int(np.prod(s.shape)) * 2 for by in chosen.values() for s in by.values()) \
             + int(np.prod(shape)) * (8 + 2 * len(contrasts))
         held = budget.acquire(need) if budget is not None else 0
+        _prepare(chosen)
         arrays, converter = _convert(chosen, work, rules)
         station_report = _station_checks(chosen, arrays, rules)
         keys = [next(k for k, s in chosen["water"].items() if s is st) for st in stations]
         vols = {}
         for c in contrasts:              # one contrast at a time; the weights are the same for each
-            (v,), summary = stitch([(chosen["water"][k].affine, arrays[chosen[c][k].uid][None]) for k in keys],
+            (v,), summary = stitch([(chosen["water"][k].affine, arrays[chosen[c][k].key][None]) for k in keys],
                                    affine, shape, contrasts=1)
             vols[c] = np.clip(np.rint(v), 0, 65535).astype(np.uint16)
             del v

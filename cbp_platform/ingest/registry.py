@@ -101,12 +101,18 @@ def register_delivery(root: Path, delivery_dir: Path, manifest: dict, manifest_b
                "batches": [b.key for b in batches],
                # what every sensor tick compares (cheap); <id>.files.json holds every listed file (cbp status --deep)
                "watch": {n: stats[n] for n in WATCHED if n in stats}}
+        # listed files that were absent or of another size than the manifest's when the delivery closed (still being
+        # copied?): their participants are quarantined, and plain `cbp status` watches them for a later change
+        unsettled = [f["path"] for f in manifest["files"] if stats[f["path"]][0] != f["size"]][:MAX_UNSETTLED]
+        rec["watch"].update({n: stats[n] for n in unsettled})
+        rec["unsettled"] = unsettled
         atomic_write_bytes(rec_path, json.dumps(rec).encode())   # written last: the delivery is now registered
         atomic_write_bytes(_seq_path(root), str(seq).encode())
     return batches
 
 
 WATCHED = (MANIFEST_NAME, COVARIATES_NAME)
+MAX_UNSETTLED = 10_000            # unsettled files watched per delivery (beyond them, `cbp status --deep`)
 
 
 def _seq_path(root: Path) -> Path:
@@ -127,13 +133,34 @@ def _order(rec: dict) -> tuple:
 
 
 def registered_deliveries(root: Path) -> list[dict]:
-    """Every delivery record, in registration order."""
+    """Every delivery record, in registration order (a record that cannot be read: :func:`unreadable_records`)."""
+    return sorted((rec for rec in _records(root) if "problem" not in rec), key=_order)
+
+
+def unreadable_records(root: Path) -> list[dict]:
+    """Record files of the registry that cannot be read (``delivery_id``, ``problem``): shown by ``cbp status``,
+    never raised, so one damaged record cannot stop the sensor or the status of the others."""
+    return [rec for rec in _records(root) if "problem" in rec]
+
+
+def _records(root: Path) -> list[dict]:
     d = _dir(root)
     if not d.exists():
         return []
-    recs = [json.loads(p.read_text()) for p in d.glob("*.json")
-            if not p.name.endswith((".manifest.json", ".files.json"))]
-    return sorted(recs, key=_order)
+    out = []
+    for p in d.glob("*.json"):
+        if p.name.endswith((".manifest.json", ".files.json")):
+            continue
+        try:
+            rec = json.loads(p.read_text())
+            if not (isinstance(rec, dict) and rec.get("delivery_id") == p.stem
+                    and isinstance(rec.get("participants"), list) and isinstance(rec.get("batches"), list)):
+                raise ValueError("not a delivery record")
+            out.append(rec)
+        except (OSError, ValueError) as exc:
+            out.append({"delivery_id": p.stem, "problem": f"registry record {p.name} cannot be read "
+                                                          f"({type(exc).__name__})"})
+    return out
 
 
 def registered_manifest(root: Path, delivery_id: str, landing: Path) -> dict:
@@ -177,9 +204,17 @@ def _sha256(path: Path) -> str | None:
 def registered_state(root: Path, landing: Path, rec: dict, *, deep: bool = False) -> tuple[str, str]:
     """(state, reason) of a registered delivery: ``registered``, ``changed`` or ``gone``.
 
-    Cheap by default (the manifest and the covariates file: a stat, and a hash only when the stat differs);
-    ``deep`` looks at every listed file. A file whose stat changed but whose content did not (a copy that reset
-    modification times) is not a change."""
+    Cheap by default (the manifest, the covariates file and the files that were unsettled when the delivery closed:
+    a stat, and a hash only when the stat differs); ``deep`` looks at every listed file. A file whose stat changed
+    but whose content did not (a copy that reset modification times) is not a change. Never raises: a delivery
+    that cannot be checked is reported as ``changed``, with the error's type."""
+    try:
+        return _registered_state(root, landing, rec, deep=deep)
+    except Exception as exc:  # noqa: BLE001  (the delivery's boundary: the sensor and `cbp status` go on)
+        return CHANGED, f"{rec.get('delivery_id')}: could not be checked ({type(exc).__name__})"
+
+
+def _registered_state(root: Path, landing: Path, rec: dict, *, deep: bool) -> tuple[str, str]:
     did = rec["delivery_id"]
     ddir = Path(landing) / did
     if not ddir.is_dir():
@@ -217,9 +252,20 @@ def registered_state(root: Path, landing: Path, rec: dict, *, deep: bool = False
     index = {}
     if changed and any(n not in (MANIFEST_NAME, COVARIATES_NAME) for n in changed):
         index = {f["path"]: i for i, f in enumerate(registered_manifest(root, did, landing)["files"])}
+    unsettled = set(rec.get("unsettled", ()))
+    settled = [n for n in changed if n in unsettled]
+    others = [n for n in changed if n not in unsettled]
     if changed:
-        return CHANGED, _changed_message(did, changed, index)
+        return CHANGED, "; ".join(([_changed_message(did, others, index)] if others else [])
+                                  + ([_settled_message(did, settled, index)] if settled else []))
     return REGISTERED, ""
+
+
+def _settled_message(did: str, changed: list[str], index: dict[str, int]) -> str:
+    roles = [f"files[{index.get(n, '?')}]" for n in changed]
+    shown = ", ".join(roles[:5]) + (f" and {len(roles) - 5} more" if len(roles) > 5 else "")
+    return (f"{did}: {shown} incomplete when the delivery closed (its participant quarantined) and changed since; "
+            "re-run the batch to ingest it (docs/ingestion.md, files completed after the marker)")
 
 
 def _changed_message(did: str, changed: list[str], index: dict[str, int]) -> str:

@@ -15,8 +15,9 @@ inside the delivery:
    non-finite voxel size), ``invalid_affine``;
 4. the data, streamed through the decompressor into a buffer of exactly the declared size: a stream that ends
    early is ``truncated_gzip`` (``truncated_file`` uncompressed), a broken one ``corrupt_gzip``; anything after
-   the image (another gzip member, gigabytes of zeros) is ``trailing_data``, found after decompressing at most
-   :data:`TRAILING_PROBE` bytes past the image, so a decompression bomb never fills memory;
+   the image (data in another gzip member, gigabytes of zeros) is ``trailing_data``, found after decompressing at
+   most :data:`TRAILING_PROBE` bytes past the image, so a decompression bomb never fills memory. A gzip file of
+   several members is read as one stream, as RFC 1952 allows (what ``cat a.gz b.gz`` and ``pigz`` write);
 5. the values: ``nan_values``, ``negative_signal``, ``empty_image``, ``constant_image``; then agreement with
    the water image (``shape_mismatch``, ``affine_mismatch``) and the fat-water swap QC (a flag, not a refusal).
 
@@ -202,15 +203,36 @@ def _verify(f: _Listed, delivery_dir: Path) -> os.stat_result:
 
 
 class _Stream:
-    """The decompressed bytes of a (gzip or plain) file, pulled with a bound on every read."""
+    """The decompressed bytes of a (gzip or plain) file, pulled with a bound on every read.
+
+    A gzip file may hold several members, one after the other (RFC 1952, 2.2; ``gzip``, ``pigz`` and concatenated
+    files write them): they are read as one stream, as the standard says. Bytes after the last member that do not
+    start another member are kept (``garbage``) for :meth:`trailing`."""
 
     def __init__(self, fh, gz: bool, role: str):
         self.fh, self.gz, self.role = fh, gz, role
         self.d = zlib.decompressobj(16 + zlib.MAX_WBITS) if gz else None
         self.tail = b""
+        self.garbage = b""
+        self.done = False                # the last member ended, and nothing (or garbage) follows
 
     def _problem(self, exc: Exception) -> ScanProblem:
         return ScanProblem(R.corrupt_gzip, f"{self.role}: corrupt gzip stream ({exc})")
+
+    def _next_member(self) -> bool:
+        """At the end of a member: start the next one if one follows; False at the end of the file (or garbage)."""
+        rest = self.d.unused_data
+        while len(rest) < 2:
+            more = self.fh.read(CHUNK)
+            if not more:
+                break
+            rest += more
+        if rest[:2] == b"\x1f\x8b":
+            self.d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            self.tail = rest
+            return True
+        self.garbage, self.done = rest, True
+        return False
 
     def readinto(self, buf: memoryview) -> int:
         """Fill ``buf`` as far as the stream goes; return the bytes written."""
@@ -222,7 +244,7 @@ class _Stream:
                     break
                 got += k
                 continue
-            if self.d.eof:               # the member ended (what follows is in unused_data)
+            if self.done or (self.d.eof and not self._next_member()):
                 break
             src = self.tail
             if not src:
@@ -244,10 +266,11 @@ class _Stream:
         return bytes(b[:k])
 
     def trailing(self) -> int:
-        """Bytes found after the image (decompressing at most :data:`TRAILING_PROBE` more)."""
+        """Bytes found after the image (decompressing at most :data:`TRAILING_PROBE` more, through any further
+        members; then any bytes that are not a gzip member)."""
         extra = len(self.read(TRAILING_PROBE))
-        if self.d is not None and self.d.eof:
-            extra += len(self.d.unused_data) + len(self.fh.read(1))   # another member or garbage after the stream
+        if self.d is not None and self.garbage:
+            extra += len(self.garbage) + len(self.fh.read(1))
         return extra
 
     @property
@@ -318,6 +341,9 @@ def _header(f: _Listed) -> _Header:
         raise ScanProblem(R.invalid_affine, f"{f.role}: no usable affine ({exc})") from None
     if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-6:
         raise ScanProblem(R.invalid_affine, f"{f.role}: affine is singular or not finite")
+    if None in nib.aff2axcodes(affine):
+        raise ScanProblem(R.invalid_affine, f"{f.role}: affine has no clear orientation (an axis sheared between "
+                                            "two directions)")
     return _Header(hdr, shape, dtype, int(off), nbytes, zooms, affine, gz)
 
 

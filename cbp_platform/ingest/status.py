@@ -15,8 +15,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from cbp_platform.ingest.deliveries import REGISTERED, scan_landing
-from cbp_platform.ingest.registry import registered_deliveries, registered_state
+from cbp_platform.ingest.accounting import account_registered
+from cbp_platform.ingest.deliveries import GONE, REFUSED, REGISTERED, scan_landing
+from cbp_platform.ingest.registry import registered_deliveries, registered_state, unreadable_records
 from cbp_platform.reasons import REASONS, explain
 
 
@@ -32,6 +33,7 @@ class DeliveryReport:
     covariates_valid: int | None = None
     quarantined: int | None = None
     quarantine_reasons: dict = field(default_factory=dict)
+    accounting: dict | None = None      # where every file and covariate row went (cbp status --json)
 
     def as_dict(self) -> dict:
         return {**asdict(self), "quarantine_explained": {k: explain(k) for k in sorted(self.quarantine_reasons)}}
@@ -43,12 +45,15 @@ def reason_label(code: str) -> str:
 
 
 def landing_report(root: Path, landing: Path, *, deep: bool = False, counts: dict | None = None,
-                   runs: dict | None = None) -> list[DeliveryReport]:
+                   runs: dict | None = None, outcomes=None) -> list[DeliveryReport]:
     """One report per delivery folder and per registered delivery, sorted by id.
 
     ``counts``: delivery id -> warehouse counts (``scans_valid``, ``covariates_valid``, ``quarantined``,
     ``quarantine_reasons``); ``runs``: batch key -> latest run status; ``deep``: look at every listed file of a
-    registered delivery for changes (a stat each; a hash when only the modification time moved)."""
+    registered delivery for changes (a stat each; a hash when only the modification time moved); ``outcomes``:
+    delivery id -> the warehouse's ingestion outcomes (rows), to account for every file and covariate row of each
+    registered delivery still in the landing zone (:mod:`cbp_platform.ingest.accounting`). Never raises for one
+    delivery's sake: a delivery that cannot be looked at is reported with the error's type."""
     recs = {r["delivery_id"]: r for r in registered_deliveries(root)}
     out: dict[str, DeliveryReport] = {}
     for st in scan_landing(Path(landing), skip=set(recs)):
@@ -67,7 +72,14 @@ def landing_report(root: Path, landing: Path, *, deep: bool = False, counts: dic
             setattr(rep, k, v)
         if state == REGISTERED and counts is not None and did not in counts:
             rep.scans_valid = rep.covariates_valid = rep.quarantined = 0
+        if outcomes is not None and state != GONE:
+            try:
+                rep.accounting = account_registered(root, landing, rec, outcomes(did))
+            except Exception as exc:  # noqa: BLE001  (this delivery's boundary)
+                rep.accounting = {"error": f"could not be accounted for ({type(exc).__name__})"}
         out[did] = rep
+    for bad in unreadable_records(root):           # its folder may look ready, but it cannot register again
+        out[bad["delivery_id"]] = DeliveryReport(bad["delivery_id"], REFUSED, bad["problem"])
     return [out[k] for k in sorted(out)]
 
 

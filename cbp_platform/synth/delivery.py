@@ -29,10 +29,9 @@ import polars as pl
 
 from cbp_platform import __version__
 from cbp_platform.imaging.nifti import atomic_write_bytes, nifti_bytes, sha256_bytes
-from cbp_platform.landing import (COVARIATE_COLUMNS, COVARIATES_NAME, DELIVERY_ID_RE, MANIFEST_NAME,
-                                  PSEUDONYM_ALPHABET, PSEUDONYM_LENGTH, SCAN_FORMATS, SCHEMA_VERSION, SITES,
-                                  dicom_relpath,
-                                  SUCCESS_MARKER, scan_relpath)
+from cbp_platform.landing import (COVARIATE_COLUMNS, COVARIATES_NAME, DELIVERY_ID_RE, DELIVERY_ID_RULE,
+                                  MANIFEST_NAME, PSEUDONYM_ALPHABET, PSEUDONYM_LENGTH, SCAN_FORMATS, SCHEMA_VERSION,
+                                  SITES, SUCCESS_MARKER, dicom_relpath, scan_relpath)
 from cbp_platform.paths import DataLayout
 from cbp_platform.progress import bar
 from cbp_platform.synth import faults as F
@@ -92,7 +91,7 @@ def _check_args(n: int, k: int, preset: str, fault_rate: float, prefix: str, wor
     if workers < 1:
         raise SynthError(f"--workers must be >= 1 (got {workers})")
     if not DELIVERY_ID_RE.match(f"{prefix}-d01"):
-        raise SynthError(f"--delivery-prefix {prefix!r} gives invalid delivery ids (letters, digits, . _ - only)")
+        raise SynthError(f"--delivery-prefix {prefix!r} gives invalid delivery ids ({DELIVERY_ID_RULE})")
 
 
 def _check_root(layout: DataLayout, ids: list[str]) -> None:

@@ -136,7 +136,7 @@ def test_provenance_and_metadata(ingested):
     for row in p.iter_rows(named=True):
         inputs = json.loads(row["input_checksums"])
         assert inputs == {"water": row["water_sha256"], "fat": row["fat_sha256"]}
-        assert row["code_version"] == "raw_mri_scans/3" and row["run_id"]
+        assert row["code_version"] == "raw_mri_scans/4" and row["run_id"]
     ev = instance.get_latest_materialization_event(dg.AssetKey("raw_mri_scans"))
     md = ev.asset_materialization.metadata
     assert {"dagster/row_count", "quarantined", "quarantine_reasons", "table_checksum", "preview"} <= set(md)

@@ -55,7 +55,16 @@ SCAN_FAULTS = {
     "symlinked_participant_folder": R.outside_delivery.code,
     "fifo_in_delivery": R.not_a_file.code,
     "not_in_manifest": R.not_in_manifest.code,
+    # round 2 (issue 26)
+    "unlisted_participant": R.not_in_participant_list.code,    # files and row present, not in `participants`
+    "duplicate_content_a": R.duplicate_content.code,           # a and b: one scan under two pseudonyms
+    "duplicate_content_b": R.duplicate_content.code,
+    "incomplete_copy": R.size_mismatch.code,                   # still being copied at _SUCCESS; completed later
 }
+# the other stages a fault quarantines its participant at, with the same reason
+ALSO_AT = {"unlisted_participant": ("participant_covariates",)}
+# harmless variations of good participants: they must be stored
+HARMLESS = ("two_member_gzip", "upper_case_checksum", "dot_slash_path")
 COVARIATE_FAULTS = {
     "undecodable_byte": R.undecodable_row.code,
     "extra_field": R.malformed_row.code,
@@ -77,6 +86,9 @@ DELIVERY_CASES = {
     "linked-d01": ("refused", "symbolic link"),
     "waiting-d01": ("waiting", "no _SUCCESS marker"),
     "bad id!": ("refused", "invalid delivery id"),
+    # round 2: an id whose registry files would collide with another delivery's, a manifest nested 100,000 deep
+    f"{HOSTILE}.manifest": ("refused", "invalid delivery id"),
+    "deep-json": ("refused", "nested 100001 levels deep"),
 }
 
 
@@ -86,8 +98,11 @@ class Corpus:
     outside: Path
     participants: list[str]
     expected: dict[str, tuple[str, str]] = field(default_factory=dict)   # pseudonym -> (stage, reason)
+    also: dict[str, set] = field(default_factory=dict)    # pseudonym -> other (stage, reason) expected
     good: list[str] = field(default_factory=list)
     resent: list[str] = field(default_factory=list)
+    harmless: dict[str, str] = field(default_factory=dict)   # variation -> the good participant given it
+    incomplete: tuple[str, bytes] | None = None            # (listed path, full bytes) of the incomplete copy
 
 
 def _sha(b: bytes) -> str:
@@ -124,6 +139,8 @@ def _bomb(payload: bytes, zeros: int) -> bytes:
 class _Delivery:
     def __init__(self, src: Path, dst: Path, delivery_id: str, participants: list[str] | None = None):
         self.src, self.dst, self.id = src, dst, delivery_id
+        self.dup_of: tuple[bytes, bytes] | None = None
+        self.incomplete: tuple[str, bytes] | None = None
         man = json.loads((src / "manifest.json").read_text())
         keep = set(participants) if participants is not None else set(man["participants"])
         self.man = {**man, "delivery_id": delivery_id, "participants": [p for p in man["participants"] if p in keep],
@@ -247,6 +264,30 @@ def _scan_fault(d: _Delivery, p: str, kind: str, outside: Path) -> None:
         d.replace_with(w, lambda path: os.mkfifo(path))
     elif kind == "not_in_manifest":
         d.put(f"mri/{p}/{p}_in.nii.gz", water, listed=False)
+    elif kind == "unlisted_participant":
+        d.man["participants"].remove(p)
+    elif kind == "duplicate_content_a":
+        d.dup_of = (water, fat)
+    elif kind == "duplicate_content_b":
+        d.put(w, d.dup_of[0])
+        d.put(f, d.dup_of[1])
+    elif kind == "incomplete_copy":
+        d.incomplete = (w, water)
+        (d.dst / w).write_bytes(water[: len(water) // 2])      # the manifest lists the whole file
+    else:
+        raise KeyError(kind)
+
+
+def _harmless(d: _Delivery, p: str, kind: str) -> None:
+    w, f = f"mri/{p}/{p}_water.nii.gz", f"mri/{p}/{p}_fat.nii.gz"
+    if kind == "two_member_gzip":                 # as `cat a.gz b.gz` or pigz write it
+        raw = gzip.decompress(d.read(w))
+        d.put(w, gzip.compress(raw[:5000], mtime=0) + gzip.compress(raw[5000:], mtime=0))
+    elif kind == "upper_case_checksum":           # as Windows' Get-FileHash writes it
+        d.entry(w)["sha256"] = d.entry(w)["sha256"].upper()
+    elif kind == "dot_slash_path":
+        d.entry(w)["path"] = f"./{w}"
+        d.entry(f)["path"] = f"mri//{p}/{p}_fat.nii.gz"
     else:
         raise KeyError(kind)
 
@@ -290,11 +331,16 @@ def build(src_root: Path, root: Path) -> Corpus:
     for p, kind in zip(ps, SCAN_FAULTS):
         _scan_fault(d, p, kind, outside)
         corpus.expected[p] = ("raw_mri_scans", SCAN_FAULTS[kind])
+        corpus.also[p] = {(stage, SCAN_FAULTS[kind]) for stage in ALSO_AT.get(kind, ())}
+    corpus.incomplete = d.incomplete
     lines = list(d.cov_lines)
     for p, kind in zip(ps[len(SCAN_FAULTS):], COVARIATE_FAULTS):
         lines = _covariate_fault(lines, p, kind)
         corpus.expected[p] = ("participant_covariates", COVARIATE_FAULTS[kind])
     corpus.good = ps[len(faults):]
+    for p, kind in zip(corpus.good[3:], HARMLESS):          # not the first three: they are re-sent
+        _harmless(d, p, kind)
+        corpus.harmless[kind] = p
     # a UTF-8 byte-order mark at the start of the file is accepted
     d.finish(covariates=b"\xef\xbb\xbf" + ("\n".join(lines) + "\n").encode("utf-8", errors="surrogateescape"))
     corpus.resent = corpus.good[:3]
@@ -310,7 +356,18 @@ def build(src_root: Path, root: Path) -> Corpus:
     (landing / "linked-d01").symlink_to(outside / "linked-d01", target_is_directory=True)
     _Delivery(src, landing / "waiting-d01", "waiting-d01", ps[:2]).finish(marker=False)
     _Delivery(src, landing / "bad id!", "bad id!", ps[:2]).finish()
+    _Delivery(src, landing / f"{HOSTILE}.manifest", f"{HOSTILE}.manifest", ps[:2]).finish()
+    deep = _Delivery(src, landing / "deep-json", "deep-json", ps[:2])
+    deep.finish()
+    (landing / "deep-json" / "manifest.json").write_text('{"schema_version": "1.0", "x": ' + "[" * 100_000
+                                                         + "]" * 100_000 + "}")
     return corpus
+
+
+def complete_the_copy(corpus: Corpus) -> None:
+    """The incomplete copy completes, after its delivery was registered and ingested."""
+    rel, payload = corpus.incomplete
+    (corpus.root / "landing" / HOSTILE / rel).write_bytes(payload)
 
 
 def add_late_resend(src_root: Path, corpus: Corpus) -> None:

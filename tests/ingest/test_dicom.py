@@ -3,11 +3,13 @@ against the phantom they were written from, and every refusal with its reason.""
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
+import re
 import struct
 import zipfile
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import nibabel as nib
@@ -18,8 +20,9 @@ from cbp_platform.imaging.nifti import sha256_bytes
 from cbp_platform.ingest.dicom import DicomRules, inspect_dicom_participant, stitch
 from cbp_platform.ingest.scans import ScanProblem
 from cbp_platform.landing import dicom_relpath
-from cbp_platform.synth.dicom import (FakeIdentity, StationPlan, participant_zips, plan_stations, series_slices,
-                                      station_ranges)
+from cbp_platform.synth.dicom import CONTRASTS as SYNTH_CONTRASTS
+from cbp_platform.synth.dicom import (UID_ROOT, FakeIdentity, StationPlan, participant_zips, plan_stations,
+                                      series_slices, station_ranges, uid)
 from cbp_platform.synth.faults import EXPECTED_REASONS
 from cbp_platform.synth.phantom import PRESETS, Subject, render_phantom
 
@@ -305,3 +308,315 @@ def test_a_coronal_stack_gets_the_shape_and_affine_nibabel_gives_it_in_las_order
     want = nib.Nifti1Image(np.zeros((30, 20, 7), np.uint8), ras).as_reoriented(ornt)
     assert s.shape == want.shape == (30, 7, 20)
     np.testing.assert_allclose(s.affine, want.affine, atol=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# DICOM as exports really come (issue 26): one person per participant, DICOMDIR, no preamble, water and fat in
+# one series, the converter's own words, a slice cut short, free text never copied. Every case is the
+# simulator's output, edited the way exports differ.
+
+Q = "QQQQQQQQQQ"                     # another participant
+
+
+def _members(payload: bytes) -> list[tuple[str, bytes]]:
+    with zipfile.ZipFile(io.BytesIO(payload)) as z:
+        return [(n, z.read(n)) for n in z.namelist()]
+
+
+def _of(station: int, *contrasts: str):
+    """Selects the members of ``station``'s series of ``contrasts`` (the simulator's folders ``<number>_...``)."""
+    prefixes = tuple(f"{10 * station + list(SYNTH_CONTRASTS).index(c) + 1:04d}_" for c in contrasts)
+    return lambda name: name.startswith(prefixes)
+
+
+def _edited(zips: dict[str, bytes], select, change) -> dict[str, bytes]:
+    """``zips`` with each selected member's header changed by ``change(ds)``; saved as a standard file unless
+    ``change`` returns the bytes to store."""
+    import pydicom
+
+    out = {}
+    for c, payload in zips.items():
+        members = []
+        for name, b in _members(payload):
+            if select(name):
+                ds = pydicom.dcmread(io.BytesIO(b))
+                b2 = change(ds)
+                if b2 is None:
+                    buf = io.BytesIO()
+                    ds.save_as(buf, enforce_file_format=True)
+                    b2 = buf.getvalue()
+                b = b2
+            members.append((name, b))
+        out[c] = _zip(members)
+    return out
+
+
+def _with(payload: bytes, extra: list[tuple[str, bytes]]) -> bytes:
+    return _zip(_members(payload) + extra)
+
+
+def _zips(ph, plan=None, in_opp=False) -> dict[str, bytes]:
+    return participant_zips(_volumes(ph, in_opp), ph.affine, plan or _plan(ph), pseudonym=P, seed=1, exam=EXAM)
+
+
+def _refused(tmp: Path, zips: dict[str, bytes]) -> ScanProblem:
+    ddir, files = _deliver(tmp, zips)
+    with pytest.raises(ScanProblem) as e:
+        _ingest(tmp, ddir, files)
+    assert P not in e.value.message and Q not in e.value.message and UID_ROOT[:-1] not in e.value.message
+    assert not (tmp / "derived" / "dicom" / "d1" / P).exists()
+    return e.value
+
+
+def _water(tmp: Path, res) -> np.ndarray:
+    return np.asarray(nib.load(tmp / res.facts["water_path"]).dataobj)
+
+
+def test_a_newer_station_of_another_participant_is_not_taken_for_a_repeat(tmp_path, phantom):
+    """Participant B's station 2, acquired later, in A's zips: by date it would replace A's station 2 as a
+    repeat (a third of the water voxels another person's); PatientID tells it apart."""
+    ph = phantom
+    plan = _plan(ph)
+    zips = _zips(ph, plan)
+    for c in ("water", "fat"):
+        other = np.roll(getattr(ph, c), 9, axis=1)                     # another body
+        _, slices = series_slices(other, ph.affine, contrast=c, station=2, k_range=plan.stations[1], pseudonym=Q,
+                                  seed=2, acquired=EXAM + timedelta(hours=2))
+        zips[c] = _with(zips[c], [(f"0121_{c}/IM{n:04d}.dcm", b) for n, b in enumerate(slices, start=1)])
+    e = _refused(tmp_path, zips)
+    assert e.reason == "participant_mismatch" and "station 2: PatientID differs" in e.message, e
+
+
+@pytest.mark.parametrize("field, contrasts, words", [
+    ("PatientID", ("water",), "water station 3: PatientID differs from the participant's other series"),
+    ("StudyInstanceUID", ("water", "fat"), "water station 3: StudyInstanceUID differs from the other stations'"),
+    ("FrameOfReferenceUID", ("water", "fat"), "water station 3: FrameOfReferenceUID differs from the other stations'"),
+    ("FrameOfReferenceUID", ("fat",), "fat station 3: FrameOfReferenceUID differs from the other series of its "
+                                      "station"),
+])
+def test_a_station_of_another_person_or_examination_is_refused(tmp_path, phantom, field, contrasts, words):
+    ph = phantom
+    value = Q if field == "PatientID" else uid("another examination", field)
+    e = _refused(tmp_path, _edited(_zips(ph), _of(3, *contrasts), lambda ds: setattr(ds, field, value)))
+    assert e.reason == "participant_mismatch" and words in e.message, e
+    assert value not in e.message and field in e.message
+
+
+def test_stations_each_with_their_own_frame_of_reference_are_accepted(tmp_path, phantom):
+    """Some scanners start a frame of reference (even a study) per table position: no two stations share one."""
+    ph = phantom
+    zips = _zips(ph)
+    for s in range(1, 5):
+        zips = _edited(zips, _of(s, "water", "fat"), lambda ds, s=s: setattr(ds, "FrameOfReferenceUID",
+                                                                            uid("frame", s)))
+    ddir, files = _deliver(tmp_path, zips)
+    res = _ingest(tmp_path, ddir, files)
+    np.testing.assert_array_equal(_water(tmp_path, res), ph.water)
+
+
+def test_a_dicomdir_is_ignored_and_counted(tmp_path, phantom):
+    """A real DICOMDIR (written by pydicom's FileSet) named DICOMDIR in any case, or by its SOP class only."""
+    import pydicom
+    from pydicom.fileset import FileSet
+
+    ph = phantom
+    zips = _zips(ph)
+    fs = FileSet()
+    for _name, b in _members(zips["water"])[:3]:
+        ds = pydicom.dcmread(io.BytesIO(b))
+        ds.StudyID = "1"                                       # what a DICOMDIR's study record needs
+        fs.add(ds)
+    fs.write(tmp_path / "export")
+    dicomdir = (tmp_path / "export" / "DICOMDIR").read_bytes()
+    assert pydicom.dcmread(io.BytesIO(dicomdir)).file_meta.MediaStorageSOPClassUID == "1.2.840.10008.1.3.10"
+    zips["water"] = _with(zips["water"], [("EXPORT/DICOMDIR", dicomdir), ("export2/dicomdir", dicomdir),
+                                          ("export3/INDEX", dicomdir)])
+    ddir, files = _deliver(tmp_path / "d", zips)
+    res = _ingest(tmp_path / "d", ddir, files)
+    assert res.facts["ignored_files"] == 3
+    assert [i["why"] for i in res.sidecar["ignored_files"]] == ["a DICOMDIR (the export's index)"] * 3
+    np.testing.assert_array_equal(_water(tmp_path / "d", res), ph.water)
+
+
+def _bare(ds) -> bytes:
+    """The data set alone: no preamble, no file meta, implicit VR little endian (an old ACR-NEMA-like export)."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, True
+    write_dataset(fp, ds)
+    return fp.getvalue()
+
+
+def _no_preamble(ds) -> bytes:
+    """File meta kept, the 128-byte preamble and DICM prefix dropped."""
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()[132:]
+
+
+def test_dicom_files_without_the_preamble_are_read_when_they_parse(tmp_path, phantom):
+    ph = phantom
+    zips = _edited(_zips(ph), _of(2, "water"), _bare)
+    zips = _edited(zips, _of(2, "fat"), _no_preamble)
+    zips["water"] = _with(zips["water"], [("NOTE.TXT", b"exported by the PACS\n")])
+    ddir, files = _deliver(tmp_path, zips)
+    res = _ingest(tmp_path, ddir, files)
+    assert res.facts["ignored_files"] == 1 and res.sidecar["ignored_files"][0]["why"] == "not a DICOM file"
+    np.testing.assert_array_equal(_water(tmp_path, res), ph.water)
+    np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / res.facts["fat_path"]).dataobj), ph.fat)
+
+
+def test_files_without_the_preamble_that_do_not_parse_are_named_when_no_water_is_left(tmp_path, phantom):
+    ph = phantom
+    zips = _zips(ph)
+    zips["water"] = _zip([(f"w/IM{n}", b"\x00\x01 not an image " * 40 + bytes([n])) for n in range(5)])
+    e = _refused(tmp_path, zips)
+    assert e.reason == "unreadable_dicom" and "no water series, and 5 files without the DICOM preamble" in e.message
+    assert "member 0" in e.message
+
+
+def test_water_and_fat_in_one_series_are_split_by_image_type(tmp_path, phantom):
+    ph = phantom
+    zips = _zips(ph)
+    import pydicom
+
+    station2_water = pydicom.dcmread(io.BytesIO(next(b for n, b in _members(zips["water"]) if _of(2, "water")(n))))
+
+    def one_series(ds):
+        ds.SeriesInstanceUID, ds.SeriesNumber = station2_water.SeriesInstanceUID, 21
+        ds.SeriesDescription = "3D_GRE_TRA_DIXON"
+
+    ddir, files = _deliver(tmp_path, _edited(zips, _of(2, "water", "fat"), one_series))
+    res = _ingest(tmp_path, ddir, files)
+    assert res.facts["dicom_series"] == 8
+    np.testing.assert_array_equal(_water(tmp_path, res), ph.water)
+    np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / res.facts["fat_path"]).dataobj), ph.fat)
+
+    def mixed(ds):
+        one_series(ds)
+        ds.SeriesDescription = "3D_GRE_TRA_W" if "WATER" in ds.ImageType else "3D_GRE_TRA_F"
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "DIXON"]
+
+    e = _refused(tmp_path / "mixed", _edited(zips, _of(2, "water", "fat"), mixed))
+    assert e.reason == "mixed_series" and e.message.startswith("water station 2: one series holds water and fat"), e
+
+
+def test_a_deflated_series_is_inflated_before_conversion(tmp_path, phantom):
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    ph = phantom
+
+    def deflate(ds):
+        ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+
+    zips = _edited(_zips(ph), _of(2, "water", "fat"), deflate)
+    name, b = next((n, b) for n, b in _members(zips["water"]) if _of(2, "water")(n))
+    assert b"1.2.840.10008.1.2.1.99" in b[:400]
+    ddir, files = _deliver(tmp_path, zips)
+    res = _ingest(tmp_path, ddir, files)
+    np.testing.assert_array_equal(_water(tmp_path, res), ph.water)
+
+
+def test_a_series_the_converter_cannot_read_is_refused_in_its_own_words(tmp_path, phantom):
+    """dcm2niix reads no MPEG-2 (nor deflated data sets, which are inflated for it: above); its line, with the
+    series and the first slice of that transfer syntax, is the reason's message."""
+    from pydicom.encaps import encapsulate
+
+    ph = phantom
+
+    def mpeg2(ds):
+        ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"
+        ds.PixelData = encapsulate([ds.PixelData])
+        ds["PixelData"].VR = "OB"
+
+    e = _refused(tmp_path, _edited(_zips(ph), _of(2, "water"), mpeg2))
+    assert e.reason == "conversion_failed", e
+    assert "Unsupported transfer syntax '1.2.840.10008.1.2.4.100'" in e.message, e
+    assert "(from water station 2 slice 1: " in e.message and str(tmp_path) not in e.message and ".dcm" not in e.message
+
+
+def test_the_converters_own_words_reach_the_reason_without_a_path(tmp_path):
+    from cbp_platform.ingest.dicom import _converter_said, _Series
+
+    work = tmp_path / ".work" / "p-x"
+    todo = [_Series("1.2.3.4.5", "water", 2, False, "", 21, {}), _Series("1.2.3.4.6", "fat", 2, False, "", 22, {})]
+    text = (f"Chris Rorden's dcm2niiX version v1.0\nFound 140 DICOM file(s)\n"
+            f"Error: Unsupported transfer syntax '1.2.840.10008.1.2.4.100' {work}/series/all/001/00004.dcm\n"
+            f"Warning: unable to read {work}/series/all/000 (series 1.2.826.0.1.3680043.10.1234.77)\n"
+            f"Convert 70 DICOM as {work}/nifti/all/1.2.3.4.5 (64x64x70x1)\n")
+    said = _converter_said(text, todo, work)
+    assert said == ("Error: Unsupported transfer syntax '1.2.840.10008.1.2.4.100' fat station 2 slice 5; "
+                    "Warning: unable to read water station 2 (series <uid>)")
+    assert str(tmp_path) not in said and ".work" not in said
+
+
+def test_a_slice_cut_inside_its_pixel_data_is_named(tmp_path, phantom):
+    ph = phantom
+    zips = _zips(ph)
+    names = [n for n, _ in _members(zips["water"])]
+    target = [n for n in names if _of(3, "water")(n)][4]                 # the 5th slice from the bottom
+    zips = _edited(zips, lambda n: n == target, _cut)
+    e = _refused(tmp_path, zips)
+    n_slices = len([n for n in names if _of(3, "water")(n)])
+    role = "DICOM zip (files[0])"                          # the water zip, listed first by _deliver
+    assert e.reason == "truncated_dicom", e
+    assert re.match(rf"water station 3: slice \d+ of {n_slices} \({re.escape(role)} member {names.index(target)}\): "
+                    r"the pixel data ends after \d+ of the \d+ bytes", e.message), e.message
+
+
+def _cut(ds) -> bytes:
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()[:-1000]
+
+
+def test_an_enhanced_multi_frame_image_is_refused_by_name(tmp_path, phantom):
+    """Not read yet (frames' positions live in functional groups): said so, not an opaque header error."""
+    ph = phantom
+
+    def enhanced(ds):
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4.1"
+        ds.NumberOfFrames = 1
+
+    e = _refused(tmp_path, _edited(_zips(ph), _of(2, "fat"), enhanced))
+    assert e.reason == "unreadable_dicom" and "an enhanced (multi-frame) MR image; not read yet" in e.message, e
+
+
+FREE_TEXT = ("SeriesDescription", "StudyDescription", "ImageComments", "PatientComments", "AdditionalPatientHistory",
+             "RequestedProcedureDescription", "PerformedProcedureStepDescription", "OperatorsName",
+             "PerformingPhysicianName", "InstitutionalDepartmentName", "ReasonForStudy",
+             "AdmittingDiagnosesDescription", "DerivationDescription", "ContrastBolusAgent")
+SHORT_TEXT = ("StationName", "SequenceName")             # 16 characters at most
+
+
+def test_names_typed_into_free_text_never_leave_the_landing_zone(tmp_path, phantom):
+    """A name typed into every free-text field of every series (the protocol name keeps its station suffix, the
+    image type gains a typed token): the participant still converts, and the name is nowhere in the outputs."""
+    ph = phantom
+    name = "Hildegard Quellenstein"
+
+    def typed(ds):
+        for kw in FREE_TEXT:
+            setattr(ds, kw, name)
+        for kw in SHORT_TEXT:
+            setattr(ds, kw, name.split()[1])
+        ds.ProtocolName = name + re.search(r"_S\d+$", ds.ProtocolName).group(0)
+        ds.ImageType = [*ds.ImageType, "QUELLENSTEIN"]
+
+    ddir, files = _deliver(tmp_path, _edited(_zips(ph, in_opp=True), lambda n: True, typed))
+    res = _ingest(tmp_path, ddir, files)
+    assert res.facts["stations"] == 4 and res.facts["channels"] == "water,fat,in,opp"
+    np.testing.assert_array_equal(_water(tmp_path, res), ph.water)
+    blobs = [gzip.decompress(p.read_bytes()) if p.suffix == ".gz" else p.read_bytes()
+             for p in (tmp_path / "derived").rglob("*") if p.is_file()]
+    blobs.append(json.dumps(res.facts).encode())
+    assert len(blobs) >= 5
+    for word in ("Hildegard", "Quellenstein", "QUELLENSTEIN"):
+        assert not any(word.encode() in b for b in blobs), word
+    header = res.sidecar["header"]["water"]
+    assert header["contrast"] == "water" and header["series"] == "station 1"
+    assert header["ImageType"] == ["DIXON", "M", "ORIGINAL", "PRIMARY", "WATER"]
+    assert set(header) <= {"contrast", "series", "ImageType", "Manufacturer", "ManufacturerModelName",
+                           "MagneticFieldStrength", "EchoTime", "RepetitionTime", "FlipAngle", "SliceThickness"}

@@ -4,8 +4,10 @@ quarantined with its reason, every good one is measured, and the fake identifyin
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
+import io
 import json
 
 import dagster as dg
@@ -31,8 +33,9 @@ def _landing_digest(root):
 
 @pytest.fixture(scope="module")
 def dicom_run(nnunet_model, tmp_path_factory):
-    from orchestration.runner import pipeline_environment, run_pending
+    from cbp_platform.cli import main as cbp
     from cbp_platform.synth.delivery import synthesize
+    from orchestration.runner import pipeline_environment, run_pending
 
     folder, _ = nnunet_model
     root = tmp_path_factory.mktemp("dicom-pipeline")
@@ -45,7 +48,11 @@ def dicom_run(nnunet_model, tmp_path_factory):
         inst = dg.DagsterInstance.get()
         summary = run_pending(inst, log=lines.append, refresh=False,
                               model_config={"model": "phantom-nnunet", "n_val": 2})
-        yield dict(root=root, inst=inst, summary=summary, lines=lines, before=before)
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            assert cbp(["status", "--json"]) == 0
+        status = {r["delivery_id"]: r for r in json.loads(buf.getvalue())}
+        yield dict(root=root, inst=inst, summary=summary, lines=lines, before=before, status=status)
 
 
 def test_every_faulty_participant_is_quarantined_with_its_reason_and_every_good_one_measured(dicom_run):
@@ -121,3 +128,15 @@ def test_identifying_header_values_reach_no_table_log_event_or_derived_file(dico
     assert len(blobs) > 50 and any(name.startswith("warehouse:raw_mri_scans") for name, _ in blobs)
     leaks = sorted({(s, name) for s in secrets for name, b in blobs if s.encode() in b})
     assert leaks == []
+
+
+def test_every_file_and_covariate_row_of_the_dicom_deliveries_is_accounted_for(dicom_run):
+    st = dicom_run["status"]
+    assert len(st) == 2
+    for did, r in st.items():
+        acc = r["accounting"]
+        assert r["state"] == "registered" and acc["adds_up"], (did, acc)
+        assert acc["files"]["pending"] == acc["covariate_rows"]["pending"] == 0
+        zips = len(list((dicom_run["root"] / "landing" / did / "dicom").rglob("*.zip")))
+        assert acc["files"]["total"] == zips + 3                # manifest, _SUCCESS, covariates.csv
+        assert acc["files"]["stored"] + acc["files"]["quarantined"] == zips + 2

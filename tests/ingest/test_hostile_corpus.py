@@ -8,6 +8,7 @@ and nothing Dagster stores, nor ``cbp status``, names a pseudonym of the deliver
 import contextlib
 import io
 import json
+import os
 from pathlib import Path
 
 import dagster as dg
@@ -28,7 +29,7 @@ def corpus_run(tmp_path_factory):
     from cbp_platform.cli import main as cbp
 
     src, root = tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("hostile")
-    synthesize(participants=44, deliveries=1, seed=14, data_root=src, workers=2)
+    synthesize(participants=48, deliveries=1, seed=14, data_root=src, workers=2)
     corpus = hostile.build(src, root)
     landing = root / "landing"
     out = {"corpus": corpus, "before": hostile.snapshot(landing), "outside_before": hostile.snapshot(corpus.outside)}
@@ -50,6 +51,7 @@ def corpus_run(tmp_path_factory):
             entry.update(size=len(text), sha256=__import__("hashlib").sha256(text).hexdigest())
             (d / "manifest.json").write_text(json.dumps(man, indent=1))
             hostile.add_late_resend(src, corpus)
+            hostile.complete_the_copy(corpus)
             out["before2"] = hostile.snapshot(landing)
             out["second"] = run_pending(inst, job_name="ingest_batch", log=lines.append)
             out["after2"] = hostile.snapshot(landing)
@@ -97,7 +99,7 @@ def test_each_fault_quarantines_its_participant_with_the_expected_reason(corpus_
     stage, reason = corpus.expected[p]
     q = _quarantine(corpus_run["root"]).filter((pl.col("pseudonym") == p) & (pl.col("delivery_id") == hostile.HOSTILE))
     got = set(zip(q["stage"].to_list(), q["reason"].to_list()))
-    assert got == {(stage, reason)}, (kind, got, q["message"].to_list())
+    assert got == {(stage, reason)} | corpus.also.get(p, set()), (kind, got, q["message"].to_list())
     msg = q["message"][0]
     assert p not in msg and "Traceback" not in msg, msg        # named by role and position, never by path
 
@@ -116,7 +118,8 @@ def test_every_other_participant_is_processed(corpus_run):
     cov = set(query(root, f"SELECT pseudonym FROM participant_covariates WHERE delivery_id = '{hostile.HOSTILE}'")
               ["pseudonym"].to_list())
     scan_hit = {p for p, (s, _) in corpus.expected.items() if s == "raw_mri_scans"}
-    cov_hit = {p for p, (s, _) in corpus.expected.items() if s == "participant_covariates"}
+    cov_hit = {p for p, (s, _) in corpus.expected.items()
+               if s == "participant_covariates" or "participant_covariates" in {t for t, _ in corpus.also.get(p, ())}}
     everyone = set(corpus.participants)
     assert scans == everyone - scan_hit
     assert cov == everyone - cov_hit
@@ -153,7 +156,8 @@ def test_cbp_status_explains_every_delivery(corpus_run):
         assert st[did]["quarantine_reasons"] == {"duplicate_pseudonym": len(corpus_run["corpus"].resent)}
         assert st[did]["quarantine_explained"] == {"duplicate_pseudonym": R.duplicate_pseudonym.explanation}
     h = st[hostile.HOSTILE]
-    assert h["participants"] == 44 and h["batch_runs"] == {"SUCCESS": 1}
+    assert h["participants"] == len(corpus_run["corpus"].participants) - 1      # one is not in the list
+    assert h["batch_runs"] == {"SUCCESS": 1}
     assert h["quarantined"] == len(corpus_run["corpus"].expected)
     text = corpus_run["status"]
     for did in hostile.DELIVERY_CASES:
@@ -180,7 +184,7 @@ def test_refusals_and_waits_are_observed_on_the_landing_zone_asset(corpus_run):
         records = inst.fetch_observations(dg.AssetKey("landing_zone"), limit=10).records
     assert ev is None and records
     md = records[0].event_log_entry.asset_observation.metadata
-    assert md["deliveries_refused"].value == 4 and md["deliveries_waiting"].value == 1
+    assert md["deliveries_refused"].value == 6 and md["deliveries_waiting"].value == 1
     assert md["deliveries_changed"].value == 1
     table = md["not_registered_or_changed"].value
     assert "bad-json" in table and "waiting-d01" in table and hostile.HOSTILE in table
@@ -192,3 +196,47 @@ def test_no_pseudonym_reaches_logs_events_or_status(corpus_run):
     text = "\n".join(corpus_run["logs"]) + corpus_run["status"]
     leaks = [p for p in corpus.participants if p.encode() in stored or p in text]
     assert leaks == []
+
+
+# --- round 2 (issue 26) ------------------------------------------------------------------------------------------
+
+
+def test_harmless_variations_are_stored(corpus_run):
+    corpus, root = corpus_run["corpus"], corpus_run["root"]
+    scans = set(query(root, "SELECT pseudonym FROM raw_mri_scans")["pseudonym"].to_list())
+    assert set(corpus.harmless) == set(hostile.HARMLESS)
+    assert {k: p in scans for k, p in corpus.harmless.items()} == {k: True for k in hostile.HARMLESS}
+
+
+def test_duplicate_content_names_the_other_participants_position(corpus_run):
+    corpus = corpus_run["corpus"]
+    faults = list(hostile.SCAN_FAULTS)
+    a, b = (corpus.participants[faults.index(k)] for k in ("duplicate_content_a", "duplicate_content_b"))
+    q = _quarantine(corpus_run["root"]).filter(pl.col("pseudonym").is_in([a, b]))
+    assert q.height == 2 and all("as files[" in m and "both quarantined" in m for m in q["message"].to_list())
+
+
+def test_a_file_completed_after_the_marker_is_reported_by_plain_status(corpus_run):
+    h = corpus_run["status_json"][hostile.HOSTILE]               # `cbp status --json`, not --deep
+    assert h["state"] == "changed" and "incomplete when the delivery closed" in h["reason"], h["reason"]
+    assert "re-run the batch" in h["reason"] and "covariates.csv" in h["reason"]
+
+
+def test_every_file_and_covariate_row_is_accounted_for(corpus_run):
+    root, st = corpus_run["root"], corpus_run["status_json"]
+    registered = [d for d, r in st.items() if r["state"] in ("registered", "changed")]
+    assert set(registered) >= {hostile.HOSTILE, hostile.RESEND_SAME_TICK, hostile.RESEND_LATER}
+    for did in registered:
+        acc = st[did]["accounting"]
+        folder = root / "landing" / did
+        entries = [name for top, dirs, files in os.walk(folder) for name in
+                   files + [d for d in dirs if os.path.islink(os.path.join(top, d))]]
+        rows = [ln for ln in (folder / "covariates.csv").read_bytes().splitlines()[1:] if ln.strip()]
+        assert acc["adds_up"] and acc["files"]["unaccounted"] == 0 and acc["covariate_rows"]["unaccounted"] == 0, acc
+        assert acc["files"]["total"] == len(entries) and acc["covariate_rows"]["total"] == len(rows), (did, acc)
+        assert acc["files"]["pending"] == 0 and acc["covariate_rows"]["pending"] == 0
+    h = st[hostile.HOSTILE]["accounting"]
+    assert h["files"]["ignored_reasons"] == {"marker": 1}                                # _SUCCESS
+    assert h["files"]["quarantined_reasons"]["not_in_participant_list"] == 2            # water and fat
+    assert h["covariate_rows"]["quarantined_reasons"]["not_in_participant_list"] == 1
+    assert h["covariate_rows"]["quarantined_reasons"]["duplicate_pseudonym"] == 2        # the repeated row, twice
