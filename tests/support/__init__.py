@@ -8,6 +8,7 @@
 * :mod:`tests.support.writers`: batch writers of the warehouse tests and benchmark, importable by spawned processes.
 * :mod:`tests.support.nnunet`: registering the test nnU-Net model (``nnunet_model`` fixture) with its label mapping.
 * :mod:`tests.support.review`: a small QC-review warehouse (what the pipeline would have written for 6 participants).
+* :mod:`tests.support.dicom`: zipping and editing the simulator's DICOM files (the DICOM corpus of issue 26).
 
 Test modules import from here, never from one another (``tests/test_architecture.py`` checks it); the fixtures
 live in the ``conftest.py`` files.
