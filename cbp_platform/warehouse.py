@@ -8,6 +8,8 @@ from datetime import datetime, timezone
 
 import polars as pl
 
+from cbp_platform.reasons import UnknownReason, emitted_at
+
 QUARANTINE_SCHEMA = {
     "delivery_id": pl.String, "batch_key": pl.String, "pseudonym": pl.String, "stage": pl.String,
     "reason": pl.String, "message": pl.String, "run_id": pl.String, "recorded_at": pl.Datetime("us", "UTC"),
@@ -46,6 +48,12 @@ def table_checksum(df: pl.DataFrame) -> str:
 
 
 def quarantine_frame(rows: list[dict], *, delivery_id: str, batch_key: str, stage: str, run_id: str) -> pl.DataFrame:
+    """The quarantine rows of a stage, each reason checked against the registry: a code that is not registered for
+    ``stage`` (:func:`cbp_platform.reasons.emitted_at`) raises before anything is written."""
+    bad = sorted({str(r["reason"]) for r in rows if not emitted_at(str(r["reason"]), stage)})
+    if bad:
+        raise UnknownReason(f"quarantine reasons {bad} are not registered for stage {stage!r} "
+                            "(cbp_platform/reasons.py)")
     t = now_utc()
     data = [dict(delivery_id=delivery_id, batch_key=batch_key, pseudonym=r["pseudonym"], stage=stage,
                  reason=r["reason"], message=r["message"], run_id=run_id, recorded_at=t) for r in rows]

@@ -162,8 +162,8 @@ def test_the_platform_reads_that_join_tables(wh):
     cov = scans.select("pseudonym", "batch_key", "delivery_id").head(2)
     from cbp_platform.warehouse import quarantine_frame
 
-    q = quarantine_frame([{"pseudonym": "A3", "reason": "bad_header", "message": "m"},
-                          {"pseudonym": "A9", "reason": "bad_header", "message": "m"}],
+    q = quarantine_frame([{"pseudonym": "A3", "reason": "invalid_header", "message": "m"},
+                          {"pseudonym": "A9", "reason": "invalid_header", "message": "m"}],
                          delivery_id="d1", batch_key="b2", stage="raw_mri_scans", run_id="r")
     for t, df in (("raw_mri_scans", scans), ("muscle_segmentations", segs), ("participant_covariates", cov),
                   ("quarantine", q)):
@@ -176,8 +176,8 @@ def test_the_platform_reads_that_join_tables(wh):
     assert c["scans"].sort("delivery_id").rows() == [("d1", 3, 1)]
     assert c["covariates"].rows() == [("d1", 2)] and c["both"].rows() == [("d1", 2)]
     assert c["quarantined"].rows() == [("d1", 2)]
-    assert c["reasons"].rows() == [("d1", "bad_header", 2)]
-    assert c["stage_reasons"].rows() == [("raw_mri_scans", "bad_header", 2)]
+    assert c["reasons"].rows() == [("d1", "invalid_header", 2)]
+    assert c["stage_reasons"].rows() == [("raw_mri_scans", "invalid_header", 2)]
     assert wh.ingestion_counts(stages=("participant_covariates",))["quarantined"].height == 0
 
 
@@ -207,3 +207,16 @@ def test_the_interface_is_abstract():
 
     with pytest.raises(TypeError, match="abstract"):
         Warehouse()
+
+
+def test_a_quarantine_row_with_a_reason_not_registered_for_its_stage_is_never_written():
+    from cbp_platform.reasons import UnknownReason
+    from cbp_platform.warehouse import quarantine_frame
+
+    for reason, stage in (("bad_header", "raw_mri_scans"), ("no_covariate_row", "raw_mri_scans")):
+        with pytest.raises(UnknownReason, match=f"{reason}.*not registered for stage"):
+            quarantine_frame([{"pseudonym": "A1", "reason": reason, "message": "m"}], delivery_id="d1",
+                             batch_key="b1", stage=stage, run_id="r")
+    ok = quarantine_frame([{"pseudonym": "A1", "reason": "metrics_failed", "message": "m"}], delivery_id="d1",
+                          batch_key="b1", stage="comparison_metrics:some-model", run_id="r")
+    assert ok["reason"].to_list() == ["metrics_failed"]
