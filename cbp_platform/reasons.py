@@ -141,14 +141,16 @@ _ALL: tuple[Reason, ...] = (
            "not a zip, an encrypted member, or a member that cannot be extracted (a CRC error)"),
     Reason("unreadable_dicom", SCANS, "dicom_headers",
            "a file with the DICOM preamble whose header does not parse or lacks its SOP class or series UID; "
-           "other than 8- or 16-bit grey levels"),
+           "other than 8- or 16-bit grey levels; an enhanced (multi-frame) file whose functional groups lack a "
+           "frame's geometry; no water or fat left and files that are not DICOM (how many, named)"),
     Reason("participant_mismatch", SCANS, "dicom_headers",
            "the participant's series disagree on PatientID, study or frame of reference: another person's station "
            "(the message names the station and the field, never the values)"),
     Reason("mixed_series", SCANS, "dicom_headers",
            "one series holds several Dixon contrasts that its ImageType does not tell apart"),
     Reason("truncated_dicom", SCANS, "dicom_headers",
-           "a slice whose pixel data ends before its rows x columns x bits declare"),
+           "a slice (or an enhanced file's frames) whose pixel data ends before rows x columns x bits (x frames) "
+           "declare"),
     Reason("station_incomplete", SCANS, "dicom_geometry",
            "a series whose slices differ in orientation, matrix or pixel spacing, or are not evenly spaced "
            "(a missing or doubled slice)"),

@@ -21,7 +21,14 @@ quarantine reason; the rest of the batch goes on):
    suffix (``_W``, ``_F``, ``_in``, ``_opp``); the station from ``ProtocolName`` (``..._S<n>``); ``COMPOSED``
    marks the scanner's whole-body series. A series is its UID and contrast: water and fat written under one
    ``SeriesInstanceUID`` are split by ``ImageType``; several contrasts in one series that ``ImageType`` does not
-   tell apart are ``mixed_series``. An enhanced (multi-frame) MR file is not read yet: ``unreadable_dicom``.
+   tell apart are ``mixed_series``. An **enhanced (multi-frame) MR file** (Enhanced or Legacy Converted Enhanced
+   MR Image Storage, or ``NumberOfFrames`` over 1), the native export of current scanners, is read as the slices
+   of its series, one per frame: its functional groups (and only an enhanced file's) give each frame's
+   ``ImagePositionPatient`` (per frame) and ``ImageOrientationPatient`` and ``PixelSpacing`` (per frame or
+   shared); a frame without them, or per-frame groups that are not one per frame, is ``unreadable_dicom``. Its
+   contrast is its ``ImageType``'s, checked against the frames' ``FrameType``: frames of several contrasts in
+   one file are ``mixed_series`` (not split). From there on its frames are slices like any other (their
+   geometry, identity and selection checked the same way), and the file is converted as it is.
    **One person**: every Dixon series (chosen, superseded or composed) must carry the same ``PatientID``; the
    series of a station share ``StudyInstanceUID`` and ``FrameOfReferenceUID``, and where stations share a value,
    a station with another is refused (stations that each have their own are accepted): ``participant_mismatch``,
@@ -34,9 +41,11 @@ quarantine reason; the rest of the batch goes on):
    :attr:`~cbp_platform.ingest.scans.ScanRules.max_image_bytes` is ``series_too_large``.
 4. **Conversion** with dcm2niix (the PyPI wheel's binary). First every slice of the kept series must hold the
    pixel data its rows, columns and bits declare (``truncated_dicom``, naming the series, slice and the file's
-   position in the delivery); files without the preamble or with a deflated transfer syntax are rewritten as
-   standard uncompressed files in the work folder. One dcm2niix run per participant (the parts of a series UID
-   that holds several contrasts each in a run of their own, dcm2niix grouping by UID); a failure is
+   position in the delivery; an enhanced file must hold all its frames', and the first incomplete frame is
+   named); files without the preamble or with a deflated transfer syntax are rewritten as standard uncompressed
+   files in the work folder. One dcm2niix run per participant (the parts of a series UID that holds several
+   contrasts each in a run of their own, dcm2niix grouping by UID, and so is each series of enhanced files:
+   dcm2niix misreads the intensity scaling of a second Siemens enhanced file in one run); a failure is
    ``conversion_failed`` with dcm2niix's own error lines, each path replaced by the series and slice number.
    Each output is oriented to the platform's LAS voxel order and its affine must equal the one computed from the
    headers (``conversion_geometry``).
@@ -125,7 +134,19 @@ SWAP_MIN_REVERSED = 0.2          # the share of reversed slices that flags a vol
 HEADER_TAGS = ["SOPClassUID", "SeriesInstanceUID", "Modality", "ImageType", "SeriesDescription", "ProtocolName",
                "SeriesNumber", "AcquisitionDate", "AcquisitionTime", "SeriesDate", "SeriesTime",
                "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns",
-               "BitsAllocated", "SamplesPerPixel", "NumberOfFrames", *IDENTITY_FIELDS, *SIDECAR_FIELDS, "PixelData"]
+               "BitsAllocated", "SamplesPerPixel", "NumberOfFrames", "AcquisitionDateTime", *IDENTITY_FIELDS,
+               *SIDECAR_FIELDS, "PixelData"]
+# an enhanced (multi-frame) MR file's geometry and timing live in its functional groups: read for those files only
+FRAME_TAGS = ["SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"]
+# where an enhanced file keeps what a classic one has at the top level: (macro sequence, attribute)
+FRAME_FIELDS = {"ImagePositionPatient": ("PlanePositionSequence", "ImagePositionPatient"),
+                "ImageOrientationPatient": ("PlaneOrientationSequence", "ImageOrientationPatient"),
+                "PixelSpacing": ("PixelMeasuresSequence", "PixelSpacing"),
+                "SliceThickness": ("PixelMeasuresSequence", "SliceThickness"),
+                "EchoTime": ("MREchoSequence", "EffectiveEchoTime"),
+                "RepetitionTime": ("MRTimingAndRelatedParametersSequence", "RepetitionTime"),
+                "FlipAngle": ("MRTimingAndRelatedParametersSequence", "FlipAngle"),
+                "FrameType": ("MRImageFrameTypeSequence", "FrameType")}
 STATION_RE = re.compile(r"_S(\d+)$")
 
 
@@ -138,9 +159,11 @@ class _Slice:
     matrix: tuple[int, int]               # rows, columns
     where: str = ""                       # "<zip's role> member <k>": the file's position in the delivery
     pixel_bytes: int | None = None        # bytes of pixel data in the file (None: compressed, not measured)
-    expected_bytes: int = 0               # rows x columns x bytes per pixel
+    expected_bytes: int = 0               # frames x rows x columns x bytes per pixel (the whole file's)
     rewrite: bool = False                 # no preamble, or deflated: rewritten as a standard file to convert
     syntax: str = ""                      # its transfer syntax UID (a standard one: never identifying)
+    frame: int | None = None              # an enhanced file's frame (1-based); None: a classic one-slice file
+    frames: int = 1                       # frames in its file (the slices of the series that share ``path``)
 
 
 @dataclass
@@ -306,10 +329,15 @@ def _classify(members: list[tuple[str, int, Path, str, bool]], role_of_zip: dict
             if "LOCALIZER" in image_type:
                 ignored.append(dict(file=where, why="a localizer"))
                 continue
-            if str(ds.SOPClassUID) in ENHANCED_MR or int(ds.get("NumberOfFrames") or 1) > 1:
-                raise ScanProblem(R.unreadable_dicom, f"{where}: an enhanced (multi-frame) MR image; not read yet "
-                                                      "(export the series as classic single-frame MR images)")
+            frames = max(1, int(ds.get("NumberOfFrames") or 1))
+            enhanced = str(ds.SOPClassUID) in ENHANCED_MR or frames > 1
+            if enhanced:
+                # an enhanced (multi-frame) MR file: its frames are the slices; their geometry is in the
+                # functional groups, read now (and only for such files), never the pixel data
+                geometry, frame_contrasts, numbers = _read_frames(path, ds, preamble, frames, where)
             contrast, composed, by_image_type = _contrast(ds)
+            if enhanced:
+                contrast, by_image_type = _frames_contrast(frame_contrasts, contrast, by_image_type, where)
             if contrast is None:
                 ignored.append(dict(file=where, why="an MR series that is not a Dixon contrast"))
                 continue
@@ -317,19 +345,20 @@ def _classify(members: list[tuple[str, int, Path, str, bool]], role_of_zip: dict
             m = STATION_RE.search(str(ds.get("ProtocolName") or "").strip())
             rows, cols = int(ds.Rows), int(ds.Columns)
             bits, samples = int(ds.get("BitsAllocated", 16)), int(ds.get("SamplesPerPixel", 1))
-            frames = max(1, int(ds.get("NumberOfFrames") or 1))
-            sl = _Slice(path, np.array([float(x) for x in ds.ImagePositionPatient]),
-                        np.array([float(x) for x in ds.ImageOrientationPatient]),
-                        (float(ds.PixelSpacing[0]), float(ds.PixelSpacing[1])), (rows, cols), where=where,
-                        expected_bytes=rows * cols * (bits // 8) * samples * frames)
+            if not enhanced:
+                geometry, numbers = [(ds.ImagePositionPatient, ds.ImageOrientationPatient, ds.PixelSpacing)], None
+            syntax = str(ds.file_meta.get("TransferSyntaxUID") or "") if hasattr(ds, "file_meta") else ""
+            rewrite = not preamble or syntax == DEFLATED
+            pixel_bytes = None if rewrite else _pixel_bytes(ds, path, syntax)
+            slices = [_Slice(path, np.array([float(x) for x in ipp]), np.array([float(x) for x in iop]),
+                             (float(ps[0]), float(ps[1])), (rows, cols), where=where, pixel_bytes=pixel_bytes,
+                             expected_bytes=rows * cols * (bits // 8) * samples * frames, rewrite=rewrite,
+                             syntax=syntax, frame=f if enhanced else None, frames=frames)
+                      for f, (ipp, iop, ps) in enumerate(geometry, start=1)]
             if bits not in (8, 16) or samples != 1:
                 raise ScanProblem(R.unreadable_dicom, f"{where}: {ds.get('BitsAllocated')}-bit, "
                                                       f"{ds.get('SamplesPerPixel')} samples per pixel (want "
                                                       "8- or 16-bit grey levels)")
-            syntax = str(ds.file_meta.get("TransferSyntaxUID") or "") if hasattr(ds, "file_meta") else ""
-            sl.rewrite, sl.syntax = not preamble or syntax == DEFLATED, syntax
-            if not sl.rewrite:
-                sl.pixel_bytes = _pixel_bytes(ds, path, syntax)
             ident = {f: _raw(ds, f) for f in IDENTITY_FIELDS}
         except ScanProblem:
             if not preamble:                    # parsed by force only: not taken for a damaged DICOM file
@@ -337,7 +366,8 @@ def _classify(members: list[tuple[str, int, Path, str, bool]], role_of_zip: dict
                 unparsed.append(where)
                 continue
             raise
-        except (InvalidDicomError, AttributeError, KeyError, TypeError, ValueError, IndexError, OSError) as exc:
+        except (InvalidDicomError, AttributeError, KeyError, TypeError, ValueError, IndexError, OSError,
+                EOFError) as exc:
             if not preamble:
                 ignored.append(dict(file=where, why="not a DICOM file"))
                 unparsed.append(where)
@@ -348,16 +378,18 @@ def _classify(members: list[tuple[str, int, Path, str, bool]], role_of_zip: dict
         if key not in series:
             acquired = f"{ds.get('AcquisitionDate') or ds.get('SeriesDate') or ''}" \
                        f"{ds.get('AcquisitionTime') or ds.get('SeriesTime') or ''}"
+            if not ds.get("AcquisitionDate") and ds.get("AcquisitionDateTime"):     # an enhanced file's
+                acquired = str(ds.AcquisitionDateTime)
             station = None if composed or not m else int(m.group(1))
             series[key] = _Series(uid, contrast, station, composed, acquired, int(ds.get("SeriesNumber") or 0),
-                                  _sidecar_header(ds, image_type, contrast, station, composed), ident=ident,
-                                  by_image_type=by_image_type)
+                                  _sidecar_header(ds, image_type, contrast, station, composed, numbers),
+                                  ident=ident, by_image_type=by_image_type)
         s = series[key]
         s.by_image_type = s.by_image_type and by_image_type
         for f in IDENTITY_FIELDS:
             if ident[f] != s.ident[f]:
                 raise ScanProblem(R.participant_mismatch, f"{s.label}: the slices of one series differ in {f}")
-        s.slices.append(sl)
+        s.slices.extend(slices)
     _check_mixed(series)
     return series, ignored, unparsed
 
@@ -375,6 +407,73 @@ def _raw(ds, keyword: str) -> str:
     if isinstance(v, (bytes, bytearray)):
         v = bytes(v).decode("latin-1")
     return str(v or "").strip(" \x00")
+
+
+def _group_value(item, shared, ds, keyword: str):
+    """An enhanced file's value of ``keyword`` (a classic file's top-level attribute; see :data:`FRAME_FIELDS`):
+    from the frame's functional groups ``item``, else the shared ones, else the top level; None if nowhere."""
+    macro, attr = FRAME_FIELDS[keyword]
+    for group in (item, shared):
+        seq = group.get(macro) if group is not None else None
+        if seq and attr in seq[0]:
+            return seq[0].get(attr)
+    return ds.get(keyword) if ds is not None else None
+
+
+def _read_frames(path: Path, ds, preamble: bool, frames: int, where: str) -> tuple[list[tuple], set[str], dict]:
+    """An enhanced file's functional groups (read for such a file only, up to its pixel data): each frame's
+    (ImagePositionPatient, ImageOrientationPatient, PixelSpacing), the Dixon contrasts its frames' FrameType
+    name, and the sidecar's numbers (TE, TR, flip angle, slice thickness: shared, else the first frame's). Groups
+    that do not parse are ``unreadable_dicom``; so is a frame without a complete position, orientation or
+    spacing, or per-frame groups that are not one per frame."""
+    import pydicom
+
+    try:
+        groups = pydicom.dcmread(path, force=not preamble, stop_before_pixels=True, specific_tags=FRAME_TAGS)
+        shared = groups.get("SharedFunctionalGroupsSequence")
+        shared = shared[0] if shared else None
+        per_frame = list(groups.get("PerFrameFunctionalGroupsSequence") or [])
+        if len(per_frame) != frames:
+            raise ScanProblem(R.unreadable_dicom, f"{where}: an enhanced MR file of {frames} frames with "
+                                                  f"{len(per_frame)} per-frame functional groups")
+        geometry, contrasts = [], set()
+        for f, item in enumerate(per_frame, start=1):
+            values = []
+            for k, n in (("ImagePositionPatient", 3), ("ImageOrientationPatient", 6), ("PixelSpacing", 2)):
+                # a frame's position is its own (or the top level's, for a single frame)
+                top = ds if k != "ImagePositionPatient" or frames == 1 else None
+                v = _group_value(item, shared, top, k)
+                if v is None or len(v) != n:
+                    raise ScanProblem(R.unreadable_dicom, f"{where}: frame {f} of {frames} of an enhanced MR file "
+                                                          f"has no complete {k} in its functional groups")
+                values.append([float(x) for x in v])
+            geometry.append(tuple(values))
+            tokens = {str(t).upper() for t in (_group_value(item, shared, None, "FrameType") or [])}
+            contrasts |= {c for tok, c in IMAGE_TYPE_TOKENS.items() if tok in tokens}
+        numbers = {k: _number(_group_value(per_frame[0] if per_frame else None, shared, None, k))
+                   for k in SIDECAR_NUMBERS if k in FRAME_FIELDS}
+    except ScanProblem:
+        raise
+    except Exception as exc:                     # noqa: BLE001  (nested sequences can fail in many ways)
+        raise ScanProblem(R.unreadable_dicom, f"{where}: an enhanced MR file whose functional groups do not parse "
+                                              f"({type(exc).__name__})") from None
+    return geometry, contrasts, numbers
+
+
+def _frames_contrast(frame_contrasts: set[str], contrast: str | None, by_image_type: bool, where: str
+                     ) -> tuple[str | None, bool]:
+    """An enhanced file's contrast: its ImageType's, checked against its frames' FrameType (each frame's Dixon
+    token, where it has one). Frames of several contrasts in one file are ``mixed_series`` (not split)."""
+    found = set(frame_contrasts)
+    if contrast is not None and by_image_type:
+        found.add(contrast)
+    if len(found) > 1:
+        both = sorted(found, key=CONTRASTS.index)
+        raise ScanProblem(R.mixed_series, f"{where}: an enhanced MR file whose frames hold {' and '.join(both)} "
+                                          "(its ImageType and frames' FrameType); one contrast per file is read")
+    if found:
+        return found.pop(), True
+    return contrast, by_image_type
 
 
 def _pixel_bytes(ds, path: Path, syntax: str) -> int | None:
@@ -411,8 +510,11 @@ def _check_mixed(series: dict[tuple[str, str], _Series]) -> None:
                                               "does not tell apart (only the description does)")
 
 
-def _sidecar_header(ds, image_type: set[str], contrast: str, station: int | None, composed: bool) -> dict:
-    """The allow-listed header of a series: derived, controlled values and numbers; no free text at all."""
+def _sidecar_header(ds, image_type: set[str], contrast: str, station: int | None, composed: bool,
+                    numbers: dict | None = None) -> dict:
+    """The allow-listed header of a series: derived, controlled values and numbers; no free text at all (an
+    enhanced file's numbers from its shared functional groups, else its first frame's, where the top level has
+    none)."""
     header: dict = {"contrast": contrast, "series": "composed" if composed else
                     (f"station {station}" if station is not None else "a station")}
     for k in SIDECAR_TEXT:
@@ -421,6 +523,8 @@ def _sidecar_header(ds, image_type: set[str], contrast: str, station: int | None
             header[k] = v
     for k in SIDECAR_NUMBERS:
         v = _number(ds.get(k))
+        if v is None and numbers:
+            v = numbers.get(k)
         if v is not None:
             header[k] = v
     header["ImageType"] = sorted(image_type & KNOWN_IMAGE_TYPE)
@@ -601,22 +705,44 @@ def _z_range(s: _Series) -> tuple[float, float]:
 # 4. conversion
 
 
+def _files(s: _Series) -> list[tuple[int, _Slice]]:
+    """The series' files in slice order, each once: (the number of its first slice, 1-based; that slice). A
+    classic file is one slice; an enhanced file holds several (its frames, which share its path)."""
+    seen, out = set(), []
+    for n, sl in enumerate(s.slices, start=1):
+        if sl.path not in seen:
+            seen.add(sl.path)
+            out.append((n, sl))
+    return out
+
+
 def _prepare(chosen: dict[str, dict]) -> None:
-    """Before conversion, every slice of the chosen series: its pixel data complete (else ``truncated_dicom``,
-    naming the slice); a file without the preamble or deflated rewritten in place (in the private work folder)
-    as a standard DICOM file, uncompressed, so that dcm2niix reads it."""
+    """Before conversion, every file of the chosen series: its pixel data complete (else ``truncated_dicom``,
+    naming the slice, or the enhanced file and its first incomplete frame); a file without the preamble or
+    deflated rewritten in place (in the private work folder) as a standard DICOM file, uncompressed, so that
+    dcm2niix reads it."""
     for by in chosen.values():
         for s in by.values():
-            for n, sl in enumerate(s.slices, start=1):
-                what = f"{s.label}: slice {n} of {len(s.slices)} ({sl.where})"
+            for n, sl in _files(s):
+                if sl.frame is None:
+                    what, declare = f"{s.label}: slice {n} of {len(s.slices)} ({sl.where})", "rows, columns and bits"
+                else:
+                    what = f"{s.label}: the enhanced file of {sl.frames} frames ({sl.where})"
+                    declare = "frames, rows, columns and bits"
                 ds = _rewrite(sl, what) if sl.rewrite else None
                 if sl.pixel_bytes is not None and sl.pixel_bytes < sl.expected_bytes:
+                    cut = ""
+                    if sl.frame is not None:
+                        k = sl.pixel_bytes // (sl.expected_bytes // sl.frames) + 1
+                        cut = f"; frame {k} of {sl.frames} on incomplete"
                     raise ScanProblem(R.truncated_dicom, f"{what}: the pixel data ends after {sl.pixel_bytes} of "
-                                                         f"the {sl.expected_bytes} bytes its rows, columns and "
-                                                         "bits declare (a file cut short)")
+                                                         f"the {sl.expected_bytes} bytes its {declare} declare "
+                                                         f"(a file cut short{cut})")
                 if ds is not None:
                     ds.save_as(sl.path, enforce_file_format=True)
-                    sl.rewrite = False
+                for other in s.slices:           # an enhanced file's other frames: the same file
+                    if other.path == sl.path:
+                        other.rewrite, other.pixel_bytes, other.syntax = False, sl.pixel_bytes, sl.syntax
 
 
 def _rewrite(sl: _Slice, what: str):
@@ -652,8 +778,10 @@ def _rewrite(sl: _Slice, what: str):
 def _convert(chosen: dict[str, dict], work: Path, rules: DicomRules
              ) -> tuple[dict[tuple[str, str], np.ndarray], str]:
     """dcm2niix on the chosen series: one run for all of them, except that the parts of a series UID holding
-    several contrasts (dcm2niix groups by UID) are converted each in a run of its own. Each output in LAS order,
-    its affine checked against the headers'. Returns series key -> voxels, and the converter's version line."""
+    several contrasts (dcm2niix groups by UID) and the series of enhanced files are converted each in a run of
+    its own (dcm2niix v1.0.20260724 misreads the intensity scaling of every Siemens enhanced file after the first
+    in one run: near-zero floats). Each output in LAS order, its affine checked against the headers'. Returns
+    series key -> voxels, and the converter's version line."""
     import dcm2niix
     from collections import Counter
 
@@ -664,7 +792,8 @@ def _convert(chosen: dict[str, dict], work: Path, rules: DicomRules
     per_uid = Counter(s.uid for s in todo)
     runs: dict[str, list[int]] = {}
     for j, s in enumerate(todo):
-        runs.setdefault("all" if per_uid[s.uid] == 1 else f"part{j:03d}", []).append(j)
+        own = per_uid[s.uid] > 1 or any(sl.frame is not None for sl in s.slices)
+        runs.setdefault(f"part{j:03d}" if own else "all", []).append(j)
     run_of = {}
     for name, js in runs.items():
         (out / name).mkdir()
@@ -672,9 +801,12 @@ def _convert(chosen: dict[str, dict], work: Path, rules: DicomRules
             run_of[j] = name
             folder = src / name / f"{j:03d}"
             folder.mkdir(parents=True)
-            for n, sl in enumerate(todo[j].slices):
-                sl.path.rename(folder / f"{n:05d}.dcm")
-                sl.path = folder / f"{n:05d}.dcm"
+            moved = {}
+            for n, (_first, sl) in enumerate(_files(todo[j])):      # an enhanced file once, as it is
+                moved[sl.path] = folder / f"{n:05d}.dcm"
+                sl.path.rename(moved[sl.path])
+            for sl in todo[j].slices:
+                sl.path = moved[sl.path]
     version, said_by_run = None, {}
     for name in runs:
         try:
@@ -723,16 +855,20 @@ _SYNTAX = re.compile(r"\b1\.2\.840\.10008\.1\.2(?:\.\d+)*\b")
 
 def _converter_said(text: str, todo: list[_Series], work: Path, most: int = 3) -> str:
     """dcm2niix's own error and warning lines, each path replaced by the file's position (series label and slice
-    number: the work files are numbered ``<series>/<slice>.dcm``) and any UID that is not a standard DICOM one
-    (a transfer syntax) left out: never a path, file name or identifying value. A line naming a transfer syntax
-    but no file gets the first slice of that syntax, and how many there are."""
+    number, or "enhanced file": the work files are numbered ``<series>/<file>.dcm``) and any UID that is not a
+    standard DICOM one (a transfer syntax) left out: never a path, file name or identifying value. A line naming a
+    transfer syntax but no file gets the first slice of that syntax, and how many there are."""
+
+    def named(s: _Series, n: int, sl: _Slice) -> str:
+        return f"{s.label} slice {n}" if sl.frame is None else f"{s.label} enhanced file ({sl.frames} frames)"
 
     def where(m: re.Match) -> str:
         p = m.group(0)
         f = _WORK_FILE.search(p)
         if f and int(f.group(1)) < len(todo):
-            s = todo[int(f.group(1))]
-            return f"{s.label} slice {int(f.group(2)) + 1}"
+            s, k = todo[int(f.group(1))], int(f.group(2))
+            files = _files(s)
+            return named(s, *files[k]) if k < len(files) else f"{s.label} slice {k + 1}"
         d = _WORK_FOLDER.search(p)
         if d and int(d.group(1)) < len(todo):
             return todo[int(d.group(1))].label
@@ -747,12 +883,12 @@ def _converter_said(text: str, todo: list[_Series], work: Path, most: int = 3) -
         ln = _UID.sub(lambda m: m.group(0) if m.group(0).startswith("1.2.840.10008.") else "<uid>", ln)
         ln = re.sub(r"\s+", " ", ln)[:200]
         ts = _SYNTAX.search(ln)
-        if ts and " slice " not in ln:
+        if ts and " slice " not in ln and " enhanced file " not in ln:
             ts = ts.group(0).rstrip(".")
-            hits = [(s, n) for s in todo for n, sl in enumerate(s.slices, start=1) if sl.syntax == ts]
+            hits = [(s, n, sl) for s in todo for n, sl in _files(s) if sl.syntax == ts]
             if hits:
-                (first, n), many = hits[0], len(hits)
-                ln += f" (from {first.label} slice {n}: {many} slice{'s' if many > 1 else ''} in all)"
+                many, unit = len(hits), "slice" if all(h[2].frame is None for h in hits) else "file"
+                ln += f" (from {named(*hits[0])}: {many} {unit}{'s' if many > 1 else ''} in all)"
         if ln and ln not in seen:
             seen.append(ln)
     return "; ".join(seen[:most])

@@ -9,8 +9,9 @@ to scanner RAS+ mm) with the geometry a scanner writes: DICOM patient coordinate
 
 Identifying fields (name, birth date, institution) hold **fake** values, so that de-identification can be tested
 by looking for them. UIDs are derived deterministically from the seed: the same seed writes the same bytes.
-``cbp synth --format dicom`` writes whole participants with :func:`participant_zips`; the reader side is
-:mod:`cbp_platform.ingest.dicom`.
+The same series as current scanners export it, one Enhanced MR Image Storage file whose frames are the slices,
+comes from :func:`enhanced_series`. ``cbp synth --format dicom`` writes whole participants with
+:func:`participant_zips` (classic single-frame files); the reader side is :mod:`cbp_platform.ingest.dicom`.
 """
 
 from __future__ import annotations
@@ -126,6 +127,103 @@ def series_slices(volume: np.ndarray, affine_ras: np.ndarray, *, contrast: str, 
         ds.save_as(buf, enforce_file_format=True)
         out.append(buf.getvalue())
     return series, out
+
+
+def enhanced_series(volume: np.ndarray, affine_ras: np.ndarray, *, contrast: str, station: int,
+                    k_range: tuple[int, int], pseudonym: str, seed: int, acquired: datetime,
+                    identity: FakeIdentity = FakeIdentity(), series_number: int | None = None,
+                    composed: bool = False, modality: str = "MR") -> tuple[str, bytes]:
+    """The series :func:`series_slices` writes (same arguments, UIDs, identity and geometry), as current scanners
+    export it: ONE Enhanced MR Image Storage file whose frames are the slices, in slice order (inferior to
+    superior). ``(SeriesInstanceUID, the file's bytes)``.
+
+    What stays at the top level: patient, study, series, frame of reference, equipment, ``ImageType`` (the same
+    tokens as the classic series), ``Rows``/``Columns`` and ``NumberOfFrames``. The geometry lives in the
+    functional groups: shared ``PixelMeasuresSequence`` (``PixelSpacing``, ``SliceThickness``,
+    ``SpacingBetweenSlices``), ``PlaneOrientationSequence``, ``MRImageFrameTypeSequence`` and the timing
+    (``MRTimingAndRelatedParametersSequence``, ``MREchoSequence``); per frame ``PlanePositionSequence`` and
+    ``FrameContentSequence`` (stack 1, in-stack position and dimension index values along the stack)."""
+    import io
+
+    import pydicom
+    from pydicom import Dataset
+    from pydicom.sequence import Sequence
+    from pydicom.uid import EnhancedMRImageStorage
+
+    series, slices = series_slices(volume, affine_ras, contrast=contrast, station=station, k_range=k_range,
+                                   pseudonym=pseudonym, seed=seed, acquired=acquired, identity=identity,
+                                   series_number=series_number, composed=composed, modality=modality)
+    frames = [pydicom.dcmread(io.BytesIO(b)) for b in slices]
+    ds = frames[0]
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = EnhancedMRImageStorage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid(series, "enhanced")
+    ds.InstanceNumber = 1
+    ds.AcquisitionDateTime = ds.AcquisitionDate + ds.AcquisitionTime
+    ds.ContentQualification = "PRODUCT"
+    ds.ResonantNucleus = "1H"
+    ds.ImagedNucleus = "1H"
+    ds.VolumetricProperties = "VOLUME"
+    ds.BurnedInAnnotation = "NO"
+    measures = Dataset()
+    measures.PixelSpacing = ds.PixelSpacing
+    measures.SliceThickness = ds.SliceThickness
+    measures.SpacingBetweenSlices = ds.SpacingBetweenSlices
+    orientation = Dataset()
+    orientation.ImageOrientationPatient = ds.ImageOrientationPatient
+    frame_type = Dataset()
+    frame_type.FrameType = ds.ImageType
+    frame_type.PixelPresentation = "MONOCHROME"
+    frame_type.VolumetricProperties = "VOLUME"
+    frame_type.VolumeBasedCalculationTechnique = "NONE"
+    frame_type.ComplexImageComponent = "MAGNITUDE"
+    frame_type.AcquisitionContrast = "UNKNOWN"
+    timing = Dataset()
+    timing.RepetitionTime, timing.FlipAngle = ds.RepetitionTime, ds.FlipAngle
+    echo = Dataset()
+    echo.EffectiveEchoTime = ds.EchoTime
+    shared = Dataset()
+    shared.PixelMeasuresSequence = Sequence([measures])
+    shared.PlaneOrientationSequence = Sequence([orientation])
+    shared.MRImageFrameTypeSequence = Sequence([frame_type])
+    shared.MRTimingAndRelatedParametersSequence = Sequence([timing])
+    shared.MREchoSequence = Sequence([echo])
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    per_frame = []
+    for n, f in enumerate(frames, start=1):
+        content = Dataset()
+        content.StackID = "1"
+        content.InStackPositionNumber = n
+        content.DimensionIndexValues = [1, n]
+        content.FrameAcquisitionDateTime = ds.AcquisitionDateTime
+        position = Dataset()
+        position.ImagePositionPatient = f.ImagePositionPatient
+        item = Dataset()
+        item.FrameContentSequence = Sequence([content])
+        item.PlanePositionSequence = Sequence([position])
+        per_frame.append(item)
+    ds.PerFrameFunctionalGroupsSequence = Sequence(per_frame)
+    organisation = uid(series, "dimensions")
+    ds.DimensionOrganizationSequence = Sequence([Dataset()])
+    ds.DimensionOrganizationSequence[0].DimensionOrganizationUID = organisation
+    ds.DimensionOrganizationType = "3D"
+    index = []
+    for pointer, label in ((0x00209056, "Stack ID"), (0x00209057, "In-Stack Position Number")):
+        d = Dataset()
+        d.DimensionOrganizationUID = organisation
+        d.DimensionIndexPointer = pointer
+        d.FunctionalGroupPointer = 0x00209111                # FrameContentSequence
+        d.DimensionDescriptionLabel = label
+        index.append(d)
+    ds.DimensionIndexSequence = Sequence(index)
+    for kw in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "SliceThickness",
+               "SpacingBetweenSlices", "SliceLocation", "EchoTime", "RepetitionTime", "FlipAngle", "AcquisitionDate",
+               "AcquisitionTime"):
+        delattr(ds, kw)
+    ds.NumberOfFrames = len(frames)
+    ds.PixelData = b"".join(f.PixelData for f in frames)
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return series, buf.getvalue()
 
 
 def write_series(volume: np.ndarray, affine_ras: np.ndarray, out_dir: Path, *, contrast: str, station: int,

@@ -21,8 +21,8 @@ from cbp_platform.ingest.dicom import DicomRules, inspect_dicom_participant, sti
 from cbp_platform.ingest.scans import ScanProblem
 from cbp_platform.landing import dicom_relpath
 from cbp_platform.synth.dicom import CONTRASTS as SYNTH_CONTRASTS
-from cbp_platform.synth.dicom import (UID_ROOT, FakeIdentity, StationPlan, participant_zips, plan_stations,
-                                      series_slices, station_ranges, uid)
+from cbp_platform.synth.dicom import (SERIES_PREFIX, UID_ROOT, FakeIdentity, StationPlan, enhanced_series,
+                                      participant_zips, plan_stations, series_slices, station_ranges, uid)
 from cbp_platform.synth.faults import EXPECTED_REASONS
 from cbp_platform.synth.phantom import PRESETS, Subject, render_phantom
 
@@ -572,16 +572,159 @@ def _cut(ds) -> bytes:
     return buf.getvalue()[:-1000]
 
 
-def test_an_enhanced_multi_frame_image_is_refused_by_name(tmp_path, phantom):
-    """Not read yet (frames' positions live in functional groups): said so, not an opaque header error."""
+# ---------------------------------------------------------------------------------------------------------
+# enhanced (multi-frame) MR: one file per series, its frames the slices (the native export of current scanners)
+
+
+def _enhanced_zips(ph, stations=(1, 2, 3, 4), in_opp=False, edit=None) -> dict[str, bytes]:
+    """``_zips(ph)`` with ``stations``' series (every contrast) each replaced by ONE enhanced MR file written from
+    the same volume, series number and acquisition time; ``edit(contrast, station, bytes)`` may change a file."""
+    plan = _plan(ph)
+    out = {}
+    for c, payload in _zips(ph, plan, in_opp).items():
+        members = [(n, b) for n, b in _members(payload) if not any(_of(s, c)(n) for s in stations)]
+        for s in stations:
+            number = 10 * s + list(SYNTH_CONTRASTS).index(c) + 1
+            _, b = enhanced_series(_volumes(ph, in_opp)[c], ph.affine, contrast=c, station=s,
+                                   k_range=plan.stations[s - 1], pseudonym=P, seed=1,
+                                   acquired=EXAM + timedelta(seconds=95 * s), series_number=number)
+            b = edit(c, s, b) if edit else b
+            members.append((f"{number:04d}_{SERIES_PREFIX}_{SYNTH_CONTRASTS[c][0]}/ENHANCED.dcm", b))
+        out[c] = _zip(members)
+    return out
+
+
+def test_the_simulators_enhanced_file_is_one_multi_frame_series():
+    import pydicom
+
+    aff = np.diag([-2.0, 2.0, 3.0, 1.0])
+    vol = np.arange(6 * 5 * 9, dtype=np.uint16).reshape(6, 5, 9)
+    kw = dict(contrast="fat", station=2, k_range=(2, 8), pseudonym=P, seed=1, acquired=EXAM)
+    series, b = enhanced_series(vol, aff, **kw)
+    classic_series, slices = series_slices(vol, aff, **kw)
+    ds = pydicom.dcmread(io.BytesIO(b))
+    assert series == classic_series and ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.4.1"
+    assert ds.NumberOfFrames == 6 and list(ds.ImageType) == ["ORIGINAL", "PRIMARY", "M", "DIXON", "FAT"]
+    assert "ImagePositionPatient" not in ds and "PixelSpacing" not in ds
+    frames = [pydicom.dcmread(io.BytesIO(x)) for x in slices]
+    assert [list(f.PlanePositionSequence[0].ImagePositionPatient) for f in ds.PerFrameFunctionalGroupsSequence] \
+        == [list(f.ImagePositionPatient) for f in frames]
+    assert ds.PixelData == b"".join(f.PixelData for f in frames)
+    assert enhanced_series(vol, aff, **kw)[1] == b                    # deterministic, like the classic series
+
+
+def _ingest_zips(tmp: Path, zips: dict[str, bytes]):
+    ddir, files = _deliver(tmp, zips)
+    return _ingest(tmp, ddir, files)
+
+
+def _volume(tmp: Path, res, c: str) -> nib.Nifti1Image:
+    return nib.load(tmp / res.facts[f"{c}_path"])
+
+
+def test_enhanced_stations_convert_as_the_classic_series_do(tmp_path, phantom):
+    """Every station an enhanced file: the same stitched volumes (within one grey level), affine and sidecar
+    header (TE, TR, flip angle and slice thickness from the functional groups) as the classic delivery."""
     ph = phantom
+    classic = _ingest_zips(tmp_path / "classic", _zips(ph))
+    enhanced = _ingest_zips(tmp_path / "enhanced", _enhanced_zips(ph))
+    assert enhanced.facts["stations"] == 4 and enhanced.facts["dicom_files"] == 8       # 4 stations x 2 contrasts
+    assert enhanced.facts["ignored_files"] == 0 and enhanced.sidecar["source"] == "stations"
+    for c in ("water", "fat"):
+        a, b = _volume(tmp_path / "classic", classic, c), _volume(tmp_path / "enhanced", enhanced, c)
+        np.testing.assert_allclose(b.affine, a.affine, atol=1e-4)
+        assert b.shape == a.shape
+        assert np.abs(np.asarray(b.dataobj).astype(np.int32) - np.asarray(a.dataobj)).max() <= 1
+    assert enhanced.sidecar["header"] == classic.sidecar["header"]
+    assert {"EchoTime", "RepetitionTime", "FlipAngle", "SliceThickness"} <= set(enhanced.sidecar["header"]["water"])
+    assert enhanced.sidecar["stations"] == classic.sidecar["stations"]
 
-    def enhanced(ds):
-        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4.1"
-        ds.NumberOfFrames = 1
 
-    e = _refused(tmp_path, _edited(_zips(ph), _of(2, "fat"), enhanced))
-    assert e.reason == "unreadable_dicom" and "an enhanced (multi-frame) MR image; not read yet" in e.message, e
+def test_a_participant_with_classic_and_enhanced_stations_converts(tmp_path, phantom):
+    ph = phantom
+    res = _ingest_zips(tmp_path, _enhanced_zips(ph, stations=(2, 4), in_opp=True))
+    assert res.facts["stations"] == 4 and res.facts["channels"] == "water,fat,in,opp"
+    for c, want in (("water", ph.water), ("fat", ph.fat), ("in", ph.in_phase), ("opp", ph.opp_phase)):
+        img = _volume(tmp_path, res, c)
+        np.testing.assert_allclose(img.affine, ph.affine, atol=1e-3)
+        assert np.abs(np.asarray(img.dataobj).astype(np.int32) - want).max() <= 1, c
+
+
+def _frames_edited(change):
+    """An ``edit`` for :func:`_enhanced_zips`: water station 3's file, its data set changed by ``change(ds)``."""
+    import pydicom
+
+    def edit(c, s, b):
+        if (c, s) != ("water", 3):
+            return b
+        ds = pydicom.dcmread(io.BytesIO(b))
+        change(ds)
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        return buf.getvalue()
+    return edit
+
+
+def _drop_frame(ds, k=10):
+    """Frame ``k`` (0-based) taken out: its functional groups and its pixels (a gap in the positions)."""
+    n = ds.Rows * ds.Columns * 2
+    del ds.PerFrameFunctionalGroupsSequence[k]
+    ds.PixelData = ds.PixelData[:k * n] + ds.PixelData[(k + 1) * n:]
+    ds.NumberOfFrames = int(ds.NumberOfFrames) - 1
+
+
+def _tilt_frame(ds, k=5):
+    """Frame ``k`` with an orientation of its own (per frame, overriding the shared one), tilted 2 degrees."""
+    from pydicom import Dataset
+    from pydicom.sequence import Sequence
+
+    a = np.radians(2.0)
+    iop = list(ds.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0].ImageOrientationPatient)
+    row = np.array(iop[:3])
+    tilted = [*(np.cos(a) * row + np.sin(a) * np.array([0, 0, 1.0])), *iop[3:]]
+    item = Dataset()
+    item.ImageOrientationPatient = [round(float(x), 6) for x in tilted]
+    ds.PerFrameFunctionalGroupsSequence[k].PlaneOrientationSequence = Sequence([item])
+
+
+def _fat_frame(ds, k=7):
+    """Frame ``k`` typed FAT (its own MR image frame type) in the water file."""
+    from pydicom import Dataset
+    from pydicom.sequence import Sequence
+
+    item = Dataset()
+    item.FrameType = ["ORIGINAL", "PRIMARY", "M", "FAT"]
+    ds.PerFrameFunctionalGroupsSequence[k].MRImageFrameTypeSequence = Sequence([item])
+
+
+def _no_position(ds, k=3):
+    del ds.PerFrameFunctionalGroupsSequence[k].PlanePositionSequence
+
+
+@pytest.mark.parametrize("change, reason, words", [
+    (_drop_frame, "station_incomplete", "water station 3: 1 slice missing after slice 4 of 14"),
+    (_tilt_frame, "station_incomplete", "water station 3: slices differ in orientation"),
+    (_fat_frame, "mixed_series", "an enhanced MR file whose frames hold water and fat"),
+    (_no_position, "unreadable_dicom", "frame 4 of 15 of an enhanced MR file has no complete ImagePositionPatient"),
+])
+def test_an_enhanced_file_whose_frames_disagree_is_refused_as_a_classic_series_is(tmp_path, phantom, change,
+                                                                                  reason, words):
+    e = _refused(tmp_path, _enhanced_zips(phantom, edit=_frames_edited(change)))
+    assert e.reason == reason and words in e.message, e
+
+
+def test_an_enhanced_file_cut_inside_its_pixel_data_is_named(tmp_path, phantom):
+    ph = phantom
+    zips = _enhanced_zips(ph, edit=lambda c, s, b: b[:-1000] if (c, s) == ("water", 3) else b)
+    names = [n for n, _ in _members(zips["water"])]
+    k = names.index(next(n for n in names if _of(3, "water")(n)))
+    e = _refused(tmp_path, zips)
+    n = ph.water.shape[0] * ph.water.shape[1] * 2                      # bytes per frame
+    frames = station_ranges(ph.water.shape[2])[2][1] - station_ranges(ph.water.shape[2])[2][0]
+    assert e.reason == "truncated_dicom", e
+    assert e.message == (f"water station 3: the enhanced file of {frames} frames (DICOM zip (files[0]) member {k}): "
+                         f"the pixel data ends after {frames * n - 1000} of the {frames * n} bytes its frames, rows, "
+                         f"columns and bits declare (a file cut short; frame {frames} of {frames} on incomplete)")
 
 
 FREE_TEXT = ("SeriesDescription", "StudyDescription", "ImageComments", "PatientComments", "AdditionalPatientHistory",
