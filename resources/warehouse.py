@@ -334,6 +334,11 @@ class DuckDBWarehouse(Warehouse, DuckDBResource):
                 raise DuplicateRows(f"{self.path}: table {table} already holds more than one row per "
                                     f"({', '.join(keys)}); remove the duplicates") from None
 
+    def _duplicate(self, writes: list[Write]) -> DuplicateRows:
+        return DuplicateRows(f"{self.path}: refused a second row for the same key of "
+                             f"{', '.join(sorted({t for t, _, _ in writes if t in UNIQUE_KEYS}))}; "
+                             "nothing of this write was kept")
+
     def _write(self, writes: list[Write], guard) -> None:
         with self.connection() as conn:
             names = []
@@ -356,9 +361,13 @@ class DuckDBWarehouse(Warehouse, DuckDBResource):
                     conn.execute("COMMIT")
                 except duckdb.ConstraintException:     # the message names the key's value: a pseudonym
                     conn.execute("ROLLBACK")
-                    raise DuplicateRows(f"{self.path}: refused a second row for the same key of "
-                                        f"{', '.join(sorted({t for t, _, _ in writes if t in UNIQUE_KEYS}))}; "
-                                        "nothing of this write was kept") from None
+                    raise self._duplicate(writes) from None
+                except duckdb.TransactionException as exc:
+                    # a writer on another connection committed the same key first: the commit fails, and its
+                    # message names the key's value too
+                    if "constraint" not in str(exc).lower():
+                        raise
+                    raise self._duplicate(writes) from None
                 except BaseException:
                     conn.execute("ROLLBACK")
                     raise

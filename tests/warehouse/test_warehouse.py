@@ -220,3 +220,24 @@ def test_a_quarantine_row_with_a_reason_not_registered_for_its_stage_is_never_wr
     ok = quarantine_frame([{"pseudonym": "A1", "reason": "metrics_failed", "message": "m"}], delivery_id="d1",
                           batch_key="b1", stage="comparison_metrics:some-model", run_id="r")
     assert ok["reason"].to_list() == ["metrics_failed"]
+
+
+def test_a_key_committed_first_by_another_connection_fails_the_write_without_naming_the_key(tmp_path):
+    """DuckDB: two connections of one process write the same key; the second commit fails with a message that names
+    the key's value (a pseudonym). The warehouse raises DuplicateRows without it, and keeps nothing of the write."""
+    import traceback
+
+    from resources import DuckDBWarehouse
+
+    wh = DuckDBWarehouse(database=str(tmp_path / "cbp.duckdb"))
+    row = pl.DataFrame({"pseudonym": ["ABCDEFGHJK"], "batch_key": ["b1"], "delivery_id": ["d1"]})
+    wh.replace_rows("raw_mri_scans", row.head(0), {"batch_key": "b0"})          # the table and its unique index
+
+    def another_writer_first():
+        wh.replace_rows("raw_mri_scans", row.with_columns(pl.lit("b2").alias("batch_key")), {"batch_key": "b2"})
+
+    with pytest.raises(DuplicateRows) as exc:
+        wh.replace_rows("raw_mri_scans", row, {"batch_key": "b1"}, guard=another_writer_first)
+    shown = "".join(traceback.format_exception(exc.value))          # what a log or Dagster's event shows
+    assert "ABCDEFGHJK" not in shown and "DuplicateRows" in shown
+    assert wh.table("raw_mri_scans")["batch_key"].to_list() == ["b2"]
