@@ -21,9 +21,19 @@ PROVENANCE_SCHEMA = {
 }
 
 
-# One row per participant and stage, whatever the delivery ids, the order of processing or concurrent runs: the
-# warehouse holds a unique index on these keys (a duplicate fails its write), beside the per-batch and the
-# cohort-wide uniqueness checks.
+# One row in force per participant and stage, whatever the delivery ids, the order of processing or concurrent runs:
+# the warehouse enforces it with unique indexes on these keys (a duplicate fails its write), beside the per-batch
+# and the cohort-wide uniqueness checks. These stage tables are *versioned* (the living cohort, issue 27): a
+# participant's rows may exist in several versions, one per delivery that wrote them (``delivery_id``), each
+# naming the delivery whose version it replaces (``supersedes``) and, once replaced, the delivery that replaced it
+# (``superseded_by``; empty while the version is in force). The warehouse layer (``unique_indexes`` in
+# ``resources/warehouse.py``) keeps two indexes per table, the same on DuckDB and PostgreSQL (DuckDB has no partial
+# index, so the second emulates one with an expression):
+#
+# * ``<table>_version``: one version per key and delivery, ``UNIQUE (keys, delivery_id)``;
+# * ``<table>_in_force``: at most one version in force per key, ``UNIQUE (keys, <in force ? '' : delivery_id>)``.
+#   A superseded version's expression is its delivery id, so any number of superseded versions may share a key
+#   (two versions replaced by the same correction included), and at most one version is in force.
 UNIQUE_KEYS: dict[str, tuple[str, ...]] = {
     "raw_mri_scans": ("pseudonym",),
     "participant_covariates": ("pseudonym",),
@@ -33,6 +43,18 @@ UNIQUE_KEYS: dict[str, tuple[str, ...]] = {
     "comparison_segmentations": ("pseudonym", "model_name"),
     "comparison_metrics": ("pseudonym", "model_name", "muscle"),
 }
+VERSIONED = tuple(UNIQUE_KEYS)
+# the version columns of a versioned table; a writer that leaves them out writes a version in force that replaces
+# nothing (``''``); a row from before versioning (NULL) counts as in force
+VERSION_COLUMNS: dict[str, pl.DataType] = {"supersedes": pl.String, "superseded_by": pl.String}
+def with_version_columns(table: str, df: pl.DataFrame) -> pl.DataFrame:
+    """``df`` with the version columns its versioned ``table`` needs (``''`` where the writer left them out)."""
+    if table not in UNIQUE_KEYS:
+        return df
+    if "delivery_id" not in df.columns:
+        raise ValueError(f"rows for the versioned table {table} need a delivery_id column (the delivery that wrote "
+                         "the version)")
+    return df.with_columns(pl.lit("", dtype=t).alias(c) for c, t in VERSION_COLUMNS.items() if c not in df.columns)
 
 
 def now_utc() -> datetime:

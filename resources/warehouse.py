@@ -13,7 +13,8 @@ The warehouse layer owns the SQL. Assets, checks and the CLI call named operatio
 :meth:`~Warehouse.append_rows`, :meth:`~Warehouse.duplicate_keys`, :meth:`~Warehouse.has_table`. A table that
 does not exist yet is an explicit state (:class:`MissingTable`, or ``None`` with ``missing_ok=True``), never an
 empty frame that would also hide a misspelt name. Re-materialising a partition replaces its rows; a second row for
-a key in :data:`~cbp_platform.warehouse.UNIQUE_KEYS` fails the write (:class:`DuplicateRows`) on both backends.
+a key in :data:`~cbp_platform.warehouse.UNIQUE_KEYS` in force fails the write (:class:`DuplicateRows`) on both
+backends.
 """
 
 from __future__ import annotations
@@ -32,12 +33,30 @@ import duckdb
 import polars as pl
 from dagster_duckdb import DuckDBResource
 
-from cbp_platform.warehouse import UNIQUE_KEYS, table_checksum
+from cbp_platform.warehouse import UNIQUE_KEYS, VERSION_COLUMNS, table_checksum, with_version_columns
 from resources.data_root import DataRootResource
 
 # (table, rows, where): ``where`` None appends (deletes nothing); {} replaces the whole table; otherwise the rows
 # matching every column = value (a list or tuple value: column IN values) are replaced.
 Write = tuple[str, pl.DataFrame, "dict[str, Any] | None"]
+
+
+IN_FORCE, ALL_VERSIONS = "in_force", "all"      # what a read of a versioned table gives (Warehouse.table)
+_VERSIONED_SEEN: set[tuple[str, str]] = set()    # (location, table) known to have the version columns
+IN_FORCE_SQL = "COALESCE(superseded_by, '') = ''"      # a version in force (NULL: a row from before versioning)
+
+
+def unique_indexes(table: str) -> dict[str, str]:
+    """The unique indexes of a versioned ``table`` (:data:`~cbp_platform.warehouse.UNIQUE_KEYS`): name -> the
+    column list of ``CREATE UNIQUE INDEX``, the same SQL on both backends; ``{}`` for a table that is not
+    versioned. ``<table>_version``: one version per key and delivery; ``<table>_in_force``: at most one version in
+    force per key (a replaced version's expression is its delivery id, so replaced versions never collide)."""
+    keys = UNIQUE_KEYS.get(table)
+    if not keys:
+        return {}
+    cols = ", ".join(_ident(k) for k in keys)
+    return {f"{table}_version": f'{cols}, "delivery_id"',
+            f"{table}_in_force": f"{cols}, (CASE WHEN {IN_FORCE_SQL} THEN '' ELSE delivery_id END)"}
 
 
 class MissingTable(LookupError):
@@ -137,36 +156,64 @@ class Warehouse(dg.ConfigurableResource):
 
     def table(self, name: str, *, columns: list[str] | tuple[str, ...] | None = None,
               where: dict[str, Any] | None = None, order_by: list[str] | tuple[str, ...] | None = None,
-              distinct: bool = False, missing_ok: bool = False) -> pl.DataFrame | None:
+              distinct: bool = False, missing_ok: bool = False, versions: str = IN_FORCE) -> pl.DataFrame | None:
         """Rows of ``name`` (``columns``, matching ``where``: column = value, a list value = IN, None = IS NULL),
         ordered by ``order_by``. A missing table raises :class:`MissingTable`, or returns None with
-        ``missing_ok`` (the caller says what absence means); a misspelt column raises the backend's error."""
-        cols = ", ".join(_ident(c) for c in columns) if columns else "*"
-        cond, params = _where(where)
-        order = f" ORDER BY {', '.join(_ident(c) for c in order_by)}" if order_by else ""
-        sql = f"SELECT {'DISTINCT ' if distinct else ''}{cols} FROM {_ident(name)}{cond}{order}"
+        ``missing_ok`` (the caller says what absence means); a misspelt column raises the backend's error.
+        A versioned table (:data:`~cbp_platform.warehouse.UNIQUE_KEYS`) gives its versions in force, without the
+        version columns; ``versions="all"``: every version, with them."""
         try:
-            return _normalised(self._read(sql, params))
+            cond, params, drop = self._versions(name, where, versions)
         except MissingTable:
             if missing_ok:
                 return None
             raise MissingTable(f"{self.location}: table {name!r} does not exist (not materialised yet, or a "
                                "misspelt name)") from None
+        cols = ", ".join(_ident(c) for c in columns) if columns else "*"
+        order = f" ORDER BY {', '.join(_ident(c) for c in order_by)}" if order_by else ""
+        sql = f"SELECT {'DISTINCT ' if distinct else ''}{cols} FROM {_ident(name)}{cond}{order}"
+        try:
+            df = _normalised(self._read(sql, params))
+        except MissingTable:
+            if missing_ok:
+                return None
+            raise MissingTable(f"{self.location}: table {name!r} does not exist (not materialised yet, or a "
+                               "misspelt name)") from None
+        return df.drop([c for c in drop if c in df.columns and not (columns and c in columns)])
+
+    def _versions(self, table: str, where: dict[str, Any] | None, versions: str) -> tuple[str, list, tuple]:
+        """(``WHERE`` clause, parameters, columns to leave out) of a read of ``table``: for a versioned table read
+        ``in_force``, only the versions in force (a table from before versioning has no version columns yet: all
+        its rows are in force). :class:`MissingTable` when the table does not exist."""
+        if versions not in (IN_FORCE, ALL_VERSIONS):
+            raise ValueError(f"versions={versions!r}: {IN_FORCE!r} or {ALL_VERSIONS!r}")
+        cond, params = _where(where)
+        if table not in UNIQUE_KEYS or versions == ALL_VERSIONS:
+            return cond, params, ()
+        if (self.location, table) not in _VERSIONED_SEEN:
+            if "superseded_by" not in self._read(f"SELECT * FROM {_ident(table)} LIMIT 0", []).columns:
+                return cond, params, ()
+            _VERSIONED_SEEN.add((self.location, table))
+        cond = f"{cond} AND {IN_FORCE_SQL}" if cond else f" WHERE {IN_FORCE_SQL}"
+        return cond, params, tuple(VERSION_COLUMNS)
 
     def count_rows(self, table: str, where: dict[str, Any] | None = None) -> int:
-        cond, params = _where(where)
+        """Rows of ``table`` matching ``where`` (of a versioned table: its versions in force)."""
         try:
+            cond, params, _ = self._versions(table, where, IN_FORCE)
             return int(self._read(f"SELECT count(*) AS n FROM {_ident(table)}{cond}", params)["n"][0])
         except MissingTable:
             raise MissingTable(f"{self.location}: table {table!r} does not exist") from None
 
     def duplicate_keys(self, table: str, keys: tuple[str, ...] | list[str]) -> int:
-        """How many key values occur in more than one row of ``table``."""
+        """How many key values occur in more than one row of ``table`` (of a versioned table: in more than one
+        version in force, which its unique index already refuses)."""
         cols = ", ".join(_ident(c) for c in keys)
-        sql = (f"SELECT count(*) AS n FROM (SELECT {cols} FROM {_ident(table)} GROUP BY {cols} "
-               "HAVING count(*) > 1) AS d")
         try:
-            return int(self._read(sql, [])["n"][0])
+            cond, params, _ = self._versions(table, None, IN_FORCE)
+            sql = (f"SELECT count(*) AS n FROM (SELECT {cols} FROM {_ident(table)}{cond} GROUP BY {cols} "
+                   "HAVING count(*) > 1) AS d")
+            return int(self._read(sql, params)["n"][0])
         except MissingTable:
             raise MissingTable(f"{self.location}: table {table!r} does not exist") from None
 
@@ -232,12 +279,14 @@ class Warehouse(dg.ConfigurableResource):
     def replace_many(self, writes: list[Write], *, guard=None) -> list[str]:
         """Replace several tables' rows in **one** transaction (a stage's rows, its quarantine and its provenance):
         a crash leaves all of them or none. A table is created on first write and gains the columns a newer code
-        version adds (older rows get NULL). Tables with a key in :data:`~cbp_platform.warehouse.UNIQUE_KEYS` get a
-        unique index, so a second row for the same participant fails the write instead of landing. ``guard``
-        (no argument) runs inside the transaction just before the commit; raising there discards every write
-        (a step whose run was marked failed meanwhile never commits). Returns each frame's checksum."""
+        version adds (older rows get NULL). The versioned tables (:data:`~cbp_platform.warehouse.UNIQUE_KEYS`) get
+        their version columns (``''`` where the writer left them out: a version in force that replaces nothing) and
+        their unique indexes (:func:`~cbp_platform.warehouse.unique_indexes`), so a second version in force for the
+        same participant fails the write instead of landing. ``guard`` (no argument) runs inside the transaction
+        just before the commit; raising there discards every write (a step whose run was marked failed meanwhile
+        never commits). Returns each frame's checksum (of the frame as given: the version columns are not in it)."""
         checksums = [table_checksum(df) for _, df, _ in writes]
-        self._write([(t, df, where) for t, df, where in writes], guard)
+        self._write([(t, with_version_columns(t, df), where) for t, df, where in writes], guard)
         return checksums
 
     def append_rows(self, table: str, df: pl.DataFrame) -> str:
@@ -325,14 +374,15 @@ class DuckDBWarehouse(Warehouse, DuckDBResource):
         for col, typ, *_ in conn.execute(f"DESCRIBE {name}").fetchall():
             if col not in have:       # a column added by a newer code version: older rows get NULL
                 conn.execute(f"ALTER TABLE {_ident(table)} ADD COLUMN {_ident(col)} {typ}")
-        keys = UNIQUE_KEYS.get(table)
-        if keys:
-            cols = ", ".join(_ident(c) for c in keys)
+        indexes = unique_indexes(table)
+        if indexes:
             try:
-                conn.execute(f'CREATE UNIQUE INDEX IF NOT EXISTS "{table}_unique" ON {_ident(table)} ({cols})')
+                for index, on in indexes.items():
+                    conn.execute(f'CREATE UNIQUE INDEX IF NOT EXISTS "{index}" ON {_ident(table)} ({on})')
             except duckdb.ConstraintException:       # the message names the key's value: a pseudonym
-                raise DuplicateRows(f"{self.path}: table {table} already holds more than one row per "
-                                    f"({', '.join(keys)}); remove the duplicates") from None
+                raise DuplicateRows(f"{self.path}: table {table} already holds more than one row in force per "
+                                    f"({', '.join(UNIQUE_KEYS[table])}); remove the duplicates") from None
+            conn.execute(f'DROP INDEX IF EXISTS "{table}_unique"')     # before versioning: one row per key
 
     def _duplicate(self, writes: list[Write]) -> DuplicateRows:
         return DuplicateRows(f"{self.path}: refused a second row for the same key of "
@@ -491,8 +541,8 @@ class PostgresWarehouse(Warehouse):
             return cols, {r[0] for r in cur.fetchall()}
 
         def missing(cols, idx) -> bool:
-            return any(t not in cols or set(df.columns) - cols[t] or (UNIQUE_KEYS.get(t) and f"{t}_unique" not in idx)
-                       for t, df, _ in writes)
+            return any(t not in cols or set(df.columns) - cols[t] or set(unique_indexes(t)) - idx
+                       or f"{t}_unique" in idx for t, df, _ in writes)
 
         cols, idx = state()
         if not missing(cols, idx):
@@ -511,11 +561,13 @@ class PostgresWarehouse(Warehouse):
                 for c in new:
                     cur.execute(f"ALTER TABLE {_ident(table)} ADD COLUMN {_ident(c)} {types[c]}")
                 cols[table] |= set(new)
-            keys = UNIQUE_KEYS.get(table)
-            if keys and f"{table}_unique" not in idx:
-                cur.execute(f'CREATE UNIQUE INDEX "{table}_unique" ON {_ident(table)} '
-                            f"({', '.join(_ident(k) for k in keys)})")
-                idx.add(f"{table}_unique")
+            for index, on in unique_indexes(table).items():
+                if index not in idx:
+                    cur.execute(f'CREATE UNIQUE INDEX "{index}" ON {_ident(table)} ({on})')
+                    idx.add(index)
+            if f"{table}_unique" in idx:                 # before versioning: one row per key
+                cur.execute(f'DROP INDEX "{table}_unique"')
+                idx.discard(f"{table}_unique")
 
     def _write_once(self, conn, writes: list[Write], guard) -> None:
         with conn.cursor() as cur:

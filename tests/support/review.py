@@ -61,7 +61,7 @@ def build_warehouse(root: Path, n: int = 6) -> dict:
         segs.append({"pseudonym": p, "batch_key": batch, "delivery_id": delivery,
                      "label_path": str(root / "derived" / "segmentations" / delivery / f"{p}.nii.gz"),
                      "label_sha256": label_sha, "model_sha256": MODEL_SHA})
-        cov.append({"pseudonym": p, "site": site})
+        cov.append({"pseudonym": p, "batch_key": batch, "delivery_id": delivery, "site": site})
     qc_df = pl.DataFrame(qc, schema_overrides={"site": pl.String, "triage_score": pl.Float64})
     qc_df = qc_df.with_columns(pl.col("triage_score").rank("ordinal", descending=True).over("batch_key")
                                .cast(pl.Int64).alias("triage_rank"))

@@ -35,6 +35,7 @@ def _rows(wh, table: str, **kw) -> int:
 TYPED = pl.DataFrame({
     "pseudonym": ["A0000001", "A0000002", "A0000003"],
     "batch_key": ["b1", "b1", "b2"],
+    "delivery_id": ["d1", "d1", "d1"],
     "site": pl.Series(["Berlin", "Essen", None], dtype=pl.Enum(["Berlin", "Essen"])),
     "voxels": pl.Series([1, 2, 3], dtype=pl.UInt32),
     "nrs": pl.Series([0, 10, None], dtype=pl.Int8),
@@ -137,12 +138,13 @@ def test_a_column_of_nulls_only_is_stored_as_text(wh):
 
 
 def test_a_column_added_by_a_newer_code_version_reads_null_in_older_rows(wh):
-    old = TYPED.select("pseudonym", "batch_key", "lean_ml")
+    old = TYPED.select("pseudonym", "batch_key", "delivery_id", "lean_ml")
     wh.replace_rows("muscle_segmentations", old, {"batch_key": ["b1", "b2"]})
-    new = pl.DataFrame({"pseudonym": ["B0000001"], "batch_key": ["b3"], "lean_ml": [1.5], "uncertainty": [0.25]})
+    new = pl.DataFrame({"pseudonym": ["B0000001"], "batch_key": ["b3"], "delivery_id": ["d2"], "lean_ml": [1.5],
+                        "uncertainty": [0.25]})
     wh.replace_rows("muscle_segmentations", new, {"batch_key": "b3"})
     got = wh.table("muscle_segmentations", order_by=["pseudonym"])
-    assert got.columns == ["pseudonym", "batch_key", "lean_ml", "uncertainty"]
+    assert got.columns == ["pseudonym", "batch_key", "delivery_id", "lean_ml", "uncertainty"]
     assert got["uncertainty"].to_list() == [None, None, None, 0.25]
 
 
@@ -241,3 +243,72 @@ def test_a_key_committed_first_by_another_connection_fails_the_write_without_nam
     shown = "".join(traceback.format_exception(exc.value))          # what a log or Dagster's event shows
     assert "ABCDEFGHJK" not in shown and "DuplicateRows" in shown
     assert wh.table("raw_mri_scans")["batch_key"].to_list() == ["b2"]
+
+
+# --- versioned rows (issue 27: the living cohort) ------------------------------------------------------------------
+
+def _version(p: str, delivery: str, supersedes: str = "", superseded_by: str = "", weight: float = 70.0):
+    return pl.DataFrame({"pseudonym": [p], "batch_key": [f"{delivery}.b001"], "delivery_id": [delivery],
+                         "weight_kg": [weight], "supersedes": [supersedes], "superseded_by": [superseded_by]})
+
+
+def test_exactly_one_version_in_force_per_participant_is_enforced_by_the_warehouse(wh):
+    t = "participant_covariates"
+    put = lambda df: wh.replace_rows(t, df, {"batch_key": df["batch_key"][0]})       # noqa: E731
+    put(_version("P1", "d1"))
+    with pytest.raises(DuplicateRows):                      # a second version in force: refused, nothing kept
+        put(_version("P1", "c1", supersedes="d1", weight=71.0))
+    put(_version("P1", "d1", superseded_by="c1"))          # d1's version closed (its batch rewritten) ...
+    put(_version("P1", "c1", supersedes="d1", weight=71.0))  # ... then the correction's version is in force
+    put(_version("P1", "d0", superseded_by="c1", weight=69.0))   # two versions replaced by one correction: allowed
+    with pytest.raises(DuplicateRows):                      # one version per participant and delivery
+        put(_version("P1", "c1", supersedes="d1").with_columns(pl.lit("c1.b002").alias("batch_key")))
+    assert wh.table(t)["delivery_id"].to_list() == ["c1"]                 # a read gives the version in force
+    assert wh.count_rows(t) == 1 and wh.duplicate_keys(t, ("pseudonym",)) == 0
+    rows = wh.table(t, versions="all").sort("delivery_id")
+    assert rows.select("delivery_id", "supersedes", "superseded_by", "weight_kg").rows() == [
+        ("c1", "d1", "", 71.0), ("d0", "", "c1", 69.0), ("d1", "", "c1", 70.0)]
+
+
+def test_a_writer_that_knows_nothing_of_versions_writes_a_version_in_force(wh):
+    cs = wh.replace_rows("muscle_metrics", pl.DataFrame({"pseudonym": ["P1", "P1"], "muscle": ["a", "b"],
+                                                          "batch_key": "b1", "delivery_id": "d1", "lean_ml": 1.0}),
+                         {"batch_key": "b1"})
+    got = wh.table("muscle_metrics", versions="all")
+    assert got["supersedes"].to_list() == ["", ""] and got["superseded_by"].to_list() == ["", ""]
+    from cbp_platform.warehouse import table_checksum
+    assert cs == table_checksum(got.drop("supersedes", "superseded_by").sort("muscle"))   # the data's checksum
+
+
+def test_a_warehouse_from_before_versions_gains_them_and_keeps_one_row_per_participant(wh, tmp_path):
+    """Tables written before versioning (one unique index on the key, no version columns) are migrated on the
+    next write: the columns are added (old rows count as in force) and the old index gives way to the two new."""
+    old = pl.DataFrame({"pseudonym": ["P1", "P2"], "batch_key": "b1", "delivery_id": "d1", "weight_kg": 70.0})
+    if hasattr(wh, "path"):
+        import duckdb
+
+        wh.path.parent.mkdir(parents=True, exist_ok=True)
+        with duckdb.connect(str(wh.path)) as conn:
+            conn.register("old", old.to_arrow())
+            conn.execute("CREATE TABLE participant_covariates AS SELECT * FROM old")
+            conn.execute('CREATE UNIQUE INDEX "participant_covariates_unique" ON participant_covariates (pseudonym)')
+            names = lambda: {r[0] for r in conn.execute("SELECT index_name FROM duckdb_indexes()").fetchall()}  # noqa
+            assert names() == {"participant_covariates_unique"}
+    else:
+        wh.replace_rows("participant_covariates", old, {})        # then take it back to the old shape
+        with wh.connection() as conn, conn.cursor() as cur:
+            cur.execute("DROP INDEX participant_covariates_version")
+            cur.execute("DROP INDEX participant_covariates_in_force")
+            cur.execute("ALTER TABLE participant_covariates DROP COLUMN supersedes")
+            cur.execute("ALTER TABLE participant_covariates DROP COLUMN superseded_by")
+            cur.execute('CREATE UNIQUE INDEX "participant_covariates_unique" ON participant_covariates (pseudonym)')
+            conn.commit()
+    wh.replace_rows("participant_covariates", old.head(0).with_columns(pl.lit("x").alias("batch_key")),
+                    {"batch_key": "x"})
+    got = wh.table("participant_covariates", versions="all")
+    assert {"supersedes", "superseded_by"} <= set(got.columns) and got["superseded_by"].null_count() == 2
+    with pytest.raises(DuplicateRows):                          # an old row is in force
+        wh.replace_rows("participant_covariates", _version("P1", "d2"), {"batch_key": "d2.b001"})
+    wh.replace_rows("participant_covariates", _version("P1", "d2", superseded_by="d3"), {"batch_key": "d2.b001"})
+    assert wh.table("participant_covariates", versions="all").height == 3
+    assert wh.table("participant_covariates").columns == old.columns and wh.count_rows("participant_covariates") == 2
