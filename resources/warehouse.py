@@ -46,6 +46,36 @@ _VERSIONED_SEEN: set[tuple[str, str]] = set()    # (location, table) known to ha
 IN_FORCE_SQL = "COALESCE(superseded_by, '') = ''"      # a version in force (NULL: a row from before versioning)
 
 
+def close_superseded_sql(table: str, incoming: str) -> str | None:
+    """The ``UPDATE`` that closes the versions the ``incoming`` rows of a versioned ``table`` replace (rows naming a
+    delivery in ``supersedes``): every row in force of the same participant (and model, for the comparison tables;
+    every muscle of the metrics tables) written by that delivery gets ``superseded_by`` = the incoming delivery.
+    Run in the write's transaction after its ``DELETE`` and before its ``INSERT``. The one update of the warehouse:
+    values are never changed, a version is only closed, once (on PostgreSQL a trigger refuses anything else)."""
+    keys = UNIQUE_KEYS.get(table)
+    if not keys:
+        return None
+    owner = [k for k in keys if k != "muscle"]             # the rows of one version: a participant's (per model)
+    sel = ", ".join(f"{_ident(k)}" for k in owner)
+    match = " AND ".join(f"{_ident(table)}.{_ident(k)} = i.{_ident(k)}" for k in owner)
+    return (f"UPDATE {_ident(table)} SET superseded_by = i.delivery_id FROM (SELECT DISTINCT {sel}, supersedes, "
+            f"delivery_id FROM {incoming} WHERE COALESCE(supersedes, '') <> '') AS i WHERE {match} "
+            f"AND {_ident(table)}.delivery_id = i.supersedes AND COALESCE({_ident(table)}.superseded_by, '') = ''")
+
+
+# PostgreSQL: the version columns are written once. An UPDATE may only close a version in force; it changes no
+# other column, and a closed version stays closed.
+PG_WRITE_ONCE = """CREATE OR REPLACE FUNCTION cbp_write_once() RETURNS trigger LANGUAGE plpgsql AS $f$
+BEGIN
+  IF COALESCE(OLD.superseded_by, '') <> '' OR COALESCE(NEW.superseded_by, '') = ''
+     OR (to_jsonb(NEW) - 'superseded_by') IS DISTINCT FROM (to_jsonb(OLD) - 'superseded_by') THEN
+    RAISE EXCEPTION 'versioned rows are written once: a version in force may only be closed (table %)', TG_TABLE_NAME
+      USING ERRCODE = 'P0001';
+  END IF;
+  RETURN NEW;
+END $f$"""
+
+
 def unique_indexes(table: str) -> dict[str, str]:
     """The unique indexes of a versioned ``table`` (:data:`~cbp_platform.warehouse.UNIQUE_KEYS`): name -> the
     column list of ``CREATE UNIQUE INDEX``, the same SQL on both backends; ``{}`` for a table that is not
@@ -219,7 +249,8 @@ class Warehouse(dg.ConfigurableResource):
 
     # --- the platform's reads that need more than one table (portable SQL: DuckDB and PostgreSQL) -------------
     def segmented_scans(self, batch_key: str) -> pl.DataFrame:
-        """The batch's primary segmentations with their scans' files and checksums, by pseudonym."""
+        """The batch's primary segmentations with their scans' files and checksums, by pseudonym (the versions this
+        batch wrote, in force or not: a batch's own stages read what the batch wrote)."""
         return _normalised(self._read(
             "SELECT s.pseudonym, s.label_path, s.label_sha256, r.water_path, r.fat_path, r.water_sha256, "
             "r.fat_sha256, r.source_format FROM muscle_segmentations s "
@@ -230,7 +261,8 @@ class Warehouse(dg.ConfigurableResource):
         """Per delivery: valid scans (and suspected swaps), valid covariate rows, participants with both,
         quarantined participants, and per reason the quarantined participants (``reasons``); per stage and reason
         the quarantine rows (``stage_reasons``). ``stages``: only those stages' quarantine. A table not created
-        yet counts nothing (no batch reached that stage)."""
+        yet counts nothing (no batch reached that stage). Per delivery, every version it wrote counts, in force or
+        not (what the delivery brought; the cohort reads the versions in force through :meth:`table`)."""
         have = set(self.tables())
         qcond, qparams = _where({"stage": list(stages)} if stages else None)
         queries = {
@@ -404,6 +436,9 @@ class DuckDBWarehouse(Warehouse, DuckDBResource):
                         if where is not None:
                             cond, params = _where(where)
                             conn.execute(f"DELETE FROM {_ident(table)}{cond}", params)
+                        close = close_superseded_sql(table, name)
+                        if close and df.height and (df["supersedes"] != "").any():
+                            conn.execute(close)
                         if df.height:
                             conn.execute(f"INSERT INTO {_ident(table)} BY NAME SELECT * FROM {name}")
                     if guard is not None:
@@ -565,6 +600,11 @@ class PostgresWarehouse(Warehouse):
                 if index not in idx:
                     cur.execute(f'CREATE UNIQUE INDEX "{index}" ON {_ident(table)} ({on})')
                     idx.add(index)
+                    if index.endswith("_in_force"):      # created with the index: the DDL lock is held
+                        cur.execute(PG_WRITE_ONCE)
+                        cur.execute(f'DROP TRIGGER IF EXISTS "{table}_write_once" ON {_ident(table)}')
+                        cur.execute(f'CREATE TRIGGER "{table}_write_once" BEFORE UPDATE ON {_ident(table)} '
+                                    "FOR EACH ROW EXECUTE FUNCTION cbp_write_once()")
             if f"{table}_unique" in idx:                 # before versioning: one row per key
                 cur.execute(f'DROP INDEX "{table}_unique"')
                 idx.discard(f"{table}_unique")
@@ -582,6 +622,9 @@ class PostgresWarehouse(Warehouse):
                     cond, params = _where(where)
                     cur.execute(_pg_params(f"DELETE FROM {_ident(table)}{cond}"),
                                 parameters=tuple(params) if params else None)
+                close = close_superseded_sql(table, name)
+                if close and df.height and (df["supersedes"] != "").any():
+                    cur.execute(close)
                 if df.height:
                     cols = ", ".join(_ident(c) for c in df.columns)
                     cur.execute(f"INSERT INTO {_ident(table)} ({cols}) SELECT {cols} FROM {name}")

@@ -231,6 +231,18 @@ def test_the_warehouse_layer_owns_the_sql():
     assert sql == [] and drivers == []
 
 
+def test_versioned_rows_are_never_updated_but_by_the_one_close_of_a_superseded_version():
+    """Nothing is updated in place (issue 27): the only UPDATE statement of the code base is the close of a
+    replaced version in resources/warehouse.py (on PostgreSQL a trigger refuses any other; DuckDB has none)."""
+    import re
+
+    update = re.compile(r"(^|;)\s*UPDATE\s", re.IGNORECASE)          # a statement that starts with UPDATE
+    files = [p for d in ("cbp_platform", "assets", "resources", "checks", "orchestration", "benchmarks", "tools")
+             for p in (ROOT / d).rglob("*.py")]
+    found = sorted({f"{p.relative_to(ROOT)}:{line}" for p in files for line, s in _strings(p) if update.search(s)})
+    assert len(found) == 1 and found[0].startswith("resources/warehouse.py:"), found
+
+
 def test_data_root_subpaths_are_spelt_only_in_the_data_layout():
     """``<root> / "warehouse"``, ``/ "published"`` ...: only cbp_platform/paths.py joins the data root's names."""
     # ("models" is left out: a MONAI bundle has its own models/ folder, a different vocabulary)

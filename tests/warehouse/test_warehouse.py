@@ -257,9 +257,8 @@ def test_exactly_one_version_in_force_per_participant_is_enforced_by_the_warehou
     put = lambda df: wh.replace_rows(t, df, {"batch_key": df["batch_key"][0]})       # noqa: E731
     put(_version("P1", "d1"))
     with pytest.raises(DuplicateRows):                      # a second version in force: refused, nothing kept
-        put(_version("P1", "c1", supersedes="d1", weight=71.0))
-    put(_version("P1", "d1", superseded_by="c1"))          # d1's version closed (its batch rewritten) ...
-    put(_version("P1", "c1", supersedes="d1", weight=71.0))  # ... then the correction's version is in force
+        put(_version("P1", "d2", weight=71.0))
+    put(_version("P1", "c1", supersedes="d1", weight=71.0))  # a correction: d1's version closed in the same write
     put(_version("P1", "d0", superseded_by="c1", weight=69.0))   # two versions replaced by one correction: allowed
     with pytest.raises(DuplicateRows):                      # one version per participant and delivery
         put(_version("P1", "c1", supersedes="d1").with_columns(pl.lit("c1.b002").alias("batch_key")))
@@ -312,3 +311,39 @@ def test_a_warehouse_from_before_versions_gains_them_and_keeps_one_row_per_parti
     wh.replace_rows("participant_covariates", _version("P1", "d2", superseded_by="d3"), {"batch_key": "d2.b001"})
     assert wh.table("participant_covariates", versions="all").height == 3
     assert wh.table("participant_covariates").columns == old.columns and wh.count_rows("participant_covariates") == 2
+
+
+def test_a_correction_closes_the_version_it_replaces_in_the_same_write(wh):
+    t = "muscle_metrics"
+    rows = lambda d, ps, sup="", lean=1.0: pl.DataFrame(                                   # noqa: E731
+        {"pseudonym": [p for p in ps for _ in (0, 1)], "muscle": ["a", "b"] * len(ps), "batch_key": f"{d}.b001",
+         "delivery_id": d, "lean_ml": lean, "supersedes": sup})
+    wh.replace_rows(t, rows("d1", ["P1", "P2"]), {"batch_key": "d1.b001"})
+    wh.replace_rows(t, rows("c1", ["P1"], "d1", 2.0), {"batch_key": "c1.b001"})
+    now = wh.table(t).sort("pseudonym", "muscle")
+    assert now.select("pseudonym", "delivery_id", "lean_ml").rows() == [
+        ("P1", "c1", 2.0), ("P1", "c1", 2.0), ("P2", "d1", 1.0), ("P2", "d1", 1.0)]
+    closed = wh.table(t, versions="all").filter(pl.col("superseded_by") != "")
+    assert closed.select("pseudonym", "delivery_id", "superseded_by").unique().rows() == [("P1", "d1", "c1")]
+    assert closed.height == 2                                       # every muscle of the replaced version
+    wh.replace_rows(t, rows("c1", ["P1"], "d1", 2.0), {"batch_key": "c1.b001"})     # a re-run: the same state
+    assert wh.table(t, versions="all").height == 6 and wh.count_rows(t) == 4
+    with pytest.raises(DuplicateRows):            # a stale correction (its version is closed already): refused
+        wh.replace_rows(t, rows("c2", ["P1"], "d1", 3.0), {"batch_key": "c2.b001"})
+    assert wh.table(t, versions="all").height == 6                  # and nothing of it was kept
+
+
+@pytest.mark.postgres
+def test_postgres_refuses_any_other_update_of_a_version(postgres_server):
+    wh = postgres_server.warehouse()
+    wh.replace_rows("participant_covariates", _version("P1", "d1"), {"batch_key": "d1.b001"})
+    wh.replace_rows("participant_covariates", _version("P1", "c1", supersedes="d1"), {"batch_key": "c1.b001"})
+    for sql in ("UPDATE participant_covariates SET weight_kg = 1 WHERE delivery_id = 'c1'",
+                "UPDATE participant_covariates SET superseded_by = 'x' WHERE delivery_id = 'd1'",
+                "UPDATE participant_covariates SET superseded_by = '' WHERE delivery_id = 'd1'"):
+        with wh.connection() as conn, conn.cursor() as cur:
+            with pytest.raises(Exception, match="written once"):
+                cur.execute(sql)
+            conn.rollback()
+    got = wh.table("participant_covariates", versions="all").sort("delivery_id")
+    assert got.select("delivery_id", "superseded_by", "weight_kg").rows() == [("c1", "", 70.0), ("d1", "c1", 70.0)]
