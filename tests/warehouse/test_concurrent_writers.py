@@ -35,3 +35,40 @@ def test_sixteen_concurrent_batch_writers_lose_and_duplicate_nothing(postgres_se
         ref = pl.concat([f[frame].select("batch_key", "pseudonym", "run_id") for f in want]).sort(
             "batch_key", "pseudonym")
         assert rows.equals(ref), table
+
+
+@pytest.mark.postgres
+def test_concurrent_corrections_of_one_participant_leave_exactly_one_version_in_force(postgres_server):
+    """Eight writers at once, each a correction replacing the same version (issue 27): exactly one wins, the others
+    fail as DuplicateRows and keep nothing, and one version is in force."""
+    import threading
+
+    from resources import DuplicateRows
+
+    wh = postgres_server.warehouse()
+
+    def rows(d: str, sup: str = "") -> pl.DataFrame:
+        return pl.DataFrame({"pseudonym": ["P1", "P1"], "muscle": ["a", "b"], "batch_key": f"{d}.b001",
+                             "delivery_id": d, "lean_ml": float(len(d)), "supersedes": sup})
+
+    wh.replace_rows("muscle_metrics", rows("d1"), {"batch_key": "d1.b001"})
+    start, outcome = threading.Barrier(8), {}
+
+    def correct(i: int) -> None:
+        start.wait()
+        try:
+            wh.replace_rows("muscle_metrics", rows(f"c{i}", "d1"), {"batch_key": f"c{i}.b001"})
+            outcome[i] = "written"
+        except DuplicateRows:
+            outcome[i] = "refused"
+
+    threads = [threading.Thread(target=correct, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert sorted(outcome.values()) == ["refused"] * 7 + ["written"], outcome
+    (winner,) = [f"c{i}" for i, o in outcome.items() if o == "written"]
+    every = wh.table("muscle_metrics", versions="all")
+    assert sorted(set(zip(every["delivery_id"], every["superseded_by"]))) == sorted([("d1", winner), (winner, "")])
+    assert wh.table("muscle_metrics")["delivery_id"].unique().to_list() == [winner]
