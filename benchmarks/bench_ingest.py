@@ -202,15 +202,14 @@ def _ingest_memory(bomb_gib: int = 4) -> dict:
                               np.arange(nz, dtype=np.int16), indexing="ij")
         vol = (100 + (i + 2 * j + 3 * k) % 400).astype(np.int16)
         del i, j, k
-        payload = nifti_bytes(vol, np.diag([1.0, 1.0, 2.0, 1.0]))
         ps = sorted(os.listdir(big / "mri"))[:2]
         (big / "manifest.json").chmod(0o644)
-        for p in ps:
-            for ch in ("water", "fat"):
-                rel = f"mri/{p}/{p}_{ch}.nii.gz"
-                (big / rel).chmod(0o644)
-                (big / rel).write_bytes(payload)
-                _relist(big, rel)
+        for n, (p, ch) in enumerate((p, ch) for p in ps for ch in ("water", "fat")):
+            vol[0, 0, 0] = 100 + n            # four different files: one image under two pseudonyms is refused
+            rel = f"mri/{p}/{p}_{ch}.nii.gz"
+            (big / rel).chmod(0o644)
+            (big / rel).write_bytes(nifti_bytes(vol, np.diag([1.0, 1.0, 2.0, 1.0])))
+            _relist(big, rel)
         out["largest"] = _worker_rss(big)
         out["largest"]["image_mib"] = vol.nbytes / 2**20
         return out
