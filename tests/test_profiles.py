@@ -98,10 +98,10 @@ def test_the_code_location_shows_the_profiles_warehouse(clean_env, profile, over
     assert {"raw_mri_scans", "participant_covariates", "muscle_metrics", "analysis_cohort", "qc_reviews"} <= writers
     assert all(kind in kinds[k] and not ({"duckdb", "postgres", "warehouse"} - {kind}) & kinds[k] for k in writers)
     assert kinds["raw_mri_scans"] == {kind, "nifti"} and kinds["landing_zone"] == {"filesystem"}
-    area_assets = {k.to_user_string() for a in AREAS for x in a.defs.assets for k in getattr(x, "keys", [x.key])}
+    area_assets = {k.to_user_string() for a in AREAS.values() for x in a.assets for k in getattr(x, "keys", [x.key])}
     assert set(kinds) == area_assets
-    area_checks = {k for a in AREAS for x in (a.defs.asset_checks or ()) for k in x.check_keys}
-    area_checks |= {k for a in AREAS for x in a.defs.assets for k in getattr(x, "check_keys", ())}
+    area_checks = {k for a in AREAS.values() for x in (a.asset_checks or ()) for k in x.check_keys}
+    area_checks |= {k for a in AREAS.values() for x in a.assets for k in getattr(x, "check_keys", ())}
     assert set(defs.resolve_asset_graph().asset_check_keys) == area_checks and len(area_checks) >= 9
     jobs = {j.name for j in defs.resolve_all_job_defs()} - {"__ASSET_JOB"}
     assert jobs == {"ingest_batch", "process_batch", "train_segmentation_model", "cohort_refresh",

@@ -24,6 +24,7 @@ from cbp_platform.synth.dicom import CONTRASTS as SYNTH_CONTRASTS
 from cbp_platform.synth.dicom import (SERIES_PREFIX, UID_ROOT, FakeIdentity, StationPlan, enhanced_series,
                                       participant_zips, plan_stations, series_slices, station_ranges, uid)
 from cbp_platform.synth.faults import EXPECTED_REASONS
+from tests.support.dicom import members, no_preamble, series_of, with_members, zip_of
 from cbp_platform.synth.phantom import PRESETS, Subject, render_phantom
 
 P = "PPPPPPPPPP"
@@ -215,16 +216,10 @@ def test_a_station_off_the_lattice_is_resampled_within_interpolation_error():
 # bounded: bombs and huge series are refused before they fill memory or disk
 
 
-def _zip(members: list[tuple[str, bytes]]) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
-        for name, payload in members:
-            z.writestr(name, payload)
-    return buf.getvalue()
 
 
 def test_a_zip_declaring_a_huge_file_is_refused_before_extracting(tmp_path):
-    bomb = _zip([("a/IM0001.dcm", bytes(80 << 20))])           # 80 MiB of zeros, ~80 KB on disk
+    bomb = zip_of([("a/IM0001.dcm", bytes(80 << 20))])           # 80 MiB of zeros, ~80 KB on disk
     assert len(bomb) < 1 << 20
     ddir, files = _deliver(tmp_path, {"water": bomb})
     with pytest.raises(ScanProblem) as e:
@@ -237,7 +232,7 @@ def test_a_zip_declaring_a_huge_file_is_refused_before_extracting(tmp_path):
 
 
 def test_a_zip_whose_headers_lie_about_the_size_stops_at_the_declared_size(tmp_path):
-    payload = _zip([("a/IM0001.dcm", bytes(8 << 20))])
+    payload = zip_of([("a/IM0001.dcm", bytes(8 << 20))])
     # shrink the declared uncompressed size (local header and central directory) to 1000 bytes
     raw = bytearray(payload)
     for sig, off in ((b"PK\x03\x04", 22), (b"PK\x01\x02", 24)):
@@ -257,7 +252,7 @@ def test_a_huge_series_is_refused_from_its_headers(tmp_path):
     import pydicom
 
     aff = np.diag([-0.4, 0.4, 3.0, 1.0])
-    members = []
+    items = []
     for c in ("water", "fat"):
         _, slices = series_slices(np.ones((16, 16, 70), np.uint16), aff, contrast=c, station=1, k_range=(0, 70),
                                   pseudonym=P, seed=1, acquired=EXAM)
@@ -267,15 +262,15 @@ def test_a_huge_series_is_refused_from_its_headers(tmp_path):
             del ds.PixelData
             out = io.BytesIO()
             ds.save_as(out)
-            members.append((f"{c}/IM{n}.dcm", out.getvalue()))
-    ddir, files = _deliver(tmp_path, {"water": _zip(members)})
+            items.append((f"{c}/IM{n}.dcm", out.getvalue()))
+    ddir, files = _deliver(tmp_path, {"water": zip_of(items)})
     with pytest.raises(ScanProblem) as e:
         _ingest(tmp_path, ddir, files)
     assert e.value.reason == "series_too_large" and "140 MiB" in e.value.message, e.value
 
 
 def test_a_file_with_the_dicom_preamble_that_does_not_parse_is_unreadable(tmp_path):
-    ddir, files = _deliver(tmp_path, {"water": _zip([("x/IM1.dcm", bytes(128) + b"DICM" + b"\xff" * 40)])})
+    ddir, files = _deliver(tmp_path, {"water": zip_of([("x/IM1.dcm", bytes(128) + b"DICM" + b"\xff" * 40)])})
     with pytest.raises(ScanProblem) as e:
         _ingest(tmp_path, ddir, files)
     assert e.value.reason == "unreadable_dicom" and "member 0" in e.value.message
@@ -318,15 +313,8 @@ def test_a_coronal_stack_gets_the_shape_and_affine_nibabel_gives_it_in_las_order
 Q = "QQQQQQQQQQ"                     # another participant
 
 
-def _members(payload: bytes) -> list[tuple[str, bytes]]:
-    with zipfile.ZipFile(io.BytesIO(payload)) as z:
-        return [(n, z.read(n)) for n in z.namelist()]
 
 
-def _of(station: int, *contrasts: str):
-    """Selects the members of ``station``'s series of ``contrasts`` (the simulator's folders ``<number>_...``)."""
-    prefixes = tuple(f"{10 * station + list(SYNTH_CONTRASTS).index(c) + 1:04d}_" for c in contrasts)
-    return lambda name: name.startswith(prefixes)
 
 
 def _edited(zips: dict[str, bytes], select, change) -> dict[str, bytes]:
@@ -336,8 +324,8 @@ def _edited(zips: dict[str, bytes], select, change) -> dict[str, bytes]:
 
     out = {}
     for c, payload in zips.items():
-        members = []
-        for name, b in _members(payload):
+        items = []
+        for name, b in members(payload):
             if select(name):
                 ds = pydicom.dcmread(io.BytesIO(b))
                 b2 = change(ds)
@@ -346,13 +334,11 @@ def _edited(zips: dict[str, bytes], select, change) -> dict[str, bytes]:
                     ds.save_as(buf, enforce_file_format=True)
                     b2 = buf.getvalue()
                 b = b2
-            members.append((name, b))
-        out[c] = _zip(members)
+            items.append((name, b))
+        out[c] = zip_of(items)
     return out
 
 
-def _with(payload: bytes, extra: list[tuple[str, bytes]]) -> bytes:
-    return _zip(_members(payload) + extra)
 
 
 def _zips(ph, plan=None, in_opp=False) -> dict[str, bytes]:
@@ -382,7 +368,7 @@ def test_a_newer_station_of_another_participant_is_not_taken_for_a_repeat(tmp_pa
         other = np.roll(getattr(ph, c), 9, axis=1)                     # another body
         _, slices = series_slices(other, ph.affine, contrast=c, station=2, k_range=plan.stations[1], pseudonym=Q,
                                   seed=2, acquired=EXAM + timedelta(hours=2))
-        zips[c] = _with(zips[c], [(f"0121_{c}/IM{n:04d}.dcm", b) for n, b in enumerate(slices, start=1)])
+        zips[c] = with_members(zips[c], [(f"0121_{c}/IM{n:04d}.dcm", b) for n, b in enumerate(slices, start=1)])
     e = _refused(tmp_path, zips)
     assert e.reason == "participant_mismatch" and "station 2: PatientID differs" in e.message, e
 
@@ -397,7 +383,7 @@ def test_a_newer_station_of_another_participant_is_not_taken_for_a_repeat(tmp_pa
 def test_a_station_of_another_person_or_examination_is_refused(tmp_path, phantom, field, contrasts, words):
     ph = phantom
     value = Q if field == "PatientID" else uid("another examination", field)
-    e = _refused(tmp_path, _edited(_zips(ph), _of(3, *contrasts), lambda ds: setattr(ds, field, value)))
+    e = _refused(tmp_path, _edited(_zips(ph), series_of(3, *contrasts), lambda ds: setattr(ds, field, value)))
     assert e.reason == "participant_mismatch" and words in e.message, e
     assert value not in e.message and field in e.message
 
@@ -407,7 +393,7 @@ def test_stations_each_with_their_own_frame_of_reference_are_accepted(tmp_path, 
     ph = phantom
     zips = _zips(ph)
     for s in range(1, 5):
-        zips = _edited(zips, _of(s, "water", "fat"), lambda ds, s=s: setattr(ds, "FrameOfReferenceUID",
+        zips = _edited(zips, series_of(s, "water", "fat"), lambda ds, s=s: setattr(ds, "FrameOfReferenceUID",
                                                                             uid("frame", s)))
     ddir, files = _deliver(tmp_path, zips)
     res = _ingest(tmp_path, ddir, files)
@@ -422,14 +408,14 @@ def test_a_dicomdir_is_ignored_and_counted(tmp_path, phantom):
     ph = phantom
     zips = _zips(ph)
     fs = FileSet()
-    for _name, b in _members(zips["water"])[:3]:
+    for _name, b in members(zips["water"])[:3]:
         ds = pydicom.dcmread(io.BytesIO(b))
         ds.StudyID = "1"                                       # what a DICOMDIR's study record needs
         fs.add(ds)
     fs.write(tmp_path / "export")
     dicomdir = (tmp_path / "export" / "DICOMDIR").read_bytes()
     assert pydicom.dcmread(io.BytesIO(dicomdir)).file_meta.MediaStorageSOPClassUID == "1.2.840.10008.1.3.10"
-    zips["water"] = _with(zips["water"], [("EXPORT/DICOMDIR", dicomdir), ("export2/dicomdir", dicomdir),
+    zips["water"] = with_members(zips["water"], [("EXPORT/DICOMDIR", dicomdir), ("export2/dicomdir", dicomdir),
                                           ("export3/INDEX", dicomdir)])
     ddir, files = _deliver(tmp_path / "d", zips)
     res = _ingest(tmp_path / "d", ddir, files)
@@ -449,18 +435,13 @@ def _bare(ds) -> bytes:
     return fp.getvalue()
 
 
-def _no_preamble(ds) -> bytes:
-    """File meta kept, the 128-byte preamble and DICM prefix dropped."""
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()[132:]
 
 
 def test_dicom_files_without_the_preamble_are_read_when_they_parse(tmp_path, phantom):
     ph = phantom
-    zips = _edited(_zips(ph), _of(2, "water"), _bare)
-    zips = _edited(zips, _of(2, "fat"), _no_preamble)
-    zips["water"] = _with(zips["water"], [("NOTE.TXT", b"exported by the PACS\n")])
+    zips = _edited(_zips(ph), series_of(2, "water"), _bare)
+    zips = _edited(zips, series_of(2, "fat"), no_preamble)
+    zips["water"] = with_members(zips["water"], [("NOTE.TXT", b"exported by the PACS\n")])
     ddir, files = _deliver(tmp_path, zips)
     res = _ingest(tmp_path, ddir, files)
     assert res.facts["ignored_files"] == 1 and res.sidecar["ignored_files"][0]["why"] == "not a DICOM file"
@@ -471,7 +452,7 @@ def test_dicom_files_without_the_preamble_are_read_when_they_parse(tmp_path, pha
 def test_files_without_the_preamble_that_do_not_parse_are_named_when_no_water_is_left(tmp_path, phantom):
     ph = phantom
     zips = _zips(ph)
-    zips["water"] = _zip([(f"w/IM{n}", b"\x00\x01 not an image " * 40 + bytes([n])) for n in range(5)])
+    zips["water"] = zip_of([(f"w/IM{n}", b"\x00\x01 not an image " * 40 + bytes([n])) for n in range(5)])
     e = _refused(tmp_path, zips)
     assert e.reason == "unreadable_dicom" and "no water series, and 5 files without the DICOM preamble" in e.message
     assert "member 0" in e.message
@@ -482,13 +463,13 @@ def test_water_and_fat_in_one_series_are_split_by_image_type(tmp_path, phantom):
     zips = _zips(ph)
     import pydicom
 
-    station2_water = pydicom.dcmread(io.BytesIO(next(b for n, b in _members(zips["water"]) if _of(2, "water")(n))))
+    station2_water = pydicom.dcmread(io.BytesIO(next(b for n, b in members(zips["water"]) if series_of(2, "water")(n))))
 
     def one_series(ds):
         ds.SeriesInstanceUID, ds.SeriesNumber = station2_water.SeriesInstanceUID, 21
         ds.SeriesDescription = "3D_GRE_TRA_DIXON"
 
-    ddir, files = _deliver(tmp_path, _edited(zips, _of(2, "water", "fat"), one_series))
+    ddir, files = _deliver(tmp_path, _edited(zips, series_of(2, "water", "fat"), one_series))
     res = _ingest(tmp_path, ddir, files)
     assert res.facts["dicom_series"] == 8
     np.testing.assert_array_equal(_water(tmp_path, res), ph.water)
@@ -499,7 +480,7 @@ def test_water_and_fat_in_one_series_are_split_by_image_type(tmp_path, phantom):
         ds.SeriesDescription = "3D_GRE_TRA_W" if "WATER" in ds.ImageType else "3D_GRE_TRA_F"
         ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "DIXON"]
 
-    e = _refused(tmp_path / "mixed", _edited(zips, _of(2, "water", "fat"), mixed))
+    e = _refused(tmp_path / "mixed", _edited(zips, series_of(2, "water", "fat"), mixed))
     assert e.reason == "mixed_series" and e.message.startswith("water station 2: one series holds water and fat"), e
 
 
@@ -511,8 +492,8 @@ def test_a_deflated_series_is_inflated_before_conversion(tmp_path, phantom):
     def deflate(ds):
         ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
 
-    zips = _edited(_zips(ph), _of(2, "water", "fat"), deflate)
-    name, b = next((n, b) for n, b in _members(zips["water"]) if _of(2, "water")(n))
+    zips = _edited(_zips(ph), series_of(2, "water", "fat"), deflate)
+    name, b = next((n, b) for n, b in members(zips["water"]) if series_of(2, "water")(n))
     assert b"1.2.840.10008.1.2.1.99" in b[:400]
     ddir, files = _deliver(tmp_path, zips)
     res = _ingest(tmp_path, ddir, files)
@@ -531,7 +512,7 @@ def test_a_series_the_converter_cannot_read_is_refused_in_its_own_words(tmp_path
         ds.PixelData = encapsulate([ds.PixelData])
         ds["PixelData"].VR = "OB"
 
-    e = _refused(tmp_path, _edited(_zips(ph), _of(2, "water"), mpeg2))
+    e = _refused(tmp_path, _edited(_zips(ph), series_of(2, "water"), mpeg2))
     assert e.reason == "conversion_failed", e
     assert "Unsupported transfer syntax '1.2.840.10008.1.2.4.100'" in e.message, e
     assert "(from water station 2 slice 1: " in e.message and str(tmp_path) not in e.message and ".dcm" not in e.message
@@ -555,11 +536,11 @@ def test_the_converters_own_words_reach_the_reason_without_a_path(tmp_path):
 def test_a_slice_cut_inside_its_pixel_data_is_named(tmp_path, phantom):
     ph = phantom
     zips = _zips(ph)
-    names = [n for n, _ in _members(zips["water"])]
-    target = [n for n in names if _of(3, "water")(n)][4]                 # the 5th slice from the bottom
+    names = [n for n, _ in members(zips["water"])]
+    target = [n for n in names if series_of(3, "water")(n)][4]                 # the 5th slice from the bottom
     zips = _edited(zips, lambda n: n == target, _cut)
     e = _refused(tmp_path, zips)
-    n_slices = len([n for n in names if _of(3, "water")(n)])
+    n_slices = len([n for n in names if series_of(3, "water")(n)])
     role = "DICOM zip (files[0])"                          # the water zip, listed first by _deliver
     assert e.reason == "truncated_dicom", e
     assert re.match(rf"water station 3: slice \d+ of {n_slices} \({re.escape(role)} member {names.index(target)}\): "
@@ -582,15 +563,15 @@ def _enhanced_zips(ph, stations=(1, 2, 3, 4), in_opp=False, edit=None) -> dict[s
     plan = _plan(ph)
     out = {}
     for c, payload in _zips(ph, plan, in_opp).items():
-        members = [(n, b) for n, b in _members(payload) if not any(_of(s, c)(n) for s in stations)]
+        kept = [(n, b) for n, b in members(payload) if not any(series_of(s, c)(n) for s in stations)]
         for s in stations:
             number = 10 * s + list(SYNTH_CONTRASTS).index(c) + 1
             _, b = enhanced_series(_volumes(ph, in_opp)[c], ph.affine, contrast=c, station=s,
                                    k_range=plan.stations[s - 1], pseudonym=P, seed=1,
                                    acquired=EXAM + timedelta(seconds=95 * s), series_number=number)
             b = edit(c, s, b) if edit else b
-            members.append((f"{number:04d}_{SERIES_PREFIX}_{SYNTH_CONTRASTS[c][0]}/ENHANCED.dcm", b))
-        out[c] = _zip(members)
+            kept.append((f"{number:04d}_{SERIES_PREFIX}_{SYNTH_CONTRASTS[c][0]}/ENHANCED.dcm", b))
+        out[c] = zip_of(kept)
     return out
 
 
@@ -716,8 +697,8 @@ def test_an_enhanced_file_whose_frames_disagree_is_refused_as_a_classic_series_i
 def test_an_enhanced_file_cut_inside_its_pixel_data_is_named(tmp_path, phantom):
     ph = phantom
     zips = _enhanced_zips(ph, edit=lambda c, s, b: b[:-1000] if (c, s) == ("water", 3) else b)
-    names = [n for n, _ in _members(zips["water"])]
-    k = names.index(next(n for n in names if _of(3, "water")(n)))
+    names = [n for n, _ in members(zips["water"])]
+    k = names.index(next(n for n in names if series_of(3, "water")(n)))
     e = _refused(tmp_path, zips)
     n = ph.water.shape[0] * ph.water.shape[1] * 2                      # bytes per frame
     frames = station_ranges(ph.water.shape[2])[2][1] - station_ranges(ph.water.shape[2])[2][0]
