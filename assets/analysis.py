@@ -22,7 +22,7 @@ from assets.segmentation import muscle_metrics, muscle_segmentations, segmentati
 from cbp_platform import study
 from cbp_platform.deployment import k8s_step_tags
 from resources import WAREHOUSE_KIND, DataRootResource, MissingTable, SegmentationRuntime, Warehouse
-from resources.reviews import REVIEWS_ASSET, ReviewStore
+from assets.releases import DATA_RELEASE, NoRelease, release_cohort, release_info
 
 COHORT_STEP = k8s_step_tags("cpu-large")    # whole-cohort steps: Kubernetes CPU nodes with memory headroom
 
@@ -36,6 +36,7 @@ GROUP = "analysis"
 
 class CohortConfig(dg.Config):
     lmm_normaliser: str = "weight_per_height"   # weight_per_height (cm3/(kg/m), the paper's), per_height2, ...
+    release: int = 0                            # the data release to analyse (0: the latest; docs/lifecycle.md)
 
 
 class ModelConfig(dg.Config):
@@ -82,42 +83,28 @@ def _cohort_hash(warehouse: Warehouse) -> str:
 
 
 @dg.asset(op_tags=COHORT_STEP,
-          deps=[*PER_BATCH, REVIEWS_ASSET], code_version=COHORT_VERSION, group_name=GROUP,
+          deps=[*PER_BATCH, DATA_RELEASE], code_version=COHORT_VERSION, group_name=GROUP,
           kinds={"polars", WAREHOUSE_KIND},
-          description="All materialised batches joined: inclusion rules with the exclusion flow (start -> one row "
-                      "per reason -> analysed; reviewers' rejections of the current label maps at qc_rejected), "
-                      "LMM index, MET categories, NRS >= 4, exposures per 2 SD. The cohort hash (content of the "
-                      "analysed frame) is its data version.")
+          description="The data release's participants (the latest release, or config release): inclusion rules "
+                      "with the exclusion flow (start -> one row per reason -> analysed; retired deliveries at "
+                      "delivery_retired, reviewers' rejections at qc_rejected), LMM index, MET categories, NRS >= 4, "
+                      "exposures per 2 SD. The cohort hash (content of the analysed frame) is its data version.")
 def analysis_cohort(context: dg.AssetExecutionContext, config: CohortConfig, warehouse: Warehouse) -> dg.MaterializeResult:
-    from cbp_platform.analysis.cohort import build_analysis_cohort
     from cbp_platform.analysis.report import markdown_table
-    from cbp_platform.qc import reviews as rv
 
-    ingest = "ingest at least one batch first"
-    cov = _required(warehouse, "participant_covariates", ingest, order_by=["pseudonym"])
-    scans = _required(warehouse, "raw_mri_scans", ingest, order_by=["pseudonym"])
-    metrics = warehouse.table("muscle_metrics", order_by=["pseudonym", "muscle"], missing_ok=True)
-    if metrics is None:            # no batch segmented yet: every participant is excluded as not segmented
-        metrics = pl.DataFrame()
-    quarantine = warehouse.table("quarantine", order_by=["batch_key", "stage", "pseudonym"])
-    reviews = ReviewStore(warehouse)
-    history = reviews.reviews()
-    prov = warehouse.table("provenance", columns=["pseudonym", "input_checksums", "recorded_at"],
-                           where={"stage": "muscle_metrics"}, order_by=["recorded_at", "pseudonym"])
-    decisions = rv.effective_reviews(history, rv.analysed_maps(reviews.current_maps(), prov))
-    n_reviews, reviews_sha = rv.digest(history)
     try:
-        cohort = build_analysis_cohort(cov, scans, metrics, quarantine, lmm_normaliser=config.lmm_normaliser,
-                                       rejected=decisions.filter(pl.col("decision") == "reject"))
-    except ValueError as exc:
+        info = release_info(warehouse, config.release or None)
+        cohort, inputs = release_cohort(warehouse, info, lmm_normaliser=config.lmm_normaliser)
+    except (NoRelease, ValueError) as exc:
         raise dg.Failure(description=f"analysis_cohort: {exc}") from None
+    cov, metrics = inputs["covariates"], inputs["metrics"]
     batches = sorted(set(cov["batch_key"].to_list()) | set(metrics["batch_key"].to_list() if metrics.height else []))
     meta = pl.DataFrame([{"cohort_hash": cohort.cohort_hash, "lmm_normaliser": cohort.lmm_normaliser,
                           "lmm_unit": cohort.lmm_unit, "standardisation": json.dumps(cohort.standardisation),
                           "batches": json.dumps(batches), "n_analysed": cohort.n,
-                          "reviews_count": n_reviews, "reviews_sha256": reviews_sha,
-                          "qc_rejected": int(decisions.filter(pl.col("decision") == "reject").height),
-                          "qc_outdated": int(decisions["outdated"].sum()) if decisions.height else 0}])
+                          "reviews_count": info["reviews_count"], "reviews_sha256": info["reviews_sha256"],
+                          "qc_rejected": inputs["rejected"].height, "qc_outdated": info["qc_outdated"],
+                          "release_id": int(info["release_id"]), "release_content_hash": info["content_hash"]}])
     # the cohort, its exclusions, its flow, its meta (with the hash) and its lineage row in one transaction:
     # never a hash that describes another cohort than the one stored
     warehouse.replace_many([("analysis_cohort", cohort.frame, {}), ("analysis_exclusions", cohort.exclusions, {}),
@@ -126,13 +113,14 @@ def analysis_cohort(context: dg.AssetExecutionContext, config: CohortConfig, war
                                          cohort.cohort_hash)])
     flow_md = markdown_table(cohort.flow.select("description", pl.col("excluded").cast(pl.String),
                                                 pl.col("remaining").cast(pl.String)))
-    context.log.info(f"analysis cohort: {cohort.n} analysed from {len(batches)} batches "
-                     f"(hash {cohort.cohort_hash[:12]})")
+    context.log.info(f"analysis cohort: {cohort.n} analysed from {len(batches)} batches of release "
+                     f"{info['release_id']} (hash {cohort.cohort_hash[:12]})")
     return dg.MaterializeResult(metadata={
         "dagster/row_count": cohort.n, "cohort_hash": cohort.cohort_hash, "batches": len(batches),
+        "release": int(info["release_id"]), "release_content_hash": info["content_hash"],
         "start": int(cohort.flow["remaining"][0]), "analysed": cohort.n,
         "exclusion_flow": dg.MetadataValue.md(flow_md), "lmm_normaliser": cohort.lmm_normaliser,
-        "reviews": n_reviews, "reviews_sha256": reviews_sha,
+        "reviews": info["reviews_count"], "reviews_sha256": info["reviews_sha256"],
         "standardisation": dg.MetadataValue.json(cohort.standardisation)},
         data_version=dg.DataVersion(cohort.cohort_hash))
 
@@ -361,10 +349,12 @@ def published_results(context: dg.AssetExecutionContext, config: ReportConfig, d
                       cohort_meta=meta, comparisons=comparisons, min_count=min_count)
     except Exception as exc:   # noqa: BLE001  (a disclosure guard or rendering failure, reported by name)
         raise dg.Failure(description=f"published_results: {type(exc).__name__}: {exc}") from None
-    # write: the latest pointer and the lineage row
+    # write: the latest pointer, the release's report (pointer and published tables: cbp reproduce reads them),
+    # and the lineage row
     atomic_write_bytes(data_root.layout.latest_report,
-                       json.dumps({"path": str(out_dir), "cohort_hash": cohort_hash,
+                       json.dumps({"path": str(out_dir), "cohort_hash": cohort_hash, "release": meta["release_id"],
                                    "run_id": context.run.run_id}, indent=1).encode())
+    _keep_release_report(data_root, meta, out_dir, tables, min_count, context.run.run_id)
     upstream = manifest["cohort_assets"]["published_results"]["upstream"]
     warehouse.replace_many([_lineage_row(context, cohort_hash, upstream, cohort_hash)])
     context.log.info(f"report written to {out_dir}")
@@ -376,6 +366,26 @@ def published_results(context: dg.AssetExecutionContext, config: ReportConfig, d
         "paper_vs_run": dg.MetadataValue.md(markdown_table(pub.paper_vs_run.select("section", "quantity", "paper",
                                                                                    "this_run")))},
         data_version=dg.DataVersion(cohort_hash))
+
+
+def _keep_release_report(data_root: DataRootResource, meta: dict, out_dir, tables, min_count: int,
+                         run_id: str) -> None:
+    """Keep what the release's report published (its tables, and how they were made) beside the release, so that
+    ``cbp reproduce --release R`` compares with it even after a later report of the same cohort replaced the
+    folder."""
+    from cbp_platform.analysis.outputs import read_tables
+    from cbp_platform.imaging.nifti import atomic_write_bytes
+    from cbp_platform.warehouse import now_utc
+
+    pointer = data_root.layout.release_report(meta["release_id"])
+    for name, payload in read_tables(out_dir).items():
+        atomic_write_bytes(pointer.parent / "tables" / name, payload)
+    nagq = tables.model_fits["nagq"].drop_nulls() if "nagq" in tables.model_fits.columns else []
+    atomic_write_bytes(pointer, json.dumps({
+        "release": meta["release_id"], "release_content_hash": meta["release_content_hash"],
+        "cohort_hash": meta["cohort_hash"], "path": str(out_dir), "lmm_normaliser": meta["lmm_normaliser"],
+        "disclosure_min_count": min_count, "nagq": int(nagq[0]) if len(nagq) else 25, "run_id": run_id,
+        "published_at": now_utc().isoformat()}, indent=1).encode())
 
 
 def _current_comparisons(warehouse: Warehouse, primary_sha256: str | None) -> list[dict]:

@@ -15,7 +15,7 @@ import polars as pl
 
 from assets.partitions import batches_partitions
 from assets.segmentation import muscle_metrics, muscle_segmentations
-from assets.writes import run_is_live
+from assets.writes import run_is_live, version_of
 from cbp_platform.deployment import k8s_step_tags
 from cbp_platform.ingest.batch import redact, scan_files
 from cbp_platform.progress import RateLogger
@@ -52,7 +52,7 @@ def comparison_metrics(context: dg.AssetExecutionContext, config: ComparisonConf
     from cbp_platform.segmentation.backends import load_runner
     from cbp_platform.segmentation.manifest import ManifestError
     from cbp_platform.segmentation.pipeline import VOXEL_SCHEMA, configure_threads, metrics_for, segment_scans
-    from cbp_platform.warehouse import provenance_frame, quarantine_frame
+    from cbp_platform.warehouse import provenance_frame, quarantine_frame, versioned
 
     key = context.partition_key
     batch = data_root.registry.read(key)
@@ -99,6 +99,10 @@ def comparison_metrics(context: dg.AssetExecutionContext, config: ComparisonConf
     q = quarantine_frame(failures, delivery_id=batch.delivery_id, batch_key=key, stage=stage, run_id=run_id)
     pv = provenance_frame(prov, delivery_id=batch.delivery_id, batch_key=key, stage=stage,
                           code_version=COMPARISON_METRICS_VERSION, run_id=run_id)
+    seq, corrections = version_of(data_root, batch)        # versions ordered by registration (assets/writes.py)
+    sup = {p: e["supersedes"] for p, e in corrections.items()}
+    segs = versioned("comparison_segmentations", segs, seq, sup)
+    met = versioned("comparison_metrics", met, seq, sup)
     checksum = warehouse.replace_many([("comparison_segmentations", segs, where), ("comparison_metrics", met, where),
                                        ("quarantine", q, {"batch_key": key, "stage": stage}),
                                        ("provenance", pv, {"batch_key": key, "stage": stage})],

@@ -17,6 +17,7 @@ from assets.writes import write_stage
 from cbp_platform.deployment import k8s_step_tags
 from cbp_platform.ingest.batch import facts_frame, ingest_covariates, ingest_scans
 from cbp_platform.ingest.registry import duplicates_of, registered_manifest
+from cbp_platform.landing import COVARIATES, SCAN
 from cbp_platform.progress import RateLogger
 from resources import WAREHOUSE_KIND, DataRootResource, Warehouse
 
@@ -51,6 +52,16 @@ def _reasons(quarantine: list[dict]) -> dict:
     return dict(sorted(Counter(q["reason"] for q in quarantine).items()))
 
 
+def _not_corrected(context: dg.AssetExecutionContext, batch, part: str) -> dg.MaterializeResult:
+    """A correction's batch that does not correct this stage's part: its run requests never include the stage, and
+    materialised by hand it writes nothing (the versions in force stay as they are)."""
+    context.log.info(f"batch {batch.key}: a correction of {' and '.join(batch.parts)}; it brings no {part}, so "
+                     "nothing is written")
+    return dg.MaterializeResult(metadata={"participants": len(batch.participants), "dagster/row_count": 0,
+                                          "not_corrected": f"this correction's batch brings no {part}",
+                                          "delivery_id": batch.delivery_id})
+
+
 def _batch(context: dg.AssetExecutionContext, data_root: DataRootResource):
     key = context.partition_key
     batch = data_root.registry.read(key)
@@ -73,6 +84,8 @@ def _batch(context: dg.AssetExecutionContext, data_root: DataRootResource):
 def raw_mri_scans(context: dg.AssetExecutionContext, data_root: DataRootResource,
                   warehouse: Warehouse) -> dg.MaterializeResult:
     batch, ddir, manifest = _batch(context, data_root)
+    if not batch.covers(SCAN):
+        return _not_corrected(context, batch, SCAN)
     dups = duplicates_of(data_root.path, batch.delivery_id)
     t0 = time.perf_counter()
     steady = RateLogger(context.log.info, len(manifest["participants"]), f"batch {batch.key}: validated",
@@ -89,7 +102,8 @@ def raw_mri_scans(context: dg.AssetExecutionContext, data_root: DataRootResource
     # (DICOM: the stitched water volume is this stage's output)
     prov = [dict(pseudonym=f["pseudonym"], inputs=f["inputs"], output=f["water_sha256"]) if "inputs" in f else
             dict(pseudonym=f["pseudonym"], inputs={"water": f["water_sha256"], "fat": f["fat_sha256"]}) for f in facts]
-    checksum = write_stage(warehouse, context, "raw_mri_scans", df, batch, quarantine, prov, RAW_MRI_SCANS_VERSION)
+    checksum = write_stage(warehouse, context, "raw_mri_scans", df, batch, quarantine, prov, RAW_MRI_SCANS_VERSION,
+                           data_root=data_root)
     seconds = time.perf_counter() - t0
     reasons = _reasons(quarantine)
     context.log.info(f"batch {batch.key}: {df.height} scans valid, {len(quarantine)} quarantined {reasons}, "
@@ -124,6 +138,8 @@ def raw_mri_scans(context: dg.AssetExecutionContext, data_root: DataRootResource
 def participant_covariates(context: dg.AssetExecutionContext, data_root: DataRootResource,
                            warehouse: Warehouse) -> dg.MaterializeResult:
     batch, ddir, manifest = _batch(context, data_root)
+    if not batch.covers(COVARIATES):
+        return _not_corrected(context, batch, COVARIATES)
     dups = duplicates_of(data_root.path, batch.delivery_id)
     res, entry = ingest_covariates(batch, ddir, manifest, duplicates=dups)
     df = res.rows.with_columns(pl.lit(batch.key).alias("batch_key"), pl.lit(batch.delivery_id).alias("delivery_id"))
@@ -131,7 +147,7 @@ def participant_covariates(context: dg.AssetExecutionContext, data_root: DataRoo
     cov_sha = entry["sha256"] if entry else ""
     prov = [dict(pseudonym=p, inputs={"covariates.csv": cov_sha}) for p in df["pseudonym"].to_list()]
     checksum = write_stage(warehouse, context, "participant_covariates", df, batch, res.quarantine, prov,
-                           COVARIATES_VERSION)
+                           COVARIATES_VERSION, data_root=data_root)
     reasons = _reasons(res.quarantine)
     context.log.info(f"batch {batch.key}: {df.height} covariate rows valid, {len(res.quarantine)} quarantined "
                      f"{reasons}")

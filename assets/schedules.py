@@ -3,7 +3,8 @@
 ``process_batch``: the per-batch job the sensor launches (ingestion, segmentation, metrics, their checks).
 ``ingest_batch``: ingestion only (for re-ingesting a batch after a landing-zone fix).
 ``daily_cohort_refresh``: refreshes the cohort-level assets (``COHORT_LEVEL``: ingestion summary, analysis
-cohort, models, tables, published report) once a day (05:00 UTC), after the night's deliveries.
+cohort, models, tables, published report) once a day (05:00 UTC), from the latest data release.
+``cut_release``: cuts a data release (one ``data_release`` partition; ``cbp release cut``).
 """
 
 import dagster as dg
@@ -11,19 +12,18 @@ import dagster as dg
 from assets.comparison import comparison_metrics, model_comparison
 from assets.analysis import (analysis_cohort, cbp_association_model, pain_intensity_model,
                              physical_activity_prevalence, published_results, stratified_comparisons, table_one)
-from assets.ingestion import participant_covariates, raw_mri_scans
-from assets.segmentation import muscle_metrics, muscle_segmentations, segmentation_model
-from assets.sensors import INGEST_JOB, PROCESS_JOB
+from assets.releases import data_release
+from assets.segmentation import segmentation_model
+from assets.sensors import INGEST_ASSETS, INGEST_JOB, PROCESS_ASSETS, PROCESS_JOB
 from assets.summary import ingestion_summary
 from cbp_platform.deployment import automation_running
 
 ingest_batch_job = dg.define_asset_job(
-    INGEST_JOB, selection=dg.AssetSelection.assets(raw_mri_scans, participant_covariates),
+    INGEST_JOB, selection=dg.AssetSelection.assets(*(dg.AssetKey(a) for a in INGEST_ASSETS)),
     description="Validate and load one batch: scans and covariates, with their checks.")
 
 process_batch_job = dg.define_asset_job(
-    PROCESS_JOB, selection=dg.AssetSelection.assets(raw_mri_scans, participant_covariates, muscle_segmentations,
-                                                    muscle_metrics),
+    PROCESS_JOB, selection=dg.AssetSelection.assets(*(dg.AssetKey(a) for a in PROCESS_ASSETS)),
     description="One batch end to end: ingestion, segmentation (pool gpu) and metrics, with their checks. "
                 "Needs a materialised segmentation_model.")
 
@@ -47,7 +47,14 @@ COHORT_LEVEL = dg.AssetSelection.assets(ingestion_summary, analysis_cohort, cbp_
                                         physical_activity_prevalence, published_results)
 
 cohort_refresh_job = dg.define_asset_job("cohort_refresh", selection=COHORT_LEVEL,
-                                         description="Recompute the cohort-level assets from all batches.")
+                                         description="Recompute the cohort-level assets from the latest data "
+                                                     "release.")
+
+CUT_RELEASE_JOB = "cut_release"
+cut_release_job = dg.define_asset_job(
+    CUT_RELEASE_JOB, selection=dg.AssetSelection.assets(data_release),
+    description="Cut the data release of this partition (the next number): freeze which version of which "
+                "participant the analysis uses (`cbp release cut` runs it).")
 
 daily_cohort_refresh = dg.ScheduleDefinition(
     name="daily_cohort_refresh", job=cohort_refresh_job, cron_schedule="0 5 * * *", execution_timezone="UTC",

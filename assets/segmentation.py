@@ -196,7 +196,7 @@ def muscle_segmentations(context: dg.AssetExecutionContext, data_root: DataRootR
     progress = RateLogger(context.log.info, len(items), f"batch {key}: segmented", unit="scans",
                           suffix=f"on {seg.device}")
 
-    sites, denominators, lmm_unit = _batch_covariates(warehouse, key)
+    sites, denominators, lmm_unit = _batch_covariates(warehouse, todo["pseudonym"].to_list() if todo.height else [])
     t0 = time.perf_counter()
     results, failures = segment_scans(items, seg, out_dir, num_workers=runtime.num_workers, progress=progress,
                                       qc=ScanQC(out_dir, denominators, lmm_unit))
@@ -215,7 +215,7 @@ def muscle_segmentations(context: dg.AssetExecutionContext, data_root: DataRootR
                          "model": manifest.sha256}) for r in results]
     qc, qc_md = _batch_qc(results, batch, manifest, sites, out_dir)
     checksum = write_stage(warehouse, context, "muscle_segmentations", df, batch, quarantine, prov,
-                           SEGMENTATIONS_VERSION, extra=(("segmentation_qc", qc, {"batch_key": key}),))
+                           SEGMENTATIONS_VERSION, data_root=data_root, extra=(("segmentation_qc", qc, {"batch_key": key}),))
     context.log.info(f"batch {key}: {len(results)} segmented, {len(quarantine)} excluded, {seconds:.1f} s; "
                      f"{qc.filter(pl.col('triage_flags') != '').height if qc.height else 0} maps flagged for "
                      "review")
@@ -228,13 +228,15 @@ def muscle_segmentations(context: dg.AssetExecutionContext, data_root: DataRootR
         data_version=dg.DataVersion(checksum))
 
 
-def _batch_covariates(warehouse: Warehouse, key: str) -> tuple[dict[str, str], dict[str, float], str]:
-    """The batch's sites and LMM denominators (the analysis' normaliser, from the covariates) by pseudonym."""
+def _batch_covariates(warehouse: Warehouse, pseudonyms: list[str]) -> tuple[dict[str, str], dict[str, float], str]:
+    """The sites and LMM denominators (the analysis' normaliser, from the covariates in force) of the batch's
+    participants, by pseudonym (a correction's re-scan reads the covariates its participant has, from any
+    delivery)."""
     from cbp_platform.analysis.cohort import NORMALISERS
 
     norm = NORMALISERS["weight_per_height"]
     cov = warehouse.table("participant_covariates", columns=["pseudonym", "site", "weight_kg", "height_cm"],
-                          where={"batch_key": key}, missing_ok=True)
+                          where={"pseudonym": pseudonyms}, missing_ok=True)
     if cov is None or cov.height == 0:   # covariates not ingested yet: QC by batch, no LMM on the QC image
         return {}, {}, norm.unit
     cov = cov.with_columns(norm.denominator().alias("den"))
@@ -299,7 +301,8 @@ def muscle_metrics(context: dg.AssetExecutionContext, data_root: DataRootResourc
         prov.append({"pseudonym": r["pseudonym"], "inputs": {"labels": r["label_sha256"]}})
     df = pl.DataFrame(out, schema={"pseudonym": pl.String, **METRIC_SCHEMA}).with_columns(
         pl.lit(key).alias("batch_key"), pl.lit(batch.delivery_id).alias("delivery_id"))
-    checksum = write_stage(warehouse, context, "muscle_metrics", df, batch, quarantine, prov, METRICS_VERSION)
+    checksum = write_stage(warehouse, context, "muscle_metrics", df, batch, quarantine, prov, METRICS_VERSION,
+                           data_root=data_root)
     tot = df.filter(pl.col("muscle") == BACK_TOTAL)
     md = {"participants": tot.height, "quarantined": len(quarantine), "table_checksum": checksum}
     if tot.height:

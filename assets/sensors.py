@@ -23,12 +23,26 @@ import dagster as dg
 from assets.ingestion import LANDING_ZONE
 from assets.partitions import BATCHES
 from cbp_platform.deployment import automation_running
-from cbp_platform.ingest.deliveries import READY, REFUSED, REGISTERED, WAITING, scan_landing
+from cbp_platform.ingest.deliveries import READY, REFUSED, REGISTERED, WAITING, Batch, ManifestError, scan_landing
 from cbp_platform.ingest.registry import register_delivery, registered_deliveries, registered_state
+from cbp_platform.warehouse import STAGE_PART
 from resources import DataRootResource
 
 INGEST_JOB = "ingest_batch"
 PROCESS_JOB = "process_batch"
+# the assets of the per-batch job (assets/schedules.py), in order; a correction's batch runs only those of its parts
+PROCESS_ASSETS = ("raw_mri_scans", "participant_covariates", "muscle_segmentations", "muscle_metrics")
+INGEST_ASSETS = PROCESS_ASSETS[:2]       # ... and of the ingestion-only job
+
+
+def batch_assets(batch: Batch, job_name: str = PROCESS_JOB) -> list[dg.AssetKey]:
+    """The assets a batch's run of ``job_name`` materialises: all of the job's for a delivery's batch; for a
+    correction's batch only the stages of the parts it corrects (a covariate correction: participant_covariates
+    alone, no image stage)."""
+    return [dg.AssetKey(a) for a in (INGEST_ASSETS if job_name == INGEST_JOB else PROCESS_ASSETS)
+            if batch.covers(STAGE_PART[a])]
+
+
 def _load_cursor(raw: str | None) -> dict:
     doc = json.loads(raw) if raw else {}
     doc.setdefault("registered", [])
@@ -63,6 +77,11 @@ def delivery_sensor(context: dg.SensorEvaluationContext, data_root: DataRootReso
         try:
             batches = register_delivery(data_root.path, st.path, st.manifest, st.manifest_bytes,
                                         data_root.batch_size)
+        except ManifestError as exc:       # a correction naming what the platform does not hold
+            if refused.get(st.delivery_id, {}).get("reason") != str(exc):
+                context.log.warning(f"delivery refused: {exc}")
+            refused[st.delivery_id] = {"reason": str(exc), "mtime": _manifest_mtime(st.path)}
+            continue
         except Exception as exc:  # noqa: BLE001  (this delivery's boundary: the others are registered)
             reason = f"{st.delivery_id}: registration failed ({type(exc).__name__}); the other deliveries go on"
             context.log.warning(f"delivery refused: {reason}")
@@ -73,6 +92,7 @@ def delivery_sensor(context: dg.SensorEvaluationContext, data_root: DataRootReso
             if batch_already_ingested(context.instance, b.key):   # e.g. by `make demo` before the daemon ran
                 continue
             runs.append(dg.RunRequest(run_key=b.key, partition_key=b.key,
+                                      asset_selection=batch_assets(b) if b.parts else None,
                                       tags={"cbp/delivery": b.delivery_id, "cbp/batch": b.key}))
         registered.add(st.delivery_id)
         refused.pop(st.delivery_id, None)
@@ -89,7 +109,7 @@ def delivery_sensor(context: dg.SensorEvaluationContext, data_root: DataRootReso
                 context.log.warning(f"delivery {state}: {reason}")
     refused = {d: v for d, v in refused.items() if (landing / d).exists() or (landing / d).is_symlink()}
     counts = {"registered": len(recs) - len(problems), "waiting": len(waiting), "refused": len(refused),
-              **{s: sum(1 for p in problems.values() if p["state"] == s) for s in ("changed", "gone")}}
+              **{s: sum(1 for p in problems.values() if p["state"] == s) for s in ("changed", "gone", "retired")}}
     summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
     events = []
     picture = {"counts": counts, "waiting": waiting, "refused": {d: v["reason"] for d, v in refused.items()},

@@ -12,8 +12,9 @@ import polars as pl
 
 from cbp_platform.deployment import profile
 from cbp_platform.processes import alive
-from cbp_platform.warehouse import provenance_frame, quarantine_frame
-from resources import Warehouse
+from cbp_platform.ingest.registry import corrections_of, registration_seq
+from cbp_platform.warehouse import STAGE_PART, provenance_frame, quarantine_frame, versioned
+from resources import DataRootResource, Warehouse
 
 LIVE = {dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.NOT_STARTED}
 
@@ -68,15 +69,32 @@ def worker_gone(instance: dg.DagsterInstance, run_id: str) -> int | None:
 
 
 def write_stage(warehouse: Warehouse, context: dg.AssetExecutionContext, stage: str, rows: pl.DataFrame, batch,
-                quarantine: list[dict], provenance: list[dict], code_version: str, *, table: str | None = None,
-                where: dict | None = None, extra: tuple[tuple[str, pl.DataFrame, dict], ...] = ()) -> str:
+                quarantine: list[dict], provenance: list[dict], code_version: str, *, data_root: DataRootResource,
+                table: str | None = None, where: dict | None = None,
+                extra: tuple[tuple[str, pl.DataFrame, dict], ...] = ()) -> str:
     """A batch stage's rows, quarantine rows and provenance rows (and ``extra`` tables' rows, each replacing
-    its ``where``) in one transaction, committed only while the run is live; returns the rows' checksum."""
+    its ``where``) in one transaction, committed only while the run is live; returns the rows' checksum.
+
+    Rows of a versioned table are written as versions of the batch's delivery (:func:`version_of`): ordered by its
+    registration, and, for a correction, naming the delivery each participant's version supersedes."""
     run_id = context.run.run_id
     key = {"batch_key": batch.key, "stage": stage}
     q = quarantine_frame(quarantine, delivery_id=batch.delivery_id, batch_key=batch.key, stage=stage, run_id=run_id)
     pv = provenance_frame(provenance, delivery_id=batch.delivery_id, batch_key=batch.key, stage=stage,
                           code_version=code_version, run_id=run_id)
-    return warehouse.replace_many([(table or stage, rows, where or {"batch_key": batch.key}),
-                                   ("quarantine", q, key), ("provenance", pv, key), *extra],
+    seq, corrections = version_of(data_root, batch)
+
+    def version(t: str, df: pl.DataFrame) -> pl.DataFrame:
+        part = STAGE_PART.get(t)
+        return versioned(t, df, seq, {p: e["supersedes"] for p, e in corrections.items() if part in e["parts"]})
+
+    return warehouse.replace_many([(table or stage, version(table or stage, rows), where or {"batch_key": batch.key}),
+                                   ("quarantine", q, key), ("provenance", pv, key),
+                                   *((t, version(t, df), w) for t, df, w in extra)],
                                   guard=run_is_live(context))[0]
+
+
+def version_of(data_root: DataRootResource, batch) -> tuple[int | None, dict[str, dict]]:
+    """(registration number of the batch's delivery, its ``corrections`` entries by pseudonym: {} for a delivery)."""
+    seq = registration_seq(data_root.path, batch.delivery_id)
+    return seq, (corrections_of(data_root.path, batch.delivery_id, data_root.landing) if batch.parts else {})

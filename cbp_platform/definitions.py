@@ -19,8 +19,9 @@ from assets.analysis import (analysis_cohort, cbp_association_model, pain_intens
                              physical_activity_prevalence, published_results, stratified_comparisons, table_one)
 from assets.comparison import comparison_metrics, model_comparison
 from assets.ingestion import landing_zone, participant_covariates, raw_mri_scans
-from assets.schedules import (cohort_refresh_job, compare_batch_job, daily_cohort_refresh, ingest_batch_job,
-                              model_comparison_job, model_job, process_batch_job)
+from assets.releases import data_release
+from assets.schedules import (cohort_refresh_job, compare_batch_job, cut_release_job, daily_cohort_refresh,
+                              ingest_batch_job, model_comparison_job, model_job, process_batch_job)
 from assets.segmentation import muscle_metrics, muscle_segmentations, segmentation_model, segmentation_model_dice
 from assets.sensors import delivery_sensor
 from assets.summary import ingestion_summary
@@ -45,12 +46,13 @@ AREAS: dict[str, dg.Definitions] = {
         assets=[segmentation_model, muscle_segmentations, muscle_metrics],
         asset_checks=[segmentation_model_dice, segmentation_plausibility],
         jobs=[process_batch_job, model_job]),
-    # the cohort, the models and tables, the published report, the reviewers' decisions they read, the refresh
+    # the data releases, the cohort, the models and tables, the published report, the reviewers' decisions, the
+    # refresh
     "analysis": dg.Definitions(
-        assets=[analysis_cohort, cbp_association_model, pain_intensity_model, table_one, stratified_comparisons,
-                physical_activity_prevalence, published_results, reviews_spec()],
+        assets=[data_release, analysis_cohort, cbp_association_model, pain_intensity_model, table_one,
+                stratified_comparisons, physical_activity_prevalence, published_results, reviews_spec()],
         asset_checks=[analysis_cohort_expectations, cbp_model_checks, pain_model_checks],
-        jobs=[cohort_refresh_job],
+        jobs=[cohort_refresh_job, cut_release_job],
         schedules=[daily_cohort_refresh]),
     # a registered model beside the primary, per batch, then over the cohort
     "comparison": dg.Definitions(

@@ -24,6 +24,24 @@ SUCCESS_MARKER = "_SUCCESS"
 MRI_DIR = "mri"
 DICOM_DIR = "dicom"
 SCAN_FORMATS = ("nifti", "dicom")      # the manifest's optional ``scan_format`` (default nifti)
+
+# A delivery's optional ``kind``: a ``delivery`` (the default) brings participants; a ``correction`` brings new
+# versions of participants an earlier delivery brought, one ``corrections`` entry each (docs/lifecycle.md).
+DELIVERY, CORRECTION = "delivery", "correction"
+DELIVERY_KINDS = (DELIVERY, CORRECTION)
+# What a correction replaces of a participant: the scan (and so every image stage), the covariates row, or both.
+SCAN, COVARIATES = "scan", "covariates"
+CORRECTION_PARTS = (SCAN, COVARIATES)
+# The reason codes a correction entry may give (``corrections[i].reason``), with what each means.
+CORRECTION_REASONS: dict[str, tuple[tuple[str, ...], str]] = {
+    # code: (parts it may correct, meaning)
+    "covariate_error": ((COVARIATES,), "a covariate was wrong (a typo, a unit, a transcription error)"),
+    "covariate_recoded": ((COVARIATES,), "a questionnaire item was re-coded (a revised scoring or definition)"),
+    "site_reassigned": ((COVARIATES,), "the participant's study site was reassigned"),
+    "rescan": ((SCAN,), "the participant was re-scanned (motion artefact, incomplete coverage)"),
+    "wrong_series": ((SCAN,), "the delivered scan was the wrong series or another examination's"),
+    "resent": ((SCAN, COVARIATES), "the data centre re-sent the participant's data after fixing an export"),
+}
 REQUIRED_CHANNELS = ("water", "fat")
 OPTIONAL_CHANNELS = ("in", "opp")
 

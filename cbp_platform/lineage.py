@@ -129,6 +129,8 @@ def build_manifest(*, cohort_meta: Mapping, flow: pl.DataFrame, batches: list[di
                    "start": int(flow_rows["start"]["remaining"]) if "start" in flow_rows else None,
                    "lmm_normaliser": cohort_meta["lmm_normaliser"],
                    "standardisation": json.loads(cohort_meta["standardisation"])},
+        "release": {"id": cohort_meta.get("release_id"), "content_hash": cohort_meta.get("release_content_hash"),
+                    "summary": f"published/releases/{cohort_meta.get('release_id')}/release.json"},
         "batches": batches,
         "deliveries": deliveries,
         "inputs": input_digests(analysed, scans, segmentations),
@@ -151,7 +153,9 @@ def build_manifest(*, cohort_meta: Mapping, flow: pl.DataFrame, batches: list[di
 
 def report_lineage(manifest: Mapping, run_id: str) -> dict:
     """The lineage summary the report prints (its lineage section): the anchors of the full manifest."""
-    return {"cohort_hash": manifest["cohort"]["cohort_hash"], "batches": len(manifest["batches"]),
+    rel = manifest.get("release") or {}
+    return {"release": f"{rel.get('id')} (content hash {rel.get('content_hash')})",
+            "cohort_hash": manifest["cohort"]["cohort_hash"], "batches": len(manifest["batches"]),
             "deliveries": len(manifest["deliveries"]),
             "input_files_digest": manifest["inputs"]["input_files"]["sha256_digest"],
             "segmentation_weights_sha256": ", ".join(manifest["inputs"]["segmentation_weights_sha256"]),
@@ -209,6 +213,9 @@ def format_chain(m: dict, asset: str | None = None) -> str:
     c = m["cohort"]
     lines.append(f"  <- analysis cohort {c['cohort_hash']} ({c['analysed']} analysed of {c['start']}; "
                  f"LMM normaliser {c['lmm_normaliser']})")
+    rel = m.get("release") or {}
+    if rel.get("id") is not None:
+        lines.append(f"  <- data release {rel['id']} (content hash {rel.get('content_hash')}; {rel.get('summary')})")
     lines.append(f"  <- {len(m['batches'])} batches:")
     for b in m["batches"]:
         dv = ", ".join(f"{k} {str(v.get('data_version'))[:12]} (run {str(v.get('run_id'))[:8]})" if v.get("run_id")

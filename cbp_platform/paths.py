@@ -9,10 +9,13 @@ writes:
 ``$CBP_DATA_ROOT/derived``   what the platform computes from deliveries: ``dicom/<delivery>/<pseudonym>/`` (volumes
                             converted and stitched from DICOM), ``segmentations/<delivery>/``,
                             ``comparisons/<model>/<delivery>/``
-``$CBP_DATA_ROOT/registry``  the delivery and batch registry (``deliveries/``, ``batches/``, the sensor's cursor)
+``$CBP_DATA_ROOT/registry``  the delivery and batch registry (``deliveries/``, ``batches/``, the sensor's cursor),
+                            retired deliveries (``retirements/``) and the internal release manifests
+                            (``releases/<n>.json``, with pseudonyms: operator only)
 ``$CBP_DATA_ROOT/warehouse`` the embedded DuckDB warehouse ``cbp.duckdb`` (local profile; production profiles use
                             PostgreSQL, :mod:`resources.warehouse`)
-``$CBP_DATA_ROOT/published`` published reports, one folder per cohort hash, and ``latest.json``
+``$CBP_DATA_ROOT/published`` published reports, one folder per cohort hash, and ``latest.json``; each release's
+                            public summary (``releases/<n>/release.json``, no pseudonym)
 ``$CBP_DATA_ROOT/dagster_home`` the local Dagster instance (``make``'s default ``DAGSTER_HOME``)
 
 :class:`DataLayout` is the one place these subpaths are spelt: resources, assets, the CLI and the tests ask it.
@@ -74,6 +77,24 @@ class DataLayout:
     @property
     def delivery_registry(self) -> Path:
         return self.registry / "deliveries"
+
+    @property
+    def retirements(self) -> Path:
+        """Retired deliveries: ``<delivery id>.json`` each (``cbp delivery retire``)."""
+        return self.registry / "retirements"
+
+    def release_manifest(self, release_id: int) -> Path:
+        """A release's internal manifest (which version of which participant: pseudonyms; operator only)."""
+        return self.registry / "releases" / f"{int(release_id)}.json"
+
+    def release_summary(self, release_id: int) -> Path:
+        """A release's public summary (counts, changes since the previous release, content hash; no pseudonym)."""
+        return self.published / "releases" / str(int(release_id)) / "release.json"
+
+    def release_report(self, release_id: int) -> Path:
+        """The pointer to a release's latest published report (its folder, cohort hash, settings); its published
+        tables are kept beside it (``tables/``) for ``cbp reproduce``."""
+        return self.published / "releases" / str(int(release_id)) / "report.json"
 
     @property
     def warehouse_file(self) -> Path:

@@ -8,6 +8,7 @@ from datetime import datetime, timezone
 
 import polars as pl
 
+from cbp_platform.landing import COVARIATES, SCAN
 from cbp_platform.reasons import UnknownReason, emitted_at
 
 QUARANTINE_SCHEMA = {
@@ -44,17 +45,48 @@ UNIQUE_KEYS: dict[str, tuple[str, ...]] = {
     "comparison_metrics": ("pseudonym", "model_name", "muscle"),
 }
 VERSIONED = tuple(UNIQUE_KEYS)
-# the version columns of a versioned table; a writer that leaves them out writes a version in force that replaces
-# nothing (``''``); a row from before versioning (NULL) counts as in force
-VERSION_COLUMNS: dict[str, pl.DataType] = {"supersedes": pl.String, "superseded_by": pl.String}
+# What part of a participant each versioned stage holds: a correction of the ``scan`` brings new versions of every
+# image stage, one of the ``covariates`` a new covariates row (cbp_platform.landing.CORRECTION_PARTS).
+STAGE_PART: dict[str, str] = {
+    "raw_mri_scans": SCAN, "participant_covariates": COVARIATES, "muscle_segmentations": SCAN,
+    "segmentation_qc": SCAN, "muscle_metrics": SCAN, "comparison_segmentations": SCAN, "comparison_metrics": SCAN,
+}
+assert set(STAGE_PART) == set(UNIQUE_KEYS)
+# The version columns of a versioned table. ``supersedes``: the delivery whose version this one replaces, as the
+# correction declared it (``''``: it replaces nothing); ``superseded_by``: the delivery whose version replaced this one
+# (``''`` while in force); ``registration_seq``: the registration number of the delivery that wrote the version, which
+# orders versions (the later registration wins, whatever the order in which batches run). A writer that leaves them
+# out writes a version in force that replaces nothing and is not ordered; a row from before versioning (NULL) counts
+# as in force.
+VERSION_COLUMNS: dict[str, pl.DataType] = {"supersedes": pl.String, "superseded_by": pl.String,
+                                           "registration_seq": pl.Int64}
+_VERSION_DEFAULTS = {"supersedes": "", "superseded_by": "", "registration_seq": None}
+
+
 def with_version_columns(table: str, df: pl.DataFrame) -> pl.DataFrame:
-    """``df`` with the version columns its versioned ``table`` needs (``''`` where the writer left them out)."""
+    """``df`` with the version columns its versioned ``table`` needs (their defaults where the writer left them
+    out)."""
     if table not in UNIQUE_KEYS:
         return df
     if "delivery_id" not in df.columns:
         raise ValueError(f"rows for the versioned table {table} need a delivery_id column (the delivery that wrote "
                          "the version)")
-    return df.with_columns(pl.lit("", dtype=t).alias(c) for c, t in VERSION_COLUMNS.items() if c not in df.columns)
+    return df.with_columns(pl.lit(_VERSION_DEFAULTS[c], dtype=t).alias(c) for c, t in VERSION_COLUMNS.items()
+                           if c not in df.columns)
+
+
+def versioned(table: str, df: pl.DataFrame, seq: int, supersedes: dict[str, str]) -> pl.DataFrame:
+    """The rows a batch writes to a versioned ``table``, as versions of the delivery registered ``seq``-th: each
+    participant's rows name the delivery whose version they replace (``supersedes``, pseudonym -> delivery id:
+    a correction's entries; empty for an ordinary delivery). Other tables are returned unchanged."""
+    if table not in UNIQUE_KEYS:
+        return df
+    sup = pl.DataFrame({"pseudonym": list(supersedes), "supersedes": list(supersedes.values())},
+                       schema={"pseudonym": pl.String, "supersedes": pl.String})
+    out = df.drop([c for c in ("supersedes", "registration_seq") if c in df.columns])
+    out = out.join(sup, on="pseudonym", how="left", maintain_order="left") if supersedes else \
+        out.with_columns(pl.lit(None, pl.String).alias("supersedes"))
+    return out.with_columns(pl.col("supersedes").fill_null(""), pl.lit(seq, pl.Int64).alias("registration_seq"))
 
 
 def now_utc() -> datetime:

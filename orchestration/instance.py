@@ -3,11 +3,40 @@ store that reports decisions to it. None of it loads an asset."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from pathlib import Path
 
 import dagster as dg
 
+from cbp_platform.paths import DataLayout
+from cbp_platform.processes import environment
+
 from orchestration.profiles import warehouse
+
+
+@contextlib.contextmanager
+def pipeline_environment(root: Path):
+    """Point ``CBP_DATA_ROOT`` and ``DAGSTER_HOME`` at ``root`` (a fresh local instance) for a with-block."""
+    home = DataLayout(Path(root)).dagster_home
+    home.mkdir(parents=True, exist_ok=True)
+    if not (home / "dagster.yaml").exists():
+        (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    with environment({"CBP_DATA_ROOT": str(root), "DAGSTER_HOME": str(home)}):
+        yield home
+
+
+@contextlib.contextmanager
+def shell_instance(data_root: str | None = None):
+    """The Dagster instance a ``cbp`` command records its runs in: ``$DAGSTER_HOME``'s when it is set and no data
+    root is named (as under ``make dev``), else the data root's local instance (as ``make demo`` made it)."""
+    if os.environ.get("DAGSTER_HOME") and data_root is None:
+        with dg.DagsterInstance.get() as inst:
+            yield inst
+        return
+    with pipeline_environment(DataLayout.from_env(data_root).root):
+        with dg.DagsterInstance.get() as inst:
+            yield inst
 
 
 def set_pool_limit(home, pool: str, limit: int) -> str:

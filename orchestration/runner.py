@@ -3,12 +3,12 @@
 The same steps the daemon takes, done in the foreground: evaluate ``delivery_sensor``, add the batch
 partitions it requests, train (or load) the segmentation model if there is none yet, execute ``process_batch``
 for every requested batch that has no successful run yet (runs are recorded in ``$DAGSTER_HOME``, so
-``make dev`` shows them afterwards), then refresh the cohort-level assets (analysis cohort, models, tables,
+``make dev`` shows them afterwards), cut the next data release when the data in force changed since the latest
+(``orchestration.releases``), then refresh the cohort-level assets from it (analysis cohort, models, tables,
 published report). ``python -m orchestration.runner``.
 """
 
 import argparse
-import contextlib
 import json
 import sys
 import time
@@ -19,27 +19,17 @@ import polars as pl
 
 from assets.partitions import BATCHES
 from assets.schedules import COHORT_LEVEL  # noqa: F401  (documents what the refresh covers)
-from assets.sensors import INGEST_JOB, PROCESS_JOB, batch_already_ingested, delivery_sensor
+from assets.sensors import INGEST_JOB, PROCESS_JOB, batch_already_ingested, batch_assets, delivery_sensor
 from cbp_platform.definitions import build_definitions
 from cbp_platform.paths import DataLayout
-from cbp_platform.processes import environment
 from cbp_platform.progress import bar
+from orchestration.instance import pipeline_environment  # noqa: F401  (the runner's environment, re-exported)
 from orchestration.profiles import runtime, warehouse
 from orchestration.reaper import host_tag, reap
+from orchestration.releases import ReleaseError, cut_release
 from resources import DataRootResource
 
 CURSOR_FILE = "demo_sensor_cursor.json"
-
-
-@contextlib.contextmanager
-def pipeline_environment(root: Path):
-    """Point ``CBP_DATA_ROOT`` and ``DAGSTER_HOME`` at ``root`` (a fresh local instance) for a with-block."""
-    home = DataLayout(Path(root)).dagster_home
-    home.mkdir(parents=True, exist_ok=True)
-    if not (home / "dagster.yaml").exists():
-        (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-    with environment({"CBP_DATA_ROOT": str(root), "DAGSTER_HOME": str(home)}):
-        yield home
 
 
 def run_pending(instance: dg.DagsterInstance, data_root: DataRootResource | None = None, *,
@@ -83,8 +73,10 @@ def run_pending(instance: dg.DagsterInstance, data_root: DataRootResource | None
     pbar = bar(total=len(pending), desc="batches", unit="batch", enabled=progress)
     for i, key in enumerate(pending, start=1):
         t = time.perf_counter()
+        batch = data_root.registry.read(key)        # a correction's batch: only the stages of what it corrects
         res = job.execute_in_process(partition_key=key, instance=instance, raise_on_error=False, run_config=quiet,
-                                     tags={"cbp/batch": key, "cbp/delivery": key.rpartition(".b")[0], **host_tag()})
+                                     asset_selection=batch_assets(batch, job_name) if batch.parts else None,
+                                     tags={"cbp/batch": key, "cbp/delivery": batch.delivery_id, **host_tag()})
         status = "ok" if res.success else "FAILED"
         with pbar.external_write_mode():
             log(f"  [{i}/{len(pending)}] batch {key}: {status} in {time.perf_counter() - t:.1f} s "
@@ -94,6 +86,14 @@ def run_pending(instance: dg.DagsterInstance, data_root: DataRootResource | None
         if not res.success:
             summary["failed"].append(key)
     pbar.close()
+    if refresh and keys and job_name != INGEST_JOB:
+        # the analysis reads a data release: cut the next one when the data in force changed since the latest
+        try:
+            summary["release"] = cut_release(instance, if_changed=True, data_root=data_root, log=log)
+        except ReleaseError as exc:
+            log(f"  data release: FAILED ({exc})")
+            summary["failed"].append("data_release")
+            refresh = False
     if refresh and keys:
         # after ingestion-only runs there is nothing to analyse yet: refresh the ingestion summary alone
         only = [dg.AssetKey("ingestion_summary")] if job_name == INGEST_JOB else None

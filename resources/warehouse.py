@@ -46,21 +46,51 @@ _VERSIONED_SEEN: set[tuple[str, str]] = set()    # (location, table) known to ha
 IN_FORCE_SQL = "COALESCE(superseded_by, '') = ''"      # a version in force (NULL: a row from before versioning)
 
 
+def _owner(table: str) -> list[str]:
+    """The key of one version of a versioned table: a participant's rows (per model for the comparison tables;
+    every muscle of the metrics tables together)."""
+    return [k for k in UNIQUE_KEYS[table] if k != "muscle"]
+
+
 def close_superseded_sql(table: str, incoming: str) -> str | None:
-    """The ``UPDATE`` that closes the versions the ``incoming`` rows of a versioned ``table`` replace (rows naming a
-    delivery in ``supersedes``): every row in force of the same participant (and model, for the comparison tables;
-    every muscle of the metrics tables) written by that delivery gets ``superseded_by`` = the incoming delivery.
-    Run in the write's transaction after its ``DELETE`` and before its ``INSERT``. The one update of the warehouse:
-    values are never changed, a version is only closed, once (on PostgreSQL a trigger refuses anything else)."""
-    keys = UNIQUE_KEYS.get(table)
-    if not keys:
+    """The ``UPDATE`` that closes the versions the ``incoming`` rows of a versioned ``table`` replace: for each
+    incoming row that names a delivery in ``supersedes`` (a correction) and is itself not replaced already, the
+    participant's version in force (every muscle; per model for the comparison tables) gets ``superseded_by`` = the
+    incoming delivery when it was written by that delivery, or by any delivery registered before the incoming one
+    (``registration_seq``: of two corrections of one participant the later registration wins, whichever batch runs
+    first). Run in the write's transaction after its ``DELETE`` and before its ``INSERT`` (:func:`insert_sql`).
+    The one update of the warehouse: values are never changed, a version is only closed, once (on PostgreSQL a
+    trigger refuses anything else)."""
+    if table not in UNIQUE_KEYS:
         return None
-    owner = [k for k in keys if k != "muscle"]             # the rows of one version: a participant's (per model)
-    sel = ", ".join(f"{_ident(k)}" for k in owner)
-    match = " AND ".join(f"{_ident(table)}.{_ident(k)} = i.{_ident(k)}" for k in owner)
-    return (f"UPDATE {_ident(table)} SET superseded_by = i.delivery_id FROM (SELECT DISTINCT {sel}, supersedes, "
-            f"delivery_id FROM {incoming} WHERE COALESCE(supersedes, '') <> '') AS i WHERE {match} "
-            f"AND {_ident(table)}.delivery_id = i.supersedes AND COALESCE({_ident(table)}.superseded_by, '') = ''")
+    owner = _owner(table)
+    t = _ident(table)
+    sel = ", ".join(_ident(k) for k in owner)
+    match = " AND ".join(f"{t}.{_ident(k)} = i.{_ident(k)}" for k in owner)
+    return (f"UPDATE {t} SET superseded_by = i.delivery_id FROM (SELECT DISTINCT {sel}, supersedes, delivery_id, "
+            f"registration_seq FROM {incoming} WHERE COALESCE(supersedes, '') <> '' "
+            f"AND COALESCE(superseded_by, '') = '') AS i WHERE {match} AND COALESCE({t}.superseded_by, '') = '' "
+            f"AND {t}.delivery_id <> i.delivery_id AND ({t}.delivery_id = i.supersedes "
+            f"OR COALESCE({t}.registration_seq, 0) < COALESCE(i.registration_seq, 0))")
+
+
+def insert_sql(table: str, incoming: str, columns: list[str]) -> str:
+    """The ``INSERT`` of a write's ``incoming`` rows into ``table``. Into a versioned table, a row whose participant
+    already has a version in force written by a delivery registered later (a correction whose batch ran first) is
+    inserted as replaced by that version, so the later registration stays in force; every other row as given."""
+    t = _ident(table)
+    cols = ", ".join(_ident(c) for c in columns)
+    if table not in UNIQUE_KEYS:
+        return f"INSERT INTO {t} ({cols}) SELECT {cols} FROM {incoming}"
+    owner = _owner(table)
+    sel = ", ".join(_ident(k) for k in owner)
+    match = " AND ".join(f"l.{_ident(k)} = i.{_ident(k)}" for k in owner)
+    values = ", ".join("CASE WHEN COALESCE(i.superseded_by, '') <> '' THEN i.superseded_by "
+                       "ELSE COALESCE(l.delivery_id, '') END" if c == "superseded_by" else f"i.{_ident(c)}"
+                       for c in columns)
+    return (f"INSERT INTO {t} ({cols}) SELECT {values} FROM {incoming} AS i LEFT JOIN (SELECT DISTINCT {sel}, "
+            f"delivery_id, registration_seq FROM {t} WHERE {IN_FORCE_SQL}) AS l ON {match} "
+            "AND i.registration_seq IS NOT NULL AND COALESCE(l.registration_seq, 0) > i.registration_seq")
 
 
 # PostgreSQL: the version columns are written once. An UPDATE may only close a version in force; it changes no
@@ -257,6 +287,25 @@ class Warehouse(dg.ConfigurableResource):
             "JOIN raw_mri_scans r USING (batch_key, pseudonym) WHERE s.batch_key = ? ORDER BY s.pseudonym",
             [batch_key]))
 
+    def release_rows(self, table: str, release_id: int, *, order_by: list[str] | tuple[str, ...] | None = None
+                     ) -> pl.DataFrame | None:
+        """The rows of the versioned ``table`` that release ``release_id`` froze (the version it names of each
+        participant: by pseudonym and delivery, and model for the comparison tables), without the version columns;
+        None when the table does not exist (nothing of that stage was ever written)."""
+        if table not in UNIQUE_KEYS:
+            raise ValueError(f"{table} is not a versioned table")
+        model = " AND v.model_name = t.model_name" if "model_name" in UNIQUE_KEYS[table] else ""
+        order = f" ORDER BY {', '.join(f't.{_ident(c)}' for c in order_by)}" if order_by else ""
+        try:
+            df = self._read(f"SELECT t.* FROM {_ident(table)} AS t JOIN release_versions AS v ON "
+                            f"v.pseudonym = t.pseudonym AND v.delivery_id = t.delivery_id{model} "
+                            f"WHERE v.release_id = ? AND v.stage = ?{order}", [int(release_id), table])
+        except MissingTable:
+            if self.has_table("release_versions"):
+                return None
+            raise MissingTable(f"{self.location}: no release has been cut (cbp release cut)") from None
+        return _normalised(df).drop([c for c in VERSION_COLUMNS if c in df.columns])
+
     def ingestion_counts(self, stages: tuple[str, ...] | None = None) -> dict[str, pl.DataFrame]:
         """Per delivery: valid scans (and suspected swaps), valid covariate rows, participants with both,
         quarantined participants, and per reason the quarantined participants (``reasons``); per stage and reason
@@ -317,7 +366,8 @@ class Warehouse(dg.ConfigurableResource):
         same participant fails the write instead of landing. ``guard`` (no argument) runs inside the transaction
         just before the commit; raising there discards every write (a step whose run was marked failed meanwhile
         never commits). Returns each frame's checksum (of the frame as given: the version columns are not in it)."""
-        checksums = [table_checksum(df) for _, df, _ in writes]
+        checksums = [table_checksum(df.drop([c for c in VERSION_COLUMNS if c in df.columns])
+                                    if t in UNIQUE_KEYS else df) for t, df, _ in writes]
         self._write([(t, with_version_columns(t, df), where) for t, df, where in writes], guard)
         return checksums
 
@@ -440,7 +490,7 @@ class DuckDBWarehouse(Warehouse, DuckDBResource):
                         if close and df.height and (df["supersedes"] != "").any():
                             conn.execute(close)
                         if df.height:
-                            conn.execute(f"INSERT INTO {_ident(table)} BY NAME SELECT * FROM {name}")
+                            conn.execute(insert_sql(table, name, df.columns))
                     if guard is not None:
                         guard()
                     conn.execute("COMMIT")
@@ -626,8 +676,7 @@ class PostgresWarehouse(Warehouse):
                 if close and df.height and (df["supersedes"] != "").any():
                     cur.execute(close)
                 if df.height:
-                    cols = ", ".join(_ident(c) for c in df.columns)
-                    cur.execute(f"INSERT INTO {_ident(table)} ({cols}) SELECT {cols} FROM {name}")
+                    cur.execute(insert_sql(table, name, df.columns))
                 cur.execute(f"DROP TABLE {name}")
             if guard is not None:
                 guard()
@@ -637,6 +686,8 @@ class PostgresWarehouse(Warehouse):
         import adbc_driver_postgresql.dbapi as pg
 
         delay = 0.05
+        ordered = any(t in UNIQUE_KEYS and "registration_seq" in df.columns and df["registration_seq"].null_count() <
+                      df.height for t, df, _ in writes)
         for attempt in range(self.retries + 1):
             with self.connection() as conn:
                 try:
@@ -645,13 +696,18 @@ class PostgresWarehouse(Warehouse):
                 except pg.Error as exc:
                     conn.rollback()
                     state = _sqlstate(exc)
-                    if state == _UNIQUE_VIOLATION:       # the server's detail names the key's value
+                    if state == _UNIQUE_VIOLATION and ordered and attempt < self.retries:
+                        # two ordered versions of one participant committed side by side (a correction and the
+                        # version it replaces, or two corrections): the retry sees the other and orders itself
+                        RETRIES[state] = RETRIES.get(state, 0) + 1
+                    elif state == _UNIQUE_VIOLATION:       # the server's detail names the key's value
                         raise DuplicateRows(f"{self.location}: refused a second row for the same key of "
                                             f"{', '.join(sorted({t for t, _, _ in writes if t in UNIQUE_KEYS}))}; "
                                             "nothing of this write was kept") from None
-                    if state not in _RETRY_STATES or attempt == self.retries:
+                    elif state not in _RETRY_STATES or attempt == self.retries:
                         raise
-                    RETRIES[state] = RETRIES.get(state, 0) + 1
+                    else:
+                        RETRIES[state] = RETRIES.get(state, 0) + 1
                     log.warning("warehouse write retried after SQLSTATE %s (attempt %d of %d)", state,
                                 attempt + 1, self.retries)
                 except BaseException:

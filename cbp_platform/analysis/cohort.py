@@ -57,6 +57,7 @@ TOTAL_MUSCLE = BACK_TOTAL
 
 # (code, description) in the order the rules are applied.
 EXCLUSION_RULES: tuple[tuple[str, str], ...] = (
+    ("delivery_retired", "Delivery retired from use (cbp delivery retire)"),
     ("scan_not_ingested", "MRI scan failed ingestion checks"),
     ("covariates_invalid", "Covariate record missing or invalid"),
     ("duplicate_records", "More than one valid record (ambiguous)"),
@@ -154,8 +155,9 @@ def _scans(df: pl.DataFrame) -> pl.DataFrame:
     if df.height == 0 and "pseudonym" not in df.columns:
         return pl.DataFrame(schema={"pseudonym": pl.String, "swap_suspected": pl.Boolean})
     swap = pl.col("swap_suspected").cast(pl.Boolean) if "swap_suspected" in df.columns else pl.lit(False)
-    return df.select(pl.col("pseudonym").cast(pl.String), swap.fill_null(False).alias("swap_suspected")).filter(
-        pl.col("pseudonym").is_not_null())
+    delivery = pl.col("delivery_id").cast(pl.String) if "delivery_id" in df.columns else pl.lit(None, pl.String)
+    return df.select(pl.col("pseudonym").cast(pl.String), swap.fill_null(False).alias("swap_suspected"),
+                     delivery.alias("delivery_id")).filter(pl.col("pseudonym").is_not_null())
 
 
 def _metrics(df: pl.DataFrame) -> pl.DataFrame:
@@ -172,10 +174,11 @@ def _metrics(df: pl.DataFrame) -> pl.DataFrame:
 
 
 def _quarantine(df: pl.DataFrame | None) -> pl.DataFrame:
-    schema = {"pseudonym": pl.String, "stage": pl.String, "reason": pl.String}
+    schema = {"pseudonym": pl.String, "stage": pl.String, "reason": pl.String, "delivery_id": pl.String}
     if df is None or df.height == 0:
         return pl.DataFrame(schema=schema)
-    return df.select(pl.col(c).cast(pl.String) for c in schema).filter(pl.col("pseudonym").is_not_null())
+    return df.select(pl.col(c).cast(pl.String) if c in df.columns else pl.lit(None, pl.String).alias(c)
+                     for c in schema).filter(pl.col("pseudonym").is_not_null())
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -184,9 +187,10 @@ def _quarantine(df: pl.DataFrame | None) -> pl.DataFrame:
 
 def classify_participants(covariates: pl.DataFrame, scans: pl.DataFrame, metrics: pl.DataFrame,
                           quarantine: pl.DataFrame | None = None,
-                          rejected: pl.DataFrame | None = None) -> pl.DataFrame:
+                          rejected: pl.DataFrame | None = None, retired: pl.DataFrame | None = None) -> pl.DataFrame:
     """Every participant with an MRI delivery and the first exclusion rule they fail (``reason`` null = analysed).
-    ``rejected``: the participants (column ``pseudonym``) whose segmentation a reviewer rejected.
+    ``rejected``: the participants (column ``pseudonym``) whose segmentation a reviewer rejected; ``retired``: the
+    participants with data in force from a retired delivery (the release records them).
 
     Returns pseudonym, reason and, for the analysed, their single covariate and metrics record joined.
     Internal (contains pseudonyms).
@@ -203,16 +207,25 @@ def classify_participants(covariates: pl.DataFrame, scans: pl.DataFrame, metrics
     met_n = met.group_by("pseudonym").agg(pl.len().alias("n_met"))
     swap_quarantined = ((pl.col("stage") == MUSCLE_SEGMENTATIONS)
                         & (pl.col("reason") == R.fat_water_swap_suspected.code))
-    q_swap = q.filter(swap_quarantined).select("pseudonym").unique().with_columns(pl.lit(True).alias("q_swap"))
+    # a swap found in a scan that a correction has since replaced (a re-scan in force) no longer excludes
+    current = sc.select("pseudonym", pl.col("delivery_id").alias("scan_delivery")).unique("pseudonym")
+    q_swap = (q.filter(swap_quarantined).join(current, on="pseudonym", how="left")
+              .filter(pl.col("scan_delivery").is_null() | pl.col("delivery_id").is_null()
+                      | (pl.col("delivery_id") == pl.col("scan_delivery")))
+              .select("pseudonym").unique().with_columns(pl.lit(True).alias("q_swap")))
 
     rej = (_pseudonyms(rejected).unique().to_frame("pseudonym").with_columns(pl.lit(True).alias("rejected"))
            if rejected is not None else pl.DataFrame(schema={"pseudonym": pl.String, "rejected": pl.Boolean}))
+    ret = (_pseudonyms(retired).unique().to_frame("pseudonym").with_columns(pl.lit(True).alias("retired"))
+           if retired is not None else pl.DataFrame(schema={"pseudonym": pl.String, "retired": pl.Boolean}))
     p = (everyone.join(scan_agg, on="pseudonym", how="left")
          .join(cov_n, on="pseudonym", how="left")
          .join(met_n, on="pseudonym", how="left")
          .join(q_swap, on="pseudonym", how="left")
          .join(rej, on="pseudonym", how="left")
+         .join(ret, on="pseudonym", how="left")
          .with_columns(pl.col("n_scan", "n_cov", "n_met").fill_null(0), pl.col("rejected").fill_null(False),
+                       pl.col("retired").fill_null(False),
                        (pl.col("swap").fill_null(False) | pl.col("q_swap").fill_null(False)).alias("swap")))
     # Single records only: an ambiguous participant is excluded before any value is read.
     single_cov = cov.join(cov_n.filter(pl.col("n_cov") == 1), on="pseudonym", how="semi")
@@ -224,6 +237,7 @@ def classify_participants(covariates: pl.DataFrame, scans: pl.DataFrame, metrics
                       & pl.col("imat_pct").is_not_null() & pl.col("imat_pct").is_finite()
                       & pl.col("imat_pct").is_between(0.0, 100.0))
     conditions = {
+        "delivery_retired": pl.col("retired"),
         "scan_not_ingested": pl.col("n_scan") == 0,
         "covariates_invalid": pl.col("n_cov") == 0,
         "duplicate_records": (pl.col("n_scan") > 1) | (pl.col("n_cov") > 1) | (pl.col("n_met") > 1),
@@ -366,7 +380,7 @@ def cohort_hash(frame: pl.DataFrame, *, normaliser: str = "") -> str:
 def build_analysis_cohort(covariates: pl.DataFrame, scans: pl.DataFrame, metrics: pl.DataFrame,
                           quarantine: pl.DataFrame | None = None, *,
                           lmm_normaliser: str = "weight_per_height",
-                          rejected: pl.DataFrame | None = None) -> AnalysisCohort:
+                          rejected: pl.DataFrame | None = None, retired: pl.DataFrame | None = None) -> AnalysisCohort:
     """Join the batches' tables, apply :data:`EXCLUSION_RULES` in order, derive the analysis variables.
 
     ``covariates``: participant_covariates rows (valid rows only, as the warehouse holds them);
@@ -375,12 +389,12 @@ def build_analysis_cohort(covariates: pl.DataFrame, scans: pl.DataFrame, metrics
     ``quarantine``: quarantine rows of the same batches (they add participants whose records all failed).
     ``lmm_normaliser``: a key of :data:`NORMALISERS`;
     ``rejected``: participants whose current segmentation a reviewer rejected (:func:`cbp_platform.qc.reviews.
-    rejected`).
+    rejected`); ``retired``: participants taken out by a retired delivery (:mod:`cbp_platform.releases`).
     """
     if lmm_normaliser not in NORMALISERS:
         raise ValueError(f"unknown lmm_normaliser {lmm_normaliser!r}; choose one of {sorted(NORMALISERS)}")
     norm = NORMALISERS[lmm_normaliser]
-    classified = classify_participants(covariates, scans, metrics, quarantine, rejected)
+    classified = classify_participants(covariates, scans, metrics, quarantine, rejected, retired)
     flow = flow_table(classified)
     analysed = classified.filter(pl.col("reason").is_null())
     frame, std = derive(analysed, norm)
@@ -425,14 +439,15 @@ def _metrics_detail(r: dict) -> str:
 
 def participant_trace(pseudonym: str, covariates: pl.DataFrame, scans: pl.DataFrame, metrics: pl.DataFrame,
                       quarantine: pl.DataFrame | None = None,
-                      review: dict | None = None) -> ParticipantTrace:
+                      review: dict | None = None, retired_by: str | None = None) -> ParticipantTrace:
     """The stages one participant went through and the exclusion rule that removed them, if any.
 
     One entry per record and stage (a valid row: ``ok``; a quarantine row: ``quarantined`` with its reason;
     nothing: ``absent``), then ``analysis_cohort`` (``included`` / ``excluded`` with the rule). The decision
     comes from :func:`classify_participants` on the participant's own rows, i.e. the very rules of
     :func:`build_analysis_cohort`. ``review``: the participant's row of :func:`cbp_platform.qc.reviews.
-    effective_reviews` (a ``qc_review`` line: the decision in force, or the outdated one). For an operator command
+    effective_reviews` (a ``qc_review`` line: the decision in force, or the outdated one); ``retired_by``: the
+    retired delivery the participant's data in force came from (a ``delivery`` line). For an operator command
     inside the secure environment: it names the pseudonym.
     """
     def mine(df: pl.DataFrame | None) -> pl.DataFrame | None:
@@ -472,7 +487,11 @@ def participant_trace(pseudonym: str, covariates: pl.DataFrame, scans: pl.DataFr
         if review.get("outdated"):
             stages.append(_stage("qc_review", "outdated", f"{review['n_outdated']} review(s) of an earlier label "
                                  "map: not applied to the current one (review it again)", review))
-    classified = classify_participants(cov, sc, met, q, rejected)
+    retired = None
+    if retired_by:
+        stages.append(_stage("delivery", "retired", f"data in force from retired delivery {retired_by}"))
+        retired = pl.DataFrame({"pseudonym": [pseudonym]})
+    classified = classify_participants(cov, sc, met, q, rejected, retired)
     if classified.height == 0:
         reason, included = "not_delivered", False
         stages.append(_stage("analysis_cohort", "absent", "no record in these batches"))

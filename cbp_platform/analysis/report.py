@@ -655,7 +655,8 @@ def _intro(r: _Report, flow: pl.DataFrame, lineage: Mapping) -> None:
     fl = {row["criterion"]: row for row in flow.iter_rows(named=True)}
     r.doc.para(f"Reproduction of Ziegelmayer et al., Lancet Reg Health Eur 2025 (NAKO whole-body MRI). "
                f"{fl['analysed']['remaining']:,} of {fl['start']['remaining']:,} participants with an MRI delivery "
-               f"analysed. Analysis cohort hash: {lineage.get('cohort_hash', 'n/a')}.")
+               f"analysed. Data release {lineage.get('release', 'n/a')}. "
+               f"Analysis cohort hash: {lineage.get('cohort_hash', 'n/a')}.")
 
 
 def _section_flow(r: _Report, flow: pl.DataFrame) -> None:

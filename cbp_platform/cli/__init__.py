@@ -10,6 +10,8 @@
 ``cbp model list``          the registered models, their backends, inputs and weights
 ``cbp model compare``       a registered model beside the primary on every batch; the comparison in the report
 ``cbp status``              every delivery of the landing zone: state, reason, counts (no pseudonyms)
+``cbp release cut|list``    data releases: freeze the versions in force (through Dagster), list them
+``cbp delivery retire``     take a delivery's participants out of the next release
 ``cbp qc serve``            the QC review app (keyboard review of the triage queue) on the loopback interface
 ``cbp qc list``             the QC queue in triage order; ``cbp qc accept|reject`` record a decision
 
@@ -21,11 +23,12 @@ compare`` load the code location's definitions (``tests/test_architecture.py`` c
 
 from __future__ import annotations
 
-from cbp_platform.cli import accuracy, calibration, instance, k8s_plan, lineage, model, qc, status, synth
+from cbp_platform.cli import (accuracy, calibration, instance, k8s_plan, lifecycle, lineage, model, qc, status,
+                              synth)
 from cbp_platform.cli.common import Parser
 
 # In the order `cbp --help` lists them.
-COMMANDS = (synth, accuracy, lineage, instance, k8s_plan, model, status, qc, calibration)
+COMMANDS = (synth, accuracy, lineage, instance, k8s_plan, model, status, lifecycle, qc, calibration)
 
 
 def build_parser() -> Parser:

@@ -13,7 +13,8 @@ def register(sub) -> None:
                        description="Write K complete deliveries of N simulated participants (Dixon NIfTI + "
                                    "covariates + manifest) into $CBP_DATA_ROOT/landing and the ground truth into "
                                    "$CBP_DATA_ROOT/truth.")
-    s.add_argument("--participants", "-n", type=int, required=True, help="number of participants (N >= 1)")
+    s.add_argument("--participants", "-n", type=int, default=None,
+                   help="number of participants (N >= 1; required unless --correct)")
     s.add_argument("--deliveries", "-k", type=int, default=1, help="number of deliveries (1 <= K <= N)")
     s.add_argument("--seed", type=int, required=True, help="random seed: same seed, same data")
     s.add_argument("--resolution", default="fast", help="fast (4x4x6 mm, tests/demos) or nako (1.41x1.41x3 mm)")
@@ -28,6 +29,13 @@ def register(sub) -> None:
                    help="with --format dicom: also write the scanner-composed whole-body series")
     s.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
     s.add_argument("--delivery-prefix", default=None, help="delivery id prefix (default sim<seed>)")
+    s.add_argument("--correct", metavar="DELIVERY", default=None,
+                   help="instead of a cohort, write a correction of this simulated delivery: --covariates "
+                        "participants' covariates re-coded or fixed, --rescans participants re-scanned "
+                        "(docs/lifecycle.md)")
+    s.add_argument("--covariates", type=int, default=10, help="with --correct: covariate corrections (default 10)")
+    s.add_argument("--rescans", type=int, default=1, help="with --correct: re-scans (default 1)")
+    s.add_argument("--delivery-id", default=None, help="with --correct: the correction's id (default <DELIVERY>-cNN)")
     s.add_argument("--if-absent", action="store_true",
                    help="exit 0 without writing when these deliveries are already complete")
     progress_args(s)
@@ -39,6 +47,12 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     from cbp_platform.paths import DataLayout
     from cbp_platform.synth.delivery import SynthError, delivery_ids_for, synthesize
 
+    if args.correct:
+        return _cmd_correct(args)
+    if args.participants is None:
+        print("cbp synth: error: the following arguments are required: --participants (unless --correct)",
+              file=sys.stderr)
+        return 2
     prefix = args.delivery_prefix or f"sim{args.seed}"
     if args.if_absent and args.deliveries >= 1:
         layout = DataLayout.from_env(args.data_root)
@@ -60,4 +74,21 @@ def _cmd_synth(args: argparse.Namespace) -> int:
           f"({rate:.1f} participants/s); faults injected: {len(res.faults)}")
     print(f"  landing zone: {res.landing_dirs[0].parent}")
     print(f"  ground truth: {res.truth_dirs[0].parent}")
+    return 0
+
+
+def _cmd_correct(args: argparse.Namespace) -> int:
+    from cbp_platform.synth.correction import synthesize_correction
+    from cbp_platform.synth.delivery import SynthError
+
+    try:
+        res = synthesize_correction(of=args.correct, seed=args.seed, data_root=args.data_root,
+                                    covariates=args.covariates, rescans=args.rescans, delivery_id=args.delivery_id)
+    except SynthError as exc:
+        print(f"cbp synth: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"cbp synth: correction {res.delivery_ids[0]} of {args.correct}: {res.n_participants} participants "
+          f"({args.covariates} covariate rows, {args.rescans} re-scans), {res.bytes_written / 1e6:.1f} MB")
+    print(f"  landing zone: {res.landing_dirs[0]}")
+    print(f"  what changed (truth): {res.truth_dirs[0] / 'corrections.csv'}")
     return 0

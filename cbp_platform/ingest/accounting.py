@@ -36,6 +36,7 @@ IGNORED = {
     "outside_contract": "listed in the manifest, but not a file the contract reads (not a scan of a participant, "
                         "not covariates.csv)",
     "not_a_participant": "a covariate row whose first field is no participant of this delivery (or cannot be read)",
+    "not_corrected": "a covariate row of a correction's participant whose entry does not correct the covariates",
 }
 
 
@@ -46,8 +47,11 @@ def account_registered(root: Path, landing: Path, rec: dict, outcomes_rows: list
 
     did = rec["delivery_id"]
     reg = BatchRegistry(root)
-    batches = {k: reg.read(k).participants for k in rec["batches"]}
-    return account(Path(landing) / did, registered_manifest(root, did, landing), batches, outcomes_rows)
+    read = [reg.read(k) for k in rec["batches"]]
+    batches = {b.key: b.participants for b in read}
+    no_covariates = {p for b in read if not b.covers("covariates") for p in b.participants}
+    return account(Path(landing) / did, registered_manifest(root, did, landing), batches, outcomes_rows,
+                   no_covariates=no_covariates)
 
 
 def _outcome(outcomes: dict, stage: str, pseudonym: str, planned: set[str], ran: set[str]) -> tuple[str, str]:
@@ -62,9 +66,11 @@ def _outcome(outcomes: dict, stage: str, pseudonym: str, planned: set[str], ran:
     return "unaccounted", "neither stored nor quarantined"
 
 
-def account(delivery_dir: Path, manifest: dict, batches: dict[str, list[str]], outcomes_rows: list[dict]) -> dict:
+def account(delivery_dir: Path, manifest: dict, batches: dict[str, list[str]], outcomes_rows: list[dict], *,
+            no_covariates: set[str] = frozenset()) -> dict:
     """The accounting of one registered delivery. ``batches``: batch key -> participants (the registry);
-    ``outcomes_rows``: the warehouse's :meth:`~resources.warehouse.Warehouse.ingestion_outcomes` as dicts."""
+    ``outcomes_rows``: the warehouse's :meth:`~resources.warehouse.Warehouse.ingestion_outcomes` as dicts;
+    ``no_covariates``: a correction's participants whose entry does not correct the covariates."""
     outcomes: dict[str, dict[str, str]] = {}
     ran_batches: dict[str, set[str]] = {}
     for r in outcomes_rows:
@@ -94,22 +100,23 @@ def account(delivery_dir: Path, manifest: dict, batches: dict[str, list[str]], o
                 truncated = True
                 break
             rel = os.path.relpath(os.path.join(dirpath, name), delivery_dir).replace(os.sep, "/")
-            put(*_file(rel, listed, dicom, outcomes, planned, ran))
+            put(*_file(rel, listed, dicom, outcomes, planned, ran, no_covariates))
         if truncated:
             break
-    rows = _rows(Path(delivery_dir) / COVARIATES_NAME, outcomes, planned, ran.get(COVARIATES, set()))
+    rows = _rows(Path(delivery_dir) / COVARIATES_NAME, outcomes, planned, ran.get(COVARIATES, set()), no_covariates)
     return {"files": _summary(files, reasons), "covariate_rows": rows, "truncated": truncated,
             "adds_up": files["unaccounted"] == 0 and rows["unaccounted"] == 0}
 
 
 def _file(rel: str, listed: set[str], dicom: bool, outcomes: dict, planned: set[str],
-          ran: dict[str, set[str]]) -> tuple[str, str]:
+          ran: dict[str, set[str]], no_covariates: set[str] = frozenset()) -> tuple[str, str]:
     if rel == MANIFEST_NAME:
         return "stored", ""
     if rel == SUCCESS_MARKER:
         return "ignored", "marker"
     if rel == COVARIATES_NAME:
-        cats = {_outcome(outcomes, COVARIATES, p, planned, ran.get(COVARIATES, set()))[0] for p in planned}
+        cats = {_outcome(outcomes, COVARIATES, p, planned, ran.get(COVARIATES, set()))[0] for p in planned
+                if p not in no_covariates}
         if "stored" in cats:
             return "stored", ""
         qs = Counter(r for r in outcomes.get(COVARIATES, {}).values() if r)
@@ -132,7 +139,8 @@ def _file(rel: str, listed: set[str], dicom: bool, outcomes: dict, planned: set[
     return "ignored", "not_in_manifest"
 
 
-def _rows(path: Path, outcomes: dict, planned: set[str], ran: set[str]) -> dict:
+def _rows(path: Path, outcomes: dict, planned: set[str], ran: set[str], no_covariates: set[str] = frozenset()
+          ) -> dict:
     rows: Counter = Counter()
     reasons: dict[str, Counter] = {"quarantined": Counter(), "ignored": Counter(), "unaccounted": Counter()}
     truncated = False
@@ -159,6 +167,8 @@ def _rows(path: Path, outcomes: dict, planned: set[str], ran: set[str]) -> dict:
             first = line.split(b",", 1)[0].strip().decode("utf-8", "replace").lstrip("\ufeff")
             if first not in planned:
                 cat, reason = "ignored", "not_a_participant"
+            elif first in no_covariates:
+                cat, reason = "ignored", "not_corrected"
             else:
                 cat, reason = _outcome(outcomes, COVARIATES, first, planned, ran)
             rows[cat] += 1

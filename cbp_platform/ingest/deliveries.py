@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from cbp_platform.imaging.nifti import atomic_write_bytes
-from cbp_platform.landing import (DELIVERY_ID_RE, DELIVERY_ID_RULE, DICOM_DIR, MANIFEST_NAME, MRI_DIR, PSEUDONYM_RE,
-                                  SCAN_FORMATS, SCHEMA_VERSION, SUCCESS_MARKER)
+from cbp_platform.landing import (CORRECTION, CORRECTION_PARTS, CORRECTION_REASONS, COVARIATES, COVARIATES_NAME,
+                                  DELIVERY, DELIVERY_ID_RE, DELIVERY_ID_RULE, DELIVERY_KINDS, DICOM_DIR, MANIFEST_NAME,
+                                  MRI_DIR, PSEUDONYM_RE, SCAN, SCAN_FORMATS, SCHEMA_VERSION, SUCCESS_MARKER)
 from cbp_platform.paths import DataLayout
 
 BATCH_SEP = ".b"
@@ -59,7 +60,8 @@ READY = "ready"            # closed (marker present, manifest valid): registered
 REGISTERED = "registered"  # batches planned; per-file problems quarantine their participant
 CHANGED = "changed"        # registered, and its manifest or files changed since: reported, never re-ingested
 GONE = "gone"              # registered, and its folder is no longer in the landing zone
-STATES = (WAITING, REFUSED, READY, REGISTERED, CHANGED, GONE)
+RETIRED = "retired"        # registered, then retired (cbp delivery retire): its participants leave the next release
+STATES = (WAITING, REFUSED, READY, REGISTERED, CHANGED, GONE, RETIRED)
 
 
 @dataclass
@@ -74,10 +76,19 @@ class DeliveryStatus:
 
 @dataclass
 class Batch:
+    """A slice of one delivery. ``parts``: for a correction's batch, what its participants' versions replace
+    (``scan``, ``covariates`` or both; every participant of the batch the same), so that only those stages run;
+    empty for an ordinary delivery's batch (every stage)."""
+
     key: str
     delivery_id: str
     number: int
     participants: list[str] = field(default_factory=list)
+    parts: tuple[str, ...] = ()
+
+    def covers(self, part: str) -> bool:
+        """Whether this batch brings ``part`` (``scan`` or ``covariates``) of its participants."""
+        return not self.parts or part in self.parts
 
 
 def read_manifest_bytes(delivery_dir: Path) -> bytes:
@@ -199,7 +210,81 @@ def parse_manifest(delivery_dir: Path, payload: bytes) -> dict:
     bad = [p for p in doc["participants"] if not isinstance(p, str) or not PSEUDONYM_RE.match(p)]
     if bad:
         raise ManifestError(f"{path}: {len(bad)} participant entries are not valid pseudonyms")
+    kind = doc.get("kind", DELIVERY)
+    if kind not in DELIVERY_KINDS:
+        raise ManifestError(f"{path}: kind {str(kind)[:20]!r} not supported (one of {', '.join(DELIVERY_KINDS)})")
+    doc["kind"] = kind
+    if kind == CORRECTION:
+        doc["corrections"] = parse_corrections(path, doc)
+    elif "corrections" in doc:
+        raise ManifestError(f"{path}: lists corrections but is not a correction (add \"kind\": \"{CORRECTION}\")")
     return doc
+
+
+def parse_corrections(path: str, doc: dict) -> list[dict]:
+    """The ``corrections`` of a correction's manifest, checked for what needs no registry: each entry names a valid
+    pseudonym once, the delivery it supersedes, the parts it corrects and a registered reason code; the participant
+    list is exactly the entries' pseudonyms; a corrected scan has files under its participant's folder, corrected
+    covariates have ``covariates.csv``, and no image file lies under a folder whose entry does not correct the
+    scan. Any problem refuses the whole correction (it never touches data in force), naming ``corrections[i]``.
+    Whether the platform holds the participant and registered the delivery: :func:`..registry.check_correction`."""
+    entries = doc.get("corrections")
+    if not isinstance(entries, list) or not entries:
+        raise ManifestError(f"{path}: a correction needs a non-empty list 'corrections'")
+    if len(entries) > MAX_MANIFEST_PARTICIPANTS:
+        raise ManifestError(f"{path}: {len(entries)} corrections listed (limit {MAX_MANIFEST_PARTICIPANTS})")
+    folders: dict[str, list[int]] = {}
+    for k, f in enumerate(doc["files"]):
+        parts = f["path"].split("/")
+        if len(parts) >= 3 and parts[0] in (MRI_DIR, DICOM_DIR):
+            folders.setdefault(parts[1], []).append(k)
+    listed = {f["path"] for f in doc["files"]}
+    seen: dict[str, int] = {}
+    out = []
+    for i, e in enumerate(entries):
+        where = f"{path}: corrections[{i}]"
+        if not isinstance(e, dict):
+            raise ManifestError(f"{where} is not an object")
+        p, sup, parts, reason = e.get("pseudonym"), e.get("supersedes"), e.get("parts"), e.get("reason")
+        if not isinstance(p, str) or not PSEUDONYM_RE.match(p):
+            raise ManifestError(f"{where}: 'pseudonym' missing or not a valid pseudonym")
+        if p in seen:
+            raise ManifestError(f"{where} names the same participant as corrections[{seen[p]}]")
+        seen[p] = i
+        if not isinstance(sup, str) or not DELIVERY_ID_RE.match(sup):
+            raise ManifestError(f"{where}: 'supersedes' missing or not a delivery id")
+        if sup == doc["delivery_id"]:
+            raise ManifestError(f"{where}: a delivery cannot supersede itself")
+        if not (isinstance(parts, list) and parts and all(isinstance(x, str) for x in parts)
+                and set(parts) <= set(CORRECTION_PARTS) and len(set(parts)) == len(parts)):
+            raise ManifestError(f"{where}: 'parts' must list what it corrects, once each, from "
+                                f"{', '.join(CORRECTION_PARTS)}")
+        if reason not in CORRECTION_REASONS:
+            raise ManifestError(f"{where}: reason {str(reason)[:40]!r} is not a registered correction reason "
+                                f"({', '.join(CORRECTION_REASONS)})")
+        allowed = CORRECTION_REASONS[reason][0]
+        if not set(parts) <= set(allowed):
+            raise ManifestError(f"{where}: reason {reason!r} corrects only {' and '.join(allowed)}, not "
+                                f"{' and '.join(x for x in parts if x not in allowed)}")
+        if COVARIATES in parts and COVARIATES_NAME not in listed:
+            raise ManifestError(f"{where} corrects covariates, but {COVARIATES_NAME} is not listed in files")
+        if SCAN in parts and p not in folders:
+            raise ManifestError(f"{where} corrects the scan, but no file is listed under the participant's folder")
+        if SCAN not in parts and p in folders:
+            raise ManifestError(f"{path}: files[{folders[p][0]}] lies in the folder of corrections[{i}], which does "
+                                "not correct the scan")
+        out.append({"pseudonym": p, "supersedes": sup, "parts": tuple(x for x in CORRECTION_PARTS if x in parts),
+                    "reason": reason})
+    stray = sorted(set(folders) - set(seen))
+    if stray:
+        raise ManifestError(f"{path}: files[{folders[stray[0]][0]}] lies under a participant folder that no "
+                            f"corrections entry names ({len(stray)} such folders)")
+    if set(doc["participants"]) != set(seen):
+        extra = len(set(doc["participants"]) - set(seen))
+        raise ManifestError(f"{path}: 'participants' must list exactly the corrected participants ({extra} listed "
+                            f"without a corrections entry, {len(set(seen) - set(doc['participants']))} corrected "
+                            "but not listed)")
+    return out
 
 
 def unlisted_participants(manifest: dict) -> list[str]:
@@ -272,6 +357,19 @@ def plan_batches(manifest: dict, batch_size: int = DEFAULT_BATCH_SIZE) -> list[B
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
     did = manifest["delivery_id"]
+    if manifest.get("kind") == CORRECTION:
+        # one group per set of corrected parts, so that each batch runs only its stages (a covariate correction
+        # never re-runs segmentation); within a group, sorted and cut in order
+        groups: dict[tuple[str, ...], list[str]] = {}
+        for e in manifest["corrections"]:
+            groups.setdefault(tuple(e["parts"]), []).append(e["pseudonym"])
+        out: list[Batch] = []
+        for parts in sorted(groups, key=lambda g: [CORRECTION_PARTS.index(x) for x in g]):
+            ps = sorted(groups[parts])
+            for i in range(0, len(ps), batch_size):
+                n = len(out) + 1
+                out.append(Batch(batch_key(did, n), did, n, ps[i:i + batch_size], parts))
+        return out
     ps = sorted(set(manifest["participants"]) | set(unlisted_participants(manifest)))
     if not ps:
         return []
@@ -290,7 +388,7 @@ class BatchRegistry:
 
     def write(self, batch: Batch) -> None:
         doc = {"batch_key": batch.key, "delivery_id": batch.delivery_id, "number": batch.number,
-               "participants": batch.participants}
+               "participants": batch.participants, **({"parts": list(batch.parts)} if batch.parts else {})}
         atomic_write_bytes(self.path(batch.key), json.dumps(doc, indent=0).encode())
 
     def read(self, key: str) -> Batch:
@@ -298,7 +396,8 @@ class BatchRegistry:
             doc = json.loads(self.path(key).read_text())
         except FileNotFoundError:
             raise KeyError(f"batch {key!r} is not registered ({self.path(key)} missing)") from None
-        return Batch(doc["batch_key"], doc["delivery_id"], doc["number"], list(doc["participants"]))
+        return Batch(doc["batch_key"], doc["delivery_id"], doc["number"], list(doc["participants"]),
+                     tuple(doc.get("parts", ())))
 
     def keys(self) -> list[str]:
         if not self.dir.exists():

@@ -16,6 +16,13 @@ a later delivery's copy is quarantined as ``duplicate_pseudonym``, whatever the 
 which batches run. Deliveries found in the same sensor tick register in the order of their manifest's
 ``created_at``, then id. Results never change retroactively when a re-send arrives.
 
+**Corrections** (manifest ``kind: "correction"``) are the one way to change a participant's data: each entry names
+a participant the platform holds and the delivery whose version it supersedes (the participant's owner, or an
+earlier correction of that participant), checked here under the registry lock (:func:`check_correction`); a
+correction that fails is refused whole. A correction owns nothing (:func:`owners` skips it). Of several versions
+of one participant's stage, the one whose delivery registered last is in force, whatever the order in which their
+batches run (the warehouse orders versions by ``seq``, ``docs/lifecycle.md``).
+
 **Delivery ids are never reused.** A registered delivery whose manifest or files change is reported as
 ``changed`` (sensor, ``cbp status``, the landing-zone observation); the registered version stands and nothing
 of the change is ingested (``docs/ingestion.md``).
@@ -28,13 +35,14 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 
 from cbp_platform.imaging.nifti import atomic_write_bytes
-from cbp_platform.ingest.deliveries import (CHANGED, GONE, REGISTERED, Batch, BatchRegistry, load_manifest,
-                                            parse_manifest, plan_batches)
-from cbp_platform.landing import COVARIATES_NAME, MANIFEST_NAME
+from cbp_platform.ingest.deliveries import (CHANGED, GONE, REGISTERED, RETIRED, Batch, BatchRegistry, ManifestError,
+                                            load_manifest, parse_manifest, plan_batches)
+from cbp_platform.landing import CORRECTION, COVARIATES_NAME, DELIVERY, MANIFEST_NAME, PSEUDONYM_ALPHABET
 from cbp_platform.paths import DataLayout
 
 
@@ -80,7 +88,9 @@ def _stat_listed(delivery_dir: Path, manifest: dict) -> dict[str, list[int]]:
 def register_delivery(root: Path, delivery_dir: Path, manifest: dict, manifest_bytes: bytes,
                       batch_size: int) -> list[Batch]:
     """Register a closed delivery: batch membership, the manifest copy and file stats, then the record (last).
-    Idempotent: a registered delivery keeps its batches."""
+    Idempotent: a registered delivery keeps its batches. A correction that names a participant the platform does
+    not hold, or a delivery it did not register, raises :class:`ManifestError` (:func:`check_correction`) and
+    leaves no trace."""
     reg = BatchRegistry(root)
     did = manifest["delivery_id"]
     with registry_lock(root):
@@ -88,6 +98,9 @@ def register_delivery(root: Path, delivery_dir: Path, manifest: dict, manifest_b
         if rec_path.exists():
             rec = json.loads(rec_path.read_text())
             return [reg.read(k) for k in rec["batches"]]
+        problem = check_correction(root, manifest)
+        if problem:
+            raise ManifestError(problem)
         seq = _next_seq(root)
         batches = plan_batches(manifest, batch_size)
         for b in batches:
@@ -95,7 +108,8 @@ def register_delivery(root: Path, delivery_dir: Path, manifest: dict, manifest_b
         atomic_write_bytes(manifest_copy_path(root, did), manifest_bytes)
         stats = _stat_listed(delivery_dir, manifest)
         atomic_write_bytes(files_path(root, did), json.dumps(stats).encode())
-        rec = {"delivery_id": did, "seq": seq, "registered_at": datetime.now(timezone.utc).isoformat(),
+        rec = {"delivery_id": did, "seq": seq, "kind": manifest.get("kind", DELIVERY),
+               "registered_at": datetime.now(timezone.utc).isoformat(),
                "created_at": manifest["created_at"], "manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(),
                "participants": sorted(set(manifest["participants"])), "batch_size": batch_size,
                "batches": [b.key for b in batches],
@@ -172,22 +186,77 @@ def registered_manifest(root: Path, delivery_id: str, landing: Path) -> dict:
 
 
 def owners(root: Path, records: list[dict] | None = None) -> dict[str, str]:
-    """pseudonym -> the delivery that registered it first."""
+    """pseudonym -> the delivery that registered it first (corrections own nothing)."""
     out: dict[str, str] = {}
     for r in registered_deliveries(root) if records is None else records:
+        if r.get("kind", DELIVERY) == CORRECTION:
+            continue
         for p in r["participants"]:
             out.setdefault(p, r["delivery_id"])
     return out
 
 
 def duplicates_of(root: Path, delivery_id: str) -> dict[str, str]:
-    """This delivery's pseudonyms that another delivery registered first, with that delivery's id."""
+    """This delivery's pseudonyms that another delivery registered first, with that delivery's id (none for a
+    correction: its participants are the versions it brings)."""
     recs = registered_deliveries(root)
     own = owners(root, recs)
     rec = next((r for r in recs if r["delivery_id"] == delivery_id), None)
-    if rec is None:
+    if rec is None or rec.get("kind", DELIVERY) == CORRECTION:
         return {}
     return {p: own[p] for p in rec["participants"] if own.get(p, delivery_id) != delivery_id}
+
+
+def holders(root: Path, records: list[dict] | None = None) -> dict[str, list[str]]:
+    """pseudonym -> the deliveries that brought a version of it, in registration order: its owner, then each
+    correction of it (a later delivery that re-sent it as a duplicate brought no version)."""
+    recs = registered_deliveries(root) if records is None else records
+    own = owners(root, recs)
+    out: dict[str, list[str]] = {p: [d] for p, d in own.items()}
+    for r in recs:
+        if r.get("kind", DELIVERY) == CORRECTION:
+            for p in r["participants"]:
+                out.setdefault(p, []).append(r["delivery_id"])
+    return out
+
+
+def check_correction(root: Path, manifest: dict, records: list[dict] | None = None) -> str:
+    """Why a correction cannot be registered ("" when it can, and for an ordinary delivery): an entry naming a
+    participant the platform does not hold, or superseding a delivery it did not register or that did not bring
+    that participant. The message names the manifest entry (``corrections[i]``), never the pseudonym."""
+    if manifest.get("kind", DELIVERY) != CORRECTION:
+        return ""
+    recs = registered_deliveries(root) if records is None else records
+    known = {r["delivery_id"] for r in recs}
+    held = holders(root, recs)
+    label = f"{manifest['delivery_id']}/{MANIFEST_NAME}"
+    for i, e in enumerate(manifest["corrections"]):
+        if e["supersedes"] not in known:
+            return (f"{label}: corrections[{i}] supersedes delivery {e['supersedes']!r}, which this platform did not "
+                    "register; the correction is refused and nothing in force changes")
+        if e["pseudonym"] not in held:
+            return (f"{label}: corrections[{i}] names a participant this platform does not hold; the correction is "
+                    "refused and nothing in force changes")
+        if e["supersedes"] not in held[e["pseudonym"]]:
+            return (f"{label}: corrections[{i}] supersedes delivery {e['supersedes']!r}, which did not bring this "
+                    "participant; the correction is refused and nothing in force changes")
+    return ""
+
+
+def registration_seq(root: Path, delivery_id: str) -> int | None:
+    """The registration number of a registered delivery (its versions are ordered by it); None when the delivery
+    has no record or was registered before numbers existed."""
+    try:
+        rec = json.loads(record_path(root, delivery_id).read_text())
+    except FileNotFoundError:
+        return None
+    return int(rec["seq"]) if rec.get("seq") else None
+
+
+def corrections_of(root: Path, delivery_id: str, landing: Path) -> dict[str, dict]:
+    """pseudonym -> its ``corrections`` entry, for a registered correction ({} for an ordinary delivery)."""
+    man = registered_manifest(root, delivery_id, landing)
+    return {e["pseudonym"]: e for e in man.get("corrections", ())}
 
 
 def _sha256(path: Path) -> str | None:
@@ -201,6 +270,52 @@ def _sha256(path: Path) -> str | None:
         return None
 
 
+class RetireError(ValueError):
+    """A delivery that cannot be retired (unknown, or a reason that is empty or names a pseudonym)."""
+
+
+MAX_RETIRE_REASON = 500
+_PSEUDONYM_LIKE = re.compile(rf"(?<![{PSEUDONYM_ALPHABET}])[{PSEUDONYM_ALPHABET}]{{10}}(?![{PSEUDONYM_ALPHABET}])")
+
+
+def retire_delivery(root: Path, delivery_id: str, reason: str) -> dict:
+    """Retire a registered delivery: its participants leave the next release at the exclusion step
+    ``delivery_retired`` (every participant with a version in force from it). Nothing is deleted: its files, rows
+    and batches stay; the release that is cut next records the retirement. Written once
+    (``registry/retirements/<id>.json``); retiring it again returns the first record. The reason is published in
+    the release's summary, so it may not look like a pseudonym."""
+    reason = " ".join(str(reason).split())
+    if not reason:
+        raise RetireError("a retirement needs a reason (--reason)")
+    if len(reason) > MAX_RETIRE_REASON:
+        raise RetireError(f"the reason has {len(reason)} characters (limit {MAX_RETIRE_REASON})")
+    if _PSEUDONYM_LIKE.search(reason):
+        raise RetireError("the reason contains what looks like a pseudonym; it is published with the next release, "
+                          "so write it without one")
+    path = DataLayout(Path(root)).retirements / f"{delivery_id}.json"
+    with registry_lock(root):
+        if not record_path(root, delivery_id).exists():
+            raise RetireError(f"{delivery_id}: no registered delivery of that id")
+        if path.exists():
+            return json.loads(path.read_text())
+        rec = {"delivery_id": delivery_id, "reason": reason, "retired_at": datetime.now(timezone.utc).isoformat()}
+        atomic_write_bytes(path, json.dumps(rec).encode())
+    return rec
+
+
+def retirements(root: Path) -> dict[str, dict]:
+    """Retired deliveries: delivery id -> its retirement record (``reason``, ``retired_at``)."""
+    d = DataLayout(Path(root)).retirements
+    out = {}
+    for p in sorted(d.glob("*.json")) if d.exists() else []:
+        try:
+            rec = json.loads(p.read_text())
+            out[rec["delivery_id"]] = rec
+        except (OSError, ValueError, KeyError):
+            continue
+    return out
+
+
 def registered_state(root: Path, landing: Path, rec: dict, *, deep: bool = False) -> tuple[str, str]:
     """(state, reason) of a registered delivery: ``registered``, ``changed`` or ``gone``.
 
@@ -209,6 +324,10 @@ def registered_state(root: Path, landing: Path, rec: dict, *, deep: bool = False
     but whose content did not (a copy that reset modification times) is not a change. Never raises: a delivery
     that cannot be checked is reported as ``changed``, with the error's type."""
     try:
+        retired = DataLayout(Path(root)).retirements / f"{rec['delivery_id']}.json"
+        if retired.exists():
+            r = json.loads(retired.read_text())
+            return RETIRED, f"{rec['delivery_id']}: retired {r['retired_at'][:10]} ({r['reason']})"
         return _registered_state(root, landing, rec, deep=deep)
     except Exception as exc:  # noqa: BLE001  (the delivery's boundary: the sensor and `cbp status` go on)
         return CHANGED, f"{rec.get('delivery_id')}: could not be checked ({type(exc).__name__})"

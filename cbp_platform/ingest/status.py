@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from cbp_platform.ingest.accounting import account_registered
-from cbp_platform.ingest.deliveries import GONE, REFUSED, REGISTERED, scan_landing
-from cbp_platform.ingest.registry import registered_deliveries, registered_state, unreadable_records
+from cbp_platform.ingest.deliveries import GONE, READY, REFUSED, REGISTERED, scan_landing
+from cbp_platform.ingest.registry import check_correction, registered_deliveries, registered_state, unreadable_records
 from cbp_platform.reasons import REASONS, explain
 
 
@@ -58,6 +58,10 @@ def landing_report(root: Path, landing: Path, *, deep: bool = False, counts: dic
     out: dict[str, DeliveryReport] = {}
     for st in scan_landing(Path(landing), skip=set(recs)):
         rep = DeliveryReport(st.delivery_id, st.state, st.reason)
+        if st.state == READY:        # a correction naming what the platform does not hold: the sensor refuses it
+            problem = check_correction(root, st.manifest, list(recs.values()))
+            if problem:
+                rep = DeliveryReport(st.delivery_id, REFUSED, problem)
         if st.manifest is not None:
             rep.participants = len(set(st.manifest["participants"]))
         out[st.delivery_id] = rep

@@ -119,6 +119,11 @@ class CohortParameters:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, doc: dict) -> "CohortParameters":
+        """The parameters a cohort's truth file records (JSON: tuples read back as lists)."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in doc.items()})
+
     def with_(self, **kw) -> "CohortParameters":
         return dataclasses.replace(self, **kw)
 

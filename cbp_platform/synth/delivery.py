@@ -164,6 +164,17 @@ class _Task:
     composed: bool = False
 
 
+def subject_of(r: dict) -> Subject:
+    """The phantom's subject for a row of the simulated cohort table."""
+    lean = r["lean_volume_target_cm3"]
+    ps, lr_a, lr_p = r["psoas_share"], r["lr_ratio_autochthonous"], r["lr_ratio_psoas"]
+    auto, pso = lean * (1 - ps), lean * ps
+    return Subject(female=r["sex"] == "F", age=float(r["age"]), height_cm=r["height_cm"], weight_kg=r["weight_kg"],
+                   imat_pct=r["imat_true"], mfi=r["mfi_true"],
+                   lean_ml=(auto * lr_a / (1 + lr_a), auto / (1 + lr_a), pso * lr_p / (1 + lr_p), pso / (1 + lr_p)),
+                   swap=r["fat_water_swap"])
+
+
 def _render_and_write(task: _Task) -> dict:
     rng = np.random.default_rng(np.random.SeedSequence([task.seed, 2, task.index]))
     preset = PRESETS[task.preset]
@@ -377,16 +388,8 @@ def synthesize(*, participants: int, deliveries: int, seed: int, resolution: str
             tasks = []
             for idx in chunk:
                 r = rows[idx]
-                lean = r["lean_volume_target_cm3"]
-                ps, lr_a, lr_p = r["psoas_share"], r["lr_ratio_autochthonous"], r["lr_ratio_psoas"]
-                auto, pso = lean * (1 - ps), lean * ps
-                subj = Subject(female=r["sex"] == "F", age=float(r["age"]), height_cm=r["height_cm"],
-                               weight_kg=r["weight_kg"], imat_pct=r["imat_true"], mfi=r["mfi_true"],
-                               lean_ml=(auto * lr_a / (1 + lr_a), auto / (1 + lr_a), pso * lr_p / (1 + lr_p),
-                                        pso / (1 + lr_p)),
-                               swap=r["fat_water_swap"])
                 tasks.append(_Task(int(idx), delivered_pseudonym[idx], str(ddir), str(tdir), seed, resolution,
-                                   in_opp, subj, fault_of.get(int(idx), ("", ""))[0], scan_format,
+                                   in_opp, subject_of(r), fault_of.get(int(idx), ("", ""))[0], scan_format,
                                    str(r["exam_date"]), composed))
             mapper = pool.map(_render_and_write, tasks, chunksize=4) if pool else map(_render_and_write, tasks)
             outputs = []

@@ -23,10 +23,13 @@ COHORT_ASSETS = ("analysis_cohort", "cbp_association_model", "pain_intensity_mod
 
 
 def _refresh(root: Path):
+    """Cut the next data release when the data changed (as make demo's runner does), then the cohort refresh."""
     from cbp_platform.definitions import build_definitions
+    from orchestration.releases import cut_release
 
     defs = build_definitions()
     inst = dg.DagsterInstance.get()
+    cut_release(inst, if_changed=True, log=lambda *_: None)
     job = defs.resolve_job_def("cohort_refresh")
     return inst, job.execute_in_process(instance=inst, raise_on_error=False)
 
@@ -304,10 +307,16 @@ def test_a_rejection_reaches_the_flow_the_numbers_and_the_lineage(refreshed, cap
 
     row = ReviewStore(wh, instance=inst).record(p, "reject", reviewer="dr-test", reason="misregistered",
                                                 note="labels one vertebra low")
+    # the release the analysis reads was cut before the review: it is stale, and the next cut would differ
+    from orchestration.releases import unchanged_since_latest
+    from resources import DataRootResource
+
     graph = build_definitions().resolve_asset_graph()
+    latest = _q(root, "SELECT max(release_id) AS r FROM releases")["r"][0]
     status = CachingStaleStatusResolver(inst, graph, LoadingContextForTest(inst)).get_status(
-        dg.AssetKey("analysis_cohort"))
+        dg.AssetKey("data_release"), str(latest))
     assert status == StaleStatus.STALE
+    assert unchanged_since_latest(wh, DataRootResource(root=str(root))) is None
 
     _, res = _refresh(root)
     assert res.success
@@ -341,9 +350,7 @@ def test_a_rejection_reaches_the_flow_the_numbers_and_the_lineage(refreshed, cap
     wh.replace_rows("provenance", _q(root, "SELECT * FROM provenance").with_columns(
         pl.when(pl.col("pseudonym") == p).then(pl.lit(json.dumps({"labels": "e" * 64})))
         .otherwise(pl.col("input_checksums")).alias("input_checksums")), {})
-    job = build_definitions().resolve_job_def("cohort_refresh")
-    res = job.execute_in_process(instance=inst, asset_selection=[dg.AssetKey("analysis_cohort")],
-                                 raise_on_error=False)
+    _, res = _refresh(root)                 # the next release freezes the new map (and the outdated review)
     assert res.success
     again = _q(root, "SELECT * FROM analysis_cohort_meta").row(0, named=True)
     assert again["qc_rejected"] == 0 and again["qc_outdated"] == 1

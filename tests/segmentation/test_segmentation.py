@@ -264,3 +264,40 @@ def test_cpu_inference_is_deterministic(monai_pipeline):
     b = seg.segment(np.asarray(w.dataobj), np.asarray(f.dataobj), w.affine)
     np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(a, np.asarray(nib.load(segs["label_path"][0]).dataobj))
+
+
+def test_a_rescan_correction_re_segments_its_participant_and_nobody_else(monai_pipeline):
+    """Issue 27: a correction of the processed delivery (two covariate rows, one re-scan) through the sensor and the
+    per-batch job. The re-scan's batch runs the image stages for its one participant; the covariates' batch runs
+    participant_covariates alone (no segmentation); the re-scan's label map and metrics are in force, the old ones
+    stay, closed. Runs last in this module (it adds versions the tests above would count)."""
+    from cbp_platform.synth.correction import synthesize_correction
+    from orchestration.profiles import warehouse
+    from orchestration.runner import run_pending
+
+    root, inst, _ = monai_pipeline
+    res = synthesize_correction(of="sim8-d01", seed=3, data_root=root, covariates=2, rescans=1)
+    cid = res.delivery_ids[0]
+    man = json.loads((root / "landing" / cid / "manifest.json").read_text())
+    (p,) = [e["pseudonym"] for e in man["corrections"] if e["parts"] == ["scan"]]
+    wh = warehouse()
+    before = {t: wh.table(t, versions="all").height for t in ("muscle_segmentations", "muscle_metrics",
+                                                              "segmentation_qc", "raw_mri_scans")}
+    summary = run_pending(inst, log=lambda *_: None, refresh=False)
+    assert summary["failed"] == [] and summary["ran"] == 2, summary
+    after = {t: wh.table(t, versions="all").height for t in before}
+    # exactly one participant's image stages ran: one scan, one label map, one QC row, five metric rows
+    assert {t: after[t] - before[t] for t in before} == {"muscle_segmentations": 1, "muscle_metrics": 5,
+                                                         "segmentation_qc": 1, "raw_mri_scans": 1}
+    segs = wh.table("muscle_segmentations", where={"pseudonym": p}, versions="all")
+    assert segs.filter(pl.col("superseded_by") == "")["delivery_id"].to_list() == [cid]
+    assert wh.table("muscle_metrics", where={"pseudonym": p})["delivery_id"].unique().to_list() == [cid]
+    # what each run materialised (the run requests' asset selections, as the sensor made them)
+    mats = {}
+    for key in (f"{cid}.b001", f"{cid}.b002"):
+        (run,) = inst.get_runs(filters=dg.RunsFilter(tags={"cbp/batch": key}))
+        mats[key] = sorted(k.to_user_string() for k in run.asset_selection)
+    assert mats == {f"{cid}.b001": ["muscle_metrics", "muscle_segmentations", "raw_mri_scans"],
+                    f"{cid}.b002": ["participant_covariates"]}
+    ev = inst.get_latest_materialization_event(dg.AssetKey("muscle_segmentations")).asset_materialization
+    assert ev.partition == f"{cid}.b001" and ev.metadata["dagster/row_count"].value == 1

@@ -72,3 +72,46 @@ def test_concurrent_corrections_of_one_participant_leave_exactly_one_version_in_
     every = wh.table("muscle_metrics", versions="all")
     assert sorted(set(zip(every["delivery_id"], every["superseded_by"]))) == sorted([("d1", winner), (winner, "")])
     assert wh.table("muscle_metrics")["delivery_id"].unique().to_list() == [winner]
+
+
+@pytest.mark.postgres
+def test_ordered_corrections_written_at_once_leave_the_last_registered_in_force(postgres_server):
+    """The original delivery and eight corrections of one participant, as the assets write them (ordered by their
+    registration numbers, assets/writes.py), all at once, four times over: every write lands (a conflict between
+    two versions committed side by side is retried, never refused), the last registered correction is in force,
+    and every other version is closed."""
+    import threading
+
+    from cbp_platform.warehouse import versioned
+    from resources import warehouse as wmod
+
+    wh = postgres_server.warehouse()
+
+    def rows(d: str, seq: int, sup: str = "") -> pl.DataFrame:
+        df = pl.DataFrame({"pseudonym": ["P1", "P1"], "muscle": ["a", "b"], "batch_key": f"{d}.b001",
+                           "delivery_id": d, "lean_ml": float(seq)})
+        return versioned("muscle_metrics", df, seq, {"P1": sup} if sup else {})
+
+    before = dict(wmod.RETRIES)
+    for _ in range(4):
+        writes = [("d1", rows("d1", 1))] + [(f"c{i}", rows(f"c{i}", i + 1, "d1")) for i in range(1, 9)]
+        start, outcome = threading.Barrier(len(writes)), {}
+
+        def write(d: str, df: pl.DataFrame) -> None:
+            start.wait()
+            try:
+                wh.replace_rows("muscle_metrics", df, {"batch_key": f"{d}.b001"})
+                outcome[d] = "written"
+            except Exception as exc:  # noqa: BLE001
+                outcome[d] = type(exc).__name__
+
+        threads = [threading.Thread(target=write, args=w) for w in writes]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert set(outcome.values()) == {"written"} and len(outcome) == 9, outcome
+        assert wh.table("muscle_metrics")["delivery_id"].unique().to_list() == ["c8"]
+        every = wh.table("muscle_metrics", versions="all")
+        assert every.height == 18 and (every["superseded_by"] == "").sum() == 2
+    print(f"retried unique violations: {wmod.RETRIES.get('23505', 0) - before.get('23505', 0)}")

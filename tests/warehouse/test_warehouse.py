@@ -275,8 +275,9 @@ def test_a_writer_that_knows_nothing_of_versions_writes_a_version_in_force(wh):
                          {"batch_key": "b1"})
     got = wh.table("muscle_metrics", versions="all")
     assert got["supersedes"].to_list() == ["", ""] and got["superseded_by"].to_list() == ["", ""]
-    from cbp_platform.warehouse import table_checksum
-    assert cs == table_checksum(got.drop("supersedes", "superseded_by").sort("muscle"))   # the data's checksum
+    assert got["registration_seq"].null_count() == 2                  # not ordered
+    from cbp_platform.warehouse import VERSION_COLUMNS, table_checksum
+    assert cs == table_checksum(got.drop(*VERSION_COLUMNS).sort("muscle"))   # the data's checksum
 
 
 def test_a_warehouse_from_before_versions_gains_them_and_keeps_one_row_per_participant(wh, tmp_path):
@@ -331,6 +332,47 @@ def test_a_correction_closes_the_version_it_replaces_in_the_same_write(wh):
     with pytest.raises(DuplicateRows):            # a stale correction (its version is closed already): refused
         wh.replace_rows(t, rows("c2", ["P1"], "d1", 3.0), {"batch_key": "c2.b001"})
     assert wh.table(t, versions="all").height == 6                  # and nothing of it was kept
+
+
+def _ordered(p: str, delivery: str, seq: int, supersedes: str = "", weight: float = 70.0):
+    """A version as the assets write it (assets/writes.py): ordered by its delivery's registration number."""
+    from cbp_platform.warehouse import versioned
+
+    rows = pl.DataFrame({"pseudonym": [p], "batch_key": [f"{delivery}.b001"], "delivery_id": [delivery],
+                         "weight_kg": [weight]})
+    return versioned("participant_covariates", rows, seq, {p: supersedes} if supersedes else {})
+
+
+def _state(wh) -> list[tuple]:
+    got = wh.table("participant_covariates", versions="all").sort("registration_seq")
+    return got.select("delivery_id", "supersedes", "superseded_by", "weight_kg").rows()
+
+
+@pytest.mark.parametrize("order", ["d1 c1 c2", "d1 c2 c1", "c2 c1 d1", "c1 d1 c2", "c2 d1 c1"])
+def test_the_later_registration_is_in_force_whatever_order_batches_run(wh, order):
+    """d1 (registered 1st) brings P1; corrections c1 (2nd) and c2 (3rd) both name d1 as what they supersede.
+    In whatever order their batches write, and after re-running any of them, c2 is in force, c1 replaced d1 and
+    c2 replaced c1."""
+    versions = {"d1": _ordered("P1", "d1", 1, weight=70.0), "c1": _ordered("P1", "c1", 2, "d1", 71.0),
+                "c2": _ordered("P1", "c2", 3, "d1", 72.0)}
+    put = lambda d: wh.replace_rows("participant_covariates", versions[d], {"batch_key": f"{d}.b001"})  # noqa: E731
+    for d in order.split():
+        put(d)
+    assert wh.table("participant_covariates")["weight_kg"].to_list() == [72.0]
+    got = {r[0]: r for r in _state(wh)}
+    assert got["c2"][2] == "" and got["d1"][2] != "" and got["c1"][2] == "c2"
+    for d in ("d1", "c1", "c2", "c1"):                                # re-runs change nothing in force
+        put(d)
+        assert wh.table("participant_covariates")["weight_kg"].to_list() == [72.0]
+        assert wh.count_rows("participant_covariates") == 1 and wh.table("participant_covariates",
+                                                                          versions="all").height == 3
+
+
+def test_a_correction_of_data_from_before_registration_numbers_replaces_it(wh):
+    wh.replace_rows("participant_covariates", _version("P1", "d1"), {"batch_key": "d1.b001"})     # not ordered
+    wh.replace_rows("participant_covariates", _ordered("P1", "c1", 5, "d1", 71.0), {"batch_key": "c1.b001"})
+    assert ("d1", "", "c1", 70.0) in _state(wh)
+    assert wh.table("participant_covariates")["delivery_id"].to_list() == ["c1"]
 
 
 @pytest.mark.postgres

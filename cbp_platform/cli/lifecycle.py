@@ -1,0 +1,175 @@
+"""The living cohort's commands (docs/lifecycle.md): ``cbp release cut|list``, ``cbp delivery retire``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from cbp_platform.cli.common import Parser
+
+
+def register(sub) -> None:
+    r = sub.add_parser("release", help="data releases: cut the next one, list them",
+                       description="A data release freezes which version of which participant the analysis uses; "
+                                   "every published result names one (docs/lifecycle.md).")
+    rsub = r.add_subparsers(dest="release_command", required=True, parser_class=Parser)
+    c = rsub.add_parser("cut", help="cut the next release (through Dagster: a data_release partition)",
+                        description="Freeze the versions in force, the quarantine, the reviewers' rejections and the "
+                                    "retirements as the next release; write its internal manifest (registry, with "
+                                    "pseudonyms) and its public summary (published/releases/<n>/release.json).")
+    c.add_argument("--data-root", default=None)
+    c.add_argument("--if-changed", action="store_true",
+                   help="cut only when something changed since the latest release")
+    c.set_defaults(func=_cmd_release_cut)
+    ls = rsub.add_parser("list", help="the releases, one per line, id first")
+    ls.add_argument("--data-root", default=None)
+    ls.add_argument("--json", action="store_true", help="the public summaries as JSON")
+    ls.set_defaults(func=_cmd_release_list)
+
+    rp = sub.add_parser("reproduce", help="rebuild a release's report and compare every published number",
+                        description="Rebuild release R's analysis cohort from the versioned rows it froze, re-fit the "
+                                    "models, re-make every published table and compare them and the cohort hash "
+                                    "with R's published report. Exit 0 and a last line 'reproduced exactly' when "
+                                    "all match; else the differences side by side and exit 1.")
+    rp.add_argument("--release", type=int, required=True)
+    rp.add_argument("--data-root", default=None)
+    rp.set_defaults(func=_cmd_reproduce)
+    im = sub.add_parser("impact", help="what the pending corrections and retirements would change",
+                        description="Compare the latest release's published results with what the data in force "
+                                    "now would give (the next release): each reported OR and its CI, whether a CI "
+                                    "now crosses 1, the exclusion flow, Table 1. No pseudonym; withheld when fewer "
+                                    "than 5 participants changed.")
+    im.add_argument("--data-root", default=None)
+    im.add_argument("--json", action="store_true")
+    im.set_defaults(func=_cmd_impact)
+
+    d = sub.add_parser("delivery", help="a registered delivery's lifecycle")
+    dsub = d.add_subparsers(dest="delivery_command", required=True, parser_class=Parser)
+    rt = dsub.add_parser("retire", help="take a delivery's participants out of the next release",
+                         description="Retire a registered delivery: from the next release on, every participant "
+                                     "with data in force from it is excluded at the step delivery_retired. "
+                                     "Nothing is deleted. The reason is published with the next release.")
+    rt.add_argument("delivery_id")
+    rt.add_argument("--reason", required=True, help="why (published with the release: no pseudonym)")
+    rt.add_argument("--data-root", default=None)
+    rt.set_defaults(func=_cmd_retire)
+
+
+def _cmd_release_cut(args: argparse.Namespace) -> int:
+    from orchestration.instance import shell_instance
+    from orchestration.releases import ReleaseError, cut_release
+
+    try:
+        with shell_instance(args.data_root) as inst:
+            row = cut_release(inst, if_changed=args.if_changed, log=lambda m: print(m.strip()))
+    except ReleaseError as exc:
+        print(f"cbp release cut: error: {exc}", file=sys.stderr)
+        return 1
+    summary = json.loads(row["summary"])
+    since = summary["since_previous"]
+    print(f"release {row['release_id']}: {row['participants']} participants; since release "
+          f"{summary['previous'] or '-'}: {since['new_participants']} new, {since['corrected_participants']} "
+          f"corrected, {len(since['retirements'])} deliveries retired")
+    return 0
+
+
+def _cmd_release_list(args: argparse.Namespace) -> int:
+    from cbp_platform.cli.common import open_warehouse
+    from orchestration.releases import releases_table
+
+    wh = open_warehouse("release list", args.data_root)
+    if wh is None:
+        return 2
+    rows = releases_table(wh)
+    if args.json:
+        print(json.dumps([{**json.loads(r["summary"]), "cut_at": r["cut_at"]} for r in rows.iter_rows(named=True)],
+                         indent=1))
+        return 0
+    for r in rows.iter_rows(named=True):
+        s = json.loads(r["summary"])
+        since = s["since_previous"]
+        print(f"{r['release_id']}\t{r['cut_at'][:19]}\t{r['participants']} participants\t"
+              f"content {r['content_hash'][:16]}\t+{since['new_participants']} new, "
+              f"{since['corrected_participants']} corrected, {len(since['retirements'])} retired deliveries")
+    if rows.height == 0:
+        print("no release cut yet (cbp release cut)", file=sys.stderr)
+    return 0
+
+
+def _cmd_retire(args: argparse.Namespace) -> int:
+    from cbp_platform.ingest.registry import RetireError, retire_delivery
+    from cbp_platform.paths import DataLayout
+
+    try:
+        rec = retire_delivery(DataLayout.from_env(args.data_root).root, args.delivery_id, args.reason)
+    except RetireError as exc:
+        print(f"cbp delivery retire: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{rec['delivery_id']}: retired {rec['retired_at'][:19]} ({rec['reason']}); its participants leave the "
+          "next release (cbp release cut)")
+    return 0
+
+
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from orchestration.instance import pipeline_environment
+    from orchestration.releases import NoRelease, ReleaseError, reproduce
+    from cbp_platform.paths import DataLayout
+
+    with pipeline_environment(DataLayout.from_env(args.data_root).root):
+        try:
+            return 0 if reproduce(args.release) else 1
+        except (ReleaseError, NoRelease) as exc:
+            print(f"cbp reproduce: error: {exc}", file=sys.stderr)
+            return 2
+
+
+def _cmd_impact(args: argparse.Namespace) -> int:
+    from orchestration.instance import pipeline_environment
+    from orchestration.releases import NoRelease, pending_impact
+    from cbp_platform.paths import DataLayout
+    from resources import DataRootResource
+
+    root = DataLayout.from_env(args.data_root).root
+    with pipeline_environment(root):
+        try:
+            from orchestration.profiles import warehouse
+
+            doc = pending_impact(warehouse(), DataRootResource(root=str(root)))
+        except NoRelease as exc:
+            print(f"cbp impact: error: {exc}", file=sys.stderr)
+            return 2
+    if args.json:
+        print(json.dumps(doc, indent=1, default=str))
+        return 0
+    print(format_impact(doc))
+    return 0
+
+
+def format_impact(doc: dict) -> str:
+    """The impact report as text (no pseudonym)."""
+    lines = [f"impact of the pending changes on release {doc['release']} (content {doc['release_content_hash'][:16]}"
+             f" -> {doc['pending_content_hash'][:16]})"]
+    if not doc.get("pending"):
+        return "\n".join(lines + [f"  {doc.get('note')}"])
+    if doc.get("withheld"):
+        return "\n".join(lines + [f"  withheld: {doc['reason']}"])
+    since = doc.get("since_release", {})
+    lines.append(f"  {doc['changed_participants']} participants changed ({since.get('corrected_participants')} "
+                 f"corrected, {since.get('new_participants')} new, {len(since.get('retirements', []))} deliveries "
+                 f"retired); analysed {doc['analysed'][0]} -> {doc['analysed'][1]}")
+    lines.append(f"  {'analysis':<16} {'term':<12} {'OR (95% CI) in the release':>28}   {'OR (95% CI) now':>28}  "
+                 "CI crosses 1")
+    for o in doc["odds_ratios"]:
+        def ci(i: int) -> str:
+            if o["or"][i] is None:
+                return "-"
+            return f"{o['or'][i]:.3f} ({o['ci_low'][i]:.3f}-{o['ci_high'][i]:.3f})"
+        cross = "/".join("-" if c is None else ("yes" if c else "no") for c in o["ci_crosses_1"])
+        flag = "  CHANGED" if o["crossing_changed"] else ""
+        lines.append(f"  {o['analysis']:<16} {o['term']:<12} {ci(0):>28}   {ci(1):>28}  {cross}{flag}")
+    moved = [f for f in doc["flow"] if f["excluded"][0] != f["excluded"][1]]
+    lines.append("  exclusion flow: " + ("; ".join(f"{f['step']} {f['excluded'][0]} -> {f['excluded'][1]}"
+                                                   for f in moved) or "unchanged"))
+    lines.append(f"  Table 1: {len(doc['table_one'])} cells change")
+    return "\n".join(lines)
