@@ -11,6 +11,7 @@ next release's number is one more than the last (``cbp release cut`` adds the pa
 """
 
 
+import hashlib
 import json
 
 import dagster as dg
@@ -115,6 +116,10 @@ def prepare_release(warehouse: Warehouse, data_root: DataRootResource, release_i
     kinds = {r["delivery_id"]: r.get("kind", "delivery") for r in recs}
     reasons = {(d, p): e["reason"] for d, k in kinds.items() if k == "correction"
                for p, e in corrections_of(data_root.path, d, data_root.landing).items()}
+    for rows in stages.values():            # a version that names what it supersedes is a correction's
+        if rows is not None and "supersedes" in rows.columns:
+            kinds.update({d: "correction" for d in rows.filter(pl.col("supersedes").fill_null("") != "")[
+                "delivery_id"].unique().to_list()})
     retired = {d: r["reason"] for d, r in retirements(data_root.path).items()}
     prev = releases_table(warehouse).filter(pl.col("release_id") < release_id)
     previous, previous_id, previous_retired = None, None, set()
@@ -292,3 +297,30 @@ def published_report(data_root: DataRootResource, release_id: int) -> dict:
     """The pointer to release ``release_id``'s latest published report ({} when it was never published)."""
     path = data_root.layout.release_report(release_id)
     return json.loads(path.read_text()) if path.exists() else {}
+
+
+@dg.asset(deps=[DATA_RELEASE, raw_mri_scans, participant_covariates, muscle_segmentations, muscle_metrics,
+                REVIEWS_ASSET],
+          code_version="release_impact/1", group_name="analysis", kinds={"polars"}, op_tags=k8s_step_tags("cpu-large"),
+          description="What cutting the next release now would change in the latest release's published results: "
+                      "each reported OR and its CI (and whether a CI now crosses 1), the exclusion flow, Table 1. "
+                      "No pseudonym; withheld when fewer than 5 participants changed. Written to "
+                      "published/releases/impact.json (`cbp impact` prints the same).")
+def release_impact(context: dg.AssetExecutionContext, data_root: DataRootResource,
+                   warehouse: Warehouse) -> dg.MaterializeResult:
+    from cbp_platform.analysis.outputs import format_impact
+
+    try:
+        doc = pending_impact(warehouse, data_root)
+    except NoRelease as exc:
+        raise dg.Failure(description=f"release_impact: {exc}") from None
+    payload = json.dumps(doc, indent=1, default=str, sort_keys=True).encode()
+    atomic_write_bytes(data_root.layout.release_impact, payload)
+    context.log.info(format_impact(doc).splitlines()[-1])
+    return dg.MaterializeResult(metadata={
+        "release": doc["release"], "pending": doc["pending"], "withheld": doc.get("withheld", False),
+        "changed_participants": str(doc.get("changed_participants", 0)),
+        "ci_crossing_changed": dg.MetadataValue.json(doc.get("ci_crossing_changed", [])),
+        "impact": dg.MetadataValue.md(f"```\n{format_impact(doc)}\n```"),
+        "path": dg.MetadataValue.path(str(data_root.layout.release_impact))},
+        data_version=dg.DataVersion(hashlib.sha256(payload).hexdigest()[:16]))

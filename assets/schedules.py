@@ -12,7 +12,7 @@ import dagster as dg
 from assets.comparison import comparison_metrics, model_comparison
 from assets.analysis import (analysis_cohort, cbp_association_model, pain_intensity_model,
                              physical_activity_prevalence, published_results, stratified_comparisons, table_one)
-from assets.releases import data_release
+from assets.releases import data_release, release_impact
 from assets.segmentation import segmentation_model
 from assets.sensors import INGEST_ASSETS, INGEST_JOB, PROCESS_ASSETS, PROCESS_JOB
 from assets.summary import ingestion_summary
@@ -44,7 +44,7 @@ model_comparison_job = dg.define_asset_job(
 # refresh never recomputes a batch; new batches are computed by the sensor's per-batch runs.
 COHORT_LEVEL = dg.AssetSelection.assets(ingestion_summary, analysis_cohort, cbp_association_model,
                                         pain_intensity_model, table_one, stratified_comparisons,
-                                        physical_activity_prevalence, published_results)
+                                        physical_activity_prevalence, published_results, release_impact)
 
 cohort_refresh_job = dg.define_asset_job("cohort_refresh", selection=COHORT_LEVEL,
                                          description="Recompute the cohort-level assets from the latest data "

@@ -19,7 +19,7 @@ from assets.analysis import (analysis_cohort, cbp_association_model, pain_intens
                              physical_activity_prevalence, published_results, stratified_comparisons, table_one)
 from assets.comparison import comparison_metrics, model_comparison
 from assets.ingestion import landing_zone, participant_covariates, raw_mri_scans
-from assets.releases import data_release
+from assets.releases import data_release, release_impact
 from assets.schedules import (cohort_refresh_job, compare_batch_job, cut_release_job, daily_cohort_refresh,
                               ingest_batch_job, model_comparison_job, model_job, process_batch_job)
 from assets.segmentation import muscle_metrics, muscle_segmentations, segmentation_model, segmentation_model_dice
@@ -49,8 +49,8 @@ AREAS: dict[str, dg.Definitions] = {
     # the data releases, the cohort, the models and tables, the published report, the reviewers' decisions, the
     # refresh
     "analysis": dg.Definitions(
-        assets=[data_release, analysis_cohort, cbp_association_model, pain_intensity_model, table_one,
-                stratified_comparisons, physical_activity_prevalence, published_results, reviews_spec()],
+        assets=[data_release, release_impact, analysis_cohort, cbp_association_model, pain_intensity_model,
+                table_one, stratified_comparisons, physical_activity_prevalence, published_results, reviews_spec()],
         asset_checks=[analysis_cohort_expectations, cbp_model_checks, pain_model_checks],
         jobs=[cohort_refresh_job, cut_release_job],
         schedules=[daily_cohort_refresh]),

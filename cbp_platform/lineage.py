@@ -239,3 +239,46 @@ def format_chain(m: dict, asset: str | None = None) -> str:
     lines.append(f"  <- code: git {cv['git_commit']}{' (uncommitted changes)' if cv.get('dirty') else ''}; "
                  + ", ".join(f"{k} {v}" for k, v in sorted(m["packages"].items())))
     return "\n".join(lines)
+
+
+# what a participant's version history shows per stage: the columns whose old -> new values are printed
+HISTORY_FIELDS = {
+    "participant_covariates": ("site", "exam_date", "age", "sex", "height_cm", "weight_kg", "cbp", "nrs_pain",
+                               "met_min_week", "diabetes", "dyslipidemia", "osteoporosis", "osteoarthritis"),
+    "raw_mri_scans": ("water_sha256", "fat_sha256"),
+    "muscle_segmentations": ("label_sha256", "model_sha256"),
+    "muscle_metrics": ("lean_ml", "imat_pct", "mfi"),
+}
+
+
+def version_history(stage: str, versions: pl.DataFrame, deliveries: Mapping[str, dict],
+                    corrections: Mapping[str, dict], *, muscle: str = "back_total") -> list[str]:
+    """One participant's versions of one stage, oldest registration first, as lines: each version's delivery, its
+    manifest's sha256 and, for a correction, the reason code and what it declared it supersedes; between two
+    versions, every value that changed (old -> new). ``versions``: the stage's rows of the participant, every
+    version (``Warehouse.table(..., versions="all")``); ``deliveries``: delivery id -> registry record;
+    ``corrections``: delivery id -> the participant's ``corrections`` entry. Operator only: callers print it for
+    one pseudonym inside the secure environment."""
+    if versions is None or versions.height == 0:
+        return []
+    rows = versions.filter(pl.col("muscle") == muscle) if "muscle" in versions.columns else versions
+    if "registration_seq" in rows.columns:
+        rows = rows.sort(pl.col("registration_seq").fill_null(0), "delivery_id")
+    out, prev = [], None
+    for r in rows.iter_rows(named=True):
+        did = r["delivery_id"]
+        rec = deliveries.get(did, {})
+        state = "in force" if not (r.get("superseded_by") or "") else f"replaced by {r['superseded_by']}"
+        entry = corrections.get(did)
+        why = (f", correction {entry['reason']} (declared to supersede {entry['supersedes']})" if entry else "")
+        out.append(f"    {did}: manifest sha256 {str(rec.get('manifest_sha256', '?'))[:16]}, registered "
+                   f"#{rec.get('seq', '?')}{why}; {state}")
+        if prev is not None:
+            for f in HISTORY_FIELDS.get(stage, ()):
+                if f in r and r[f] != prev[f]:
+                    old, new = prev[f], r[f]
+                    if isinstance(old, str) and len(old) == 64:
+                        old, new = old[:16], str(new)[:16]
+                    out.append(f"      {f}: {old} -> {new}")
+        prev = r
+    return out if len(out) > 1 else []

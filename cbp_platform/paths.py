@@ -97,6 +97,11 @@ class DataLayout:
         return self.published / "releases" / str(int(release_id)) / "report.json"
 
     @property
+    def release_impact(self) -> Path:
+        """What the pending changes would do to the latest release's results (``release_impact``; no pseudonym)."""
+        return self.published / "releases" / "impact.json"
+
+    @property
     def warehouse_file(self) -> Path:
         """The embedded DuckDB warehouse (local profile)."""
         return self.root / "warehouse" / "cbp.duckdb"

@@ -451,16 +451,18 @@ def participant_trace(pseudonym: str, covariates: pl.DataFrame, scans: pl.DataFr
     inside the secure environment: it names the pseudonym.
     """
     def mine(df: pl.DataFrame | None) -> pl.DataFrame | None:
-        if df is None:
+        if df is None or "pseudonym" not in df.columns:      # a table not written yet (nothing segmented, ...)
             return None
         return df.filter(pl.col("pseudonym").cast(pl.String) == pseudonym)
 
     cov, sc, met, q = mine(covariates), mine(scans), mine(metrics), mine(quarantine)
     q_rows = list(q.iter_rows(named=True)) if q is not None else []
-    totals = list(met.filter(pl.col("muscle").cast(pl.String) == TOTAL_MUSCLE).iter_rows(named=True))
+    totals = (list(met.filter(pl.col("muscle").cast(pl.String) == TOTAL_MUSCLE).iter_rows(named=True))
+              if met is not None else [])
     valid = {
-        "raw_mri_scans": [("swap suspected" if r.get("swap_suspected") else "", r) for r in sc.iter_rows(named=True)],
-        "participant_covariates": [("", r) for r in cov.iter_rows(named=True)],
+        "raw_mri_scans": [("swap suspected" if r.get("swap_suspected") else "", r)
+                          for r in (sc.iter_rows(named=True) if sc is not None else ())],
+        "participant_covariates": [("", r) for r in (cov.iter_rows(named=True) if cov is not None else ())],
         # the segmentation table is not an input: metrics imply a label map
         "muscle_segmentations": [("label map (metrics present)", r) for r in totals],
         "muscle_metrics": [(_metrics_detail(r), r) for r in totals],
@@ -491,7 +493,12 @@ def participant_trace(pseudonym: str, covariates: pl.DataFrame, scans: pl.DataFr
     if retired_by:
         stages.append(_stage("delivery", "retired", f"data in force from retired delivery {retired_by}"))
         retired = pl.DataFrame({"pseudonym": [pseudonym]})
-    classified = classify_participants(cov, sc, met, q, rejected, retired)
+    if cov is None:                  # no covariates table yet: an empty one of the right columns
+        cov = pl.DataFrame(schema={c: pl.String for c in ("pseudonym", "site", "exam_date", "age", "sex", "height_cm",
+                                                          "weight_kg", "cbp", "nrs_pain", "met_min_week",
+                                                          *COMORBIDITIES)})
+    classified = classify_participants(cov, sc if sc is not None else pl.DataFrame(),
+                                       met if met is not None else pl.DataFrame(), q, rejected, retired)
     if classified.height == 0:
         reason, included = "not_delivered", False
         stages.append(_stage("analysis_cohort", "absent", "no record in these batches"))

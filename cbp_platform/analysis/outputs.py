@@ -169,3 +169,32 @@ def _table_one_changes(a: pl.DataFrame, b: pl.DataFrame) -> list[dict]:
             if x != y and not (isinstance(x, float) and isinstance(y, float) and math.isclose(x, y, rel_tol=1e-12)):
                 out.append({"row": " ".join(str(r[k]) for k in key), "column": c, "values": [x, y]})
     return out
+
+
+def format_impact(doc: dict) -> str:
+    """The impact report as text (no pseudonym)."""
+    lines = [f"impact of the pending changes on release {doc['release']} (content {doc['release_content_hash'][:16]}"
+             f" -> {doc['pending_content_hash'][:16]})"]
+    if not doc.get("pending"):
+        return "\n".join(lines + [f"  {doc.get('note')}"])
+    if doc.get("withheld"):
+        return "\n".join(lines + [f"  withheld: {doc['reason']}"])
+    since = doc.get("since_release", {})
+    lines.append(f"  {doc['changed_participants']} participants changed ({since.get('corrected_participants')} "
+                 f"corrected, {since.get('new_participants')} new, {len(since.get('retirements', []))} deliveries "
+                 f"retired); analysed {doc['analysed'][0]} -> {doc['analysed'][1]}")
+    lines.append(f"  {'analysis':<16} {'term':<12} {'OR (95% CI) in the release':>28}   {'OR (95% CI) now':>28}  "
+                 "CI crosses 1")
+    for o in doc["odds_ratios"]:
+        def ci(i: int) -> str:
+            if o["or"][i] is None:
+                return "-"
+            return f"{o['or'][i]:.3f} ({o['ci_low'][i]:.3f}-{o['ci_high'][i]:.3f})"
+        cross = "/".join("-" if c is None else ("yes" if c else "no") for c in o["ci_crosses_1"])
+        flag = "  CHANGED" if o["crossing_changed"] else ""
+        lines.append(f"  {o['analysis']:<16} {o['term']:<12} {ci(0):>28}   {ci(1):>28}  {cross}{flag}")
+    moved = [f for f in doc["flow"] if f["excluded"][0] != f["excluded"][1]]
+    lines.append("  exclusion flow: " + ("; ".join(f"{f['step']} {f['excluded'][0]} -> {f['excluded'][1]}"
+                                                   for f in moved) or "unchanged"))
+    lines.append(f"  Table 1: {len(doc['table_one'])} cells change")
+    return "\n".join(lines)

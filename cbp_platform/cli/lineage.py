@@ -80,8 +80,13 @@ def _participant_lineage(pseudonym: str, data_root: str | None) -> int:
         from cbp_platform.qc.reviews import effective_reviews
 
         review = effective_reviews(t["reviews"], t["maps"]).row(0, named=True)
-    trace = participant_trace(pseudonym, t["covariates"], t["scans"], t["metrics"], t["quarantine"], review)
+    history, retired_by = _versions(wh, pseudonym, data_root)
+    trace = participant_trace(pseudonym, t["covariates"], t["scans"], t["metrics"], t["quarantine"], review,
+                              retired_by=retired_by)
     print(trace.to_text())
+    if history:
+        print("  versions (old -> new, by registration; docs/lifecycle.md):")
+        print("\n".join(history))
     if t["reviews"].height:
         print("  review history (append-only qc_reviews; the latest review of the current label map is in force):")
         current = set(t["maps"]["label_sha256"].to_list()) if t["maps"].height else set()
@@ -101,6 +106,40 @@ def _participant_lineage(pseudonym: str, data_root: str | None) -> int:
     else:
         print("  last analysis_cohort materialisation: not seen (not delivered, or analysis not run since)")
     return 0 if (t["covariates"].height or t["scans"].height or t["quarantine"].height) else 1
+
+
+def _versions(wh, pseudonym: str, data_root: str | None) -> tuple[list[str], str | None]:
+    """The participant's version history of each stage (corrections: old -> new, both manifests' sha256, the reason
+    code), and the retired delivery their data in force comes from (None if none)."""
+    import polars as pl
+
+    from cbp_platform.ingest.registry import corrections_of, registered_deliveries, retirements
+    from cbp_platform.lineage import HISTORY_FIELDS, version_history
+    from cbp_platform.paths import DataLayout
+
+    layout = DataLayout.from_env(data_root)
+    recs = {r["delivery_id"]: r for r in registered_deliveries(layout.root)}
+    entries = {}
+    for did, rec in recs.items():
+        if rec.get("kind") == "correction":
+            try:
+                e = corrections_of(layout.root, did, layout.landing).get(pseudonym)
+            except Exception:  # noqa: BLE001  (a manifest copy that cannot be read: shown without its entry)
+                e = None
+            if e:
+                entries[did] = e
+    lines, in_force = [], set()
+    for stage in HISTORY_FIELDS:
+        rows = wh.table(stage, where={"pseudonym": pseudonym}, versions="all", missing_ok=True)
+        if rows is None or rows.height == 0:
+            continue
+        if "superseded_by" in rows.columns:
+            in_force |= set(rows.filter(pl.col("superseded_by").fill_null("") == "")["delivery_id"].to_list())
+        h = version_history(stage, rows, recs, entries)
+        if h:
+            lines += [f"   {stage}:", *h]
+    retired = sorted(in_force & set(retirements(layout.root)))
+    return lines, (retired[0] if retired else None)
 
 
 def _inputs_text(raw: str) -> str:

@@ -68,16 +68,20 @@ def corrected(request, tmp_path_factory):
     if request.param == "postgres":
         import uuid
         env = request.getfixturevalue("postgres_server").warehouse_env(f"c_{uuid.uuid4().hex[:10]}")
+    from orchestration.releases import cut_release
+
     synthesize(participants=30, deliveries=1, seed=41, data_root=root, workers=2)
     with environment(env), pipeline_environment(root):
         inst = dg.DagsterInstance.get()
         first = run_pending(inst, log=lambda *_: None, job_name="ingest_batch", refresh=False)
         before = warehouse().table("participant_covariates")
+        cut_release(inst, log=lambda *_: None)                        # release 1: the delivery as it came
         synthesize_correction(of="sim41-d01", seed=5, data_root=root, covariates=6, rescans=1)
         _bad_corrections(root / "landing", "sim41-d01", before["pseudonym"][0])
         with dg.build_sensor_context(instance=inst, resources={"data_root": DataRootResource()}) as ctx:
             tick = delivery_sensor(ctx)
         second = run_pending(inst, log=lambda *_: None, job_name="ingest_batch", refresh=False)
+        cut_release(inst, log=lambda *_: None)                        # release 2: with the correction
         yield {"root": root, "tick": tick, "before": before, "first": first, "second": second,
                "wh": warehouse(), "inst": inst}
 
@@ -162,6 +166,85 @@ def test_cbp_status_accounts_for_every_file_and_row_of_the_correction(corrected)
     acc = rep["accounting"]
     assert acc["adds_up"], acc
     assert acc["covariate_rows"]["stored"] == 6 and acc["files"]["unaccounted"] == 0
+
+
+def test_the_next_release_counts_the_correction_and_the_old_one_stays_as_it_was(corrected):
+    root, wh = corrected["root"], corrected["wh"]
+    s1 = json.loads((root / "published" / "releases" / "1" / "release.json").read_text())
+    s2 = json.loads((root / "published" / "releases" / "2" / "release.json").read_text())
+    assert s1["participants"] == s2["participants"] == 30 and s2["previous"] == 1
+    since = s2["since_previous"]
+    assert since["corrected_participants"] == 7 and since["new_participants"] == 0
+    assert since["correction_deliveries"] == ["sim41-d01-c01"]
+    # counts under 5 are not published as such
+    assert since["corrections_by_reason"]["rescan"] == "<5" and set(since["corrections_by_reason"]) <= {
+        "covariate_recoded", "covariate_error", "site_reassigned", "rescan"}
+    # release 1 still reads the original covariates, release 2 the corrected ones
+    new = _covariates(root / "landing" / "sim41-d01-c01" / "covariates.csv")
+    r1 = wh.release_rows("participant_covariates", 1).filter(pl.col("pseudonym").is_in(list(new)))
+    r2 = wh.release_rows("participant_covariates", 2).filter(pl.col("pseudonym").is_in(list(new)))
+    assert set(r1["delivery_id"]) == {"sim41-d01"} and set(r2["delivery_id"]) == {"sim41-d01-c01"}
+    assert r1.sort("pseudonym").equals(corrected["before"].filter(pl.col("pseudonym").is_in(list(new)))
+                                       .sort("pseudonym"))
+
+
+def test_lineage_of_a_participant_shows_old_and_new_values_with_both_manifests_and_the_reason(corrected, capsys):
+    from cbp_platform.cli import main
+
+    root = corrected["root"]
+    man = json.loads((root / "landing" / "sim41-d01-c01" / "manifest.json").read_text())
+    entry = next(e for e in man["corrections"] if e["reason"] == "covariate_error")
+    p = entry["pseudonym"]
+    old = _covariates(root / "landing" / "sim41-d01" / "covariates.csv")[p]
+    new = _covariates(root / "landing" / "sim41-d01-c01" / "covariates.csv")[p]
+    assert main(["lineage", "--data-root", str(root), "--participant", p]) in (0, 1)
+    out = capsys.readouterr().out
+    recs = {d: json.loads((root / "registry" / "deliveries" / f"{d}.json").read_text())
+            for d in ("sim41-d01", "sim41-d01-c01")}
+    assert "versions (old -> new" in out and "participant_covariates:" in out
+    for d, rec in recs.items():
+        assert f"{d}: manifest sha256 {rec['manifest_sha256'][:16]}" in out
+    assert "correction covariate_error (declared to supersede sim41-d01)" in out
+    assert f"weight_kg: {float(old['weight_kg'])} -> {float(new['weight_kg'])}" in out
+
+
+def test_a_retired_delivery_is_shown_and_leaves_the_next_release_at_its_step(corrected):
+    from assets.releases import release_cohort, release_info
+    from cbp_platform.cli import main
+    from cbp_platform.ingest.status import landing_report
+    from orchestration.releases import cut_release
+
+    root, wh, inst = corrected["root"], corrected["wh"], corrected["inst"]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["delivery", "retire", "sim41-d01", "--reason", "scanner software fault",
+                     "--data-root", str(root)]) == 0
+    assert "sim41-d01: retired" in out.getvalue()
+    reports = {r.delivery_id: r for r in landing_report(root, root / "landing")}
+    assert reports["sim41-d01"].state == "retired" and "scanner software fault" in reports["sim41-d01"].reason
+    from assets.sensors import delivery_sensor
+    from resources import DataRootResource
+
+    with dg.build_sensor_context(instance=inst, resources={"data_root": DataRootResource(root=str(root))},
+                                 cursor=None) as ctx:
+        tick = delivery_sensor(ctx)
+    obs = [e for e in tick.asset_events]
+    assert obs and obs[0].metadata["deliveries_retired"].value == 1
+    from cbp_platform.processes import environment
+    from orchestration.runner import pipeline_environment
+
+    env = {"CBP_WAREHOUSE": "postgres"} if type(wh).__name__ == "PostgresWarehouse" else {}
+    with environment(env), pipeline_environment(root):
+        row = cut_release(inst, log=lambda *_: None)
+    summary = json.loads(row["summary"])
+    assert row["release_id"] == 3 and summary["excluded_as_retired"] == 30
+    assert summary["since_previous"]["retirements"] == [{"delivery_id": "sim41-d01",
+                                                         "reason": "scanner software fault"}]
+    cohort, _ = release_cohort(wh, release_info(wh, 3))
+    flow = dict(zip(cohort.flow["criterion"], cohort.flow["excluded"]))
+    assert flow["delivery_retired"] == 30 and cohort.n == 0
+    # nothing was deleted: every version is still there
+    assert wh.table("participant_covariates", versions="all").height == 30 + 6
 
 
 def test_a_correction_whose_batch_runs_before_the_original_still_wins(tmp_path, request):
