@@ -130,7 +130,7 @@ def impact(before: ReportTables, after: ReportTables, *, changed_participants: i
     participant's contribution must not be readable from a difference. No pseudonym."""
     if changed_participants < min_count:
         return {"withheld": True, "changed_participants": f"<{min_count}",
-                "reason": f"fewer than {min_count} participants changed: an impact computed from them could reveal "
+                "why": f"fewer than {min_count} participants changed: an impact computed from them could reveal "
                           "one participant's values; it is shown once more changes are pending"}
     a, b = _reported(before), _reported(after)
     joined = a.join(b, on=["analysis", "term"], how="full", suffix="_new", coalesce=True).sort("analysis", "term")
@@ -178,7 +178,7 @@ def format_impact(doc: dict) -> str:
     if not doc.get("pending"):
         return "\n".join(lines + [f"  {doc.get('note')}"])
     if doc.get("withheld"):
-        return "\n".join(lines + [f"  withheld: {doc['reason']}"])
+        return "\n".join(lines + [f"  withheld: {doc['why']}"])
     since = doc.get("since_release", {})
     lines.append(f"  {doc['changed_participants']} participants changed ({since.get('corrected_participants')} "
                  f"corrected, {since.get('new_participants')} new, {len(since.get('retirements', []))} deliveries "
