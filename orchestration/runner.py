@@ -89,7 +89,9 @@ def run_pending(instance: dg.DagsterInstance, data_root: DataRootResource | None
     if refresh and keys and job_name != INGEST_JOB:
         # the analysis reads a data release: cut the next one when the data in force changed since the latest
         try:
-            summary["release"] = cut_release(instance, if_changed=True, data_root=data_root, log=log)
+            row = cut_release(instance, if_changed=True, data_root=data_root, log=log)
+            summary["release"] = {"id": int(row["release_id"]), "content_hash": row["content_hash"][:16],
+                                  "cut": row["cut"]}
         except ReleaseError as exc:
             log(f"  data release: FAILED ({exc})")
             summary["failed"].append("data_release")
