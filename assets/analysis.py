@@ -297,10 +297,13 @@ def _manifest(context: dg.AssetExecutionContext, data_root: DataRootResource, wa
     instance = context.instance
     batches = [{"batch_key": b, "assets": {a.key.to_user_string(): _latest(instance, a.key, b) for a in PER_BATCH}}
                for b in json.loads(meta["batches"])]
-    scans = warehouse.table("raw_mri_scans", columns=["pseudonym", "delivery_id", "water_sha256", "fat_sha256"],
-                            order_by=["pseudonym"])
-    segs = warehouse.table("muscle_segmentations", columns=["pseudonym", "label_sha256", "model_sha256"],
-                           order_by=["pseudonym"])
+    # the files and label maps of the release the cohort was built from (not the versions in force now)
+    release = int(meta["release_id"])
+    scans = warehouse.release_rows("raw_mri_scans", release, order_by=["pseudonym"]).select(
+        "pseudonym", "delivery_id", "water_sha256", "fat_sha256")
+    segs = warehouse.release_rows("muscle_segmentations", release, order_by=["pseudonym"])
+    segs = (segs.select("pseudonym", "label_sha256", "model_sha256") if segs is not None else
+            pl.DataFrame(schema={"pseudonym": pl.String, "label_sha256": pl.String, "model_sha256": pl.String}))
     runs = cohort_asset_runs(lineage_rows, {
         "published_results": {"run_id": context.run.run_id, "data_version": meta["cohort_hash"],
                               "code_version": REPORT_VERSION, "timestamp": str(now_utc()),

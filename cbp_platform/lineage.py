@@ -252,13 +252,15 @@ HISTORY_FIELDS = {
 
 
 def version_history(stage: str, versions: pl.DataFrame, deliveries: Mapping[str, dict],
-                    corrections: Mapping[str, dict], *, muscle: str = "back_total") -> list[str]:
+                    corrections: Mapping[str, dict], *, entered: Mapping[tuple[str, str], int] | None = None,
+                    muscle: str = "back_total") -> list[str]:
     """One participant's versions of one stage, oldest registration first, as lines: each version's delivery, its
     manifest's sha256 and, for a correction, the reason code and what it declared it supersedes; between two
     versions, every value that changed (old -> new). ``versions``: the stage's rows of the participant, every
     version (``Warehouse.table(..., versions="all")``); ``deliveries``: delivery id -> registry record;
-    ``corrections``: delivery id -> the participant's ``corrections`` entry. Operator only: callers print it for
-    one pseudonym inside the secure environment."""
+    ``corrections``: delivery id -> the participant's ``corrections`` entry; ``entered``: (stage, delivery id) ->
+    the first release that froze that version. Operator only: callers print it for one pseudonym inside the
+    secure environment."""
     if versions is None or versions.height == 0:
         return []
     rows = versions.filter(pl.col("muscle") == muscle) if "muscle" in versions.columns else versions
@@ -271,8 +273,10 @@ def version_history(stage: str, versions: pl.DataFrame, deliveries: Mapping[str,
         state = "in force" if not (r.get("superseded_by") or "") else f"replaced by {r['superseded_by']}"
         entry = corrections.get(did)
         why = (f", correction {entry['reason']} (declared to supersede {entry['supersedes']})" if entry else "")
+        first = (entered or {}).get((stage, did))
+        released = f", entered release {first}" if first is not None else ", in no release yet"
         out.append(f"    {did}: manifest sha256 {str(rec.get('manifest_sha256', '?'))[:16]}, registered "
-                   f"#{rec.get('seq', '?')}{why}; {state}")
+                   f"#{rec.get('seq', '?')}{why}; {state}{released if entered is not None else ''}")
         if prev is not None:
             for f in HISTORY_FIELDS.get(stage, ()):
                 if f in r and r[f] != prev[f]:

@@ -26,7 +26,7 @@ from cbp_platform.progress import bar
 from orchestration.instance import pipeline_environment  # noqa: F401  (the runner's environment, re-exported)
 from orchestration.profiles import runtime, warehouse
 from orchestration.reaper import host_tag, reap
-from orchestration.releases import ReleaseError, cut_release
+from orchestration.releases import ReleaseError, cut_release, next_release
 from resources import DataRootResource
 
 CURSOR_FILE = "demo_sensor_cursor.json"
@@ -86,10 +86,11 @@ def run_pending(instance: dg.DagsterInstance, data_root: DataRootResource | None
         if not res.success:
             summary["failed"].append(key)
     pbar.close()
-    if refresh and keys and job_name != INGEST_JOB:
-        # the analysis reads a data release: cut the next one when the data in force changed since the latest
+    if refresh and keys and job_name != INGEST_JOB and next_release(warehouse()) == 1:
+        # the analysis reads a data release: the first is cut here; later ones are the operator's decision
+        # (`cbp impact`, then `cbp release cut`; docs/lifecycle.md)
         try:
-            row = cut_release(instance, if_changed=True, data_root=data_root, log=log)
+            row = cut_release(instance, data_root=data_root, log=log)
             summary["release"] = {"id": int(row["release_id"]), "content_hash": row["content_hash"][:16],
                                   "cut": row["cut"]}
         except ReleaseError as exc:
@@ -105,8 +106,21 @@ def run_pending(instance: dg.DagsterInstance, data_root: DataRootResource | None
         log(f"  cohort-level refresh: {'ok' if res.success else 'FAILED'} (run {res.run_id[:8]})")
         if not res.success:
             summary["failed"].append("cohort_refresh")
+        _pending_hint(data_root, log)
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     return summary
+
+
+def _pending_hint(data_root: DataRootResource, log) -> None:
+    """After a refresh: say when the data in force changed since the published release (release_impact)."""
+    path = data_root.layout.release_impact
+    if not path.exists():
+        return
+    doc = json.loads(path.read_text())
+    if doc.get("pending"):
+        log(f"  data changed since release {doc['release']} ({doc.get('changed_participants')} participants): "
+            "see what it would change with `cbp impact`, publish it with `cbp release cut` and a refresh "
+            "(docs/lifecycle.md)")
 
 
 def compare_with(instance: dg.DagsterInstance, model: str, *, log=print, log_level: str = "INFO",

@@ -128,6 +128,10 @@ def _versions(wh, pseudonym: str, data_root: str | None) -> tuple[list[str], str
                 e = None
             if e:
                 entries[did] = e
+    rel = wh.table("release_versions", where={"pseudonym": pseudonym}, missing_ok=True)
+    entered = ({(r["stage"], r["delivery_id"]): r["release_id"] for r in
+                rel.group_by("stage", "delivery_id").agg(pl.col("release_id").min()).iter_rows(named=True)}
+               if rel is not None else None)
     lines, in_force = [], set()
     for stage in HISTORY_FIELDS:
         rows = wh.table(stage, where={"pseudonym": pseudonym}, versions="all", missing_ok=True)
@@ -135,7 +139,7 @@ def _versions(wh, pseudonym: str, data_root: str | None) -> tuple[list[str], str
             continue
         if "superseded_by" in rows.columns:
             in_force |= set(rows.filter(pl.col("superseded_by").fill_null("") == "")["delivery_id"].to_list())
-        h = version_history(stage, rows, recs, entries)
+        h = version_history(stage, rows, recs, entries, entered=entered)
         if h:
             lines += [f"   {stage}:", *h]
     retired = sorted(in_force & set(retirements(layout.root)))

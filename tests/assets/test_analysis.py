@@ -283,6 +283,25 @@ def test_the_postgres_warehouse_gives_the_same_cohort_and_odds_ratios(refreshed,
                            rtol=1e-9)
     latest = json.loads((pg_root / "published" / "latest.json").read_text())
     assert latest["cohort_hash"] == duck["cohort_hash"]
+    # the living cohort on PostgreSQL: a correction of 40 answers, its impact, release 2, and both reproduce
+    from cbp_platform.cli import main
+    from orchestration.releases import pending_impact, reproduce
+    from resources import DataRootResource
+    from tests.support.synthetic import correct_covariates
+
+    with pipeline_environment(pg_root):
+        wh = warehouse()
+        chosen = wh.table("analysis_cohort", columns=["pseudonym"], order_by=["pseudonym"])["pseudonym"][:40]
+        correct_covariates(wh, chosen.to_list(), "fix-pg", 70)
+        doc = pending_impact(wh, DataRootResource(root=str(pg_root)))
+        assert doc["changed_participants"] == 40 and not doc["withheld"]
+        assert any(abs(o["or_change"]) > 1e-4 for o in doc["odds_ratios"] if o["or_change"] is not None)
+        _, res = _refresh(pg_root)
+        assert res.success and pg.table("analysis_cohort_meta")["release_id"][0] == 2
+        lines = []
+        assert reproduce(1, out=lines.append) and reproduce(2, out=lines.append), lines
+        assert lines[-1] == "reproduced exactly"
+    assert main(["release", "list", "--data-root", str(pg_root)]) == 0
 
 
 def test_a_rejection_reaches_the_flow_the_numbers_and_the_lineage(refreshed, capsys):

@@ -17,6 +17,7 @@ import contextlib
 import csv
 import io
 import json
+from pathlib import Path
 
 import dagster as dg
 import polars as pl
@@ -204,7 +205,8 @@ def test_lineage_of_a_participant_shows_old_and_new_values_with_both_manifests_a
     assert "versions (old -> new" in out and "participant_covariates:" in out
     for d, rec in recs.items():
         assert f"{d}: manifest sha256 {rec['manifest_sha256'][:16]}" in out
-    assert "correction covariate_error (declared to supersede sim41-d01)" in out
+    assert "correction covariate_error (declared to supersede sim41-d01); in force, entered release 2" in out
+    assert "replaced by sim41-d01-c01, entered release 1" in out          # which release each version entered
     assert f"weight_kg: {float(old['weight_kg'])} -> {float(new['weight_kg'])}" in out
 
 
@@ -268,3 +270,63 @@ def test_a_correction_whose_batch_runs_before_the_original_still_wins(tmp_path, 
         assert now.height == 12 and wh.count_rows("raw_mri_scans") == 12
         old = wh.table("participant_covariates", versions="all").filter(pl.col("delivery_id") == "sim42-d01")
         assert set(old.filter(pl.col("superseded_by") != "")["pseudonym"]) == set(new)
+
+
+@pytest.mark.parametrize("backend", ["duckdb", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_a_correction_registered_while_the_original_batch_is_being_written(tmp_path, request, backend):
+    """The original delivery's batch runs in another process (as a run worker would); once its run has started,
+    the correction lands, one sensor tick registers it and its batches run here, while the original may still be
+    reading or writing. Whatever the interleaving, every run succeeds and the correction's versions are in force."""
+    import os
+    import subprocess
+    import sys
+    import time
+    import uuid
+
+    from assets.partitions import BATCHES
+    from assets.sensors import delivery_sensor
+    from cbp_platform.definitions import build_definitions
+    from cbp_platform.processes import environment
+    from orchestration.profiles import warehouse
+    from orchestration.runner import pipeline_environment
+    from resources import DataRootResource
+
+    env = {"CBP_WAREHOUSE": "duckdb"}
+    if backend == "postgres":
+        env = request.getfixturevalue("postgres_server").warehouse_env(f"r_{uuid.uuid4().hex[:10]}")
+    synthesize(participants=40, deliveries=1, seed=43, data_root=tmp_path, workers=2)
+    with environment(env), pipeline_environment(tmp_path) as home:
+        inst = dg.DagsterInstance.get()
+        dr = DataRootResource(root=str(tmp_path))
+        with dg.build_sensor_context(instance=inst, resources={"data_root": dr}) as ctx:
+            first = delivery_sensor(ctx)
+        inst.add_dynamic_partitions(BATCHES, ["sim43-d01.b001"])
+        script = ("import sys, dagster as dg\nfrom cbp_platform.definitions import defs\n"
+                  "inst = dg.DagsterInstance.from_config(sys.argv[1])\n"
+                  "r = defs.resolve_job_def('ingest_batch').execute_in_process(partition_key='sim43-d01.b001', "
+                  "instance=inst, raise_on_error=False, tags={'cbp/batch': 'sim43-d01.b001'})\n"
+                  "sys.exit(0 if r.success else 1)\n")
+        proc = subprocess.Popen([sys.executable, "-c", script, str(home)], env={**os.environ},
+                                cwd=Path(__file__).resolve().parents[2], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 120
+        while not inst.get_runs(filters=dg.RunsFilter(tags={"cbp/batch": "sim43-d01.b001"})):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-2000:]
+            time.sleep(0.1)
+        synthesize_correction(of="sim43-d01", seed=8, data_root=tmp_path, covariates=5, rescans=0)
+        with dg.build_sensor_context(instance=inst, resources={"data_root": dr}, cursor=first.cursor) as ctx:
+            tick = delivery_sensor(ctx)
+        for req in tick.dynamic_partitions_requests or []:
+            inst.add_dynamic_partitions(BATCHES, list(req.partition_keys))
+        job = build_definitions().resolve_job_def("ingest_batch")
+        mine = [r for r in tick.run_requests if r.partition_key.startswith("sim43-d01-c01")]
+        assert len(mine) == 1
+        ok = [job.execute_in_process(partition_key=r.partition_key, instance=inst, raise_on_error=False,
+                                     asset_selection=r.asset_selection).success for r in mine]
+        out = proc.communicate(timeout=300)[0]
+        assert proc.returncode == 0 and ok == [True], out[-2000:]
+        wh = warehouse()
+        new = _covariates(tmp_path / "landing" / "sim43-d01-c01" / "covariates.csv")
+        now = wh.table("participant_covariates")
+        assert now.height == 40 and set(now.filter(pl.col("delivery_id") == "sim43-d01-c01")["pseudonym"]) == set(new)
+        assert wh.table("participant_covariates", versions="all").height == 45

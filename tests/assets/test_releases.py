@@ -19,7 +19,7 @@ import polars as pl
 import pytest
 
 from cbp_platform.paths import DataLayout
-from tests.support.synthetic import write_warehouse
+from tests.support.synthetic import correct_covariates, write_warehouse
 from tests.support.warehouse import query as _q
 
 N_CORRECTED = 40
@@ -44,20 +44,6 @@ def _refresh():
                                                                                   raise_on_error=False)
     assert res.success
     return row
-
-
-def _correct(wh, pseudonyms: list[str], delivery: str, seq: int) -> None:
-    """A covariate correction's batch, as participant_covariates writes it: the full corrected rows (``cbp``
-    flipped, ``nrs_pain`` following), versions of ``delivery`` that supersede each row's delivery."""
-    from cbp_platform.warehouse import versioned
-
-    rows = wh.table("participant_covariates", where={"pseudonym": pseudonyms})
-    sup = dict(zip(rows["pseudonym"], rows["delivery_id"]))
-    new = rows.with_columns(pl.lit(f"{delivery}.b001").alias("batch_key"), pl.lit(delivery).alias("delivery_id"),
-                            (~pl.col("cbp")).alias("cbp"),
-                            pl.when(pl.col("cbp")).then(1).otherwise(6).cast(rows.schema["nrs_pain"]).alias("nrs_pain"))
-    wh.replace_many([("participant_covariates", versioned("participant_covariates", new, seq, sup),
-                      {"batch_key": f"{delivery}.b001"})])
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +90,7 @@ def test_release_one_is_cut_published_and_named_everywhere(released):
 def test_a_small_correction_shows_no_impact_numbers(released):
     root, wh, _ = released
     few = wh.table("analysis_cohort", columns=["pseudonym"], order_by=["pseudonym"])["pseudonym"][:3].to_list()
-    _correct(wh, few, "fix-small", 50)
+    correct_covariates(wh, few, "fix-small", 50)
     rc, out = _cli("impact", "--data-root", str(root), "--json")
     doc = json.loads(out)
     assert rc == 0 and doc["pending"] and doc["withheld"] and doc["changed_participants"] == "<5"
@@ -130,7 +116,7 @@ def test_a_correction_moves_the_odds_ratios_as_a_fit_on_the_corrected_data_does(
     before = wh.table("model_results")
     analysed = wh.table("analysis_cohort", columns=["pseudonym"], order_by=["pseudonym"])["pseudonym"].to_list()
     chosen = analysed[100:100 + N_CORRECTED]
-    _correct(wh, chosen, "fix-cbp", 60)
+    correct_covariates(wh, chosen, "fix-cbp", 60)
 
     rc, out = _cli("impact", "--data-root", str(root), "--json")
     doc = json.loads(out)

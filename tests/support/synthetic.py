@@ -90,3 +90,18 @@ def write_warehouse(root, n: int, seed: int, batches: int = 3, warehouse=None) -
                      ("muscle_segmentations", segs), ("provenance", prov)):
         wh.replace_rows(name, df, {})
     return t
+
+
+def correct_covariates(wh, pseudonyms: list[str], delivery: str, seq: int) -> None:
+    """A covariate correction's batch, as ``participant_covariates`` writes it (``assets/writes.py``): the full
+    corrected rows (``cbp`` flipped, ``nrs_pain`` following) as versions of ``delivery``, registered ``seq``-th,
+    each superseding the delivery of the row it replaces."""
+    from cbp_platform.warehouse import versioned
+
+    rows = wh.table("participant_covariates", where={"pseudonym": pseudonyms})
+    sup = dict(zip(rows["pseudonym"], rows["delivery_id"]))
+    new = rows.with_columns(pl.lit(f"{delivery}.b001").alias("batch_key"), pl.lit(delivery).alias("delivery_id"),
+                            (~pl.col("cbp")).alias("cbp"),
+                            pl.when(pl.col("cbp")).then(1).otherwise(6).cast(rows.schema["nrs_pain"]).alias("nrs_pain"))
+    wh.replace_many([("participant_covariates", versioned("participant_covariates", new, seq, sup),
+                      {"batch_key": f"{delivery}.b001"})])
