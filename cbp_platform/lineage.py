@@ -283,6 +283,8 @@ def version_history(stage: str, versions: pl.DataFrame, deliveries: Mapping[str,
                     old, new = prev[f], r[f]
                     if isinstance(old, str) and len(old) == 64:
                         old, new = old[:16], str(new)[:16]
+                    elif isinstance(old, float) or isinstance(new, float):
+                        old, new = (f"{v:.6g}" if isinstance(v, float) else v for v in (old, new))
                     out.append(f"      {f}: {old} -> {new}")
         prev = r
     return out if len(out) > 1 else []

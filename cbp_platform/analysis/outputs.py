@@ -183,7 +183,9 @@ def format_impact(doc: dict) -> str:
     lines.append(f"  {doc['changed_participants']} participants changed ({since.get('corrected_participants')} "
                  f"corrected, {since.get('new_participants')} new, {len(since.get('retirements', []))} deliveries "
                  f"retired); analysed {doc['analysed'][0]} -> {doc['analysed'][1]}")
-    lines.append(f"  {'analysis':<16} {'term':<12} {'OR (95% CI) in the release':>28}   {'OR (95% CI) now':>28}  "
+    wa = max([len("analysis"), *(len(o["analysis"]) for o in doc["odds_ratios"])])
+    wt = max([len("term"), *(len(o["term"]) for o in doc["odds_ratios"])])
+    lines.append(f"  {'analysis':<{wa}} {'term':<{wt}} {'OR (95% CI) in the release':>28}   {'OR (95% CI) now':>28}  "
                  "CI crosses 1")
     for o in doc["odds_ratios"]:
         def ci(i: int) -> str:
@@ -192,7 +194,7 @@ def format_impact(doc: dict) -> str:
             return f"{o['or'][i]:.3f} ({o['ci_low'][i]:.3f}-{o['ci_high'][i]:.3f})"
         cross = "/".join("-" if c is None else ("yes" if c else "no") for c in o["ci_crosses_1"])
         flag = "  CHANGED" if o["crossing_changed"] else ""
-        lines.append(f"  {o['analysis']:<16} {o['term']:<12} {ci(0):>28}   {ci(1):>28}  {cross}{flag}")
+        lines.append(f"  {o['analysis']:<{wa}} {o['term']:<{wt}} {ci(0):>28}   {ci(1):>28}  {cross}{flag}")
     moved = [f for f in doc["flow"] if f["excluded"][0] != f["excluded"][1]]
     lines.append("  exclusion flow: " + ("; ".join(f"{f['step']} {f['excluded'][0]} -> {f['excluded'][1]}"
                                                    for f in moved) or "unchanged"))

@@ -207,7 +207,7 @@ def test_lineage_of_a_participant_shows_old_and_new_values_with_both_manifests_a
         assert f"{d}: manifest sha256 {rec['manifest_sha256'][:16]}" in out
     assert "correction covariate_error (declared to supersede sim41-d01); in force, entered release 2" in out
     assert "replaced by sim41-d01-c01, entered release 1" in out          # which release each version entered
-    assert f"weight_kg: {float(old['weight_kg'])} -> {float(new['weight_kg'])}" in out
+    assert f"weight_kg: {float(old['weight_kg']):.6g} -> {float(new['weight_kg']):.6g}" in out
 
 
 def test_a_retired_delivery_is_shown_and_leaves_the_next_release_at_its_step(corrected):
