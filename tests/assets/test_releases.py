@@ -1,6 +1,6 @@
 """Data releases, reproduction and impact (issue 27), through Dagster on the DuckDB warehouse.
 
-The per-batch tables of 4,000 simulated participants are written as the assets leave them
+The per-batch tables of 2,500 simulated participants are written as the assets leave them
 (``tests/support/synthetic.py``); release 1 is cut and published by the cohort refresh. A correction of 40
 participants' pain answer is then written as the correction's batch writes it (versions that supersede the
 original delivery's, ordered by registration: ``assets/writes.py``; the delivery path itself is tested in
@@ -53,7 +53,7 @@ def released(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("releases")
     with pipeline_environment(root):
-        write_warehouse(root, 4000, seed=11)
+        write_warehouse(root, 2500, seed=11)
         first = _refresh()
         yield root, warehouse(), first
 
@@ -64,8 +64,8 @@ def test_release_one_is_cut_published_and_named_everywhere(released):
     rc, out = _cli("release", "list", "--data-root", str(root))
     assert rc == 0 and out.splitlines()[0].startswith("1\t") and len(out.splitlines()) == 1
     summary = json.loads((root / "published" / "releases" / "1" / "release.json").read_text())
-    assert summary["participants"] == 4000 and summary["content_hash"] == first["content_hash"]
-    assert summary["since_previous"]["new_participants"] == 4000
+    assert summary["participants"] == 2500 and summary["content_hash"] == first["content_hash"]
+    assert summary["since_previous"]["new_participants"] == 2500
     latest = json.loads((root / "published" / "latest.json").read_text())
     manifest = json.loads((Path(latest["path"]) / "lineage.json").read_text())
     assert manifest["release"]["id"] == 1 and manifest["release"]["content_hash"] == first["content_hash"]

@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = Path(os.environ.get("CBP_UI_ARTIFACTS", ROOT / "artifacts" / "ui"))
 ASSETS = {"raw_mri_scans", "participant_covariates", "ingestion_summary", "segmentation_model",
           "muscle_segmentations", "muscle_metrics", "analysis_cohort", "cbp_association_model", "pain_intensity_model",
-          "table_one", "stratified_comparisons", "physical_activity_prevalence", "published_results", "qc_reviews"}
+          "table_one", "stratified_comparisons", "physical_activity_prevalence", "published_results", "qc_reviews",
+          "data_release", "release_impact"}
 BATCH_CHECKS = {"scan_facts_expectations", "fat_water_swap_qc"}
 
 
@@ -95,14 +96,21 @@ def _matches(shown: str, full: str) -> bool:
 
 
 def test_asset_graph_shows_the_whole_pipeline(ui, page):
-    page.set_viewport_size({"width": 1800, "height": 1300})    # the three groups expanded fit on one screen
+    page.set_viewport_size({"width": 1800, "height": 1300})
     page.goto(ui["url"] + "/asset-groups", wait_until="networkidle")
     _dismiss_welcome(page)
     page.get_by_text("Global asset lineage").wait_for()
     _expand_all_groups(page)
     names = page.locator("[class*='AssetNode_assetName']")
     names.first.wait_for()
-    page.wait_for_timeout(1500)
+    page.wait_for_timeout(1000)
+    # one step of zoom out (ctrl + wheel): the four groups, expanded, fit on the screen with their names shown
+    box = page.locator("svg").last.bounding_box() or {"x": 900, "y": 600, "width": 0, "height": 0}
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.keyboard.down("Control")
+    page.mouse.wheel(0, 100)
+    page.keyboard.up("Control")
+    page.wait_for_timeout(1300)
     shown = [t.strip() for t in names.all_inner_texts()]
     missing = {a for a in ASSETS if not any(_matches(s, a) for s in shown)}
     assert not missing, (missing, sorted(shown))
