@@ -24,6 +24,7 @@ from cbp_platform import releases as rl
 from cbp_platform.deployment import k8s_step_tags
 from cbp_platform.imaging.nifti import atomic_write_bytes
 from cbp_platform.ingest.registry import corrections_of, registered_deliveries, registry_lock, retirements
+from cbp_platform.withdrawals import Register
 from resources import WAREHOUSE_KIND, DataRootResource, Warehouse
 from resources.reviews import REVIEWS_ASSET, ReviewStore
 
@@ -32,6 +33,7 @@ releases_partitions = dg.DynamicPartitionsDefinition(name=RELEASES)
 DATA_RELEASE_VERSION = "data_release/1"
 RELEASE_TABLES = ("releases", "release_versions", "release_participants", "release_quarantine")
 DATA_RELEASE = dg.AssetKey("data_release")
+WITHDRAWALS_ASSET = dg.AssetKey("withdrawal_register")
 
 
 class NoRelease(LookupError):
@@ -85,7 +87,9 @@ def release_inputs(warehouse: Warehouse, release_id: int) -> dict[str, pl.DataFr
             "quarantine": warehouse.table("release_quarantine", where={"release_id": release_id},
                                           order_by=["pseudonym", "stage", "reason"]),
             "rejected": parts.filter(pl.col("qc_rejected")).select("pseudonym"),
-            "retired": parts.filter(pl.col("retired_by") != "").select("pseudonym")}
+            "retired": parts.filter(pl.col("retired_by") != "").select("pseudonym"),
+            "withdrawn": (parts.filter(pl.col("withdrawn").fill_null("") != "").select("pseudonym")
+                          if "withdrawn" in parts.columns else parts.head(0).select("pseudonym"))}
 
 
 def release_cohort(warehouse: Warehouse, info: dict, *, lmm_normaliser: str = "weight_per_height"):
@@ -96,7 +100,7 @@ def release_cohort(warehouse: Warehouse, info: dict, *, lmm_normaliser: str = "w
     inputs = release_inputs(warehouse, int(info["release_id"]))
     cohort = build_analysis_cohort(inputs["covariates"], inputs["scans"], inputs["metrics"], inputs["quarantine"],
                                    lmm_normaliser=lmm_normaliser, rejected=inputs["rejected"],
-                                   retired=inputs["retired"])
+                                   retired=inputs["retired"], withdrawn=inputs["withdrawn"])
     return cohort, inputs
 
 
@@ -122,14 +126,22 @@ def prepare_release(warehouse: Warehouse, data_root: DataRootResource, release_i
                 "delivery_id"].unique().to_list()})
     retired = {d: r["reason"] for d, r in retirements(data_root.path).items()}
     prev = releases_table(warehouse).filter(pl.col("release_id") < release_id)
-    previous, previous_id, previous_retired = None, None, set()
+    previous, previous_id, previous_retired, previous_withdrawn = None, None, set(), 0
     if prev.height:
         last = prev.row(prev.height - 1, named=True)
         previous_id = int(last["release_id"])
         previous = warehouse.table("release_versions", where={"release_id": previous_id})
         previous_retired = set(json.loads(last["summary"]).get("retired_deliveries", []))
+        parts = warehouse.table("release_participants", where={"release_id": previous_id})
+        previous_withdrawn = int((parts["withdrawn"].fill_null("") != "").sum()) if "withdrawn" in parts.columns else 0
+    people = set()
+    for rows in [*stages.values(), quarantine]:
+        if rows is not None and "pseudonym" in rows.columns:
+            people |= set(rows["pseudonym"].drop_nulls().to_list())
+    withdrawn = {p: r["scope"] for p, r in Register(data_root.layout.withdrawals).match(sorted(people)).items()}
     rel = rl.cut(release_id, stages, quarantine=quarantine, rejected=rejected, retired=retired, kinds=kinds,
-                 reasons=reasons, previous=previous, previous_id=previous_id, previous_retired=previous_retired)
+                 reasons=reasons, withdrawn=withdrawn, previous=previous, previous_id=previous_id,
+                 previous_retired=previous_retired, previous_withdrawn=previous_withdrawn)
     outdated = int(decisions["outdated"].sum()) if decisions.height else 0
     return rel, {"reviews": reviews, "qc_outdated": outdated}
 
@@ -169,7 +181,7 @@ def _metadata(row: dict) -> dict:
 
 
 @dg.asset(partitions_def=releases_partitions, deps=[raw_mri_scans, participant_covariates, muscle_segmentations,
-                                                     muscle_metrics, REVIEWS_ASSET],
+                                                     muscle_metrics, REVIEWS_ASSET, WITHDRAWALS_ASSET],
           code_version=DATA_RELEASE_VERSION, group_name="analysis", kinds={WAREHOUSE_KIND},
           op_tags=k8s_step_tags("cpu-large"),
           description="A data release per partition (1, 2, ...): which version of which participant the analysis "
@@ -265,7 +277,7 @@ def pending_impact(warehouse: Warehouse, data_root: DataRootResource, *, min_cou
         warehouse.table("muscle_metrics", order_by=["pseudonym", "muscle"], missing_ok=True) if
         warehouse.has_table("muscle_metrics") else pl.DataFrame(),
         rel.quarantine, lmm_normaliser=normaliser, rejected=parts.filter(pl.col("qc_rejected")),
-        retired=parts.filter(pl.col("retired_by") != ""))
+        retired=parts.filter(pl.col("retired_by") != ""), withdrawn=parts.filter(pl.col("withdrawn") != ""))
     out = impact(outputs_of(before_cohort, nagq=nagq), outputs_of(after_cohort, nagq=nagq),
                  changed_participants=changed, min_count=limit)
     return {**base, "pending": True, "cohort_hash": [before_cohort.cohort_hash, after_cohort.cohort_hash],
@@ -283,12 +295,14 @@ def _changed_participants(warehouse: Warehouse, release_id: int, rel: rl.Release
     j = then.join(now, on=key, how="full", coalesce=True)
     moved = set(j.filter(pl.col("d0").is_null() | pl.col("delivery_id").is_null() | (pl.col("d0") != pl.col(
         "delivery_id")) | (pl.col("s0") != pl.col("version_sha256")))["pseudonym"].to_list())
-    p0 = warehouse.table("release_participants", where={"release_id": release_id}).select(
-        "pseudonym", pl.col("retired_by").alias("r0"), pl.col("qc_rejected").alias("q0"))
-    pj = p0.join(rel.participants.select("pseudonym", "retired_by", "qc_rejected"), on="pseudonym", how="full",
-                 coalesce=True)
+    p0 = warehouse.table("release_participants", where={"release_id": release_id})
+    w0 = pl.col("withdrawn") if "withdrawn" in p0.columns else pl.lit("")
+    p0 = p0.select("pseudonym", pl.col("retired_by").alias("r0"), pl.col("qc_rejected").alias("q0"), w0.alias("w0"))
+    pj = p0.join(rel.participants.select("pseudonym", "retired_by", "qc_rejected", "withdrawn"), on="pseudonym",
+                 how="full", coalesce=True)
     flags = set(pj.filter((pl.col("r0").fill_null("") != pl.col("retired_by").fill_null(""))
-                          | (pl.col("q0").fill_null(False) != pl.col("qc_rejected").fill_null(False)))
+                          | (pl.col("q0").fill_null(False) != pl.col("qc_rejected").fill_null(False))
+                          | (pl.col("w0").fill_null("") != pl.col("withdrawn").fill_null("")))
                 ["pseudonym"].to_list())
     return len(moved | flags)
 
@@ -300,7 +314,7 @@ def published_report(data_root: DataRootResource, release_id: int) -> dict:
 
 
 @dg.asset(deps=[DATA_RELEASE, raw_mri_scans, participant_covariates, muscle_segmentations, muscle_metrics,
-                REVIEWS_ASSET],
+                REVIEWS_ASSET, WITHDRAWALS_ASSET],
           code_version="release_impact/1", group_name="analysis", kinds={"polars"}, op_tags=k8s_step_tags("cpu-large"),
           description="What cutting the next release now would change in the latest release's published results: "
                       "each reported OR and its CI (and whether a CI now crosses 1), the exclusion flow, Table 1. "

@@ -20,6 +20,7 @@ from assets.analysis import (analysis_cohort, cbp_association_model, pain_intens
 from assets.comparison import comparison_metrics, model_comparison
 from assets.ingestion import landing_zone, participant_covariates, raw_mri_scans
 from assets.releases import data_release, release_impact
+from assets.withdrawals import withdrawal_register, withdrawals_applied_in_time
 from assets.schedules import (cohort_refresh_job, compare_batch_job, cut_release_job, daily_cohort_refresh,
                               ingest_batch_job, model_comparison_job, model_job, process_batch_job)
 from assets.segmentation import muscle_metrics, muscle_segmentations, segmentation_model, segmentation_model_dice
@@ -50,8 +51,9 @@ AREAS: dict[str, dg.Definitions] = {
     # refresh
     "analysis": dg.Definitions(
         assets=[data_release, release_impact, analysis_cohort, cbp_association_model, pain_intensity_model,
-                table_one, stratified_comparisons, physical_activity_prevalence, published_results, reviews_spec()],
-        asset_checks=[analysis_cohort_expectations, cbp_model_checks, pain_model_checks],
+                table_one, stratified_comparisons, physical_activity_prevalence, published_results, reviews_spec(),
+                withdrawal_register],
+        asset_checks=[analysis_cohort_expectations, cbp_model_checks, pain_model_checks, withdrawals_applied_in_time],
         jobs=[cohort_refresh_job, cut_release_job],
         schedules=[daily_cohort_refresh]),
     # a registered model beside the primary, per batch, then over the cohort

@@ -18,6 +18,10 @@ writes:
                             public summary (``releases/<n>/release.json``, no pseudonym)
 ``$CBP_DATA_ROOT/dagster_home`` the local Dagster instance (``make``'s default ``DAGSTER_HOME``)
 
+Outside the data root, beside it: ``<data root>.withdrawals`` (or ``$CBP_WITHDRAWALS_DIR``), the withdrawal register
+and its key (:mod:`cbp_platform.withdrawals`): erasure never touches it, and a data root restored from a backup
+still finds the withdrawals made since.
+
 :class:`DataLayout` is the one place these subpaths are spelt: resources, assets, the CLI and the tests ask it.
 """
 
@@ -77,6 +81,13 @@ class DataLayout:
     @property
     def delivery_registry(self) -> Path:
         return self.registry / "deliveries"
+
+    @property
+    def withdrawals(self) -> Path:
+        """The withdrawal register's folder: ``$CBP_WITHDRAWALS_DIR``, else ``<data root>.withdrawals`` beside the
+        data root (never inside it)."""
+        override = os.environ.get("CBP_WITHDRAWALS_DIR")
+        return Path(override).expanduser().resolve() if override else self.root.parent / f"{self.root.name}.withdrawals"
 
     @property
     def retirements(self) -> Path:

@@ -30,7 +30,7 @@ MIN_PUBLIC_COUNT = 5            # counts under it are shown as "<5" in a release
 VERSIONS_SCHEMA = {"release_id": pl.Int64, "stage": pl.String, "pseudonym": pl.String, "model_name": pl.String,
                    "delivery_id": pl.String, "registration_seq": pl.Int64, "version_sha256": pl.String}
 PARTICIPANTS_SCHEMA = {"release_id": pl.Int64, "pseudonym": pl.String, "retired_by": pl.String,
-                       "qc_rejected": pl.Boolean}
+                       "qc_rejected": pl.Boolean, "withdrawn": pl.String}
 QUARANTINE_SCHEMA = {"release_id": pl.Int64, "pseudonym": pl.String, "stage": pl.String, "reason": pl.String,
                      "delivery_id": pl.String}
 
@@ -100,16 +100,19 @@ def _public(n: int) -> int | str:
 
 def cut(release_id: int, stages: dict[str, pl.DataFrame], *, quarantine: pl.DataFrame, rejected: list[str],
         retired: dict[str, str], kinds: dict[str, str], reasons: dict[tuple[str, str], str],
-        previous: pl.DataFrame | None = None, previous_id: int | None = None,
-        previous_retired: set[str] = frozenset()) -> Release:
+        withdrawn: dict[str, str] | None = None, previous: pl.DataFrame | None = None,
+        previous_id: int | None = None, previous_retired: set[str] = frozenset(),
+        previous_withdrawn: int = 0) -> Release:
     """The release ``release_id`` of the versions in force now.
 
     ``stages``: stage -> its rows in force (with version columns); ``quarantine``: the quarantine table's rows;
     ``rejected``: pseudonyms whose current label map a reviewer rejected; ``retired``: retired delivery -> reason;
     ``kinds``: delivery id -> ``delivery``/``correction``; ``reasons``: (correction id, pseudonym) -> its reason
-    code; ``previous``: the previous release's versions (None for release 1), ``previous_retired`` its retired
-    deliveries. A participant with any version in force from a retired delivery is marked ``retired_by`` it: the
-    analysis excludes them at the step ``delivery_retired``."""
+    code; ``withdrawn``: pseudonym -> scope of the participants who withdrew consent (the withdrawal register);
+    ``previous``: the previous release's versions (None for release 1), ``previous_retired`` its retired
+    deliveries, ``previous_withdrawn`` its count of withdrawn participants. A participant with any version in force
+    from a retired delivery is marked ``retired_by`` it: the analysis excludes them at the step ``delivery_retired``;
+    a withdrawn one is marked with the scope and excluded first, at ``consent_withdrawn``."""
     versions = pl.concat([version_digests(s, stages.get(s)) for s in STAGES], how="vertical_relaxed")
     versions = versions.with_columns(pl.lit(release_id, pl.Int64).alias("release_id")).select(list(VERSIONS_SCHEMA))
     q = quarantine if quarantine is not None and quarantine.height else pl.DataFrame(schema=QUARANTINE_SCHEMA)
@@ -123,10 +126,12 @@ def cut(release_id: int, stages: dict[str, pl.DataFrame], *, quarantine: pl.Data
     participants = (people.join(retired_by, on="pseudonym", how="left")
                     .with_columns(pl.col("retired_by").fill_null(""),
                                   pl.col("pseudonym").is_in(list(rejected)).alias("qc_rejected"),
+                                  pl.col("pseudonym").replace_strict(withdrawn or {}, default="",
+                                                                     return_dtype=pl.String).alias("withdrawn"),
                                   pl.lit(release_id, pl.Int64).alias("release_id"))
                     .select(list(PARTICIPANTS_SCHEMA)).sort("pseudonym"))
     summary = _summary(release_id, versions, participants, retired, kinds, reasons, previous, previous_id,
-                       previous_retired)
+                       previous_retired, previous_withdrawn)
     digest = content_hash(versions, participants, q)
     summary["content_hash"] = digest
     return Release(release_id, versions.sort("stage", "pseudonym", "model_name"), participants,
@@ -135,7 +140,7 @@ def cut(release_id: int, stages: dict[str, pl.DataFrame], *, quarantine: pl.Data
 
 def _summary(release_id: int, versions: pl.DataFrame, participants: pl.DataFrame, retired: dict[str, str],
              kinds: dict[str, str], reasons: dict[tuple[str, str], str], previous: pl.DataFrame | None,
-             previous_id: int | None, previous_retired: set[str]) -> dict:
+             previous_id: int | None, previous_retired: set[str], previous_withdrawn: int = 0) -> dict:
     """The public summary: counts, and what changed since the previous release. No pseudonym; counts under
     :data:`MIN_PUBLIC_COUNT` shown as ``<5``."""
     key = ["stage", "pseudonym", "model_name"]
@@ -168,5 +173,8 @@ def _summary(release_id: int, versions: pl.DataFrame, participants: pl.DataFrame
         },
         "retired_deliveries": sorted(retired),
         "excluded_as_retired": _public(int((participants["retired_by"] != "").sum())),
+        "excluded_as_withdrawn": _public(int((participants["withdrawn"] != "").sum())),
+        "withdrawn_since_previous": _public(max(int((participants["withdrawn"] != "").sum()) - previous_withdrawn,
+                                                0)),
         "qc_rejected": _public(int(participants["qc_rejected"].sum())),
     }

@@ -104,7 +104,10 @@ def show_warehouse_kind(defs: dg.Definitions, profile: str) -> dg.Definitions:
             return spec
         return spec.replace_attributes(kinds=(set(spec.kinds) - {WAREHOUSE_KIND}) | {backend})
 
-    return dg.Definitions(assets=dg.map_asset_specs(relabel, list(defs.assets or [])), asset_checks=defs.asset_checks,
+    assets = list(defs.assets or [])
+    sources = [a for a in assets if isinstance(a, dg.SourceAsset)]       # observable source assets: no kinds
+    mapped = dg.map_asset_specs(relabel, [a for a in assets if not isinstance(a, dg.SourceAsset)])
+    return dg.Definitions(assets=[*mapped, *sources], asset_checks=defs.asset_checks,
                           jobs=defs.jobs, sensors=defs.sensors, schedules=defs.schedules, resources=defs.resources,
                           executor=defs.executor, loggers=defs.loggers)
 

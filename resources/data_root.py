@@ -8,6 +8,7 @@ import dagster as dg
 
 from cbp_platform.ingest.deliveries import DEFAULT_BATCH_SIZE, BatchRegistry
 from cbp_platform.paths import DataLayout, data_root
+from cbp_platform.withdrawals import DEFAULT_DEADLINE_DAYS
 
 
 class DataRootResource(dg.ConfigurableResource):
@@ -16,6 +17,7 @@ class DataRootResource(dg.ConfigurableResource):
     root: str = ""
     batch_size: int = DEFAULT_BATCH_SIZE
     ingest_threads: int = 2
+    withdrawal_deadline_days: int = DEFAULT_DEADLINE_DAYS    # a withdrawal must be applied (erased) within it
 
     @property
     def path(self) -> Path:

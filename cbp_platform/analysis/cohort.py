@@ -57,6 +57,7 @@ TOTAL_MUSCLE = BACK_TOTAL
 
 # (code, description) in the order the rules are applied.
 EXCLUSION_RULES: tuple[tuple[str, str], ...] = (
+    ("consent_withdrawn", "Consent withdrawn (withdrawal register)"),
     ("delivery_retired", "Delivery retired from use (cbp delivery retire)"),
     ("scan_not_ingested", "MRI scan failed ingestion checks"),
     ("covariates_invalid", "Covariate record missing or invalid"),
@@ -187,10 +188,12 @@ def _quarantine(df: pl.DataFrame | None) -> pl.DataFrame:
 
 def classify_participants(covariates: pl.DataFrame, scans: pl.DataFrame, metrics: pl.DataFrame,
                           quarantine: pl.DataFrame | None = None,
-                          rejected: pl.DataFrame | None = None, retired: pl.DataFrame | None = None) -> pl.DataFrame:
+                          rejected: pl.DataFrame | None = None, retired: pl.DataFrame | None = None,
+                          withdrawn: pl.DataFrame | None = None) -> pl.DataFrame:
     """Every participant with an MRI delivery and the first exclusion rule they fail (``reason`` null = analysed).
     ``rejected``: the participants (column ``pseudonym``) whose segmentation a reviewer rejected; ``retired``: the
-    participants with data in force from a retired delivery (the release records them).
+    participants with data in force from a retired delivery; ``withdrawn``: the participants who withdrew consent
+    (the release records both).
 
     Returns pseudonym, reason and, for the analysed, their single covariate and metrics record joined.
     Internal (contains pseudonyms).
@@ -218,14 +221,17 @@ def classify_participants(covariates: pl.DataFrame, scans: pl.DataFrame, metrics
            if rejected is not None else pl.DataFrame(schema={"pseudonym": pl.String, "rejected": pl.Boolean}))
     ret = (_pseudonyms(retired).unique().to_frame("pseudonym").with_columns(pl.lit(True).alias("retired"))
            if retired is not None else pl.DataFrame(schema={"pseudonym": pl.String, "retired": pl.Boolean}))
+    wdr = (_pseudonyms(withdrawn).unique().to_frame("pseudonym").with_columns(pl.lit(True).alias("withdrawn"))
+           if withdrawn is not None else pl.DataFrame(schema={"pseudonym": pl.String, "withdrawn": pl.Boolean}))
     p = (everyone.join(scan_agg, on="pseudonym", how="left")
          .join(cov_n, on="pseudonym", how="left")
          .join(met_n, on="pseudonym", how="left")
          .join(q_swap, on="pseudonym", how="left")
          .join(rej, on="pseudonym", how="left")
          .join(ret, on="pseudonym", how="left")
+         .join(wdr, on="pseudonym", how="left")
          .with_columns(pl.col("n_scan", "n_cov", "n_met").fill_null(0), pl.col("rejected").fill_null(False),
-                       pl.col("retired").fill_null(False),
+                       pl.col("retired").fill_null(False), pl.col("withdrawn").fill_null(False),
                        (pl.col("swap").fill_null(False) | pl.col("q_swap").fill_null(False)).alias("swap")))
     # Single records only: an ambiguous participant is excluded before any value is read.
     single_cov = cov.join(cov_n.filter(pl.col("n_cov") == 1), on="pseudonym", how="semi")
@@ -237,6 +243,7 @@ def classify_participants(covariates: pl.DataFrame, scans: pl.DataFrame, metrics
                       & pl.col("imat_pct").is_not_null() & pl.col("imat_pct").is_finite()
                       & pl.col("imat_pct").is_between(0.0, 100.0))
     conditions = {
+        "consent_withdrawn": pl.col("withdrawn"),
         "delivery_retired": pl.col("retired"),
         "scan_not_ingested": pl.col("n_scan") == 0,
         "covariates_invalid": pl.col("n_cov") == 0,
@@ -380,7 +387,8 @@ def cohort_hash(frame: pl.DataFrame, *, normaliser: str = "") -> str:
 def build_analysis_cohort(covariates: pl.DataFrame, scans: pl.DataFrame, metrics: pl.DataFrame,
                           quarantine: pl.DataFrame | None = None, *,
                           lmm_normaliser: str = "weight_per_height",
-                          rejected: pl.DataFrame | None = None, retired: pl.DataFrame | None = None) -> AnalysisCohort:
+                          rejected: pl.DataFrame | None = None, retired: pl.DataFrame | None = None,
+                          withdrawn: pl.DataFrame | None = None) -> AnalysisCohort:
     """Join the batches' tables, apply :data:`EXCLUSION_RULES` in order, derive the analysis variables.
 
     ``covariates``: participant_covariates rows (valid rows only, as the warehouse holds them);
@@ -389,12 +397,13 @@ def build_analysis_cohort(covariates: pl.DataFrame, scans: pl.DataFrame, metrics
     ``quarantine``: quarantine rows of the same batches (they add participants whose records all failed).
     ``lmm_normaliser``: a key of :data:`NORMALISERS`;
     ``rejected``: participants whose current segmentation a reviewer rejected (:func:`cbp_platform.qc.reviews.
-    rejected`); ``retired``: participants taken out by a retired delivery (:mod:`cbp_platform.releases`).
+    rejected`); ``retired``: participants taken out by a retired delivery, ``withdrawn``: participants who withdrew
+    consent (both recorded by the release, :mod:`cbp_platform.releases`).
     """
     if lmm_normaliser not in NORMALISERS:
         raise ValueError(f"unknown lmm_normaliser {lmm_normaliser!r}; choose one of {sorted(NORMALISERS)}")
     norm = NORMALISERS[lmm_normaliser]
-    classified = classify_participants(covariates, scans, metrics, quarantine, rejected, retired)
+    classified = classify_participants(covariates, scans, metrics, quarantine, rejected, retired, withdrawn)
     flow = flow_table(classified)
     analysed = classified.filter(pl.col("reason").is_null())
     frame, std = derive(analysed, norm)
@@ -439,7 +448,8 @@ def _metrics_detail(r: dict) -> str:
 
 def participant_trace(pseudonym: str, covariates: pl.DataFrame, scans: pl.DataFrame, metrics: pl.DataFrame,
                       quarantine: pl.DataFrame | None = None,
-                      review: dict | None = None, retired_by: str | None = None) -> ParticipantTrace:
+                      review: dict | None = None, retired_by: str | None = None,
+                      withdrawn: str | None = None) -> ParticipantTrace:
     """The stages one participant went through and the exclusion rule that removed them, if any.
 
     One entry per record and stage (a valid row: ``ok``; a quarantine row: ``quarantined`` with its reason;
@@ -489,6 +499,10 @@ def participant_trace(pseudonym: str, covariates: pl.DataFrame, scans: pl.DataFr
         if review.get("outdated"):
             stages.append(_stage("qc_review", "outdated", f"{review['n_outdated']} review(s) of an earlier label "
                                  "map: not applied to the current one (review it again)", review))
+    gone = None
+    if withdrawn:
+        stages.append(_stage("consent", "withdrawn", f"scope {withdrawn} (withdrawal register)"))
+        gone = pl.DataFrame({"pseudonym": [pseudonym]})
     retired = None
     if retired_by:
         stages.append(_stage("delivery", "retired", f"data in force from retired delivery {retired_by}"))
@@ -498,7 +512,7 @@ def participant_trace(pseudonym: str, covariates: pl.DataFrame, scans: pl.DataFr
                                                           "weight_kg", "cbp", "nrs_pain", "met_min_week",
                                                           *COMORBIDITIES)})
     classified = classify_participants(cov, sc if sc is not None else pl.DataFrame(),
-                                       met if met is not None else pl.DataFrame(), q, rejected, retired)
+                                       met if met is not None else pl.DataFrame(), q, rejected, retired, gone)
     if classified.height == 0:
         reason, included = "not_delivered", False
         stages.append(_stage("analysis_cohort", "absent", "no record in these batches"))

@@ -12,6 +12,7 @@
 ``cbp status``              every delivery of the landing zone: state, reason, counts (no pseudonyms)
 ``cbp release cut|list``    data releases: freeze the versions in force (through Dagster), list them
 ``cbp delivery retire``     take a delivery's participants out of the next release
+``cbp withdraw``            record withdrawals of consent (keyed hashes); the next release excludes them
 ``cbp qc serve``            the QC review app (keyboard review of the triage queue) on the loopback interface
 ``cbp qc list``             the QC queue in triage order; ``cbp qc accept|reject`` record a decision
 

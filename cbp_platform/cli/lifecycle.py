@@ -44,6 +44,15 @@ def register(sub) -> None:
     im.add_argument("--json", action="store_true")
     im.set_defaults(func=_cmd_impact)
 
+    w = sub.add_parser("withdraw", help="record withdrawals of consent (keyed hashes only)",
+                       description="Record the requests of a withdrawal file from the trusted third party (CSV: "
+                                   "request_id,pseudonym,scope,effective_date; scope all or imaging) in the "
+                                   "withdrawal register, outside the data root, as keyed hashes. The next data release "
+                                   "excludes the participants at consent_withdrawn (docs/lifecycle.md).")
+    w.add_argument("--request", required=True, metavar="FILE")
+    w.add_argument("--data-root", default=None)
+    w.set_defaults(func=_cmd_withdraw)
+
     d = sub.add_parser("delivery", help="a registered delivery's lifecycle")
     dsub = d.add_subparsers(dest="delivery_command", required=True, parser_class=Parser)
     rt = dsub.add_parser("retire", help="take a delivery's participants out of the next release",
@@ -145,4 +154,19 @@ def _cmd_impact(args: argparse.Namespace) -> int:
     from cbp_platform.analysis.outputs import format_impact
 
     print(format_impact(doc))
+    return 0
+
+
+def _cmd_withdraw(args: argparse.Namespace) -> int:
+    from cbp_platform.paths import DataLayout
+    from cbp_platform.withdrawals import Register, WithdrawalError, read_request
+
+    reg = Register(DataLayout.from_env(args.data_root).withdrawals)
+    try:
+        added, known = reg.add(read_request(args.request))
+    except WithdrawalError as exc:
+        print(f"cbp withdraw: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"cbp withdraw: {len(added)} request(s) recorded, {len(known)} recorded already; register {reg.path} "
+          f"(keyed hashes only). The next release excludes them: cbp release cut")
     return 0

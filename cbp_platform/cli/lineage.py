@@ -82,7 +82,7 @@ def _participant_lineage(pseudonym: str, data_root: str | None) -> int:
         review = effective_reviews(t["reviews"], t["maps"]).row(0, named=True)
     history, retired_by = _versions(wh, pseudonym, data_root)
     trace = participant_trace(pseudonym, t["covariates"], t["scans"], t["metrics"], t["quarantine"], review,
-                              retired_by=retired_by)
+                              retired_by=retired_by, withdrawn=_withdrawn(pseudonym, data_root))
     print(trace.to_text())
     if history:
         print("  versions (old -> new, by registration; docs/lifecycle.md):")
@@ -106,6 +106,19 @@ def _participant_lineage(pseudonym: str, data_root: str | None) -> int:
     else:
         print("  last analysis_cohort materialisation: not seen (not delivered, or analysis not run since)")
     return 0 if (t["covariates"].height or t["scans"].height or t["quarantine"].height) else 1
+
+
+def _withdrawn(pseudonym: str, data_root: str | None) -> str | None:
+    """The scope of the participant's withdrawal of consent (None if they did not withdraw)."""
+    from cbp_platform.paths import DataLayout
+    from cbp_platform.withdrawals import Register, WithdrawalError
+
+    try:
+        hit = Register(DataLayout.from_env(data_root).withdrawals).match([pseudonym])
+    except WithdrawalError as exc:           # a register without its key: said, not raised
+        print(f"  (withdrawal register not readable: {exc})")
+        return None
+    return hit[pseudonym]["scope"] if hit else None
 
 
 def _versions(wh, pseudonym: str, data_root: str | None) -> tuple[list[str], str | None]:

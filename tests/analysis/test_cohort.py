@@ -22,14 +22,15 @@ SIM_CAUSE = {"missing_cbp_answer": "cbp_not_answered", "missing_physical_activit
 
 def _build(t: dict, **kw):
     return build_analysis_cohort(t["covariates"], t["scans"], t["metrics"], t["quarantine"],
-                                 rejected=t.get("rejected"), retired=t.get("retired"), **kw)
+                                 rejected=t.get("rejected"), retired=t.get("retired"), withdrawn=t.get("withdrawn"),
+                                 **kw)
 
 
 def test_flow_reconciles(cohort):
     flow = cohort.flow
     # the documented order (docs/analysis.md); the simulator's exclusion_cause follows the same order
     assert flow["criterion"].to_list() == [
-        "start", "delivery_retired", "scan_not_ingested", "covariates_invalid", "duplicate_records", "age_outside_19_74",
+        "start", "consent_withdrawn", "delivery_retired", "scan_not_ingested", "covariates_invalid", "duplicate_records", "age_outside_19_74",
         "cbp_not_answered", "physical_activity_missing", "comorbidity_missing", "fat_water_swap_suspected",
         "qc_rejected", "no_muscle_metrics", "analysed"]
     start = flow.filter(pl.col("criterion") == "start")["remaining"].item()
@@ -97,6 +98,10 @@ def _fail(t: dict, code: str, p: str) -> dict:
     elif code == "qc_rejected":               # a reviewer rejected the current label map (metrics present)
         prev = t.get("rejected")
         t["rejected"] = pl.concat([prev, pl.DataFrame({"pseudonym": [p]})]) if prev is not None else \
+            pl.DataFrame({"pseudonym": [p]})
+    elif code == "consent_withdrawn":         # in the withdrawal register when the release was cut
+        prev = t.get("withdrawn")
+        t["withdrawn"] = pl.concat([prev, pl.DataFrame({"pseudonym": [p]})]) if prev is not None else \
             pl.DataFrame({"pseudonym": [p]})
     elif code == "delivery_retired":          # data in force from a retired delivery (the release records it)
         prev = t.get("retired")
@@ -180,9 +185,11 @@ def test_participant_trace_agrees_with_the_cohort(crafted):
         return in_force.get(p)
 
     retired = set(t["retired"]["pseudonym"].to_list())
+    withdrawn = set(t["withdrawn"]["pseudonym"].to_list())
     for role, p in roles.items():
         tr = participant_trace(p, t["covariates"], t["scans"], t["metrics"], t["quarantine"], review(p),
-                               retired_by="sim-d01" if p in retired else None)
+                               retired_by="sim-d01" if p in retired else None,
+                               withdrawn="all" if p in withdrawn else None)
         assert tr.exclusion_reason == reasons.get(p), role
         assert tr.included == (p not in reasons)
         assert tr.stages[-1]["stage"] == "analysis_cohort"

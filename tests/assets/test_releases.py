@@ -175,6 +175,47 @@ def test_release_one_still_reproduces_exactly(released):
         assert "cells that differ: 0" in out
 
 
+def test_a_withdrawal_leaves_the_next_release_at_its_first_step(released, tmp_path, monkeypatch):
+    """Issue 28, part 1: six participants withdraw; the register keeps keyed hashes only; the impact report counts
+    them; the next release excludes them at consent_withdrawn; the earlier releases still reproduce (no erasure
+    yet)."""
+    from assets.withdrawals import withdrawal_register, withdrawals_applied_in_time
+    from cbp_platform.withdrawals import Register
+    from resources import DataRootResource
+
+    root, wh, _ = released
+    monkeypatch.delenv("CBP_WITHDRAWAL_KEY", raising=False)
+    gone = wh.table("analysis_cohort", columns=["pseudonym"], order_by=["pseudonym"])["pseudonym"][500:506].to_list()
+    req = tmp_path / "withdrawals.csv"
+    req.write_text("request_id,pseudonym,scope,effective_date\n"
+                   + "".join(f"TTP-{i},{p},{'all' if i % 2 else 'imaging'},2026-12-01\n" for i, p in enumerate(gone)))
+    rc, out = _cli("withdraw", "--request", str(req), "--data-root", str(root))
+    assert rc == 0 and "6 request(s) recorded" in out and not any(p in out for p in gone)
+    reg = Register(DataLayout(root).withdrawals)
+    assert not any(p.encode() in reg.path.read_bytes() for p in gone)
+    # in Dagster: the observable source asset's data version is the register's hash; nothing is overdue yet
+    inst = dg.DagsterInstance.get()
+    from dagster._core.definitions.observe import observe      # what the UI's "Observe sources" runs
+
+    res = observe([withdrawal_register], instance=inst, resources={"data_root": DataRootResource()})
+    assert res.success
+    obs = inst.fetch_observations(dg.AssetKey("withdrawal_register"), limit=1).records[0].asset_observation
+    assert obs.tags["dagster/data_version"] == reg.digest() and obs.metadata["participants"].value == 6
+    assert withdrawals_applied_in_time(data_root=DataRootResource()).passed
+    doc = json.loads(_cli("impact", "--data-root", str(root), "--json")[1])
+    assert doc["changed_participants"] == 6 and {"step": "consent_withdrawn", "excluded": [0, 6],
+                                                 "remaining": doc["flow"][1]["remaining"]} in doc["flow"]
+    third = _refresh()
+    assert third["release_id"] == 3
+    flow = dict(zip(*_q(root, "SELECT criterion, excluded FROM exclusion_flow ORDER BY step").to_dict().values()))
+    assert flow["consent_withdrawn"] == 6
+    summary = json.loads((root / "published" / "releases" / "3" / "release.json").read_text())
+    assert summary["excluded_as_withdrawn"] == 6 and summary["withdrawn_since_previous"] == 6
+    for release in (2, 3):
+        rc, out = _cli("reproduce", "--release", str(release), "--data-root", str(root))
+        assert rc == 0 and out.strip().splitlines()[-1] == "reproduced exactly", out
+
+
 def test_a_retired_delivery_leaves_the_next_release_at_its_step(released):
     root, wh, _ = released
     d = wh.table("participant_covariates", columns=["delivery_id"], distinct=True, order_by=["delivery_id"])

@@ -24,7 +24,7 @@ ARTIFACTS = Path(os.environ.get("CBP_UI_ARTIFACTS", ROOT / "artifacts" / "ui"))
 ASSETS = {"raw_mri_scans", "participant_covariates", "ingestion_summary", "segmentation_model",
           "muscle_segmentations", "muscle_metrics", "analysis_cohort", "cbp_association_model", "pain_intensity_model",
           "table_one", "stratified_comparisons", "physical_activity_prevalence", "published_results", "qc_reviews",
-          "data_release", "release_impact"}
+          "data_release", "release_impact", "withdrawal_register"}
 BATCH_CHECKS = {"scan_facts_expectations", "fat_water_swap_qc"}
 
 
@@ -108,7 +108,7 @@ def test_asset_graph_shows_the_whole_pipeline(ui, page):
     box = page.locator("svg").last.bounding_box() or {"x": 900, "y": 600, "width": 0, "height": 0}
     page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
     page.keyboard.down("Control")
-    page.mouse.wheel(0, 100)
+    page.mouse.wheel(0, 160)
     page.keyboard.up("Control")
     page.wait_for_timeout(1300)
     shown = [t.strip() for t in names.all_inner_texts()]
