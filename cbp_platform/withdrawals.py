@@ -107,6 +107,11 @@ def keyed_hash(key: bytes, pseudonym: str) -> str:
     return hmac.new(key, pseudonym.encode(), hashlib.sha256).hexdigest()
 
 
+def key_id(key: bytes) -> str:
+    """Which key a record was written with (an HMAC of a fixed text: it reveals nothing of the key)."""
+    return hmac.new(key, b"cbp-withdrawal-key-id", hashlib.sha256).hexdigest()[:16]
+
+
 class Register:
     """The append-only register file ``register.jsonl`` and the key, in ``folder`` (``DataLayout.withdrawals``)."""
 
@@ -160,7 +165,7 @@ class Register:
         added, known, lines = [], [], []
         for q in requests:
             rec = {"type": "request", "request_id": q.request_id, "keyed_hash": keyed_hash(key, q.pseudonym),
-                   "scope": q.scope, "effective_date": q.effective_date.isoformat()}
+                   "scope": q.scope, "effective_date": q.effective_date.isoformat(), "key_id": key_id(key)}
             old = have.get(q.request_id)
             if old is not None:
                 if {k: old.get(k) for k in rec} != rec:
@@ -197,6 +202,10 @@ class Register:
         if not register:
             return {}
         key = self.key()
+        other = {r.get("key_id") for r in register.values()} - {key_id(key)}
+        if other:            # matched under another key, a withdrawn participant would silently stay in
+            raise WithdrawalError(f"{self.path.name}: written with another withdrawal key than the one set now "
+                                  f"({KEY_ENV} or {KEY_NAME}); restore that key: no release can be cut without it")
         return {p: register[h] for p in pseudonyms if (h := keyed_hash(key, p)) in register}
 
     def overdue(self, today: date, deadline_days: int = DEFAULT_DEADLINE_DAYS) -> list[dict]:

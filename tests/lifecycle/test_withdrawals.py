@@ -54,6 +54,10 @@ def test_a_deployment_key_from_the_environment_gives_other_hashes(tmp_path, monk
     monkeypatch.setenv(KEY_ENV, "abcd")
     with pytest.raises(WithdrawalError, match="at least 32"):
         reg.key()
+    # another key than the register was written with: matching refuses (a withdrawal must never silently miss)
+    monkeypatch.setenv(KEY_ENV, "cd" * 32)
+    with pytest.raises(WithdrawalError, match="another withdrawal key"):
+        reg.match([P1])
 
 
 @pytest.mark.parametrize("body, message", [
