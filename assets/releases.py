@@ -270,6 +270,12 @@ def pending_impact(warehouse: Warehouse, data_root: DataRootResource, *, min_cou
     nagq = int(report.get("nagq", 25))
     if changed < limit:
         return {**base, "pending": True, **impact(None, None, changed_participants=changed, min_count=limit)}
+    withdrawals = _new_withdrawals(warehouse, release_id, rel)
+    if 0 < withdrawals < limit:         # the difference would be the effect of fewer than 5 withdrawn participants
+        return {**base, "pending": True, "withheld": True, "changed_participants": changed,
+                "why": f"fewer than {limit} withdrawals of consent are pending: an impact that includes them could "
+                       "reveal a withdrawn participant's values; it is shown once more are pending or they are "
+                       "released"}
     before_cohort, _ = release_cohort(warehouse, info, lmm_normaliser=normaliser)
     parts = rel.participants
     after_cohort = build_analysis_cohort(
@@ -283,6 +289,14 @@ def pending_impact(warehouse: Warehouse, data_root: DataRootResource, *, min_cou
     return {**base, "pending": True, "cohort_hash": [before_cohort.cohort_hash, after_cohort.cohort_hash],
             "analysed": [before_cohort.n, after_cohort.n], **out,
             "since_release": rel.summary["since_previous"]}
+
+
+def _new_withdrawals(warehouse: Warehouse, release_id: int, rel: rl.Release) -> int:
+    """Participants the next release would exclude as withdrawn whom release ``release_id`` did not."""
+    p0 = warehouse.table("release_participants", where={"release_id": release_id})
+    before = set(p0.filter(pl.col("withdrawn").fill_null("") != "")["pseudonym"]) if "withdrawn" in p0.columns \
+        else set()
+    return len(set(rel.participants.filter(pl.col("withdrawn") != "")["pseudonym"]) - before)
 
 
 def _changed_participants(warehouse: Warehouse, release_id: int, rel: rl.Release) -> int:

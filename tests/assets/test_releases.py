@@ -176,21 +176,33 @@ def test_release_one_still_reproduces_exactly(released):
 
 
 def test_a_withdrawal_leaves_the_next_release_at_its_first_step(released, tmp_path, monkeypatch):
-    """Issue 28, part 1: six participants withdraw; the register keeps keyed hashes only; the impact report counts
-    them; the next release excludes them at consent_withdrawn; the earlier releases still reproduce (no erasure
-    yet)."""
+    """Issue 28, part 1: six participants withdraw (two first, beside six corrections: the impact is withheld while
+    fewer than 5 withdrawals are pending); the register keeps keyed hashes only; the impact report counts them; the
+    next release excludes them at consent_withdrawn; the earlier releases still reproduce (no erasure yet)."""
     from assets.withdrawals import withdrawal_register, withdrawals_applied_in_time
     from cbp_platform.withdrawals import Register
     from resources import DataRootResource
 
     root, wh, _ = released
     monkeypatch.delenv("CBP_WITHDRAWAL_KEY", raising=False)
-    gone = wh.table("analysis_cohort", columns=["pseudonym"], order_by=["pseudonym"])["pseudonym"][500:506].to_list()
+    analysed = wh.table("analysis_cohort", columns=["pseudonym"], order_by=["pseudonym"])["pseudonym"]
+    gone = analysed[500:506].to_list()
     req = tmp_path / "withdrawals.csv"
-    req.write_text("request_id,pseudonym,scope,effective_date\n"
-                   + "".join(f"TTP-{i},{p},{'all' if i % 2 else 'imaging'},2026-12-01\n" for i, p in enumerate(gone)))
-    rc, out = _cli("withdraw", "--request", str(req), "--data-root", str(root))
-    assert rc == 0 and "6 request(s) recorded" in out and not any(p in out for p in gone)
+
+    def withdraw(people: list[str], first: int) -> str:
+        req.write_text("request_id,pseudonym,scope,effective_date\n" + "".join(
+            f"TTP-{first + i},{p},{'all' if i % 2 else 'imaging'},2026-12-01\n" for i, p in enumerate(people)))
+        rc, out = _cli("withdraw", "--request", str(req), "--data-root", str(root))
+        assert rc == 0 and not any(p in out for p in people)
+        return out
+
+    # two withdrawals beside six corrections: eight changes, but the impact would show two withdrawals' effect
+    assert "2 request(s) recorded" in withdraw(gone[:2], 0)
+    correct_covariates(wh, analysed[600:606].to_list(), "fix-more", 80)
+    held = json.loads(_cli("impact", "--data-root", str(root), "--json")[1])
+    assert held["withheld"] and held["changed_participants"] == 8 and "withdrawals" in held["why"]
+    assert "odds_ratios" not in held
+    assert "4 request(s) recorded" in withdraw(gone[2:], 2)
     reg = Register(DataLayout(root).withdrawals)
     assert not any(p.encode() in reg.path.read_bytes() for p in gone)
     # in Dagster: the observable source asset's data version is the register's hash; nothing is overdue yet
@@ -203,7 +215,7 @@ def test_a_withdrawal_leaves_the_next_release_at_its_first_step(released, tmp_pa
     assert obs.tags["dagster/data_version"] == reg.digest() and obs.metadata["participants"].value == 6
     assert withdrawals_applied_in_time(data_root=DataRootResource()).passed
     doc = json.loads(_cli("impact", "--data-root", str(root), "--json")[1])
-    assert doc["changed_participants"] == 6 and {"step": "consent_withdrawn", "excluded": [0, 6],
+    assert doc["changed_participants"] == 12 and {"step": "consent_withdrawn", "excluded": [0, 6],
                                                  "remaining": doc["flow"][1]["remaining"]} in doc["flow"]
     third = _refresh()
     assert third["release_id"] == 3
