@@ -151,8 +151,7 @@ def _summary(release_id: int, versions: pl.DataFrame, participants: pl.DataFrame
                                                                | (pl.col("before") != pl.col("delivery_id")))
     else:
         changed = now.with_columns(pl.lit(None, pl.String).alias("before"))
-    corrected = changed.filter(pl.col("delivery_id").map_elements(lambda d: kinds.get(d) == "correction",
-                                                                  return_dtype=pl.Boolean))
+    corrected = changed.filter(pl.col("delivery_id").is_in([d for d, k in kinds.items() if k == "correction"]))
     by_reason: dict[str, set] = {}
     for p, d in corrected.select("pseudonym", "delivery_id").unique().iter_rows():
         by_reason.setdefault(reasons.get((d, p), "unknown"), set()).add(p)

@@ -134,6 +134,9 @@ class Register:
         if not path.exists():
             if not create:
                 raise WithdrawalError(f"no withdrawal key: set {KEY_ENV} or record a withdrawal first")
+            if self.records():       # a register whose key is lost: a new key would never match its records
+                raise WithdrawalError(f"{self.path.name} holds withdrawals but {KEY_NAME} is missing and {KEY_ENV} "
+                                      "is not set; restore the key the register was written with")
             self.folder.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as fh:
@@ -210,9 +213,10 @@ class Register:
 
     def overdue(self, today: date, deadline_days: int = DEFAULT_DEADLINE_DAYS) -> list[dict]:
         """Requests received more than ``deadline_days`` before ``today`` and not yet applied (erased)."""
-        applied = {r["request_id"] for r in self.records() if r.get("type") == "applied"}
+        records = self.records()
+        applied = {r["request_id"] for r in records if r.get("type") == "applied"}
         out = []
-        for r in self.records():
+        for r in records:
             if r.get("type") == "request" and r["request_id"] not in applied:
                 received = datetime.fromisoformat(r["received_at"]).date()
                 if (today - received).days > deadline_days:

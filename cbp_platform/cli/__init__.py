@@ -11,6 +11,8 @@
 ``cbp model compare``       a registered model beside the primary on every batch; the comparison in the report
 ``cbp status``              every delivery of the landing zone: state, reason, counts (no pseudonyms)
 ``cbp release cut|list``    data releases: freeze the versions in force (through Dagster), list them
+``cbp reproduce``           rebuild a release's report and compare every published number
+``cbp impact``              what the pending corrections, retirements and withdrawals would change
 ``cbp delivery retire``     take a delivery's participants out of the next release
 ``cbp withdraw``            record withdrawals of consent (keyed hashes); the next release excludes them
 ``cbp qc serve``            the QC review app (keyboard review of the triage queue) on the loopback interface

@@ -1,4 +1,5 @@
-"""The living cohort's commands (docs/lifecycle.md): ``cbp release cut|list``, ``cbp delivery retire``."""
+"""The living cohort's commands (docs/lifecycle.md): ``cbp release cut|list``, ``cbp reproduce``, ``cbp impact``,
+``cbp withdraw`` and ``cbp delivery retire``."""
 
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import io
 import json
 from pathlib import Path
@@ -43,7 +44,6 @@ def _bad_corrections(landing, of: str, someone: str) -> None:
         d.mkdir()
         cov = b"pseudonym\n"
         (d / "covariates.csv").write_bytes(cov)
-        import hashlib
         man = {"schema_version": "1.0", "delivery_id": did, "created_at": "2031-01-01T00:00:00Z",
                "kind": "correction", "participants": [entry["pseudonym"]], "corrections": [entry],
                "files": [{"path": "covariates.csv", "size": len(cov), "sha256": hashlib.sha256(cov).hexdigest()}]}

@@ -43,6 +43,10 @@ def test_a_request_is_recorded_as_keyed_hashes_outside_the_data_root(tmp_path, m
     # an imaging-only request, then a full one for the same participant: the full one counts
     reg.add(read_request(_file(tmp_path, f"TTP-4,{P2},all,2026-12-02\n")))
     assert reg.match([P2])[P2]["scope"] == "all"
+    # the key file lost: no new key is made for a register that has records
+    (layout.withdrawals / "hmac.key").unlink()
+    with pytest.raises(WithdrawalError, match="restore the key"):
+        reg.add(read_request(_file(tmp_path, f"TTP-5,{P1},all,2026-12-03\n")))
 
 
 def test_a_deployment_key_from_the_environment_gives_other_hashes(tmp_path, monkeypatch):
