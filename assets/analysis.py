@@ -104,7 +104,8 @@ def analysis_cohort(context: dg.AssetExecutionContext, config: CohortConfig, war
                           "batches": json.dumps(batches), "n_analysed": cohort.n,
                           "reviews_count": info["reviews_count"], "reviews_sha256": info["reviews_sha256"],
                           "qc_rejected": inputs["rejected"].height, "qc_outdated": info["qc_outdated"],
-                          "release_id": int(info["release_id"]), "release_content_hash": info["content_hash"]}])
+                          "release_id": int(info["release_id"]), "release_content_hash": info["content_hash"],
+                          "release_merkle_root": info.get("merkle_root") or ""}])
     # the cohort, its exclusions, its flow, its meta (with the hash) and its lineage row in one transaction:
     # never a hash that describes another cohort than the one stored
     warehouse.replace_many([("analysis_cohort", cohort.frame, {}), ("analysis_exclusions", cohort.exclusions, {}),

@@ -31,7 +31,8 @@ from resources.reviews import REVIEWS_ASSET, ReviewStore
 RELEASES = "releases"
 releases_partitions = dg.DynamicPartitionsDefinition(name=RELEASES)
 DATA_RELEASE_VERSION = "data_release/1"
-RELEASE_TABLES = ("releases", "release_versions", "release_participants", "release_quarantine")
+RELEASE_TABLES = ("releases", "release_versions", "release_participants", "release_quarantine", "release_salts",
+                  "release_leaves")
 DATA_RELEASE = dg.AssetKey("data_release")
 WITHDRAWALS_ASSET = dg.AssetKey("withdrawal_register")
 
@@ -70,6 +71,21 @@ def release_info(warehouse: Warehouse, release_id: int | None = None) -> dict:
     if hit.height == 0:
         raise NoRelease(f"release {release_id} does not exist (releases: {', '.join(map(str, rows['release_id']))})")
     return hit.row(0, named=True)
+
+
+def release_commitment(warehouse: Warehouse, release_id: int) -> dict | None:
+    """Verify release ``release_id``'s Merkle root from its surviving rows and its opaque leaves
+    (:func:`cbp_platform.releases.verify_commitment`); None for a release cut before commitments existed."""
+    info = release_info(warehouse, release_id)
+    root = info.get("merkle_root")
+    if not root:
+        return None
+    where = {"release_id": int(release_id)}
+    leaves = warehouse.table("release_leaves", where=where)["leaf"].to_list()
+    return {"root": root, **rl.verify_commitment(
+        root, leaves, warehouse.table("release_salts", where=where),
+        warehouse.table("release_versions", where=where), warehouse.table("release_participants", where=where),
+        warehouse.table("release_quarantine", where=where))}
 
 
 def release_inputs(warehouse: Warehouse, release_id: int) -> dict[str, pl.DataFrame]:
@@ -147,16 +163,20 @@ def prepare_release(warehouse: Warehouse, data_root: DataRootResource, release_i
 
 
 def write_release(warehouse: Warehouse, data_root: DataRootResource, rel: rl.Release, extras: dict) -> dict:
-    """Write release ``rel``: its four tables in one transaction, then the internal manifest and the public
-    summary. Returns its ``releases`` row."""
+    """Write release ``rel``: its tables in one transaction (with its salted Merkle commitment: salts, leaves,
+    the root in its row and summary), then the internal manifest and the public summary. Returns its ``releases``
+    row."""
     from cbp_platform.warehouse import now_utc
 
+    salts, leaves, root = rl.commit(rel)
     row = rel.row(cut_at=now_utc().isoformat(), code_version=__version__, reviews=extras["reviews"],
-                  qc_outdated=extras["qc_outdated"])
+                  qc_outdated=extras["qc_outdated"]).with_columns(pl.lit(root).alias("merkle_root"))
+    rel.summary["merkle_root"] = root
     where = {"release_id": rel.release_id}
     warehouse.replace_many([("releases", row, where), ("release_versions", rel.versions, where),
                             ("release_participants", rel.participants, where),
-                            ("release_quarantine", rel.quarantine, where)])
+                            ("release_quarantine", rel.quarantine, where), ("release_salts", salts, where),
+                            ("release_leaves", leaves, where)])
     layout = data_root.layout
     internal = {"release": rel.release_id, "content_hash": rel.content_hash, "format": rl.RELEASE_FORMAT,
                 "cut_at": row["cut_at"][0], "summary": rel.summary,

@@ -109,7 +109,8 @@ def delivery_sensor(context: dg.SensorEvaluationContext, data_root: DataRootReso
                 context.log.warning(f"delivery {state}: {reason}")
     refused = {d: v for d, v in refused.items() if (landing / d).exists() or (landing / d).is_symlink()}
     counts = {"registered": len(recs) - len(problems), "waiting": len(waiting), "refused": len(refused),
-              **{s: sum(1 for p in problems.values() if p["state"] == s) for s in ("changed", "gone", "retired")}}
+              **{s: sum(1 for p in problems.values() if p["state"] == s)
+                 for s in ("changed", "gone", "retired", "redacted")}}
     summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
     events = []
     picture = {"counts": counts, "waiting": waiting, "refused": {d: v["reason"] for d, v in refused.items()},

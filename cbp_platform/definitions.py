@@ -20,7 +20,7 @@ from assets.analysis import (analysis_cohort, cbp_association_model, pain_intens
 from assets.comparison import comparison_metrics, model_comparison
 from assets.ingestion import landing_zone, participant_covariates, raw_mri_scans
 from assets.releases import data_release, release_impact
-from assets.withdrawals import withdrawal_register, withdrawals_applied_in_time
+from assets.withdrawals import erase_withdrawn, withdrawal_register, withdrawals_applied_in_time
 from assets.schedules import (cohort_refresh_job, compare_batch_job, cut_release_job, daily_cohort_refresh,
                               ingest_batch_job, model_comparison_job, model_job, process_batch_job)
 from assets.segmentation import muscle_metrics, muscle_segmentations, segmentation_model, segmentation_model_dice
@@ -31,6 +31,7 @@ from checks.ingestion import (cohort_one_row_per_participant, covariates_expecta
                               scan_facts_expectations)
 from checks.segmentation import segmentation_plausibility
 from cbp_platform import deployment
+from orchestration.erasure import reapply_on_start
 from orchestration.profiles import profile_definitions, show_warehouse_kind
 from resources.reviews import reviews_spec
 
@@ -54,7 +55,7 @@ AREAS: dict[str, dg.Definitions] = {
                 table_one, stratified_comparisons, physical_activity_prevalence, published_results, reviews_spec(),
                 withdrawal_register],
         asset_checks=[analysis_cohort_expectations, cbp_model_checks, pain_model_checks, withdrawals_applied_in_time],
-        jobs=[cohort_refresh_job, cut_release_job],
+        jobs=[cohort_refresh_job, cut_release_job, erase_withdrawn],
         schedules=[daily_cohort_refresh]),
     # a registered model beside the primary, per batch, then over the cohort
     "comparison": dg.Definitions(
@@ -64,6 +65,9 @@ AREAS: dict[str, dg.Definitions] = {
 
 
 def build_definitions(profile: str | None = None) -> dg.Definitions:
+    """The code location's definitions. Before them, withdrawals already applied whose participant is back (a
+    restore) are erased again (:func:`orchestration.erasure.reapply_on_start`): no run starts on such data."""
+    reapply_on_start()
     profile = profile or deployment.profile()
     return show_warehouse_kind(dg.Definitions.merge(*AREAS.values(), profile_definitions(profile)), profile)
 

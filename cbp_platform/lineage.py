@@ -130,6 +130,7 @@ def build_manifest(*, cohort_meta: Mapping, flow: pl.DataFrame, batches: list[di
                    "lmm_normaliser": cohort_meta["lmm_normaliser"],
                    "standardisation": json.loads(cohort_meta["standardisation"])},
         "release": {"id": cohort_meta.get("release_id"), "content_hash": cohort_meta.get("release_content_hash"),
+                    "merkle_root": cohort_meta.get("release_merkle_root") or None,
                     "summary": f"published/releases/{cohort_meta.get('release_id')}/release.json"},
         "batches": batches,
         "deliveries": deliveries,

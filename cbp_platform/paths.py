@@ -10,7 +10,8 @@ writes:
                             converted and stitched from DICOM), ``segmentations/<delivery>/``,
                             ``comparisons/<model>/<delivery>/``
 ``$CBP_DATA_ROOT/registry``  the delivery and batch registry (``deliveries/``, ``batches/``, the sensor's cursor),
-                            retired deliveries (``retirements/``) and the internal release manifests
+                            retired deliveries (``retirements/``), redaction records (``redactions/``) and the
+                            internal release manifests
                             (``releases/<n>.json``, with pseudonyms: operator only)
 ``$CBP_DATA_ROOT/warehouse`` the embedded DuckDB warehouse ``cbp.duckdb`` (local profile; production profiles use
                             PostgreSQL, :mod:`resources.warehouse`)
@@ -93,6 +94,12 @@ class DataLayout:
     def retirements(self) -> Path:
         """Retired deliveries: ``<delivery id>.json`` each (``cbp delivery retire``)."""
         return self.registry / "retirements"
+
+    @property
+    def redactions(self) -> Path:
+        """Redaction records: ``<delivery id>.json`` each, one entry per erasure that removed a participant's files
+        from the delivery (:mod:`cbp_platform.ingest.redaction`; no pseudonym)."""
+        return self.registry / "redactions"
 
     def release_manifest(self, release_id: int) -> Path:
         """A release's internal manifest (which version of which participant: pseudonyms; operator only)."""

@@ -177,3 +177,75 @@ def _summary(release_id: int, versions: pl.DataFrame, participants: pl.DataFrame
                                                 0)),
         "qc_rejected": _public(int(participants["qc_rejected"].sum())),
     }
+
+
+# --- the release's commitment to its participants: a salted Merkle tree (issue 28) --------------------------------
+# Each participant of a release gets a random salt; their leaf is the sha256 of the salt and of every row the release
+# froze of them (versions with their digests, their participant row, their quarantine rows), canonically. The root
+# over the sorted leaves is in the ``releases`` row, the public summary and every report's lineage.json. An erasure
+# destroys the salt and the rows; the leaf stays, opaque (``release_leaves`` names no participant), so the old root
+# still verifies from the surviving participants' recomputed leaves plus the opaque ones, and nobody can tell from a
+# leaf whose it was, nor test a guess without the salt.
+SALTS_SCHEMA = {"release_id": pl.Int64, "pseudonym": pl.String, "salt": pl.String}
+LEAVES_SCHEMA = {"release_id": pl.Int64, "leaf": pl.String}
+
+
+def _participant_payload(versions: pl.DataFrame, participants: pl.DataFrame, quarantine: pl.DataFrame
+                         ) -> dict[str, bytes]:
+    """pseudonym -> the canonical bytes of every row the release froze of them (release id left out)."""
+    out: dict[str, list[str]] = {}
+    for name, df in (("v", versions), ("p", participants), ("q", quarantine)):
+        if df is None or df.height == 0:
+            continue
+        body = df.drop("release_id", strict=False)
+        cols = sorted(body.columns)
+        for row in body.select(cols).iter_rows(named=True):
+            out.setdefault(row["pseudonym"], []).append(
+                name + "\x1f" + "\x1f".join(f"{c}={'' if row[c] is None else row[c]}" for c in cols))
+    return {p: "\x1e".join(sorted(rows)).encode() for p, rows in out.items()}
+
+
+def leaf_hash(salt_hex: str, payload: bytes) -> str:
+    return hashlib.sha256(b"cbp-release-leaf\x00" + bytes.fromhex(salt_hex) + b"\x00" + payload).hexdigest()
+
+
+def merkle_root(leaves: list[str]) -> str:
+    """The root over ``leaves`` (sorted first: the order tells nothing); an odd node is carried up unchanged."""
+    level = sorted(leaves)
+    if not level:
+        return hashlib.sha256(b"cbp-release-empty").hexdigest()
+    while len(level) > 1:
+        nxt = [hashlib.sha256(b"\x01" + bytes.fromhex(a) + bytes.fromhex(b)).hexdigest()
+               for a, b in zip(level[0::2], level[1::2])]
+        if len(level) % 2:
+            nxt.append(level[-1])
+        level = nxt
+    return level[0]
+
+
+def commit(release: Release) -> tuple[pl.DataFrame, pl.DataFrame, str]:
+    """(salts, leaves, root) of ``release``: a fresh random salt per participant."""
+    import secrets
+
+    payload = _participant_payload(release.versions, release.participants, release.quarantine)
+    salts = {p: secrets.token_hex(16) for p in sorted(payload)}
+    leaves = [leaf_hash(salts[p], payload[p]) for p in sorted(payload)]
+    rid = release.release_id
+    return (pl.DataFrame({"release_id": [rid] * len(salts), "pseudonym": list(salts), "salt": list(salts.values())},
+                         schema=SALTS_SCHEMA),
+            pl.DataFrame({"release_id": [rid] * len(leaves), "leaf": sorted(leaves)}, schema=LEAVES_SCHEMA),
+            merkle_root(leaves))
+
+
+def verify_commitment(root: str, leaves: list[str], salts: pl.DataFrame, versions: pl.DataFrame,
+                      participants: pl.DataFrame, quarantine: pl.DataFrame) -> dict:
+    """Check a release's root against its stored leaves and the rows that survive: every participant that still has
+    a salt must recompute to a stored leaf; the leaves nobody recomputes are the opaque ones (participants erased
+    since). ``{"root_ok", "participants", "recomputed", "erased", "mismatched"}``."""
+    payload = _participant_payload(versions, participants, quarantine)
+    stored = set(leaves)
+    mine = {p: leaf_hash(s, payload.get(p, b"")) for p, s in salts.select("pseudonym", "salt").iter_rows()}
+    mismatched = sorted(p for p, h in mine.items() if h not in stored)
+    return {"root_ok": merkle_root(leaves) == root, "participants": len(leaves),
+            "recomputed": len(mine) - len(mismatched), "erased": len(stored - set(mine.values())),
+            "mismatched": len(mismatched)}

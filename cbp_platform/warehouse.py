@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import polars as pl
@@ -122,3 +123,69 @@ def provenance_frame(rows: list[dict], *, delivery_id: str, batch_key: str, stag
                  input_checksums=json.dumps(r["inputs"], sort_keys=True), output_checksum=r.get("output", ""),
                  code_version=code_version, run_id=run_id, recorded_at=t) for r in rows]
     return pl.DataFrame(data, schema=PROVENANCE_SCHEMA)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Every warehouse table, and what of a participant it holds: the warehouse's entry in the erasure data map
+# (cbp_platform/erasure/datamap.py). An erasure refuses to run while the warehouse holds a table that is not declared
+# here, so a new table cannot be forgotten silently (tests/lifecycle/test_erasure.py lists a whole pipeline's tables).
+#
+# ``holds``: ``images``: rows of the participant's images or what is derived from them (erased for every scope);
+# ``covariates``: rows of their covariates, or of the participant as a whole (erased when the scope is ``all``);
+# ``by_stage``: rows of several stages (the ``stage`` column): covariate stages' rows like ``covariates``, every
+# other stage's like ``images``; ``link``: what ties the participant to a release's commitment (the Merkle salt:
+# erased for every scope); ``none``: no row of any participant (counts, releases' own rows, leaves without a key).
+HOLDS = ("images", "covariates", "by_stage", "link", "none")
+COVARIATE_STAGES = frozenset(s for s, part in STAGE_PART.items() if part == COVARIATES)
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    holds: str
+    what: str
+
+
+TABLES: dict[str, TableSpec] = {
+    "raw_mri_scans": TableSpec("images", "validated scans: files, checksums, geometry (every version)"),
+    "participant_covariates": TableSpec("covariates", "validated covariates (every version)"),
+    "muscle_segmentations": TableSpec("images", "label maps of the primary model: path, checksum (every version)"),
+    "segmentation_qc": TableSpec("images", "QC features, triage and the QC image's path (every version)"),
+    "muscle_metrics": TableSpec("images", "LMM and InterMAT per muscle (every version)"),
+    "comparison_segmentations": TableSpec("images", "label maps of comparison models (every version)"),
+    "comparison_metrics": TableSpec("images", "metrics of comparison models (every version)"),
+    "qc_reviews": TableSpec("images", "reviewers' decisions (append-only; erasure is its one exception)"),
+    "quarantine": TableSpec("by_stage", "why a participant's data was not ingested, per stage"),
+    "provenance": TableSpec("by_stage", "checksums of each stage's inputs and outputs, per participant"),
+    "release_versions": TableSpec("by_stage", "which version of each participant a release froze"),
+    "release_quarantine": TableSpec("by_stage", "the quarantine a release froze"),
+    "release_participants": TableSpec("covariates", "a release's participants: retired, rejected, withdrawn"),
+    "release_salts": TableSpec("link", "each participant's salt of a release's Merkle tree"),
+    "release_leaves": TableSpec("none", "a release's Merkle leaves: salted hashes, no participant key"),
+    "releases": TableSpec("none", "one row per release: counts, content hash, Merkle root"),
+    "analysis_cohort": TableSpec("images", "the analysed cohort: covariates beside image measures (rebuilt by the "
+                                           "next cohort refresh)"),
+    "analysis_exclusions": TableSpec("images", "why each excluded participant left the analysis"),
+    "analysis_cohort_meta": TableSpec("none", "the cohort's hash, counts and settings"),
+    "exclusion_flow": TableSpec("none", "the exclusion flow: counts per step"),
+    "asset_lineage": TableSpec("none", "which run made which analysis asset"),
+    "model_fits": TableSpec("none", "the fitted models' summaries"),
+    "model_results": TableSpec("none", "estimates, CIs and tests"),
+    "table_one": TableSpec("none", "descriptive statistics (cells under 5 suppressed when published)"),
+    "stratified_comparisons": TableSpec("none", "estimates per stratum"),
+    "physical_activity_prevalence": TableSpec("none", "prevalences per group"),
+    "ingestion_summary": TableSpec("none", "counts per delivery and stage"),
+    "model_comparisons": TableSpec("none", "agreement between models per class (means over participants)"),
+}
+assert {t.holds for t in TABLES.values()} <= set(HOLDS)
+assert set(UNIQUE_KEYS) <= set(TABLES)
+
+
+def erased_stages(table: str, scope: str) -> str | None:
+    """What of ``table`` an erasure of ``scope`` (``all`` or ``imaging``) removes for the participant: ``"all"``
+    (every row), ``"images"`` (the rows whose ``stage`` is not a covariate stage) or None (nothing)."""
+    holds = TABLES[table].holds
+    if holds == "none":
+        return None
+    if holds in ("images", "link") or scope == "all":
+        return "all"
+    return "images" if holds == "by_stage" else None

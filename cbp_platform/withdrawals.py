@@ -186,6 +186,21 @@ class Register:
                 os.fsync(fh.fileno())
         return added, known
 
+    def append(self, records: list[dict]) -> None:
+        """Append ``records`` (an erasure's ``applied`` or ``incomplete`` records: request id, keyed hash, the
+        certificate and its sha256), flushed to disk."""
+        if not records:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as fh:
+            fh.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def applied(self) -> list[dict]:
+        """The erasures' records (``applied`` and ``incomplete``), in order."""
+        return [r for r in self.records() if r.get("type") in ("applied", "incomplete")]
+
     def withdrawn(self) -> dict[str, dict]:
         """keyed hash -> its request (the first request of a participant; an ``all`` request outranks an
         ``imaging`` one)."""

@@ -70,7 +70,7 @@ def reproduce(release_id: int, *, data_root: DataRootResource | None = None, out
     """Rebuild release ``release_id``'s analysis cohort from the versioned rows it froze, re-fit every model,
     re-make every published table and compare them, and the cohort hash, with the release's published report.
     Prints the comparison (side by side where they differ); True when everything matches."""
-    from assets.releases import outputs_of, published_report, release_cohort, version_drift
+    from assets.releases import outputs_of, published_report, release_cohort, release_commitment, version_drift
     from cbp_platform.analysis.outputs import compare_tables, published_tables, read_tables
 
     data_root = data_root or DataRootResource()
@@ -86,6 +86,14 @@ def reproduce(release_id: int, *, data_root: DataRootResource | None = None, out
     if drift:
         out(f"  versions whose rows changed since the release was cut (a batch re-run): "
             f"{', '.join(f'{s} {n}' for s, n in drift.items())}")
+    commitment = release_commitment(wh, release_id)
+    erased = commitment["erased"] if commitment else 0
+    if commitment:
+        out(f"  Merkle root {commitment['root'][:16]}: "
+            f"{'verifies' if commitment['root_ok'] else 'DOES NOT VERIFY'} from {commitment['recomputed']} "
+            f"participants' rows and {erased} opaque leaves (participants erased since)"
+            + (f"; {commitment['mismatched']} participants' rows no longer match their leaf"
+               if commitment["mismatched"] else ""))
     cohort, _ = release_cohort(wh, info, lmm_normaliser=report["lmm_normaliser"])
     tables = outputs_of(cohort, nagq=int(report.get("nagq", 25)))
     rebuilt = published_tables(tables, standardisation=cohort.standardisation, lmm_unit=cohort.lmm_unit,
@@ -98,13 +106,24 @@ def reproduce(release_id: int, *, data_root: DataRootResource | None = None, out
     cells = sum(len(p.decode().splitlines()) for p in published.values())
     out(f"  published tables compared: {len(published)} ({cells} rows); cells that differ: {len(diffs)}")
     if diffs:
+        if erased:
+            out(f"  the re-fitted numbers beside the published ones (they differ by the {erased} erased "
+                "participant(s)' data):")
         width = max(len(f"{d.table} {d.row} {d.column}") for d in diffs[:50])
         out(f"  {'table, row, column':<{width}}  {'published':>14}  {'rebuilt':>14}")
         for d in diffs[:50]:
             out(f"  {f'{d.table} {d.row} {d.column}':<{width}}  {d.published:>14}  {d.rebuilt:>14}")
         if len(diffs) > 50:
             out(f"  ... and {len(diffs) - 50} more")
-    ok = same_hash and not diffs
+    if erased:
+        # what an erasure leaves reproducible: every surviving participant's rows match the release's commitment
+        ok = bool(commitment["root_ok"]) and not commitment["mismatched"] and not drift
+        n = commitment["participants"]
+        out(f"{n} \u2212 {erased} reproduced, {erased} erased since" if ok else
+            f"NOT reproduced: the release's commitment does not hold for the rows that survive ({n} participants, "
+            f"{erased} erased since)")
+        return ok
+    ok = same_hash and not diffs and (commitment is None or (commitment["root_ok"] and not commitment["mismatched"]))
     out("reproduced exactly" if ok else f"NOT reproduced: {len(diffs)} cells differ"
         f"{'' if same_hash else ', and the cohort hash'}")
     return ok

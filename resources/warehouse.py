@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import abc
 import logging
+import os
 import random
 import time
 from contextlib import contextmanager
@@ -33,7 +34,8 @@ import duckdb
 import polars as pl
 from dagster_duckdb import DuckDBResource
 
-from cbp_platform.warehouse import UNIQUE_KEYS, VERSION_COLUMNS, table_checksum, with_version_columns
+from cbp_platform.warehouse import (COVARIATE_STAGES, TABLES, UNIQUE_KEYS, VERSION_COLUMNS, erased_stages,
+                                    table_checksum, with_version_columns)
 from resources.data_root import DataRootResource
 
 # (table, rows, where): ``where`` None appends (deletes nothing); {} replaces the whole table; otherwise the rows
@@ -117,6 +119,10 @@ def unique_indexes(table: str) -> dict[str, str]:
     cols = ", ".join(_ident(k) for k in keys)
     return {f"{table}_version": f'{cols}, "delivery_id"',
             f"{table}_in_force": f"{cols}, (CASE WHEN {IN_FORCE_SQL} THEN '' ELSE delivery_id END)"}
+
+
+class UndeclaredTable(RuntimeError):
+    """The warehouse holds a table that the erasure data map does not declare (cbp_platform.warehouse.TABLES)."""
 
 
 class MissingTable(LookupError):
@@ -209,6 +215,18 @@ class Warehouse(dg.ConfigurableResource):
     @abc.abstractmethod
     def tables(self) -> list[str]:
         """The warehouse's tables, sorted."""
+
+    @abc.abstractmethod
+    def _erase(self, deletes: list[tuple[str, str, list]]) -> dict[str, int]:
+        """Every ``(table, WHERE clause, parameters)`` delete in one transaction; rows deleted per table."""
+
+    @abc.abstractmethod
+    def compact(self, tables: list[str]) -> dict:
+        """Make deleted rows leave the database's files (``tables``: those an erasure touched); what was done."""
+
+    def database_files(self) -> list[Path]:
+        """The files that hold the warehouse's bytes, when this process can read them (the erasure's byte scan)."""
+        return []
 
     # --- named operations --------------------------------------------------------------------------------------
     def has_table(self, table: str) -> bool:
@@ -352,6 +370,82 @@ class Warehouse(dg.ConfigurableResource):
         schema = {"stage": pl.String, "batch_key": pl.String, "pseudonym": pl.String, "reason": pl.String}
         return pl.concat([p.cast(schema) for p in parts]) if parts else pl.DataFrame(schema=schema)
 
+    # --- erasure (withdrawal of consent: cbp_platform/erasure) ----------------------------------------------------
+    def _erasable(self) -> list[str]:
+        tables = self.tables()
+        undeclared = [t for t in tables if t not in TABLES]
+        if undeclared:
+            raise UndeclaredTable(f"{self.location}: table(s) {', '.join(undeclared)} not in the erasure data map "
+                                  "(cbp_platform.warehouse.TABLES): declare what of a participant they hold first")
+        return tables
+
+    def _participant_deletes(self, pseudonym: str, scope: str) -> list[tuple[str, str, list]]:
+        out = []
+        for t in self._erasable():
+            what = erased_stages(t, scope)
+            if what == "all":
+                out.append((t, "WHERE pseudonym = ?", [pseudonym]))
+            elif what == "images":
+                marks = ", ".join("?" for _ in COVARIATE_STAGES)
+                out.append((t, f"WHERE pseudonym = ? AND stage NOT IN ({marks})", [pseudonym, *sorted(COVARIATE_STAGES)]))
+        return out
+
+    def participant_rows(self, pseudonym: str, scope: str = "all") -> dict[str, int]:
+        """Rows of the participant an erasure of ``scope`` would remove, per table (every version)."""
+        out = {}
+        for table, cond, params in self._participant_deletes(pseudonym, scope):
+            out[table] = int(self._read(f"SELECT count(*) AS n FROM {_ident(table)} {cond}", params)["n"][0])
+        return out
+
+    def participant_files(self, pseudonym: str) -> list[str]:
+        """The files the warehouse names for the participant (label maps, QC images; every version)."""
+        have, out = set(self.tables()), []
+        for table, col in (("muscle_segmentations", "label_path"), ("segmentation_qc", "qc_image"),
+                           ("comparison_segmentations", "label_path")):
+            if table in have:
+                df = self._read(f"SELECT {_ident(col)} AS p FROM {_ident(table)} WHERE pseudonym = ?", [pseudonym])
+                out += [p for p in df["p"].to_list() if p]
+        return sorted(set(out))
+
+    def pseudonyms(self) -> set[str]:
+        """Every pseudonym any declared table holds (every version): whom an erasure can find here."""
+        out: set[str] = set()
+        for t in self._erasable():
+            if TABLES[t].holds != "none":
+                out |= set(self._read(f"SELECT DISTINCT pseudonym FROM {_ident(t)}", [])["pseudonym"].to_list())
+        return out
+
+    def participant_releases(self, pseudonym: str) -> list[int]:
+        """The releases the participant is part of (every release that froze a row of theirs)."""
+        if "release_participants" not in self.tables():
+            return []
+        df = self._read("SELECT DISTINCT release_id FROM release_participants WHERE pseudonym = ? "
+                        "ORDER BY release_id", [pseudonym])
+        return [int(r) for r in df["release_id"].to_list()]
+
+    def text_occurrences(self, text: str) -> dict[str, int]:
+        """Rows per table in which any text column contains ``text`` (the erasure's check in SQL, beside the byte
+        scan: it reads the values decompressed). Tables where it occurs only."""
+        out = {}
+        for t in self.tables():
+            cols = [c for c, dt in self._read(f"SELECT * FROM {_ident(t)} LIMIT 0", []).schema.items()
+                    if dt == pl.String]
+            if not cols:
+                continue
+            cond = " OR ".join(f"{_ident(c)} LIKE ?" for c in cols)
+            n = int(self._read(f"SELECT count(*) AS n FROM {_ident(t)} WHERE {cond}", [f"%{text}%"] * len(cols))["n"][0])
+            if n:
+                out[t] = n
+        return out
+
+    def erase_participant(self, pseudonym: str, scope: str) -> dict[str, int]:
+        """Delete the participant's rows from every table that holds them (:data:`cbp_platform.warehouse.TABLES`:
+        every version, the review decisions included: ``qc_reviews`` is append-only, erasure is its one
+        exception), in one transaction; ``imaging`` keeps the covariates. Rows deleted per table. Raises
+        :class:`UndeclaredTable` (deleting nothing) when a table is not in the data map. Run :meth:`compact` after,
+        so that the bytes leave the database's files."""
+        return self._erase(self._participant_deletes(pseudonym, scope))
+
     # --- writes ------------------------------------------------------------------------------------------------
     def replace_rows(self, table: str, df: pl.DataFrame, where: dict[str, Any], *, guard=None) -> str:
         """Atomically replace the rows of ``table`` matching ``where`` by ``df``; return df's checksum."""
@@ -449,6 +543,56 @@ class DuckDBWarehouse(Warehouse, DuckDBResource):
                 if _is_missing_table(exc):
                     raise MissingTable(str(exc)) from None
                 raise
+
+    def database_files(self) -> list[Path]:
+        return [p for p in (self.path, Path(f"{self.path}.wal")) if p.exists()]
+
+    def _erase(self, deletes: list[tuple[str, str, list]]) -> dict[str, int]:
+        out = {}
+        with self.connection() as conn:
+            conn.execute("BEGIN TRANSACTION")
+            try:
+                for table, cond, params in deletes:
+                    out[table] = int(conn.execute(f"SELECT count(*) FROM {_ident(table)} {cond}", params).fetchone()[0])
+                    if out[table]:
+                        conn.execute(f"DELETE FROM {_ident(table)} {cond}", params)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        return out
+
+    def compact(self, tables: list[str]) -> dict:
+        """DuckDB keeps deleted rows' bytes in free blocks of its file: the whole database is copied into a fresh
+        file (``COPY FROM DATABASE``: tables, indexes, data), which replaces the old one atomically while the old
+        one is still open (no other process can open it meanwhile: DuckDB's file lock). The copy is written
+        *uncompressed* (``force_compression``), so that a byte scan of the new file reads every string as it is:
+        DuckDB's usual dictionary and FSST compression would hide a pseudonym from a byte scan, erased or not.
+        Later writes compress their own row groups again."""
+        if not self.path.exists():
+            return {"method": "nothing to rewrite (no database file)"}
+        before = self.path.stat().st_size
+        fresh = self.path.with_name(self.path.name + ".rewrite")
+        for p in (fresh, Path(f"{fresh}.wal")):
+            p.unlink(missing_ok=True)
+        with self.connection() as conn:
+            conn.execute("CHECKPOINT")
+            conn.execute("SET force_compression = 'uncompressed'")
+            name = conn.execute("SELECT current_database()").fetchone()[0]
+            conn.execute(f"ATTACH '{fresh}' AS cbp_rewrite")
+            try:
+                conn.execute(f"COPY FROM DATABASE {_ident(name)} TO cbp_rewrite")
+            finally:
+                conn.execute("DETACH cbp_rewrite")
+            fd = os.open(fresh, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(fresh, self.path)
+        Path(f"{self.path}.wal").unlink(missing_ok=True)
+        return {"method": "rewritten into a fresh, uncompressed file (COPY FROM DATABASE), replacing the old one",
+                "bytes_before": before, "bytes_after": self.path.stat().st_size}
 
     def _ensure(self, conn, table: str, name: str) -> None:
         conn.execute(f"CREATE TABLE IF NOT EXISTS {_ident(table)} AS SELECT * FROM {name} LIMIT 0")
@@ -612,6 +756,46 @@ class PostgresWarehouse(Warehouse):
             finally:
                 conn.rollback()
         return pl.from_arrow(table.replace_schema_metadata(None))
+
+    def _erase(self, deletes: list[tuple[str, str, list]]) -> dict[str, int]:
+        out = {}
+        with self.connection() as conn:
+            try:
+                with conn.cursor() as cur:
+                    for table, cond, params in deletes:
+                        cur.execute(_pg_params(f"DELETE FROM {_ident(table)} {cond}"), parameters=tuple(params))
+                        out[table] = max(int(cur.rowcount), 0)
+                conn.commit()
+            except BaseException:
+                conn.rollback()
+                raise
+        return out
+
+    def compact(self, tables: list[str]) -> dict:
+        """PostgreSQL keeps deleted rows as dead tuples until a vacuum, and a plain VACUUM only marks their space
+        free: ``VACUUM FULL`` rewrites each touched table (and its indexes, its TOAST) into new files and drops the
+        old ones, then a ``CHECKPOINT`` (when the role may) flushes it. The WAL still holds the rows' bytes until
+        its segments are recycled, and so do base backups and WAL archives for their retention
+        (docs/lifecycle.md)."""
+        import adbc_driver_postgresql.dbapi as pg
+
+        done, checkpoint = [], False
+        conn = pg.connect(self._uri(), autocommit=True)
+        try:
+            with conn.cursor() as cur:
+                cur.execute(f"SET search_path TO {_ident(self.schema_name)}")
+                for t in tables:
+                    cur.execute(f"VACUUM FULL {_ident(t)}")
+                    done.append(t)
+                try:
+                    cur.execute("CHECKPOINT")
+                    checkpoint = True
+                except pg.Error:                           # needs superuser or pg_checkpoint
+                    pass
+        finally:
+            conn.close()
+        return {"method": "VACUUM FULL of the touched tables" + (", then CHECKPOINT" if checkpoint else ""),
+                "tables": done}
 
     def _ensure(self, cur, writes: list[Write], names: list[str]) -> None:
         """Create missing tables, add new columns, create unique indexes. Only when something is missing, and

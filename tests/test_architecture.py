@@ -62,7 +62,7 @@ LAYER_RULES = {
     "checks": ("orchestration", "cbp_platform.definitions", "cbp_platform.cli"),
     "orchestration": ("cbp_platform.cli",),
 }
-ENVIRONMENT = ("profiles.py", "reaper.py", "instance.py")
+ENVIRONMENT = ("profiles.py", "reaper.py", "instance.py", "erasure.py")
 
 
 def test_each_layer_imports_only_the_layers_below_it():

@@ -15,6 +15,7 @@
 ``cbp impact``              what the pending corrections, retirements and withdrawals would change
 ``cbp delivery retire``     take a delivery's participants out of the next release
 ``cbp withdraw``            record withdrawals of consent (keyed hashes); the next release excludes them
+``cbp erase``               apply the pending withdrawals: erase, verify, certify; ``--verify CERT`` re-checks
 ``cbp qc serve``            the QC review app (keyboard review of the triage queue) on the loopback interface
 ``cbp qc list``             the QC queue in triage order; ``cbp qc accept|reject`` record a decision
 
@@ -42,8 +43,18 @@ def build_parser() -> Parser:
     return p
 
 
+# Commands that never read participant data, or erase themselves: no start-up check of the erasures before them.
+NO_ERASURE_CHECK = ("erase", "withdraw", "instance", "k8s-plan", "synth", "calibration-report")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command not in NO_ERASURE_CHECK:
+        import sys
+
+        from orchestration.erasure import reapply_on_start
+
+        reapply_on_start(getattr(args, "data_root", None), log=lambda m: print(m, file=sys.stderr))
     return int(args.func(args) or 0)
 
 

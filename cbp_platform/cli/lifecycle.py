@@ -1,5 +1,5 @@
 """The living cohort's commands (docs/lifecycle.md): ``cbp release cut|list``, ``cbp reproduce``, ``cbp impact``,
-``cbp withdraw`` and ``cbp delivery retire``."""
+``cbp withdraw``, ``cbp erase`` and ``cbp delivery retire``."""
 
 from __future__ import annotations
 
@@ -53,6 +53,17 @@ def register(sub) -> None:
     w.add_argument("--request", required=True, metavar="FILE")
     w.add_argument("--data-root", default=None)
     w.set_defaults(func=_cmd_withdraw)
+
+    e = sub.add_parser("erase", help="apply every pending withdrawal: erase, verify, certify",
+                       description="Erase every participant with a pending withdrawal of consent from every store of "
+                                   "the data map (landing zone, derived files, warehouse with its files rewritten, "
+                                   "registry), verify it with a byte scan for the pseudonym and each file's sha256, "
+                                   "and write one signed, hash-chained certificate each (printed). --verify CERT "
+                                   "re-checks a certificate, its chain and that the participant is still erased "
+                                   "(exit 0 only when all hold). docs/lifecycle.md.")
+    e.add_argument("--verify", metavar="CERT", default=None, help="re-check this certificate and its chain")
+    e.add_argument("--data-root", default=None)
+    e.set_defaults(func=_cmd_erase)
 
     d = sub.add_parser("delivery", help="a registered delivery's lifecycle")
     dsub = d.add_subparsers(dest="delivery_command", required=True, parser_class=Parser)
@@ -170,4 +181,59 @@ def _cmd_withdraw(args: argparse.Namespace) -> int:
         return 2
     print(f"cbp withdraw: {len(added)} request(s) recorded, {len(known)} recorded already; register {reg.path} "
           f"(keyed hashes only). The next release excludes them: cbp release cut")
+    return 0
+
+
+def _cmd_erase(args: argparse.Namespace) -> int:
+    from cbp_platform.erasure.certificates import CertificateError, Signer, key_id
+    from cbp_platform.paths import DataLayout
+    from cbp_platform.withdrawals import Register, WithdrawalError
+
+    layout = DataLayout.from_env(args.data_root)
+    reg = Register(layout.withdrawals)
+    if args.verify:
+        return _verify_certificate(args.verify, layout, reg)
+    from orchestration.erasure import run_erasure
+
+    try:
+        outcomes = run_erasure(args.data_root)
+    except (WithdrawalError, CertificateError) as exc:
+        print(f"cbp erase: error: {exc}", file=sys.stderr)
+        return 2
+    if not outcomes:
+        print("cbp erase: no pending withdrawal (every request of the register is applied)")
+        return 0
+    for o in outcomes:
+        print(f"{o.summary}\n  certificate: {o.certificate}")
+    print(f"signed with key {key_id(Signer(layout.withdrawals).public_key())} (publish this fingerprint); "
+          f"verify: cbp erase --verify CERT")
+    return 0 if all(o.verified for o in outcomes) else 1
+
+
+def _verify_certificate(cert: str, layout, reg) -> int:
+    from pathlib import Path
+
+    from cbp_platform.erasure import held_pseudonyms
+    from cbp_platform.erasure.certificates import verify
+    from cbp_platform.withdrawals import keyed_hash
+    from orchestration.profiles import warehouse
+
+    problems = verify(Path(cert), layout.withdrawals, reg.applied())
+    doc = {}
+    if not problems:
+        doc = json.loads(Path(cert).read_text())
+        if not doc.get("verified"):
+            problems.append(f"{Path(cert).name}: the erasure it certifies was not verified (incomplete)")
+        key = reg.key()
+        if doc.get("scope") == "all" and doc["keyed_hash"] in {keyed_hash(key, p) for p in
+                                                               held_pseudonyms(layout, warehouse(str(layout.root)))}:
+            problems.append("the participant is held again (a restore?): run cbp erase")
+    if problems:
+        for p in problems:
+            print(f"cbp erase --verify: {p}", file=sys.stderr)
+        print(f"{Path(cert).name}: does NOT hold")
+        return 1
+    print(f"{Path(cert).name}: holds: signature by key {doc['key_id']}, chain intact "
+          f"({len(list((layout.withdrawals / 'certificates').glob('*.json')))} certificates), recorded in the "
+          f"register, and the platform holds nothing of the participant now")
     return 0

@@ -61,7 +61,8 @@ REGISTERED = "registered"  # batches planned; per-file problems quarantine their
 CHANGED = "changed"        # registered, and its manifest or files changed since: reported, never re-ingested
 GONE = "gone"              # registered, and its folder is no longer in the landing zone
 RETIRED = "retired"        # registered, then retired (cbp delivery retire): its participants leave the next release
-STATES = (WAITING, REFUSED, READY, REGISTERED, CHANGED, GONE, RETIRED)
+REDACTED = "redacted"      # registered, then a participant's files removed by an erasure (withdrawal of consent)
+STATES = (WAITING, REFUSED, READY, REGISTERED, CHANGED, GONE, RETIRED, REDACTED)
 
 
 @dataclass

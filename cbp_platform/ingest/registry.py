@@ -40,7 +40,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from cbp_platform.imaging.nifti import atomic_write_bytes
-from cbp_platform.ingest.deliveries import (CHANGED, GONE, REGISTERED, RETIRED, Batch, BatchRegistry, ManifestError,
+from cbp_platform.ingest.deliveries import (CHANGED, GONE, REDACTED, REGISTERED, RETIRED, Batch, BatchRegistry, ManifestError,
                                             load_manifest, parse_manifest, plan_batches)
 from cbp_platform.landing import CORRECTION, COVARIATES_NAME, DELIVERY, MANIFEST_NAME, PSEUDONYM_ALPHABET
 from cbp_platform.paths import DataLayout
@@ -317,7 +317,8 @@ def retirements(root: Path) -> dict[str, dict]:
 
 
 def registered_state(root: Path, landing: Path, rec: dict, *, deep: bool = False) -> tuple[str, str]:
-    """(state, reason) of a registered delivery: ``registered``, ``changed`` or ``gone``.
+    """(state, reason) of a registered delivery: ``registered``, ``changed``, ``gone``, ``retired`` or ``redacted``
+    (an erasure removed a withdrawn participant's files: :mod:`cbp_platform.ingest.redaction`).
 
     Cheap by default (the manifest, the covariates file and the files that were unsettled when the delivery closed:
     a stat, and a hash only when the stat differs); ``deep`` looks at every listed file. A file whose stat changed
@@ -328,7 +329,14 @@ def registered_state(root: Path, landing: Path, rec: dict, *, deep: bool = False
         if retired.exists():
             r = json.loads(retired.read_text())
             return RETIRED, f"{rec['delivery_id']}: retired {r['retired_at'][:10]} ({r['reason']})"
-        return _registered_state(root, landing, rec, deep=deep)
+        state, reason = _registered_state(root, landing, rec, deep=deep)
+        redacted = DataLayout(Path(root)).redactions / f"{rec['delivery_id']}.json"
+        if state == REGISTERED and redacted.exists():
+            history = json.loads(redacted.read_text())
+            return REDACTED, (f"{rec['delivery_id']}: redacted {history[-1]['redacted_at'][:10]} (an erasure removed "
+                              f"the files of {sum(int(h['participants']) for h in history)} withdrawn participant(s); "
+                              "docs/lifecycle.md)")
+        return state, reason
     except Exception as exc:  # noqa: BLE001  (the delivery's boundary: the sensor and `cbp status` go on)
         return CHANGED, f"{rec.get('delivery_id')}: could not be checked ({type(exc).__name__})"
 
