@@ -165,8 +165,8 @@ def segmentation_model_dice(runtime: SegmentationRuntime) -> dg.AssetCheckResult
           description="Label maps (NIfTI, the scan's grid and affine) of the batch's valid scans; suspected "
                       "fat-water swaps are excluded (quarantine). Each map gets a QC image beside it and a row "
                       "of segmentation_qc: QC features and the triage score (within batch and site; the "
-                      "covariates give the site). The metadata carry a montage of the batch's highest-risk maps "
-                      "and a link to the review app. Runs in the concurrency pool `gpu`.")
+                      "covariates give the site). The metadata name the file of a montage of the batch's "
+                      "highest-risk maps and link the review app. Runs in the concurrency pool `gpu`.")
 def muscle_segmentations(context: dg.AssetExecutionContext, data_root: DataRootResource, warehouse: Warehouse,
                          runtime: SegmentationRuntime) -> dg.MaterializeResult:
     from cbp_platform.qc.pipeline import ScanQC
@@ -246,9 +246,8 @@ def _batch_covariates(warehouse: Warehouse, pseudonyms: list[str]) -> tuple[dict
 
 def _batch_qc(results: list[dict], batch, manifest, sites: dict[str, str], out_dir) -> tuple[pl.DataFrame, dict]:
     """The batch's segmentation_qc rows (triage) and the materialisation's QC metadata: the montage of the
-    highest-risk maps (embedded, no pseudonym on it), its file, and the review app's link to the batch."""
-    import base64
-
+    highest-risk maps as a file (never embedded: Dagster's event log cannot be erased, so no image of a participant
+    goes there; docs/lifecycle.md), and the review app's link to the batch."""
     from cbp_platform.imaging.nifti import atomic_write_bytes
     from cbp_platform.qc import app_url
     from cbp_platform.qc.pipeline import batch_montage, batch_qc
@@ -262,8 +261,6 @@ def _batch_qc(results: list[dict], batch, manifest, sites: dict[str, str], out_d
     lines = ["| rank | score | flags |", "|---|---|---|"] + [
         f"| {r['triage_rank']} | {r['triage_score']:.1f} | {r['triage_flags'] or '-'} |" for r in top.iter_rows(named=True)]
     return qc, {
-        "qc_montage": dg.MetadataValue.md(f"Highest-risk segmentations of batch {batch.key} (triage order)\n\n"
-                                          f"![montage](data:image/png;base64,{base64.b64encode(png).decode()})"),
         "qc_montage_path": dg.MetadataValue.path(str(path)),
         "qc_review_app": dg.MetadataValue.url(f"{app_url()}/?batch={batch.key}"),
         "qc_top_risk": dg.MetadataValue.md("\n".join(lines)),

@@ -50,6 +50,24 @@ class DataLayout:
     def from_env(cls, override: str | os.PathLike[str] | None = None) -> "DataLayout":
         return cls(data_root(override))
 
+    def stored(self, path: str | os.PathLike[str]) -> str:
+        """How a path is stored (warehouse rows, pointers): relative to the data root when inside it (POSIX
+        separators), so that a data root restored or copied elsewhere works there and touches nothing at the old
+        place; absolute otherwise."""
+        p = Path(path)
+        try:
+            return p.resolve().relative_to(self.root).as_posix() if p.is_absolute() else p.as_posix()
+        except ValueError:
+            return str(p)
+
+    def resolve(self, stored: str | os.PathLike[str] | None) -> Path | None:
+        """The file a stored path names: relative to this data root, or absolute as stored (rows written before
+        paths were stored relative)."""
+        if stored is None or stored == "":
+            return None
+        p = Path(stored)
+        return p if p.is_absolute() else self.root / p
+
     @property
     def landing(self) -> Path:
         return self.root / "landing"

@@ -387,7 +387,8 @@ class Warehouse(dg.ConfigurableResource):
                 out.append((t, "WHERE pseudonym = ?", [pseudonym]))
             elif what == "images":
                 marks = ", ".join("?" for _ in COVARIATE_STAGES)
-                out.append((t, f"WHERE pseudonym = ? AND stage NOT IN ({marks})", [pseudonym, *sorted(COVARIATE_STAGES)]))
+                out.append((t, f"WHERE pseudonym = ? AND stage NOT IN ({marks})",
+                            [pseudonym, *sorted(COVARIATE_STAGES)]))
         return out
 
     def participant_rows(self, pseudonym: str, scope: str = "all") -> dict[str, int]:
@@ -433,7 +434,8 @@ class Warehouse(dg.ConfigurableResource):
             if not cols:
                 continue
             cond = " OR ".join(f"{_ident(c)} LIKE ?" for c in cols)
-            n = int(self._read(f"SELECT count(*) AS n FROM {_ident(t)} WHERE {cond}", [f"%{text}%"] * len(cols))["n"][0])
+            n = int(self._read(f"SELECT count(*) AS n FROM {_ident(t)} WHERE {cond}",
+                               [f"%{text}%"] * len(cols))["n"][0])
             if n:
                 out[t] = n
         return out
@@ -763,8 +765,11 @@ class PostgresWarehouse(Warehouse):
             try:
                 with conn.cursor() as cur:
                     for table, cond, params in deletes:
-                        cur.execute(_pg_params(f"DELETE FROM {_ident(table)} {cond}"), parameters=tuple(params))
-                        out[table] = max(int(cur.rowcount), 0)
+                        cur.execute(_pg_params(f"SELECT count(*) FROM {_ident(table)} {cond}"),
+                                    parameters=tuple(params))
+                        out[table] = int(cur.fetchall()[0][0])
+                        if out[table]:
+                            cur.execute(_pg_params(f"DELETE FROM {_ident(table)} {cond}"), parameters=tuple(params))
                 conn.commit()
             except BaseException:
                 conn.rollback()

@@ -295,7 +295,7 @@ STORES: tuple[Store, ...] = (
           ("truth",), lambda c: [], _truth_verify),
 )
 # DataLayout members that are not stores: the root itself, constructors and helpers
-NOT_STORES = ("root", "from_env")
+NOT_STORES = ("root", "from_env", "stored", "resolve")
 UNMAPPED = "unmapped"
 _WORD = re.compile(r"^[a-z_]+$")
 assert all(_WORD.match(s.name) for s in STORES)
