@@ -61,7 +61,7 @@ demo: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
 	$(VENV)/bin/cbp synth --participants $(DEMO_N) --deliveries $(DEMO_K) --seed $(DEMO_SEED) --faults $(DEMO_FAULTS) --format $(DEMO_FORMAT) --if-absent
 	$(PY) -m orchestration.runner
 	@echo "Landing zone: $(CBP_DATA_ROOT)/landing   warehouse: $(CBP_DATA_ROOT)/warehouse/cbp.duckdb"
-	@echo "Report: $$($(PY) -c 'import json,sys; print(json.load(open(sys.argv[1]))["path"])' $(CBP_DATA_ROOT)/published/latest.json 2>/dev/null || echo '(none: see the failures above)')/report.html"
+	@echo "Report: $$($(PY) -c 'import json,sys; import os; print(os.path.join(os.path.dirname(os.path.dirname(sys.argv[1])), json.load(open(sys.argv[1]))["path"]))' $(CBP_DATA_ROOT)/published/latest.json 2>/dev/null || echo '(none: see the failures above)')/report.html"
 	@echo "Lineage: $(VENV)/bin/cbp lineage    accuracy: $(VENV)/bin/cbp accuracy"
 	@echo "Open the UI: make dev   (then http://127.0.0.1:$${DAGSTER_PORT:-3000})"
 

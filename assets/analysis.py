@@ -356,7 +356,8 @@ def published_results(context: dg.AssetExecutionContext, config: ReportConfig, d
     # write: the latest pointer, the release's report (pointer and published tables: cbp reproduce reads them),
     # and the lineage row
     atomic_write_bytes(data_root.layout.latest_report,
-                       json.dumps({"path": str(out_dir), "cohort_hash": cohort_hash, "release": meta["release_id"],
+                       json.dumps({"path": data_root.layout.stored(out_dir), "cohort_hash": cohort_hash,
+                                   "release": meta["release_id"],
                                    "run_id": context.run.run_id}, indent=1).encode())
     _keep_release_report(data_root, meta, out_dir, tables, min_count, context.run.run_id)
     upstream = manifest["cohort_assets"]["published_results"]["upstream"]
@@ -387,7 +388,8 @@ def _keep_release_report(data_root: DataRootResource, meta: dict, out_dir, table
     nagq = tables.model_fits["nagq"].drop_nulls() if "nagq" in tables.model_fits.columns else []
     atomic_write_bytes(pointer, json.dumps({
         "release": meta["release_id"], "release_content_hash": meta["release_content_hash"],
-        "cohort_hash": meta["cohort_hash"], "path": str(out_dir), "lmm_normaliser": meta["lmm_normaliser"],
+        "cohort_hash": meta["cohort_hash"], "path": data_root.layout.stored(out_dir),
+        "lmm_normaliser": meta["lmm_normaliser"],
         "disclosure_min_count": min_count, "nagq": int(nagq[0]) if len(nagq) else 25, "run_id": run_id,
         "published_at": now_utc().isoformat()}, indent=1).encode())
 

@@ -92,6 +92,7 @@ def comparison_metrics(context: dg.AssetExecutionContext, config: ComparisonConf
              pl.lit(manifest.name).alias("model_name"), pl.lit(manifest.sha256).alias("model_sha256")]
     segs = pl.DataFrame(results, schema={"pseudonym": pl.String, "label_path": pl.String, "label_sha256": pl.String,
                                          **{k: getattr(pl, v) for k, v in VOXEL_SCHEMA.items()}}).with_columns(ident)
+    segs = data_root.layout.stored_paths(segs, "label_path")           # relative to the data root
     met = pl.DataFrame(metrics, schema={"pseudonym": pl.String, **METRIC_SCHEMA}).with_columns(ident)
     where = {"batch_key": key, "model_name": manifest.name}
     stage = f"comparison_metrics:{manifest.name}"
@@ -142,6 +143,7 @@ def model_comparison(context: dg.AssetExecutionContext, config: ComparisonConfig
     if csegs is None or csegs.height == 0:
         raise dg.Failure(description=f"no comparison_metrics rows for {other.name}: materialise comparison_metrics "
                                      "for the batches first (cbp model compare does both)")
+    segs, csegs = (data_root.layout.resolved_paths(df, "label_path") for df in (segs, csegs))
     batches = sorted(set(csegs["batch_key"].to_list()))
     segs = segs.filter(pl.col("batch_key").is_in(batches))
     pairs = segs.select("pseudonym", "delivery_id", "label_path").join(

@@ -19,6 +19,7 @@ from assets.writes import write_stage
 from cbp_platform.classes import BACK_TOTAL
 from cbp_platform.deployment import k8s_step_tags
 from cbp_platform.ingest.batch import redact, scan_files
+from cbp_platform.paths import stored_under
 from cbp_platform.progress import RateLogger
 from cbp_platform.reasons import R
 from resources import WAREHOUSE_KIND, DataRootResource, SegmentationRuntime, Warehouse
@@ -111,7 +112,8 @@ def segmentation_model(context: dg.AssetExecutionContext, config: SegmentationMo
     except ManifestError as exc:
         raise dg.Failure(description=str(exc)) from None
     dice = validate(runner, n=config.n_val, seed=config.seed + 1000) if config.n_val else {}
-    pointer = {"name": manifest.name, "backend": manifest.backend, "path": manifest.folder,
+    pointer = {"name": manifest.name, "backend": manifest.backend,
+               "path": stored_under(runtime.models_path, manifest.folder),       # relative to models/ when inside
                "weights_sha256": manifest.sha256, "source": source, "validation_dice": dice,
                "n_val": config.n_val, "validation_seed": config.seed + 1000}
     atomic_write_bytes(runtime.current_pointer, json.dumps(pointer, indent=1).encode())
@@ -214,6 +216,8 @@ def muscle_segmentations(context: dg.AssetExecutionContext, data_root: DataRootR
                  inputs={"water": src[r["pseudonym"]]["water_sha256"], "fat": src[r["pseudonym"]]["fat_sha256"],
                          "model": manifest.sha256}) for r in results]
     qc, qc_md = _batch_qc(results, batch, manifest, sites, out_dir)
+    # paths are stored relative to the data root: a root restored or copied elsewhere works there
+    df, qc = data_root.layout.stored_paths(df, "label_path"), data_root.layout.stored_paths(qc, "qc_image")
     checksum = write_stage(warehouse, context, "muscle_segmentations", df, batch, quarantine, prov,
                            SEGMENTATIONS_VERSION, data_root=data_root, extra=(("segmentation_qc", qc, {"batch_key": key}),))
     context.log.info(f"batch {key}: {len(results)} segmented, {len(quarantine)} excluded, {seconds:.1f} s; "
@@ -279,7 +283,7 @@ def muscle_metrics(context: dg.AssetExecutionContext, data_root: DataRootResourc
 
     key = context.partition_key
     batch = data_root.registry.read(key)
-    rows = warehouse.segmented_scans(key)
+    rows = data_root.layout.resolved_paths(warehouse.segmented_scans(key), "label_path")
     ddir = data_root.landing / batch.delivery_id
     out, quarantine, prov = [], [], []
     steady = RateLogger(context.log.info, rows.height, f"batch {key}: measured", unit="label maps")
@@ -315,8 +319,9 @@ def _accuracy_metadata(data_root: DataRootResource, warehouse: Warehouse, key: s
     from cbp_platform import study
     from cbp_platform.segmentation.accuracy import evaluate
 
-    segs = warehouse.table("muscle_segmentations", columns=["delivery_id", "pseudonym", "label_path"],
-                           where={"batch_key": key}, order_by=["pseudonym"])
+    segs = data_root.layout.resolved_paths(
+        warehouse.table("muscle_segmentations", columns=["delivery_id", "pseudonym", "label_path"],
+                        where={"batch_key": key}, order_by=["pseudonym"]), "label_path")
     if segs.height == 0 or not (data_root.layout.truth / segs["delivery_id"][0] / "participants.csv").exists():
         return {}
     r = evaluate(segs, metrics, data_root.layout.truth)

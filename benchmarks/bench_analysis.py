@@ -63,6 +63,8 @@ def run(n: int = 30868, seed: int = 1, batches: int = 124) -> dict:
     for k, v in sorted(steps.items(), key=lambda kv: -kv[1]):
         print(f"    {k:<32} {v:>7.2f} s")
     if latest:
+        from cbp_platform.paths import DataLayout
+        latest["path"] = str(DataLayout(root).resolve(latest["path"]))    # stored relative to the data root
         pvr = Path(latest["path"]) / "tables" / "paper_vs_run.csv"
         rows = list(csv.reader(pvr.open()))
         out["paper_vs_run"] = rows

@@ -70,6 +70,8 @@ def run() -> dict:
         overhead = run_s - compute - checks
         seg_metrics_s = seg_s + steps.get("muscle_metrics", 0.0)
         cur = json.loads((root / "models" / "current.json").read_text())
+        from cbp_platform.paths import resolve_under
+        cur["path"] = str(resolve_under(root / "models", cur["path"]))     # stored relative to models/
         acc = subprocess.run([str(Path(sys.executable).with_name("cbp")), "accuracy", "--data-root", str(root),
                               "--json"], capture_output=True, text=True)
         accuracy = json.loads(acc.stdout) if acc.returncode == 0 else {}

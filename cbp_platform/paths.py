@@ -42,6 +42,25 @@ def data_root(override: str | os.PathLike[str] | None = None) -> Path:
     return Path(raw).expanduser().resolve()
 
 
+def stored_under(base: str | os.PathLike[str], path: str | os.PathLike[str]) -> str:
+    """``path`` relative to ``base`` (POSIX) when inside it, else as given: how the platform stores a path."""
+    p = Path(path)
+    if not p.is_absolute():
+        return p.as_posix()
+    try:
+        return p.resolve().relative_to(Path(base).resolve()).as_posix()
+    except ValueError:
+        return str(p)
+
+
+def resolve_under(base: str | os.PathLike[str], stored: str | os.PathLike[str] | None) -> Path | None:
+    """The path that ``stored`` (from :func:`stored_under`) names, relative to ``base``."""
+    if stored is None or str(stored) == "":
+        return None
+    p = Path(stored)
+    return p if p.is_absolute() else Path(base) / p
+
+
 @dataclass(frozen=True)
 class DataLayout:
     root: Path
@@ -53,20 +72,27 @@ class DataLayout:
     def stored(self, path: str | os.PathLike[str]) -> str:
         """How a path is stored (warehouse rows, pointers): relative to the data root when inside it (POSIX
         separators), so that a data root restored or copied elsewhere works there and touches nothing at the old
-        place; absolute otherwise."""
-        p = Path(path)
-        try:
-            return p.resolve().relative_to(self.root).as_posix() if p.is_absolute() else p.as_posix()
-        except ValueError:
-            return str(p)
+        place; absolute otherwise (:func:`stored_under`)."""
+        return stored_under(self.root, path)
 
     def resolve(self, stored: str | os.PathLike[str] | None) -> Path | None:
         """The file a stored path names: relative to this data root, or absolute as stored (rows written before
         paths were stored relative)."""
-        if stored is None or stored == "":
-            return None
-        p = Path(stored)
-        return p if p.is_absolute() else self.root / p
+        return resolve_under(self.root, stored)
+
+    def stored_paths(self, df, *columns: str):
+        """``df`` (a polars frame) with the path ``columns`` as :meth:`stored` (nulls kept)."""
+        import polars as pl
+
+        return df.with_columns(pl.col(c).map_elements(self.stored, return_dtype=pl.String)
+                               for c in columns if c in df.columns)
+
+    def resolved_paths(self, df, *columns: str):
+        """``df`` with the stored path ``columns`` resolved against this data root (:meth:`resolve`)."""
+        import polars as pl
+
+        return df.with_columns(pl.col(c).map_elements(lambda v: str(self.resolve(v)), return_dtype=pl.String)
+                               for c in columns if c in df.columns)
 
     @property
     def landing(self) -> Path:

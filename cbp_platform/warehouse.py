@@ -174,6 +174,8 @@ TABLES: dict[str, TableSpec] = {
     "stratified_comparisons": TableSpec("none", "estimates per stratum"),
     "physical_activity_prevalence": TableSpec("none", "prevalences per group"),
     "ingestion_summary": TableSpec("none", "counts per delivery and stage"),
+    "erasure_marks": TableSpec("none", "the certificates of the erasures applied to this warehouse (no participant): "
+                                       "a warehouse restored from before an erasure lacks its mark"),
     "model_comparisons": TableSpec("none", "agreement between models per class (means over participants)"),
 }
 assert {t.holds for t in TABLES.values()} <= set(HOLDS)

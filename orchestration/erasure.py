@@ -5,7 +5,9 @@ asset. :func:`run_erasure` applies every pending withdrawal against the active p
 (:func:`cbp_platform.erasure.erase_pending`). :func:`reapply_on_start` is called by the runner, the code location
 (``cbp_platform.definitions``) and ``cbp`` before anything runs: a withdrawal already applied whose participant is
 back (a data root or warehouse restored from a backup taken before the erasure) is erased again, with a new
-certificate, before any run can use the data. It costs one read of the register when nothing was ever erased.
+certificate, before any run can use the data. It costs one read of the register when nothing was ever erased, and
+a look at the delivery registry otherwise; every table is read only when the warehouse lacks the mark of an applied
+erasure (a warehouse restored on its own).
 """
 
 from __future__ import annotations
@@ -26,13 +28,16 @@ def settings() -> dict:
             "backup_days": backup_days_from_env()}
 
 
-def run_erasure(data_root: str | None = None, *, log=print, only_reapply: bool = False) -> list:
-    """Apply every pending withdrawal (``only_reapply``: only those a restore brought back); the outcomes."""
+def run_erasure(data_root: str | None = None, *, log=print, only_reapply: bool = False,
+                supplied: list[str] = ()) -> list:
+    """Apply every pending withdrawal (``only_reapply``: only those a restore brought back; ``supplied``: the
+    request file's pseudonyms, to finish an interrupted erasure); the outcomes."""
     from cbp_platform.erasure import erase_pending
     from orchestration.profiles import warehouse
 
     layout = DataLayout.from_env(data_root)
-    return erase_pending(layout, warehouse(data_root), log=log, only_reapply=only_reapply, **settings())
+    return erase_pending(layout, warehouse(data_root), log=log, only_reapply=only_reapply, supplied=supplied,
+                         **settings())
 
 
 def reapply_on_start(data_root: str | None = None, *, log=print) -> list:
@@ -43,15 +48,25 @@ def reapply_on_start(data_root: str | None = None, *, log=print) -> list:
     reg = Register(layout.withdrawals)
     if not reg.path.exists() or not reg.applied():
         return []
-    from cbp_platform.erasure import plan
+    from cbp_platform.erasure import marks, plan
     from orchestration.profiles import warehouse
 
-    _, _, again = plan(layout, warehouse(data_root), reg, registry_only=True)
-    if not again:
-        return []
-    log(f"cbp: {len(again)} participant(s) whose withdrawal was applied are back in {layout.root} (a restore from "
-        "a backup?); erasing them again before anything runs")
-    out = run_erasure(data_root, log=log, only_reapply=True)
-    for o in out:
-        log(f"  {o.summary}: {o.certificate}")
+    wh = warehouse(data_root)
+    # cheap: the delivery registry (a restored data root brings it back); thorough (every table) only when the
+    # warehouse lacks the mark of an applied erasure (a warehouse restored on its own, e.g. PostgreSQL)
+    lacking = {r["certificate"] for r in reg.applied() if r.get("type") == "applied"} - marks(wh)
+    _, _, again = plan(layout, wh, reg, registry_only=not lacking, strict=False)
+    out = []
+    if again:
+        log(f"cbp: {len(again)} participant(s) whose withdrawal was applied are back in {layout.root} (a restore "
+            "from a backup?); erasing them again before anything runs")
+        out = run_erasure(data_root, log=log, only_reapply=True)
+        for o in out:
+            log(f"  {o.summary}: {o.certificate}")
+    if lacking and all(o.verified for o in out):     # checked thoroughly: the next start is cheap again
+        import polars as pl
+
+        from cbp_platform.erasure import MARKS
+        wh.append_rows(MARKS, pl.DataFrame({"certificate": sorted(lacking),
+                                            "at": ["(checked on start)"] * len(lacking)}))
     return out

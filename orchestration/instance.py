@@ -66,4 +66,4 @@ def review_store(data_root: str | None = None):
     from resources.reviews import ReviewStore
 
     instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else None
-    return ReviewStore(warehouse(data_root), instance=instance)
+    return ReviewStore(warehouse(data_root), instance=instance, data_root=DataLayout.from_env(data_root).root)

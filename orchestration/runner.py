@@ -210,9 +210,10 @@ def main(argv=None) -> int:
     print(f"Dagster instance: {instance.root_directory}")
     summary = run_pending(instance, refresh=not args.no_refresh, log_level=args.log_level, progress=args.progress)
     print(json.dumps(summary))
-    latest = DataRootResource().layout.latest_report
+    layout = DataRootResource().layout
+    latest = layout.latest_report
     if latest.exists():
-        out = Path(json.loads(latest.read_text())["path"])
+        out = layout.resolve(json.loads(latest.read_text())["path"])
         print(f"Published report: {out / 'report.html'} (Markdown: {out / 'report.md'}; lineage: {out / 'lineage.json'})")
     _qc_summary()
     return 1 if summary["failed"] else 0

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import dagster as dg
 import polars as pl
 
+from cbp_platform.paths import DataLayout
 from cbp_platform.qc import reviews as rv
 from cbp_platform.warehouse import now_utc
 from resources.warehouse import WAREHOUSE_KIND, Warehouse
@@ -36,6 +38,7 @@ def reviews_spec() -> dg.AssetSpec:
 class ReviewStore:
     warehouse: Warehouse
     instance: dg.DagsterInstance | None = None     # where decisions are reported (None: not reported)
+    data_root: Path | None = None                  # resolves the QC images' stored paths (relative to it)
 
     def _table(self, name: str, **kw) -> pl.DataFrame:
         """A table the queue reads; one not created yet (nothing segmented, or nobody reviewed yet) is empty."""
@@ -58,6 +61,8 @@ class ReviewStore:
         qc = self._table(QC_TABLE, order_by=["pseudonym"])
         if qc.height == 0:
             return qc
+        if self.data_root is not None:
+            qc = DataLayout(Path(self.data_root)).resolved_paths(qc, "qc_image")
         maps = self.current_maps()
         qc = qc.join(maps.select("pseudonym", pl.col("label_sha256").alias("_cur")), on="pseudonym", how="inner")
         qc = qc.filter(pl.col("label_sha256") == pl.col("_cur")).drop("_cur")

@@ -591,8 +591,10 @@ class DuckDBWarehouse(Warehouse, DuckDBResource):
                 os.fsync(fd)
             finally:
                 os.close(fd)
+            # while the old file's lock is still held: its WAL (none after the CHECKPOINT) would otherwise be
+            # replayed into the new file, and a process that opens the new file next may start its own
+            Path(f"{self.path}.wal").unlink(missing_ok=True)
             os.replace(fresh, self.path)
-        Path(f"{self.path}.wal").unlink(missing_ok=True)
         return {"method": "rewritten into a fresh, uncompressed file (COPY FROM DATABASE), replacing the old one",
                 "bytes_before": before, "bytes_after": self.path.stat().st_size}
 
@@ -784,22 +786,25 @@ class PostgresWarehouse(Warehouse):
         (docs/lifecycle.md)."""
         import adbc_driver_postgresql.dbapi as pg
 
-        done, checkpoint = [], False
+        done = []
         conn = pg.connect(self._uri(), autocommit=True)
         try:
             with conn.cursor() as cur:
                 cur.execute(f"SET search_path TO {_ident(self.schema_name)}")
-                for t in tables:
-                    cur.execute(f"VACUUM FULL {_ident(t)}")
+                for t in tables:          # ANALYZE: the column statistics sample values (pg_statistic)
+                    cur.execute(f"VACUUM (FULL, ANALYZE) {_ident(t)}")
                     done.append(t)
-                try:
-                    cur.execute("CHECKPOINT")
-                    checkpoint = True
-                except pg.Error:                           # needs superuser or pg_checkpoint
-                    pass
+                extra = []
+                for sql, what in (("VACUUM FULL pg_catalog.pg_statistic", "pg_statistic rewritten"),
+                                  ("CHECKPOINT", "CHECKPOINT")):
+                    try:                  # both need a superuser (CHECKPOINT: or pg_checkpoint)
+                        cur.execute(sql)
+                        extra.append(what)
+                    except pg.Error:
+                        pass
         finally:
             conn.close()
-        return {"method": "VACUUM FULL of the touched tables" + (", then CHECKPOINT" if checkpoint else ""),
+        return {"method": "VACUUM (FULL, ANALYZE) of the touched tables" + "".join(f", {e}" for e in extra),
                 "tables": done}
 
     def _ensure(self, cur, writes: list[Write], names: list[str]) -> None:

@@ -105,7 +105,7 @@ def test_the_code_location_shows_the_profiles_warehouse(clean_env, profile, over
     assert set(defs.resolve_asset_graph().asset_check_keys) == area_checks and len(area_checks) >= 9
     jobs = {j.name for j in defs.resolve_all_job_defs()} - {"__ASSET_JOB"}
     assert jobs == {"ingest_batch", "process_batch", "train_segmentation_model", "cohort_refresh",
-                    "compare_model_batch", "compare_models", "cut_release"}
+                    "compare_model_batch", "compare_models", "cut_release", "erase_withdrawn"}
     assert {s.name for s in defs.sensors} == ({"delivery_sensor"} if profile == "kubernetes"
                                               else {"delivery_sensor", "run_reaper"})
     assert {s.name for s in defs.schedules} == {"daily_cohort_refresh"}

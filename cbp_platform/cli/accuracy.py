@@ -28,8 +28,8 @@ def _cmd_accuracy(args: argparse.Namespace) -> int:
     if not {"muscle_metrics", "muscle_segmentations"} <= set(wh.tables()):
         print("cbp accuracy: error: no segmentations in the warehouse yet", file=sys.stderr)
         return 2
-    segs = wh.table("muscle_segmentations", columns=["delivery_id", "pseudonym", "label_path"],
-                    order_by=["pseudonym"])
+    segs = layout.resolved_paths(wh.table("muscle_segmentations", columns=["delivery_id", "pseudonym", "label_path"],
+                                          order_by=["pseudonym"]), "label_path")
     mets = wh.table("muscle_metrics", order_by=["pseudonym", "muscle"])
     rep = evaluate(segs, mets, layout.truth, progress=progress_flag(args))
     print(json.dumps(rep, indent=1) if args.json else format_report(rep))

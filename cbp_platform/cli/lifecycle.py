@@ -62,6 +62,9 @@ def register(sub) -> None:
                                    "re-checks a certificate, its chain and that the participant is still erased "
                                    "(exit 0 only when all hold). docs/lifecycle.md.")
     e.add_argument("--verify", metavar="CERT", default=None, help="re-check this certificate and its chain")
+    e.add_argument("--request", metavar="FILE", default=None,
+                   help="the request file again: finishes an erasure that was interrupted or did not verify (the "
+                        "platform may no longer hold the pseudonym the scan needs); read, never copied")
     e.add_argument("--data-root", default=None)
     e.set_defaults(func=_cmd_erase)
 
@@ -193,11 +196,14 @@ def _cmd_erase(args: argparse.Namespace) -> int:
     reg = Register(layout.withdrawals)
     if args.verify:
         return _verify_certificate(args.verify, layout, reg)
+    from cbp_platform.erasure import ErasureError
+    from cbp_platform.withdrawals import read_request
     from orchestration.erasure import run_erasure
 
     try:
-        outcomes = run_erasure(args.data_root)
-    except (WithdrawalError, CertificateError) as exc:
+        supplied = [q.pseudonym for q in read_request(args.request)] if args.request else []
+        outcomes = run_erasure(args.data_root, supplied=supplied)
+    except (WithdrawalError, CertificateError, ErasureError) as exc:
         print(f"cbp erase: error: {exc}", file=sys.stderr)
         return 2
     if not outcomes:
@@ -213,21 +219,23 @@ def _cmd_erase(args: argparse.Namespace) -> int:
 def _verify_certificate(cert: str, layout, reg) -> int:
     from pathlib import Path
 
-    from cbp_platform.erasure import held_pseudonyms
+    from cbp_platform.erasure import held_pseudonyms, image_data_left, marks
     from cbp_platform.erasure.certificates import verify
     from cbp_platform.withdrawals import keyed_hash
     from orchestration.profiles import warehouse
 
-    problems = verify(Path(cert), layout.withdrawals, reg.applied())
+    wh = warehouse(str(layout.root))
+    problems = verify(Path(cert), layout.withdrawals, reg.applied(), marks(wh))
     doc = {}
     if not problems:
         doc = json.loads(Path(cert).read_text())
         if not doc.get("verified"):
             problems.append(f"{Path(cert).name}: the erasure it certifies was not verified (incomplete)")
         key = reg.key()
-        if doc.get("scope") == "all" and doc["keyed_hash"] in {keyed_hash(key, p) for p in
-                                                               held_pseudonyms(layout, warehouse(str(layout.root)))}:
-            problems.append("the participant is held again (a restore?): run cbp erase")
+        held = {keyed_hash(key, p): p for p in held_pseudonyms(layout, wh)}
+        p = held.get(doc["keyed_hash"])
+        if p is not None and (doc.get("scope") == "all" or image_data_left(layout, wh, p)):
+            problems.append("the participant's data is held again (a restore?): run cbp erase")
     if problems:
         for p in problems:
             print(f"cbp erase --verify: {p}", file=sys.stderr)

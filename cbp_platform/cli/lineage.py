@@ -38,7 +38,7 @@ def _cmd_lineage(args) -> int:
             print(f"cbp lineage: error: {latest} not found (materialise published_results first: make demo)",
                   file=sys.stderr)
             return 2
-        mpath = Path(json.loads(latest.read_text())["path"]) / MANIFEST_NAME
+        mpath = layout.resolve(json.loads(latest.read_text())["path"]) / MANIFEST_NAME
     try:
         m = read_manifest(mpath)
         print(f"lineage manifest {mpath}")

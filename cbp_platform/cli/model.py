@@ -123,6 +123,6 @@ def _cmd_model_compare(args: argparse.Namespace) -> int:
     print(json.dumps(summary))
     latest = DataLayout.from_env().latest_report
     if not summary["failed"] and latest.exists():
-        out = Path(json.loads(latest.read_text())["path"])
+        out = DataLayout.from_env().resolve(json.loads(latest.read_text())["path"])
         print(f"report with the comparison (section 9): {out / 'report.html'}")
     return 1 if summary["failed"] else 0

@@ -32,10 +32,12 @@ from pathlib import Path
 from typing import Any
 
 from cbp_platform.erasure.certificates import Signer
-from cbp_platform.erasure.datamap import STORES, UNMAPPED, Context, Subject, unmapped_roots
+from cbp_platform.erasure.datamap import STORES, UNMAPPED, Context, Subject, scan_verdict, unmapped_roots
 from cbp_platform.erasure.scan import ScanResult, needles_for, scan
+from cbp_platform.imaging.nifti import atomic_write_bytes
 from cbp_platform.paths import DataLayout
-from cbp_platform.withdrawals import Register, keyed_hash
+from cbp_platform.warehouse import TABLES
+from cbp_platform.withdrawals import KEY_ENV, KEY_NAME, Register, key_id, keyed_hash
 
 BACKUP_DAYS_ENV = "CBP_BACKUP_RETENTION_DAYS"
 DEFAULT_BACKUP_DAYS = 35
@@ -82,7 +84,7 @@ def held_pseudonyms(layout: DataLayout, warehouse: Any, *, registry_only: bool =
     return out
 
 
-def _image_data_left(layout: DataLayout, warehouse: Any, pseudonym: str) -> bool:
+def image_data_left(layout: DataLayout, warehouse: Any, pseudonym: str) -> bool:
     from cbp_platform.ingest.redaction import holds
     from cbp_platform.ingest.registry import registered_deliveries, registered_manifest
 
@@ -97,31 +99,51 @@ def _image_data_left(layout: DataLayout, warehouse: Any, pseudonym: str) -> bool
     return False
 
 
-def plan(layout: DataLayout, warehouse: Any, register: Register, *, registry_only: bool = False
-         ) -> tuple[list[Subject], list[dict], set[str]]:
+class ErasureError(RuntimeError):
+    """An erasure that cannot go on; the message names requests and stores, never a pseudonym."""
+
+
+def plan(layout: DataLayout, warehouse: Any, register: Register, *, registry_only: bool = False,
+         supplied: list[str] = (), strict: bool = True) -> tuple[list[Subject], list[dict], set[str]]:
     """(subjects to erase, pending requests that match nobody held, keyed hashes re-applied after a restore).
     A request is pending until an ``applied`` record names it; an applied one whose participant is held again
-    (a restore) is pending again."""
+    (a restore) is pending again. ``supplied``: pseudonyms from the request file (``cbp erase --request``), for a
+    request whose erasure was interrupted or incomplete: the platform may no longer hold them, but the scan needs
+    them. ``strict`` (False for the start-up check): an interrupted erasure raises :class:`ErasureError` rather
+    than being skipped."""
     records = register.records()
     requests = [r for r in records if r.get("type") == "request"]
     if not requests:
         return [], [], set()
-    applied = {r["request_id"] for r in records if r.get("type") == "applied"}
     key = register.key()
+    other = {r.get("key_id") for r in requests} - {key_id(key)}
+    if other:        # hashed under another key, nobody would match: every request would look "held nothing"
+        raise ErasureError(f"{register.path.name}: requests written with another withdrawal key than the one set "
+                           f"now ({KEY_ENV} or {KEY_NAME}); restore that key: nothing was erased")
+    applied = {r["request_id"] for r in records if r.get("type") == "applied"}
+    begun = {r["request_id"] for r in records if r.get("type") in ("started", "incomplete")} - applied
     held = {keyed_hash(key, p): p for p in held_pseudonyms(layout, warehouse, registry_only=registry_only)}
+    given = {keyed_hash(key, p): p for p in supplied}
     by_hash: dict[str, list[dict]] = {}
     for r in requests:
         by_hash.setdefault(r["keyed_hash"], []).append(r)
     subjects, nobody, again = [], [], set()
     for h, reqs in by_hash.items():
         todo = [r for r in reqs if r["request_id"] not in applied]
-        p = held.get(h)
+        p = held.get(h) or (given.get(h) if todo else None)
         if p is None:
+            interrupted = [r["request_id"] for r in todo if r["request_id"] in begun]
+            if interrupted and not strict:
+                continue
+            if interrupted:   # begun, never certified: "held nothing" would be false; the scan needs the pseudonym
+                raise ErasureError(f"the erasure of request(s) {', '.join(interrupted)} was interrupted or did not "
+                                   "verify, and the platform no longer holds the participant: run `cbp erase "
+                                   "--request FILE` with the request file, so that the scan can look for them")
             nobody += todo
             continue
         scope = "all" if any(r["scope"] == "all" for r in reqs) else "imaging"
         if not todo:                      # applied, yet held again: a restore brought the participant back
-            if scope == "imaging" and not _image_data_left(layout, warehouse, p):
+            if scope == "imaging" and not image_data_left(layout, warehouse, p):
                 continue
             again.add(h)
             todo = reqs
@@ -137,7 +159,8 @@ def _scan_all(ctx: Context, subjects: list[Subject], progress=None) -> dict[str,
     out = {}
     for st in STORES:
         roots = st.roots(ctx)
-        exclude = [Path(r) / n for r in ctx.extra_db_dirs for n in NOT_SCANNED_IN_DB_DIRS]
+        exclude = [Path(r) / n for r in ctx.extra_db_dirs for n in NOT_SCANNED_IN_DB_DIRS] + \
+            [ctx.layout.withdrawals / JOURNAL]          # the journal holds the digests being looked for
         out[st.name] = scan(roots, needles, digests, exclude=exclude, progress=progress)
     root, covered = unmapped_roots(ctx)
     out[UNMAPPED] = scan([root], needles, digests, exclude=covered, progress=progress)
@@ -148,6 +171,7 @@ def _scan_all(ctx: Context, subjects: list[Subject], progress=None) -> dict[str,
             if s.scope == "imaging" and keeps:                   # the covariates, and so the pseudonym, stay here
                 mine = [h for h in mine if "pseudonym" not in h.what]
             s.hits[name] = mine
+            s.unreadable[name] = list(res.unreadable)
     return out
 
 
@@ -176,14 +200,30 @@ def _clean(text: Any, pseudonym: str) -> Any:
 def erase_pending(layout: DataLayout, warehouse: Any, *, extra_db_dirs: list[Path] = (),
                   dagster_home: Path | None = None, backup_days: int = DEFAULT_BACKUP_DAYS,
                   code_version: dict | None = None, log=print, now: datetime | None = None,
-                  only_reapply: bool = False) -> list[Outcome]:
+                  only_reapply: bool = False, supplied: list[str] = ()) -> list[Outcome]:
     """Apply every pending withdrawal (see the module doc); one :class:`Outcome` per certificate written.
-    ``only_reapply``: only the withdrawals applied before whose participant is back (the start-up check)."""
+    ``only_reapply``: only the withdrawals applied before whose participant is back (the start-up check);
+    ``supplied``: pseudonyms of the request file, to finish an interrupted erasure. One erasure at a time (a lock
+    file in the register's folder): a second process waits, then finds nothing left to do."""
+    with erasure_lock(layout):
+        return _erase_pending(layout, warehouse, extra_db_dirs=extra_db_dirs, dagster_home=dagster_home,
+                              backup_days=backup_days, code_version=code_version, log=log, now=now,
+                              only_reapply=only_reapply, supplied=supplied)
+
+
+def erasure_lock(layout: DataLayout):
+    from cbp_platform.ingest.registry import file_lock
+
+    return file_lock(layout.withdrawals / ".erase.lock")
+
+
+def _erase_pending(layout: DataLayout, warehouse: Any, *, extra_db_dirs, dagster_home, backup_days, code_version,
+                   log, now, only_reapply, supplied) -> list[Outcome]:
     from cbp_platform import __version__
     from cbp_platform.lineage import code_version as git_version
 
     register = Register(layout.withdrawals)
-    subjects, nobody, again = plan(layout, warehouse, register)
+    subjects, nobody, again = plan(layout, warehouse, register, supplied=supplied)
     if only_reapply:
         subjects, nobody = [s for s in subjects if s.keyed_hash in again], []
     if not subjects and not nobody:
@@ -194,14 +234,30 @@ def erase_pending(layout: DataLayout, warehouse: Any, *, extra_db_dirs: list[Pat
     until = (now.date() + timedelta(days=int(backup_days))).isoformat()
     touched: set[str] = set()
     for n, s in enumerate(subjects, start=1):
-        log(f"  erasing participant {n} of {len(subjects)} (request {', '.join(r['request_id'] for r in s.requests)}"
-            f", scope {s.scope}{', re-applied after a restore' if s.keyed_hash in again else ''})")
+        ids = ", ".join(r["request_id"] for r in s.requests)
+        log(f"  erasing participant {n} of {len(subjects)} (request {ids}, scope {s.scope}"
+            f"{', re-applied after a restore' if s.keyed_hash in again else ''})")
+        # begun: from here a crash leaves a request that a re-run cannot certify as "held nothing"
+        register.append([{"type": "started", "request_id": r["request_id"], "keyed_hash": s.keyed_hash,
+                          "at": now.isoformat()} for r in s.requests])
         s.releases = warehouse.participant_releases(s.pseudonym)
+        journal = _journal(layout, s)
+        if journal.exists():        # an interrupted run's fingerprints of files it removed
+            s.digests.update(json.loads(journal.read_text()))
         for st in STORES:
-            if st.erase is not None:
+            if st.erase is None:
+                continue
+            try:
                 s.removed[st.name] = st.erase(ctx, s)
+            except Exception as exc:  # noqa: BLE001  (re-raised without the pseudonym a path or row would carry)
+                raise ErasureError(_clean(f"request(s) {ids}: store {st.name}: {type(exc).__name__}: {exc}",
+                                          s.pseudonym)) from None
+            finally:
+                atomic_write_bytes(journal, json.dumps(s.digests).encode())
         touched |= set(s.removed.get("warehouse", {}).get("rows", {}))
-    compaction = warehouse.compact(sorted(touched)) if touched else {"method": "nothing deleted"}
+    # always rewrite when someone was erased: rows deleted by an interrupted run leave bytes behind too
+    tables = sorted(touched) or sorted(t for t in warehouse.tables() if TABLES.get(t) and TABLES[t].holds != "none")
+    compaction = warehouse.compact(tables) if subjects else {"method": "nothing deleted"}
     scans = _scan_all(ctx, subjects) if subjects else {}
     total = {k: v.as_dict() for k, v in scans.items()}
     signer = Signer(layout.withdrawals)
@@ -214,10 +270,8 @@ def erase_pending(layout: DataLayout, warehouse: Any, *, extra_db_dirs: list[Pat
                                                                            if st.erase is None else {}),
                                "verified": verdict}
         stores["warehouse"]["compaction"] = compaction
-        unmapped = s.hits.get(UNMAPPED, [])
         stores[UNMAPPED] = {"holds": "whatever lies in the data root outside every store (truth/ aside)",
-                            "removed": "nothing", "verified": {"method": "byte scan", "hits": len(unmapped),
-                                                               "passed": not unmapped}}
+                            "removed": "nothing", "verified": scan_verdict(s, UNMAPPED)}
         ok = all(v["verified"]["passed"] for v in stores.values())
         body = {"request_ids": [r["request_id"] for r in s.requests], "keyed_hash": s.keyed_hash,
                 "key_id": s.requests[0].get("key_id"), "scope": s.scope,
@@ -228,6 +282,8 @@ def erase_pending(layout: DataLayout, warehouse: Any, *, extra_db_dirs: list[Pat
                 "scan": total, "releases": s.releases, "published_results": _published(layout, s.releases),
                 "backups_hold_data_until": until, "code_version": code}
         out.append(_certify(register, signer, body, s.requests, ok, held=True, reapplied=s.keyed_hash in again))
+        if ok:
+            _journal(layout, s).unlink(missing_ok=True)
     if nobody:
         n_held = len(held_pseudonyms(layout, warehouse))
         for r in nobody:
@@ -239,7 +295,28 @@ def erase_pending(layout: DataLayout, warehouse: Any, *, extra_db_dirs: list[Pat
                                   "(delivery registry, release manifests, warehouse)", "passed": True}}},
                     "releases": [], "published_results": [], "backups_hold_data_until": until, "code_version": code}
             out.append(_certify(register, signer, body, [r], True, held=False, reapplied=False))
+    if out:             # the warehouse remembers these erasures: restored from before them, it lacks the marks
+        import polars as pl
+
+        warehouse.append_rows(MARKS, pl.DataFrame({"certificate": [o.certificate.name for o in out],
+                                                   "at": [now.isoformat()] * len(out)}))
     return out
+
+
+MARKS = "erasure_marks"
+JOURNAL = "journal"
+
+
+def _journal(layout: DataLayout, s: Subject) -> Path:
+    """The sha256 of each file the erasure removed, kept (outside the data root, no pseudonym) until it is
+    certified: a run interrupted after removing a file still scans for copies of it when it is finished."""
+    return layout.withdrawals / JOURNAL / f"{s.keyed_hash}.json"
+
+
+def marks(warehouse: Any) -> set[str]:
+    """The certificates whose erasure this warehouse has seen (:data:`MARKS`; a table with no participant)."""
+    df = warehouse.table(MARKS, missing_ok=True)
+    return set(df["certificate"].to_list()) if df is not None and df.height else set()
 
 
 def _certify(register: Register, signer: Signer, body: dict, requests: list[dict], ok: bool, *, held: bool,

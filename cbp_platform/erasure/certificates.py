@@ -118,9 +118,22 @@ class Signer:
         return path, hashlib.sha256(data).hexdigest()
 
 
-def verify(path: Path, folder: Path, applied: list[dict]) -> list[str]:
+def _signature_problem(name: str, doc: dict, deployment: Ed25519PublicKey | None) -> str | None:
+    try:
+        pub = Ed25519PublicKey.from_public_bytes(bytes.fromhex(doc["public_key"]))
+        pub.verify(base64.b64decode(doc["signature"]), canonical(doc))
+    except (KeyError, ValueError, TypeError, InvalidSignature):
+        return f"{name}: the signature does not match its content"
+    if deployment is not None and _raw(pub) != _raw(deployment):
+        return f"{name}: signed by key {key_id(pub)}, not by this deployment's key {key_id(deployment)}"
+    return None
+
+
+def verify(path: Path, folder: Path, applied: list[dict], marks: set[str] = frozenset()) -> list[str]:
     """Problems of the certificate at ``path`` and of the chain it belongs to (empty: it holds). ``folder``: the
-    register's folder; ``applied``: the register's ``applied`` records (each names a certificate and its sha256)."""
+    register's folder; ``applied``: the register's ``applied`` records (each names a certificate and its sha256);
+    ``marks``: the certificates the warehouse remembers (a second witness, in another store: deleting certificates
+    together with their register records is found there)."""
     problems: list[str] = []
     signer = Signer(folder)
     path = Path(path)
@@ -131,19 +144,16 @@ def verify(path: Path, folder: Path, applied: list[dict]) -> list[str]:
     if doc.get("format") != FORMAT:
         problems.append(f"{path.name}: format {doc.get('format')!r} is not {FORMAT}")
     try:
-        pub = Ed25519PublicKey.from_public_bytes(bytes.fromhex(doc["public_key"]))
-        pub.verify(base64.b64decode(doc["signature"]), canonical(doc))
-    except (KeyError, ValueError, InvalidSignature):
-        problems.append(f"{path.name}: the signature does not match its content")
-        pub = None
-    try:
-        deployment = signer.public_key()
-        if pub is not None and _raw(pub) != _raw(deployment):
-            problems.append(f"{path.name}: signed by key {key_id(pub)}, not by this deployment's key "
-                            f"{key_id(deployment)}")
+        own = _signature_problem(path.name, doc, signer.public_key())
     except CertificateError as exc:
-        problems.append(str(exc))
-    # the chain: contiguous numbers, each naming the sha256 of the one before
+        own = str(exc)
+    if own:
+        problems.append(own)
+    # the chain: contiguous numbers, each naming the sha256 of the one before, each signed by the deployment
+    try:
+        deployment_key = signer.public_key()
+    except CertificateError:
+        deployment_key = None
     chain = signer.certificates()
     previous, expect = "", 1
     for p in chain:
@@ -154,6 +164,10 @@ def verify(path: Path, folder: Path, applied: list[dict]) -> list[str]:
             problems.append(f"chain: {p.name} is not a certificate")
             previous, expect = hashlib.sha256(data).hexdigest(), expect + 1
             continue
+        if p.resolve() != path.resolve():
+            other = _signature_problem(p.name, c, deployment_key)
+            if other:
+                problems.append(f"chain: {other}")
         if int(c.get("seq", -1)) != expect:
             problems.append(f"chain: {p.name} has number {c.get('seq')}, the chain expects {expect} (a certificate "
                             "was deleted or renamed)")
@@ -164,6 +178,11 @@ def verify(path: Path, folder: Path, applied: list[dict]) -> list[str]:
     if path.resolve() not in {p.resolve() for p in chain}:
         problems.append(f"{path.name}: not in the deployment's certificate chain ({signer.dir})")
     names = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in chain}
+    recorded = {a.get("certificate") for a in applied}
+    problems += [f"chain: {n} is named by no record of the register (an interrupted erasure, or its record removed)"
+                 for n in names if n not in recorded]
+    problems += [f"warehouse: it remembers certificate {m}, which is gone from the chain" for m in sorted(marks)
+                 if m not in names]
     for a in applied:
         cert = a.get("certificate")
         if cert not in names:

@@ -45,6 +45,7 @@ class Subject:
     releases: list[int] = field(default_factory=list)
     montages: set[tuple[str, str]] = field(default_factory=set)   # (delivery id, batch key) to redraw
     hits: dict[str, list[Hit]] = field(default_factory=dict)   # store -> byte-scan hits that count
+    unreadable: dict[str, list[str]] = field(default_factory=dict)   # store -> files the scan could not read
 
 
 @dataclass
@@ -74,10 +75,13 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _scan_verdict(subject: Subject, store: str, extra: dict | None = None) -> dict:
+def scan_verdict(subject: Subject, store: str, extra: dict | None = None) -> dict:
     hits = subject.hits.get(store, [])
+    unreadable = subject.unreadable.get(store, [])
     out = {"method": "byte scan (files, gzip streams, zip members, names)", "hits": len(hits),
-           "passed": not hits, **(extra or {})}
+           "unreadable_files": len(unreadable), "passed": not hits and not unreadable, **(extra or {})}
+    if unreadable:          # a file the scan could not read proves nothing: the store does not pass
+        out["unreadable"] = unreadable[:20]
     if hits:
         out["where"] = sorted({f"{h.path}{'::' + h.member if h.member else ''}: {h.what}" for h in hits})[:20]
     return out
@@ -102,7 +106,7 @@ def _verify_warehouse(ctx: Context, s: Subject) -> dict:
     wh = ctx.warehouse
     left = {t: n for t, n in wh.participant_rows(s.pseudonym, s.scope).items() if n}
     text = {} if s.scope == "imaging" else wh.text_occurrences(s.pseudonym)
-    out = _scan_verdict(s, "warehouse", {"rows_left": left, "text_left": text})
+    out = scan_verdict(s, "warehouse", {"rows_left": left, "text_left": text})
     out["method"] = "SQL: the participant's rows in every declared table, and every text column of every table; " \
                     "then " + out["method"] + " of the database files"
     out["passed"] = out["passed"] and not left and not text
@@ -135,7 +139,14 @@ def _named(root: Path, pseudonym: str) -> list[Path]:
 
 def _erase_derived(ctx: Context, s: Subject) -> dict:
     files = dirs = 0
-    for p in sorted(_named(ctx.layout.derived, s.pseudonym), key=lambda p: len(p.parts), reverse=True):
+    named = _named(ctx.layout.derived, s.pseudonym)
+    seg_root = ctx.layout.segmentations("x").parent
+    for p in named:        # the montages of the deliveries the participant's maps are in (also after a crash that
+        if p.is_relative_to(seg_root) and len(p.relative_to(seg_root).parts) > 1:    # lost the warehouse rows)
+            delivery = p.relative_to(seg_root).parts[0]
+            s.montages |= {(delivery, m.stem[len("qc_montage_"):])
+                           for m in ctx.layout.segmentations(delivery).glob("qc_montage_*.png")}
+    for p in sorted(named, key=lambda p: len(p.parts), reverse=True):
         if p.is_dir() and not p.is_symlink():
             for f in p.rglob("*"):
                 if f.is_file():
@@ -179,7 +190,7 @@ def _redraw_montages(ctx: Context, s: Subject) -> int:
 
 def _verify_derived(ctx: Context, s: Subject) -> dict:
     left = _named(ctx.layout.derived, s.pseudonym)
-    out = _scan_verdict(s, "derived", {"named_left": len(left)})
+    out = scan_verdict(s, "derived", {"named_left": len(left)})
     out["passed"] = out["passed"] and not left
     return out
 
@@ -215,7 +226,7 @@ def _listed(ctx: Context, s: Subject) -> int:
 
 def _verify_landing(ctx: Context, s: Subject) -> dict:
     left = _listed(ctx, s)
-    out = _scan_verdict(s, "landing", {"still_listed": left})
+    out = scan_verdict(s, "landing", {"still_listed": left})
     out["passed"] = out["passed"] and not left
     return out
 
@@ -250,7 +261,7 @@ def _erase_registry(ctx: Context, s: Subject) -> dict:
 
 
 def _verify_scan(store: str) -> Callable[[Context, Subject], dict]:
-    return lambda ctx, s: _scan_verdict(s, store)
+    return lambda ctx, s: scan_verdict(s, store)
 
 
 def _dagster_roots(ctx: Context) -> list[Path]:
@@ -295,7 +306,7 @@ STORES: tuple[Store, ...] = (
           ("truth",), lambda c: [], _truth_verify),
 )
 # DataLayout members that are not stores: the root itself, constructors and helpers
-NOT_STORES = ("root", "from_env", "stored", "resolve")
+NOT_STORES = ("root", "from_env", "stored", "resolve", "stored_paths", "resolved_paths")
 UNMAPPED = "unmapped"
 _WORD = re.compile(r"^[a-z_]+$")
 assert all(_WORD.match(s.name) for s in STORES)

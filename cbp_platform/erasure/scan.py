@@ -34,7 +34,7 @@ MAX_MEMBER_BYTES = 4 << 30          # a zip member or gzip stream larger than th
 class Hit:
     path: str                       # relative to the scanned folder it was found under
     member: str                     # the archive member ('' for the file itself; 'gzip' for a .gz stream)
-    what: str                       # the needle's label, or 'file sha256 <label>' for a copy of a file
+    what: str                       # the needle's label, or '<label> (a copy: same sha256)' for a copy of a file
 
 
 @dataclass
@@ -113,7 +113,7 @@ def scan_file(path: Path, rel: str, needles: dict[str, bytes], digests: dict[str
         res.bytes = n
         res.hits += [Hit(rel, "", w) for w in sorted(found)]
         if digest in digests:
-            res.hits.append(Hit(rel, "", f"file sha256 {digests[digest]}"))
+            res.hits.append(Hit(rel, "", f"{digests[digest]} (a copy: same sha256)"))
         with open(path, "rb") as fh:
             magic = fh.read(4)
         if magic[:2] == b"\x1f\x8b":
@@ -123,7 +123,7 @@ def scan_file(path: Path, rel: str, needles: dict[str, bytes], digests: dict[str
                 res.members += 1
                 res.hits += [Hit(rel, "gzip", w) for w in sorted(found)]
                 if digest in digests:
-                    res.hits.append(Hit(rel, "gzip", f"file sha256 {digests[digest]}"))
+                    res.hits.append(Hit(rel, "gzip", f"{digests[digest]} (a copy: same sha256)"))
             except (OSError, EOFError, zlib.error):
                 pass                                  # not a whole gzip stream: its raw bytes were searched
         elif magic == b"PK\x03\x04":
@@ -137,7 +137,7 @@ def scan_file(path: Path, rel: str, needles: dict[str, bytes], digests: dict[str
                         res.members += 1
                         res.hits += [Hit(rel, info.filename, w) for w in sorted(found)]
                         if digest in digests:
-                            res.hits.append(Hit(rel, info.filename, f"file sha256 {digests[digest]}"))
+                            res.hits.append(Hit(rel, info.filename, f"{digests[digest]} (a copy: same sha256)"))
             except (zipfile.BadZipFile, OSError, EOFError, zlib.error, NotImplementedError, RuntimeError):
                 pass                                  # a damaged archive: its raw bytes were searched
     except OSError as exc:

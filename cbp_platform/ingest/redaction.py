@@ -12,7 +12,8 @@ Raw files are never modified, with one exception: the erasure of a participant w
   ``all``), and a redaction record is appended to ``registry/redactions/<delivery id>.json``: when, which request,
   how many participants and files; never a pseudonym.
 
-Idempotent: a participant the delivery no longer holds is skipped. Returns what was removed and the sha256 of each
+Idempotent, and an interrupted redaction is finished by the next (the delivery record, written last, still names
+the participant): a participant the delivery no longer holds is skipped. Returns what was removed and the sha256 of each
 removed file, for the byte scan (:mod:`cbp_platform.erasure.scan`).
 """
 
@@ -29,7 +30,7 @@ from pathlib import Path
 from cbp_platform.imaging.nifti import atomic_write_bytes
 from cbp_platform.ingest.deliveries import BatchRegistry
 from cbp_platform.ingest.registry import (files_path, manifest_copy_path, record_path, registered_deliveries,
-                                          registry_lock)
+                                          registered_manifest, registry_lock)
 from cbp_platform.landing import COVARIATES_NAME, MANIFEST_NAME
 from cbp_platform.paths import DataLayout
 
@@ -111,8 +112,10 @@ def redact(root: Path, pseudonym: str, scope: str, request_id: str) -> dict:
         for rec in registered_deliveries(root):
             did = rec["delivery_id"]
             copy = manifest_copy_path(root, did)
-            manifest = json.loads(copy.read_bytes())
-            if not holds(manifest, pseudonym, scope):
+            manifest = registered_manifest(root, did, layout.landing)   # (the landing copy for an old registration)
+            # the record too: a redaction interrupted after the manifest copy was rewritten is finished now
+            if not holds(manifest, pseudonym, scope) and \
+                    not (scope != IMAGING and pseudonym in rec.get("participants", ())):
                 continue
             ddir = layout.landing / did
             removed = 0

@@ -62,9 +62,14 @@ def files_path(root: Path, delivery_id: str) -> Path:
     return _dir(root) / f"{delivery_id}.files.json"
 
 
-@contextlib.contextmanager
 def registry_lock(root: Path):
-    path = DataLayout(Path(root)).registry / ".lock"
+    return file_lock(DataLayout(Path(root)).registry / ".lock")
+
+
+@contextlib.contextmanager
+def file_lock(path: Path):
+    """An exclusive lock on ``path`` (created), across processes, for a with-block."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+b") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)

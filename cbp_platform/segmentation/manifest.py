@@ -19,11 +19,12 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from cbp_platform.classes import BY_NAME, NAMES
 from cbp_platform.imaging.nifti import atomic_write_bytes, sha256_file
+from cbp_platform.paths import resolve_under, stored_under
 from cbp_platform.segmentation.backends import BACKENDS
 from cbp_platform.segmentation.errors import ManifestError  # (its own module: the backend registry raises it too)
 
@@ -168,7 +169,9 @@ def save_manifest(registry_dir: Path, m: ModelManifest) -> Path:
     registry_dir = Path(registry_dir)
     registry_dir.mkdir(parents=True, exist_ok=True)
     path = registry_dir / f"{m.name}.json"
-    atomic_write_bytes(path, m.to_json().encode())
+    # a folder under the models folder is stored relative to it: a data root copied elsewhere works there
+    stored = replace(m, folder=stored_under(registry_dir.parent, m.folder))
+    atomic_write_bytes(path, stored.to_json().encode())
     return path
 
 
@@ -178,10 +181,14 @@ def load_manifest(registry_dir: Path, name: str) -> ModelManifest:
         known = sorted(p.stem for p in Path(registry_dir).glob("*.json")) if Path(registry_dir).is_dir() else []
         raise ManifestError(f"{path}: no registered model {name!r} (registered: {', '.join(known) or 'none'}; "
                             "see `cbp model register`)")
-    return ModelManifest.from_json(path.read_text(), where=str(path))
+    return _absolute(ModelManifest.from_json(path.read_text(), where=str(path)), Path(registry_dir))
+
+
+def _absolute(m: ModelManifest, registry_dir: Path) -> ModelManifest:
+    return m if Path(m.folder).is_absolute() else replace(m, folder=str(resolve_under(registry_dir.parent, m.folder)))
 
 
 def list_manifests(registry_dir: Path) -> list[ModelManifest]:
     d = Path(registry_dir)
-    return [ModelManifest.from_json(p.read_text(), where=str(p)) for p in sorted(d.glob("*.json"))] if d.is_dir() \
-        else []
+    return [_absolute(ModelManifest.from_json(p.read_text(), where=str(p)), d) for p in sorted(d.glob("*.json"))] \
+        if d.is_dir() else []

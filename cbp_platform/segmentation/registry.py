@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cbp_platform.paths import resolve_under
 from cbp_platform.segmentation.manifest import (ManifestError, ModelManifest, load_manifest, save_manifest)
 from cbp_platform.segmentation.presets import PRESETS
 
@@ -84,7 +85,7 @@ def manifest_for_pointer(pointer: dict, registry_dir: Path) -> ModelManifest:
         return m
     from cbp_platform.segmentation.backends import describe_monai_bundle
 
-    folder = Path(pointer["path"])
+    folder = resolve_under(Path(registry_dir).parent, pointer["path"])
     m = describe_monai_bundle(folder, name=folder.name)
     if m.sha256 != pointer.get("weights_sha256"):
         raise ManifestError(f"{folder}: weights {m.sha256[:12]}... differ from models/current.json's "

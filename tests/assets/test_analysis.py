@@ -113,7 +113,7 @@ def test_models_recover_the_generating_odds_ratios(refreshed):
 def test_report_has_every_section_and_no_pseudonym(refreshed):
     root, _, _, tables = refreshed
     latest = json.loads((root / "published" / "latest.json").read_text())
-    out = Path(latest["path"])
+    out = DataLayout(root).resolve(latest["path"])
     md = (out / "report.md").read_text()
     for heading in ("Exclusion flow", "Table 1", "Physical activity", "Mixed logistic regression",
                     "Stratified comparisons", "Paper vs this run", "Secondary exposures", "Lineage"):
@@ -135,7 +135,7 @@ def test_report_has_every_section_and_no_pseudonym(refreshed):
 def test_lineage_manifest_ties_the_report_to_its_inputs(refreshed):
     root, inst, _, _ = refreshed
     latest = json.loads((root / "published" / "latest.json").read_text())
-    m = json.loads((Path(latest["path"]) / "lineage.json").read_text())
+    m = json.loads((DataLayout(root).resolve(latest["path"]) / "lineage.json").read_text())
     meta = _q(root, "SELECT * FROM analysis_cohort_meta")
     assert m["cohort"]["cohort_hash"] == meta["cohort_hash"][0]
     assert [b["batch_key"] for b in m["batches"]] == json.loads(meta["batches"][0])
@@ -145,7 +145,7 @@ def test_lineage_manifest_ties_the_report_to_its_inputs(refreshed):
     run = inst.get_latest_materialization_event(dg.AssetKey("cbp_association_model")).run_id
     assert m["cohort_assets"]["cbp_association_model"]["run_id"] == run
     for k, f in m["files"].items():
-        assert (Path(latest["path"]) / f["path"]).exists(), k
+        assert (DataLayout(root).resolve(latest["path"]) / f["path"]).exists(), k
 
 
 def test_cbp_lineage_prints_the_chain_and_a_participant_path(refreshed, capsys):
@@ -183,7 +183,8 @@ def test_the_disclosure_limit_is_configured_and_the_report_says_which(refreshed)
         res = job.execute_in_process(instance=inst, raise_on_error=False, run_config=config,
                                      asset_selection=[dg.AssetKey("published_results")])
         assert res.success
-        md = (Path(json.loads((root / "published" / "latest.json").read_text())["path"]) / "report.md").read_text()
+        md = (DataLayout(root).resolve(json.loads((root / "published" / "latest.json").read_text())["path"])
+              / "report.md").read_text()
         shown = limit or 5
         assert f"Counts below {shown} and every statistic computed from them are shown as '<{shown}'" in md
         assert (re.search(r"<5(?!00)", md) is None) == (limit == 10)
@@ -349,12 +350,12 @@ def test_a_rejection_reaches_the_flow_the_numbers_and_the_lineage(refreshed, cap
     assert after["cohort_hash"] != before["cohort_hash"]
     latest = json.loads((root / "published" / "latest.json").read_text())
     assert latest["cohort_hash"] == after["cohort_hash"]
-    manifest = json.loads((Path(latest["path"]) / "lineage.json").read_text())
+    manifest = json.loads((DataLayout(root).resolve(latest["path"]) / "lineage.json").read_text())
     assert manifest["reviews"]["count"] == 1 and manifest["reviews"]["sha256"] == sha
     assert manifest["reviews"]["rejected_in_force"] == 1
-    report = (Path(latest["path"]) / "report.md").read_text()
+    report = (DataLayout(root).resolve(latest["path"]) / "report.md").read_text()
     assert sha in report
-    for f in Path(latest["path"]).rglob("*"):
+    for f in DataLayout(root).resolve(latest["path"]).rglob("*"):
         if f.is_file() and f.suffix in (".md", ".html", ".csv", ".json"):
             assert p not in f.read_text(), f
     assert main(["lineage", "--data-root", str(root), "--participant", p]) == 0

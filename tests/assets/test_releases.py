@@ -67,9 +67,11 @@ def test_release_one_is_cut_published_and_named_everywhere(released):
     assert summary["participants"] == 2500 and summary["content_hash"] == first["content_hash"]
     assert summary["since_previous"]["new_participants"] == 2500
     latest = json.loads((root / "published" / "latest.json").read_text())
-    manifest = json.loads((Path(latest["path"]) / "lineage.json").read_text())
+    assert not latest["path"].startswith("/")                             # relative to the data root
+    manifest = json.loads((DataLayout(root).resolve(latest["path"]) / "lineage.json").read_text())
     assert manifest["release"]["id"] == 1 and manifest["release"]["content_hash"] == first["content_hash"]
-    assert f"Data release 1 (content hash {first['content_hash']})" in (Path(latest["path"]) / "report.md").read_text()
+    assert f"Data release 1 (content hash {first['content_hash']})" in (DataLayout(root).resolve(latest["path"]) /
+                                                                       "report.md").read_text()
     rc, out = _cli("lineage", "--data-root", str(root))
     assert f"data release 1 (content hash {first['content_hash']}" in out
     # a pseudonym is in the internal manifest (operator only), never in the public summary

@@ -2,7 +2,7 @@
 
 One data root: a NIfTI delivery and a DICOM delivery (3 participants each) go through Dagster's batch job with the
 registered nnU-Net test model (conversion and stitching for DICOM, segmentation, QC images, metrics), then a
-comparison with a second registered model; a reviewer accepts one map and rejects another; 2,500 simulated
+comparison with a second registered model; a reviewer accepts one map and rejects another; 1,000 simulated
 participants' rows sit beside them (``tests/support/synthetic.py``) so that release 1's report can fit its models.
 Release 1 is cut and published. Then:
 
@@ -128,10 +128,10 @@ def world(nnunet_model, tmp_path_factory):
         compared = compare_with(inst, "phantom-ensemble", log=lambda *_: None, refresh=False)
         assert compared["failed"] == [], compared
         wh = warehouse()
-        # 2,500 simulated participants' rows beside them, for the report's models (written in another file first:
+        # 1,000 simulated participants' rows beside them, for the report's models (written in another file first:
         # write_warehouse writes whole tables)
         other = DuckDBWarehouse(database=str(base / "simulated.duckdb"))
-        write_warehouse(root, 2500, seed=11, warehouse=other)
+        write_warehouse(root, 1000, seed=11, warehouse=other)
         for t in other.tables():
             df = other.table(t, versions="all")
             wh.replace_rows(t, df, {"batch_key": sorted(set(df["batch_key"].drop_nulls().to_list()))})
@@ -253,8 +253,8 @@ def test_the_old_release_still_verifies_and_reproduces_without_the_erased(world)
     assert commitment["root_ok"] and commitment["erased"] == 3 and commitment["mismatched"] == 0
     n = commitment["participants"]
     assert rc == 0 and out.strip().splitlines()[-1] == f"{n} \u2212 3 reproduced, 3 erased since", (out, err)
-    manifest = json.loads((Path(json.loads((world["root"] / "published" / "latest.json").read_text())["path"])
-                           / "lineage.json").read_text())
+    latest = json.loads((world["root"] / "published" / "latest.json").read_text())["path"]
+    manifest = json.loads((DataLayout(world["root"]).resolve(latest) / "lineage.json").read_text())
     assert manifest["release"]["merkle_root"] == commitment["root"]
 
 
@@ -284,6 +284,38 @@ def test_a_restored_backup_is_erased_again_before_anything_runs(world):
     assert len(new) == 3 and all(json.loads(p.read_text())["reapplied_after_restore"] for p in new)
 
 
+def _tree(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in root.rglob("*") if p.is_file() and not p.is_symlink()}
+
+
+def test_a_data_root_copied_elsewhere_works_there_and_touches_nothing_at_the_old_place(world):
+    """Nothing the platform stores holds the data root's absolute path (warehouse rows, pointers, manifests,
+    reports; the Dagster instance's own storage aside): a copy elsewhere, with its register, erases there."""
+    from orchestration.profiles import warehouse
+
+    old, c = world["root"], world["c"]
+    new = world["base"] / "moved" / "data"
+    shutil.copytree(old, new, symlinks=True)
+    shutil.copytree(DataLayout(old).withdrawals, DataLayout(new).withdrawals)
+    before = _tree(old)
+    needle = str(old).encode()
+    held = [str(p.relative_to(new)) for p in new.rglob("*")
+            if p.is_file() and not p.is_relative_to(new / "dagster_home") and needle in p.read_bytes()]
+    assert held == []
+    request = world["base"] / "moved-request.csv"
+    request.write_text(f"request_id,pseudonym,scope,effective_date\nTTP-105,{c},all,2026-12-03\n")
+    with _env(new):
+        assert warehouse().text_occurrences(str(old)) == {}
+        assert _cli("withdraw", "--request", str(request))[0] == 0
+        rc, out, err = _cli("erase")
+        assert rc == 0 and "erased and verified" in out, (out, err)
+        rc, out, err = _cli("qc", "list", "--status", "all", "--limit", "0", "--json")
+    assert rc == 0 and json.loads(out)                                    # the QC queue reads the new place
+    assert traces([new], [c], world["digests"][c], (DataLayout(new).truth,)) == []
+    assert _tree(old) == before                                           # the old place untouched
+
+
 def _checkpoint(server) -> None:
     import psycopg2
 
@@ -307,9 +339,10 @@ def test_postgres_erasure_leaves_no_trace_in_the_server_files(world, postgres_se
     shutil.copytree(world["backup"], root, symlinks=True)
     monkeypatch.setenv("CBP_WITHDRAWALS_DIR", str(tmp_path / "withdrawals"))
     src = DuckDBWarehouse(database=str(DataLayout(root).warehouse_file))
+    src_tables = {t: src.table(t, versions="all") for t in src.tables()}
     pg = postgres_server.warehouse()
-    for t in src.tables():
-        pg.replace_rows(t, src.table(t, versions="all"), {})
+    for t, df in src_tables.items():
+        pg.replace_rows(t, df, {})
     shutil.rmtree(DataLayout(root).warehouse_file.parent)          # this root's warehouse is PostgreSQL now
     pgdata = postgres_server.data
     pg_skip = (pgdata / "pg_wal",)
@@ -321,7 +354,20 @@ def test_postgres_erasure_leaves_no_trace_in_the_server_files(world, postgres_se
     out = erase_pending(DataLayout(root), pg, extra_db_dirs=[pgdata], log=lambda *_: None)
     assert [o.verified for o in out] == [True, True], [o.summary for o in out]
     cert = json.loads(out[0].certificate.read_text())
-    assert "VACUUM FULL" in cert["stores"]["warehouse"]["compaction"]["method"]
+    assert "VACUUM (FULL, ANALYZE)" in cert["stores"]["warehouse"]["compaction"]["method"]
     assert cert["scan"]["warehouse"]["files"] > 100                   # the server's files were read
     assert traces([pgdata], [a, b], set(), pg_skip) == []
     assert pg.text_occurrences(a) == {} and pg.count_rows("release_salts") > 0
+    # the warehouse alone restored from before the erasure (the data root is not): it lacks the erasures' marks, so
+    # the start-up check reads every table, finds a and b, and erases them again before anything runs
+    from cbp_platform.processes import environment
+    from orchestration.erasure import reapply_on_start
+
+    restored = postgres_server.warehouse()
+    for t in src_tables:
+        restored.replace_rows(t, src_tables[t], {})
+    assert restored.text_occurrences(a)
+    with environment({**postgres_server.warehouse_env(restored.schema_name), "CBP_DATA_ROOT": str(root)}):
+        again = reapply_on_start(str(root), log=lambda *_: None)
+    assert [o.verified for o in again] == [True, True] and all(o.reapplied for o in again)
+    assert restored.text_occurrences(a) == {} and restored.text_occurrences(b) == {}

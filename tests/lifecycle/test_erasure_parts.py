@@ -42,7 +42,7 @@ def test_the_byte_scan_finds_a_pseudonym_in_files_gzip_streams_zip_members_and_n
     assert ("root/a/split.bin", "", "pseudonym") in where
     assert ("root/a/vol.nii.gz", "gzip", "pseudonym (lower case)") in where
     assert ("root/a/dixon.zip", "series/1.dcm", "pseudonym") in where
-    assert ("root/a/renamed.bin", "", "file sha256 the file") in where
+    assert ("root/a/renamed.bin", "", "the file (a copy: same sha256)") in where
     assert {("root/a/manifest.json", "", "sha256 of file 1"), ("root/a/manifest.json", "", "sha256 of file 2")} & where
     assert any(h.path == f"root/{P}_seg" and h.what == "pseudonym in the path" for h in res.hits)
     assert not any(h.path == "root/a/plain.txt" for h in res.hits)                     # 4 of 10 characters: no hit
@@ -239,3 +239,66 @@ def test_the_duckdb_warehouse_erases_every_version_and_rewrites_its_file(tmp_pat
     with pytest.raises(UndeclaredTable, match="scratch_notes"):
         wh.erase_participant(Q, "all")
     assert os.path.exists(tmp_path / "wh" / "cbp.duckdb")
+
+
+def test_an_interrupted_erasure_is_never_certified_as_held_nothing_and_a_copy_fails_the_proof(tmp_path, monkeypatch):
+    """The engine on a small data root (a registered delivery, a DuckDB warehouse, a derived file): a crash after
+    every store was erased leaves a request that needs the request file again; a byte-identical copy of a file the
+    participant had, under another name, fails the certificate; a register written under another key refuses."""
+    from cbp_platform.erasure import ErasureError, erase_pending
+    from cbp_platform.withdrawals import KEY_ENV as HMAC_ENV
+    from cbp_platform.withdrawals import Register, read_request
+    from resources.warehouse import DuckDBWarehouse
+
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    monkeypatch.delenv(HMAC_ENV, raising=False)
+    monkeypatch.delenv("CBP_WITHDRAWALS_DIR", raising=False)
+    root = tmp_path / "data"
+    people = [P, Q, "23456789AB"]
+    _delivery(root, "d01", people)
+    layout = DataLayout(root)
+    wh = DuckDBWarehouse(database=str(layout.warehouse_file))
+    wh.replace_rows("participant_covariates", pl.DataFrame({"pseudonym": people, "delivery_id": ["d01"] * 3,
+                                                            "batch_key": ["d01.b001"] * 3, "age": [50, 51, 52]}),
+                    {"batch_key": "d01.b001"})
+    seg = layout.segmentations("d01") / f"{P}_seg.nii.gz"
+    seg.parent.mkdir(parents=True)
+    label_map = gzip.compress(b"labels of the participant")
+    seg.write_bytes(label_map)
+    request = tmp_path / "request.csv"
+    request.write_text(f"request_id,pseudonym,scope,effective_date\nR-1,{P},all,2026-12-01\n")
+    Register(layout.withdrawals).add(read_request(request))
+
+    def crash(*a, **k):
+        raise OSError(f"{root}/derived/{P}/x: No space left on device")
+    monkeypatch.setattr(DuckDBWarehouse, "compact", crash)
+    with pytest.raises(OSError):
+        erase_pending(layout, wh, log=lambda *_: None)
+    monkeypatch.undo()
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    monkeypatch.delenv(HMAC_ENV, raising=False)
+    monkeypatch.delenv("CBP_WITHDRAWALS_DIR", raising=False)
+    assert P not in {p for p in wh.pseudonyms()} and not seg.exists()       # every store erased, nothing certified
+    with pytest.raises(ErasureError, match="--request") as exc:
+        erase_pending(layout, wh, log=lambda *_: None)
+    assert P not in str(exc.value)
+    # the request file again; but a copy of the participant's label map lies elsewhere under another name
+    stray = root / "derived" / "exports" / "copy.bin"
+    stray.parent.mkdir(parents=True)
+    stray.write_bytes(label_map)                                         # byte-identical
+    out = erase_pending(layout, wh, log=lambda *_: None, supplied=[P])
+    cert = json.loads(out[0].certificate.read_text())
+    assert not out[0].verified and cert["stores"]["derived"]["verified"]["hits"] >= 1
+    assert Register(layout.withdrawals).overdue(__import__("datetime").date(2099, 1, 1))       # still pending
+    stray.unlink()
+    out = erase_pending(layout, wh, log=lambda *_: None, supplied=[P])
+    assert out[0].verified and out[0].held
+    # another withdrawal key: refused, nothing certified
+    monkeypatch.setenv(HMAC_ENV, "cd" * 32)
+    request.write_text(f"request_id,pseudonym,scope,effective_date\nR-2,{Q},all,2026-12-01\n")
+    Register(layout.withdrawals).add(read_request(request))
+    n = len(list((layout.withdrawals / "certificates").glob("*.json")))
+    with pytest.raises(ErasureError, match="another withdrawal key"):
+        erase_pending(layout, wh, log=lambda *_: None)
+    assert len(list((layout.withdrawals / "certificates").glob("*.json"))) == n
+    assert not list((layout.withdrawals / "journal").glob("*.json"))      # kept only until certified

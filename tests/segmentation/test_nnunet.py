@@ -13,6 +13,7 @@ import numpy as np
 import polars as pl
 import pytest
 
+from cbp_platform.paths import DataLayout
 from cbp_platform.segmentation.backends import nnunet_phantom as phantom
 from cbp_platform.segmentation.manifest import ManifestError, load_manifest
 from cbp_platform.segmentation.registry import register
@@ -311,7 +312,8 @@ def test_process_batch_runs_the_registered_nnunet_model_with_its_identity_in_lin
     assert {json.loads(x)["model"] for x in prov["input_checksums"]} == {m.sha256}
     any_muscle = False
     for r in segs.iter_rows(named=True):
-        lab = nib.load(r["label_path"])
+        assert not r["label_path"].startswith("/")                     # stored relative to the data root
+        lab = nib.load(DataLayout(root).resolve(r["label_path"]))
         w, f, aff = _scan(root, "sim31-d01", r["pseudonym"])
         np.testing.assert_allclose(lab.affine, aff)
         vals = set(np.unique(np.asarray(lab.dataobj)).tolist())
@@ -334,8 +336,9 @@ def test_each_segmentation_gets_its_qc_image_features_and_triage(nnunet_pipeline
     joined = qc.join(segs, on="pseudonym", suffix="_seg")
     assert (joined["label_sha256"] == joined["label_sha256_seg"]).all()
     for r in joined.iter_rows(named=True):
-        png = Path(r["qc_image"])
-        assert png.parent == Path(r["label_path"]).parent and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        png = DataLayout(root).resolve(r["qc_image"])
+        assert png.parent == DataLayout(root).resolve(r["label_path"]).parent
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert qc["triage_rank"].sort().to_list() == list(range(1, qc.height + 1))
     assert qc["triage_score"].is_finite().all() and (qc["triage_score"] >= 0).all()
     assert ((qc["uncertainty"] > 0) & (qc["uncertainty"] < 1)).all()

@@ -12,6 +12,7 @@ import torch
 
 from cbp_platform.metrics.agreement import bland_altman, icc_a1, proportional_bias
 from cbp_platform.metrics.body_composition import muscle_metrics
+from cbp_platform.paths import DataLayout, resolve_under
 from cbp_platform.segmentation.bundle import BundleError, background_offset, build_network, load_bundle, save_bundle
 from cbp_platform.segmentation.train import RandFlipLRd
 from cbp_platform.synth.cohort import CohortParameters
@@ -185,7 +186,7 @@ def test_model_trains_passes_dice_and_is_identified_by_its_weights(monai_pipelin
     root, inst, summary = monai_pipeline
     assert summary["failed"] == [], summary
     cur = json.loads((root / "models" / "current.json").read_text())
-    b = load_bundle(cur["path"])
+    b = load_bundle(resolve_under(root / "models", cur["path"]))     # stored relative to models/
     assert b.sha256 == cur["weights_sha256"] and min(cur["validation_dice"].values()) >= 0.90
     # trained for exactly the configured iterations, then its border calibrated on its own held-out scans
     assert b.metadata["training"]["iterations"] == 900
@@ -211,7 +212,7 @@ def test_batch_segmentations_metrics_and_swap_policy(monai_pipeline):
     cur = json.loads((root / "models" / "current.json").read_text())
     assert set(segs["model_sha256"].to_list()) == {cur["weights_sha256"]}
     for r in segs.head(3).iter_rows(named=True):
-        lab = nib.load(r["label_path"])
+        lab = nib.load(DataLayout(root).resolve(r["label_path"]))         # stored relative to the data root
         scan = nib.load(root / "landing" / "sim8-d01" / "mri" / r["pseudonym"] / f"{r['pseudonym']}_water.nii.gz")
         np.testing.assert_allclose(lab.affine, scan.affine)
         assert lab.shape == scan.shape
@@ -259,11 +260,11 @@ def test_cpu_inference_is_deterministic(monai_pipeline):
     p = segs["pseudonym"][0]
     w = nib.load(root / "landing" / "sim8-d01" / "mri" / p / f"{p}_water.nii.gz")
     f = nib.load(root / "landing" / "sim8-d01" / "mri" / p / f"{p}_fat.nii.gz")
-    seg = Segmenter(load_bundle(cur["path"]), device="cpu")
+    seg = Segmenter(load_bundle(resolve_under(root / "models", cur["path"])), device="cpu")
     a = seg.segment(np.asarray(w.dataobj), np.asarray(f.dataobj), w.affine)
     b = seg.segment(np.asarray(w.dataobj), np.asarray(f.dataobj), w.affine)
     np.testing.assert_array_equal(a, b)
-    np.testing.assert_array_equal(a, np.asarray(nib.load(segs["label_path"][0]).dataobj))
+    np.testing.assert_array_equal(a, np.asarray(nib.load(DataLayout(root).resolve(segs["label_path"][0])).dataobj))
 
 
 def test_a_rescan_correction_re_segments_its_participant_and_nobody_else(monai_pipeline):
