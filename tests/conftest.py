@@ -58,8 +58,10 @@ TESTS = Path(__file__).resolve().parent
 LATE = ("nnunet_model", "monai_pipeline")
 STREAMS = ("monai", "rest")
 # modules that run in the stream ``monai`` too, before its MONAI module, so that both streams end together
-# (measured: the releases module takes about 35 s, the killed-runs module about 40 s; the MONAI module 10 min)
-MONAI_STREAM_ALSO = ("tests/assets/test_releases.py", "tests/assets/test_killed_runs.py")
+# (measured: the releases module takes about 35 s, the killed-runs module about 40 s, the concurrent writers about
+# 25 s; the MONAI module 10 min)
+MONAI_STREAM_ALSO = ("tests/assets/test_releases.py", "tests/assets/test_killed_runs.py",
+                     "tests/warehouse/test_concurrent_writers.py")
 STREAM = os.environ.get("CBP_TEST_STREAM", "")
 
 

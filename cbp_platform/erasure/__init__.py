@@ -116,7 +116,7 @@ def plan(layout: DataLayout, warehouse: Any, register: Register, *, registry_onl
     if not requests:
         return [], [], set()
     key = register.key()
-    other = {r.get("key_id") for r in requests} - {key_id(key)}
+    other = {r["key_id"] for r in requests if r.get("key_id")} - {key_id(key)}
     if other:        # hashed under another key, nobody would match: every request would look "held nothing"
         raise ErasureError(f"{register.path.name}: requests written with another withdrawal key than the one set "
                            f"now ({KEY_ENV} or {KEY_NAME}); restore that key: nothing was erased")

@@ -97,7 +97,7 @@ def test_segmentations_lie_on_the_stitched_grid_and_lineage_names_every_dicom_fi
     assert segs.height
     for r in segs.head(3).iter_rows(named=True):
         assert r["water_path"].startswith("derived/dicom/")
-        lab, scan = nib.load(r["label_path"]), nib.load(root / r["water_path"])
+        lab, scan = nib.load(root / r["label_path"]), nib.load(root / r["water_path"])   # both relative to the root
         assert lab.shape == scan.shape and abs(lab.affine - scan.affine).max() < 1e-3
     prov = _q(root, "SELECT pseudonym, input_checksums FROM provenance WHERE stage = 'raw_mri_scans'")
     files = {r["pseudonym"]: r["dicom_files"] for r in scans.iter_rows(named=True)}
