@@ -391,12 +391,19 @@ class Warehouse(dg.ConfigurableResource):
                             [pseudonym, *sorted(COVARIATE_STAGES)]))
         return out
 
+    def _counts(self, queries: list[tuple[str, str, list]]) -> dict[str, int]:
+        """``count(*)`` of each ``(table, WHERE clause, parameters)`` in one round trip (UNION ALL)."""
+        if not queries:
+            return {}
+        sql = " UNION ALL ".join(f"SELECT {i} AS i, count(*) AS n FROM {_ident(t)} {cond}"
+                                 for i, (t, cond, _) in enumerate(queries))
+        rows = self._read(sql, [p for _, _, params in queries for p in params])
+        got = {int(i): int(n) for i, n in zip(rows["i"], rows["n"])}
+        return {t: got.get(i, 0) for i, (t, _, _) in enumerate(queries)}
+
     def participant_rows(self, pseudonym: str, scope: str = "all") -> dict[str, int]:
         """Rows of the participant an erasure of ``scope`` would remove, per table (every version)."""
-        out = {}
-        for table, cond, params in self._participant_deletes(pseudonym, scope):
-            out[table] = int(self._read(f"SELECT count(*) AS n FROM {_ident(table)} {cond}", params)["n"][0])
-        return out
+        return self._counts(self._participant_deletes(pseudonym, scope))
 
     def participant_files(self, pseudonym: str) -> list[str]:
         """The files the warehouse names for the participant (label maps, QC images; every version)."""
@@ -410,11 +417,11 @@ class Warehouse(dg.ConfigurableResource):
 
     def pseudonyms(self) -> set[str]:
         """Every pseudonym any declared table holds (every version): whom an erasure can find here."""
-        out: set[str] = set()
-        for t in self._erasable():
-            if TABLES[t].holds != "none":
-                out |= set(self._read(f"SELECT DISTINCT pseudonym FROM {_ident(t)}", [])["pseudonym"].to_list())
-        return out
+        tables = [t for t in self._erasable() if TABLES[t].holds != "none"]
+        if not tables:
+            return set()
+        sql = " UNION ".join(f"SELECT DISTINCT pseudonym FROM {_ident(t)}" for t in tables)
+        return set(self._read(sql, [])["pseudonym"].drop_nulls().to_list())
 
     def participant_releases(self, pseudonym: str) -> list[int]:
         """The releases the participant is part of (every release that froze a row of theirs)."""
@@ -427,17 +434,19 @@ class Warehouse(dg.ConfigurableResource):
     def text_occurrences(self, text: str) -> dict[str, int]:
         """Rows per table in which any text column contains ``text`` (the erasure's check in SQL, beside the byte
         scan: it reads the values decompressed). Tables where it occurs only."""
-        out = {}
-        for t in self.tables():
-            cols = [c for c, dt in self._read(f"SELECT * FROM {_ident(t)} LIMIT 0", []).schema.items()
-                    if dt == pl.String]
-            if not cols:
-                continue
-            cond = " OR ".join(f"{_ident(c)} LIKE ?" for c in cols)
-            n = int(self._read(f"SELECT count(*) AS n FROM {_ident(t)} WHERE {cond}",
-                               [f"%{text}%"] * len(cols))["n"][0])
-            if n:
-                out[t] = n
+        queries = []
+        for t, cols in self._text_columns().items():
+            queries.append((t, "WHERE " + " OR ".join(f"{_ident(c)} LIKE ?" for c in cols), [f"%{text}%"] * len(cols)))
+        return {t: n for t, n in self._counts(queries).items() if n}
+
+    def _text_columns(self) -> dict[str, list[str]]:
+        """Each table's text columns (one catalogue query)."""
+        rows = self._read("SELECT table_name, column_name, data_type FROM information_schema.columns "
+                          "WHERE table_schema = ? ORDER BY table_name, ordinal_position", [self._schema])
+        out: dict[str, list[str]] = {}
+        for t, c, typ in rows.iter_rows():
+            if str(typ).lower() in ("varchar", "text", "character varying"):
+                out.setdefault(t, []).append(c)
         return out
 
     def erase_participant(self, pseudonym: str, scope: str) -> dict[str, int]:
@@ -490,6 +499,7 @@ class DuckDBWarehouse(Warehouse, DuckDBResource):
     """DuckDB file: ``database`` if set, else the data root's ``warehouse/cbp.duckdb`` (:class:`DataLayout`)."""
 
     backend: ClassVar[str] = "duckdb"
+    _schema: ClassVar[str] = "main"
     database: str = ""
     data_root: DataRootResource | None = None
     lock_timeout_s: float = 300.0
@@ -690,6 +700,10 @@ class PostgresWarehouse(Warehouse):
     ``CBP_WAREHOUSE_SCHEMA`` through :class:`dagster.EnvVar`."""
 
     backend: ClassVar[str] = "postgres"
+
+    @property
+    def _schema(self) -> str:
+        return self.schema_name
     host: str = "127.0.0.1"
     port: int = 5432
     user: str = "dagster"

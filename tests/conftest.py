@@ -42,6 +42,7 @@ HEAVY = ("pipeline", "model", "ui", "postgres")
 # fixtures that put every test using them (directly or through another fixture) in a layer
 FIXTURE_LAYERS = {
     "postgres_server": ("postgres",),
+    "own_postgres_server": ("postgres",),       # a test's own server (tests/lifecycle/test_erasure.py)
     "nnunet_model": ("model",),
     "monai_pipeline": ("model", "pipeline"),
 }

@@ -17,7 +17,6 @@ Framework-free: the warehouse is the caller's object (``resources.warehouse.Ware
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -28,6 +27,7 @@ from typing import Any, Callable
 import polars as pl
 
 from cbp_platform.erasure.scan import Hit
+from cbp_platform.imaging.nifti import sha256_file
 from cbp_platform.paths import DataLayout
 
 
@@ -65,14 +65,6 @@ class Store:
     verify: Callable[[Context, Subject], dict]
     erase: Callable[[Context, Subject], dict] | None = None    # None: holds nothing of a participant by design
     keeps_pseudonym: bool = False                              # an imaging-only erasure keeps the covariates here
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def scan_verdict(subject: Subject, store: str, extra: dict | None = None) -> dict:

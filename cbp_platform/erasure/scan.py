@@ -20,6 +20,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import re
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -62,12 +63,18 @@ class ScanResult:
                 "unreadable": len(self.unreadable), "hits": len(self.hits)}
 
 
+_HEX64 = re.compile(rb"(?<![0-9a-f])[0-9a-f]{64}(?![0-9a-f])")
+
+
 class _Searcher:
-    """Finds needles in a stream of chunks (a needle split across two chunks included)."""
+    """Finds needles in a stream of chunks (a needle split across two chunks included). The sha256 needles (64
+    lower-case hex digits) are found in one pass whatever their number: each such run is looked up in a set."""
 
     def __init__(self, needles: dict[str, bytes]):
-        self.needles = {k: v for k, v in needles.items() if v}
-        self.keep = max((len(v) for v in self.needles.values()), default=1) - 1
+        live = {k: v for k, v in needles.items() if v}
+        self.hex = {v: k for k, v in live.items() if len(v) == 64 and _HEX64.fullmatch(v)}
+        self.needles = {k: v for k, v in live.items() if v not in self.hex}
+        self.keep = max((len(v) for v in live.values()), default=1)
         self.found: set[str] = set()
         self._tail = b""
 
@@ -76,7 +83,12 @@ class _Searcher:
         for label, needle in self.needles.items():
             if label not in self.found and needle in buf:
                 self.found.add(label)
-        self._tail = buf[-self.keep:] if self.keep else b""
+        if self.hex:
+            for m in _HEX64.finditer(buf):
+                label = self.hex.get(m.group())
+                if label is not None:
+                    self.found.add(label)
+        self._tail = buf[-self.keep:]
 
 
 def _walk(root: Path, exclude: tuple[Path, ...]) -> Iterator[tuple[Path, bool]]:

@@ -27,7 +27,7 @@ import os
 from datetime import datetime, timezone
 from pathlib import Path
 
-from cbp_platform.imaging.nifti import atomic_write_bytes
+from cbp_platform.imaging.nifti import atomic_write_bytes, sha256_file
 from cbp_platform.ingest.deliveries import BatchRegistry
 from cbp_platform.ingest.registry import (files_path, manifest_copy_path, record_path, registered_deliveries,
                                           registered_manifest, registry_lock)
@@ -35,14 +35,6 @@ from cbp_platform.landing import COVARIATES_NAME, MANIFEST_NAME
 from cbp_platform.paths import DataLayout
 
 IMAGING = "imaging"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _owned(entry: dict, pseudonym: str) -> bool:
@@ -125,7 +117,7 @@ def redact(root: Path, pseudonym: str, scope: str, request_id: str) -> dict:
                 out["digests"][f["sha256"]] = f"{did}/files[{manifest['files'].index(f)}]"
                 p = ddir / f["path"]
                 if p.is_file() and not p.is_symlink():
-                    out["digests"].setdefault(_sha256(p), f"{did}/files[{manifest['files'].index(f)}] (as found)")
+                    out["digests"].setdefault(sha256_file(p), f"{did}/files[{manifest['files'].index(f)}] (as found)")
                     p.unlink()
                     removed += 1
                 for parent in p.parents:                  # the participant's now empty folders

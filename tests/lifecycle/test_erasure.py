@@ -334,7 +334,19 @@ def _checkpoint(server) -> None:
         con.close()
 
 
-def test_postgres_erasure_leaves_no_trace_in_the_server_files(world, postgres_server, tmp_path, monkeypatch):
+@pytest.fixture
+def own_postgres_server():
+    """A server of this test's own (the session's holds every other test's schemas: its files would only make the
+    byte scans longer)."""
+    from tests.support.system import PostgresServer
+
+    server = PostgresServer().start()
+    yield server
+    server.stop()
+
+
+def test_postgres_erasure_leaves_no_trace_in_the_server_files(world, own_postgres_server, tmp_path, monkeypatch):
+    postgres_server = own_postgres_server
     from cbp_platform.erasure import erase_pending
     from cbp_platform.withdrawals import Register, read_request
     from resources import DuckDBWarehouse
