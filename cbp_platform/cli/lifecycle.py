@@ -243,5 +243,6 @@ def _verify_certificate(cert: str, layout, reg) -> int:
         return 1
     print(f"{Path(cert).name}: holds: signature by key {doc['key_id']}, chain intact "
           f"({len(list((layout.withdrawals / 'certificates').glob('*.json')))} certificates), recorded in the "
-          f"register, and the platform holds nothing of the participant now")
+          f"register, and the platform holds {'no image data' if doc.get('scope') == 'imaging' else 'nothing'} of "
+          "the participant now")
     return 0

@@ -64,15 +64,19 @@ class ScanResult:
 
 
 _HEX64 = re.compile(rb"(?<![0-9a-f])[0-9a-f]{64}(?![0-9a-f])")
+HEX_REGEX_FROM = 40         # digests: from this many on, one regex pass instead of one plain search each
 
 
 class _Searcher:
-    """Finds needles in a stream of chunks (a needle split across two chunks included). The sha256 needles (64
+    """Finds needles in a stream of chunks (a needle split across two chunks included). Many sha256 needles (64
     lower-case hex digits) are found in one pass whatever their number: each such run is looked up in a set."""
 
     def __init__(self, needles: dict[str, bytes]):
         live = {k: v for k, v in needles.items() if v}
-        self.hex = {v: k for k, v in live.items() if len(v) == 64 and _HEX64.fullmatch(v)}
+        hexes = {v: k for k, v in live.items() if len(v) == 64 and _HEX64.fullmatch(v)}
+        # a plain search runs at memory speed, the regex at a few tens of MB/s: one regex pass pays off only for
+        # many digests (an erasure of many participants at once)
+        self.hex = hexes if len(hexes) > HEX_REGEX_FROM else {}
         self.needles = {k: v for k, v in live.items() if v not in self.hex}
         self.keep = max((len(v) for v in live.values()), default=1)
         self.found: set[str] = set()

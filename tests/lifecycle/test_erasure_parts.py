@@ -302,3 +302,13 @@ def test_an_interrupted_erasure_is_never_certified_as_held_nothing_and_a_copy_fa
         erase_pending(layout, wh, log=lambda *_: None)
     assert len(list((layout.withdrawals / "certificates").glob("*.json"))) == n
     assert not list((layout.withdrawals / "journal").glob("*.json"))      # kept only until certified
+
+
+def test_many_digests_are_found_in_one_pass_as_a_few_are_found_one_by_one(tmp_path):
+    from cbp_platform.erasure.scan import HEX_REGEX_FROM
+
+    digests = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(HEX_REGEX_FROM + 5)]
+    (tmp_path / "a.json").write_text(json.dumps({"x": digests[7], "y": "f" + digests[8]}))   # 65 hex: not a digest
+    for few in (digests[:3] + [digests[7]], digests):
+        res = scan([tmp_path], {f"d{i}": d.encode() for i, d in enumerate(few)})
+        assert [h.what for h in res.hits] == [f"d{few.index(digests[7])}"], few is digests
