@@ -223,7 +223,7 @@ def _erase_pending(layout: DataLayout, warehouse: Any, *, extra_db_dirs, dagster
     from cbp_platform.lineage import code_version as git_version
 
     register = Register(layout.withdrawals)
-    subjects, nobody, again = plan(layout, warehouse, register, supplied=supplied)
+    subjects, nobody, again = plan(layout, warehouse, register, supplied=supplied, strict=not only_reapply)
     if only_reapply:
         subjects, nobody = [s for s in subjects if s.keyed_hash in again], []
     if not subjects and not nobody:
