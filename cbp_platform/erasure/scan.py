@@ -44,6 +44,7 @@ class ScanResult:
     bytes: int = 0
     members: int = 0                # archive members and gzip streams searched decompressed
     unreadable: list[str] = field(default_factory=list)
+    damaged: list[str] = field(default_factory=list)   # archives whose raw bytes were searched, not their content
     hits: list[Hit] = field(default_factory=list)
 
     @property
@@ -55,12 +56,13 @@ class ScanResult:
         self.bytes += other.bytes
         self.members += other.members
         self.unreadable += other.unreadable
+        self.damaged += other.damaged
         self.hits += other.hits
         return self
 
     def as_dict(self) -> dict:
         return {"files": self.files, "bytes": self.bytes, "archive_members": self.members,
-                "unreadable": len(self.unreadable), "hits": len(self.hits)}
+                "unreadable": len(self.unreadable), "damaged_archives": len(self.damaged), "hits": len(self.hits)}
 
 
 _HEX64 = re.compile(rb"(?<![0-9a-f])[0-9a-f]{64}(?![0-9a-f])")
@@ -140,8 +142,8 @@ def scan_file(path: Path, rel: str, needles: dict[str, bytes], digests: dict[str
                 res.hits += [Hit(rel, "gzip", w) for w in sorted(found)]
                 if digest in digests:
                     res.hits.append(Hit(rel, "gzip", f"{digests[digest]} (a copy: same sha256)"))
-            except (OSError, EOFError, zlib.error):
-                pass                                  # not a whole gzip stream: its raw bytes were searched
+            except (OSError, EOFError, zlib.error):     # a truncated or corrupt stream (a faulty delivery's file)
+                res.damaged.append(rel)                # its raw bytes were searched; the certificate counts it
         elif magic == b"PK\x03\x04":
             try:
                 with zipfile.ZipFile(path) as zf:
@@ -155,7 +157,7 @@ def scan_file(path: Path, rel: str, needles: dict[str, bytes], digests: dict[str
                         if digest in digests:
                             res.hits.append(Hit(rel, info.filename, f"{digests[digest]} (a copy: same sha256)"))
             except (zipfile.BadZipFile, OSError, EOFError, zlib.error, NotImplementedError, RuntimeError):
-                pass                                  # a damaged archive: its raw bytes were searched
+                res.damaged.append(rel)                # a damaged or encrypted archive: its raw bytes were searched
     except OSError as exc:
         res.unreadable.append(f"{rel} ({exc.strerror or type(exc).__name__})")
     return res

@@ -46,7 +46,10 @@ def test_the_byte_scan_finds_a_pseudonym_in_files_gzip_streams_zip_members_and_n
     assert {("root/a/manifest.json", "", "sha256 of file 1"), ("root/a/manifest.json", "", "sha256 of file 2")} & where
     assert any(h.path == f"root/{P}_seg" and h.what == "pseudonym in the path" for h in res.hits)
     assert not any(h.path == "root/a/plain.txt" for h in res.hits)                     # 4 of 10 characters: no hit
-    assert res.members == 2 and not res.unreadable
+    assert res.members == 2 and not res.unreadable and res.damaged == []
+    (root / "a" / "cut.nii.gz").write_bytes(gzip.compress(os.urandom(4000))[:2000])          # truncated: counted
+    cut = scan([root / "a" / "cut.nii.gz"], needles_for(P))
+    assert cut.damaged == ["cut.nii.gz"] and cut.as_dict()["damaged_archives"] == 1
     # nothing of another participant
     assert scan([root], needles_for(Q)).hits == []
 
