@@ -237,7 +237,7 @@ def test_statsmodels_results_agree_with_the_tidy_table(fits):
     assert np.allclose(np.exp(ci[:-1, 1]), r.coefficients["or_high"].to_numpy())
     assert abs(float(np.asarray(sm.bse)[-1]) - r.site_sd_se) < 1e-12
     assert abs(sm.llf - r.loglik) < 1e-9
-    text = str(r.summary())
+    text = str(r.sm_summary())
     assert "lmm_z2" in text and "site_sd" in text and "Gauss-Hermite" in text
     assert tuple(r.coefficients.columns) == TIDY_COLUMNS
     json.dumps(r.to_dict())
