@@ -11,11 +11,13 @@ Framework-free: no Dagster.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import polars as pl
 
 from cbp_platform import study
@@ -23,6 +25,8 @@ from cbp_platform.stats import ModelCheckError, fit_glmm, sensitivity_table
 from cbp_platform.stats.glmm import GLMMResult
 
 LAPLACE_MODEL = "glmm_laplace"
+UNADJUSTED_MODEL = "glmm_unadjusted"     # outcome ~ one exposure + (1 | site), per exposure (STROBE item 16a)
+PROFILE_SUFFIX = "_profile"              # the reported model's rows with profile-likelihood CIs
 
 
 @dataclass(frozen=True)
@@ -59,10 +63,47 @@ def exposure_correlations(frame: pl.DataFrame, a: study.Analysis) -> dict[str, f
     return out
 
 
+def _unadjusted(frame: pl.DataFrame, a: study.Analysis, nagq: int, min_epv: float) -> pl.DataFrame:
+    """One GLMM per exposure with the site alone beside it: the unadjusted ORs STROBE asks for next to the
+    adjusted ones (rows of model :data:`UNADJUSTED_MODEL`)."""
+    parts = []
+    for term in a.exposure_terms:
+        r = fit_glmm(frame, a.outcome, [term], study.SITE, nagq=nagq, min_epv=min_epv)
+        parts.append(r.coefficients.filter(pl.col("term") == term))
+    return pl.concat(parts).with_columns(pl.lit(UNADJUSTED_MODEL).alias("model"))
+
+
+def _profile_rows(res: GLMMResult) -> pl.DataFrame:
+    """The reported model's rows with profile-likelihood CIs instead of Wald's (model ``<model>_profile``)."""
+    ci = res.conf_int(method="profile", terms=list(res.terms))
+    lo, hi = ci["lower"].to_numpy(), ci["upper"].to_numpy()
+    return res.coefficients.with_columns(
+        (pl.col("model") + PROFILE_SUFFIX).alias("model"), pl.Series("ci_low", lo), pl.Series("ci_high", hi),
+        pl.Series("or_low", np.exp(lo)), pl.Series("or_high", np.exp(hi)))
+
+
+def model_assessment(res: GLMMResult, a: study.Analysis) -> dict:
+    """What the report says about the reported model beyond its ORs, as JSON-able dicts: the site effect (SD,
+    variance, latent ICC and MOR with profile CIs, the boundary test of the variance), discrimination and
+    calibration of the fitted probabilities, and each exposure's average marginal effect per 2 SD."""
+    from cbp_platform.stats.prediction import average_marginal_effect, calibration, discrimination
+
+    lo, hi = res.conf_int(method="profile", terms=[res.sd_name]).iloc[0]
+    site = {"sd": res.site_sd, "sd_low": float(lo), "sd_high": float(hi), "variance": res.site_variance,
+            "icc": res.icc(), "mor": res.mor(), "variance_test": res.variance_test().to_dict(),
+            "singular": res.singular, "sites": res.n_groups}
+    cal = calibration(res)
+    ame = [dataclasses.asdict(average_marginal_effect(res, t, delta=1.0)) for t in a.exposure_terms]
+    return {"site_effect": site, "discrimination": discrimination(res).to_dict(), "calibration": cal.to_dict(),
+            "marginal_effects": ame}
+
+
 def fit_analysis(cohort_frame: pl.DataFrame, a: study.Analysis, *, cohort_hash: str, nagq: int = 25,
                  min_epv: float = 10.0) -> FittedAnalysis:
     """Fit analysis ``a`` on the analysis cohort's frame (its rows: :meth:`~cbp_platform.study.Analysis.data`).
 
+    A primary analysis gets, beside the reported model and its sensitivity fits, the unadjusted ORs of its
+    exposures, profile-likelihood CIs and :func:`model_assessment` (``model_fits`` column ``assessment``).
     Raises :class:`~cbp_platform.stats.ModelCheckError` when a data or fit check fails (nothing is returned then).
     """
     frame = a.data(cohort_frame)
@@ -72,8 +113,11 @@ def fit_analysis(cohort_frame: pl.DataFrame, a: study.Analysis, *, cohort_hash: 
     laplace = fit_glmm(frame, a.outcome, fixed, study.SITE, nagq=1, min_epv=min_epv)
     seconds = time.perf_counter() - t0
     table = sensitivity_table(frame, a.outcome, fixed, study.SITE, glmm=res)
-    table = pl.concat([table, laplace.coefficients.with_columns(pl.lit(LAPLACE_MODEL).alias("model"))],
-                      how="diagonal_relaxed")
+    parts = [table, laplace.coefficients.with_columns(pl.lit(LAPLACE_MODEL).alias("model"))]
+    primary = a.role != study.SECONDARY
+    if primary:
+        parts += [_profile_rows(res), _unadjusted(frame, a, nagq, min_epv)]
+    table = pl.concat(parts, how="diagonal_relaxed")
     table = table.with_columns(pl.lit(a.name).alias("analysis"))
     d = res.diagnostics
     fit = {
@@ -82,7 +126,8 @@ def fit_analysis(cohort_frame: pl.DataFrame, a: study.Analysis, *, cohort_hash: 
         "site_variance": res.site_variance, "site_sd": res.site_sd, "laplace_loglik": laplace.loglik,
         "converged": bool(d.converged), "fit_seconds": seconds,
         "checks": json.dumps([c.to_dict() for c in res.checks], default=str),
-        "summary": str(res.sm_results.summary()) if res.sm_results is not None else "",
+        "summary": str(res.summary(ci="profile" if primary else "wald")),
+        "assessment": json.dumps(model_assessment(res, a), default=float) if primary else None,
         "exposure_correlations": json.dumps(exposure_correlations(frame, a)), "error": None,
         "cohort_hash": cohort_hash}
     return FittedAnalysis(analysis=a, table=table, fit=fit, result=res)

@@ -56,6 +56,8 @@ def published_tables(tables: ReportTables, *, standardisation: dict, lmm_unit: s
     rendered as the report renders them (in a scratch folder, removed after)."""
     from cbp_platform.analysis.report import paper_vs_run_table, render_report
 
+    from cbp_platform.analysis.strobe import analysis_tables
+
     models, summaries = report_models(tables.model_results, tables.model_fits)
     pvr = paper_vs_run_table(flow=tables.flow, table_one=tables.table_one, pa_prevalence=tables.pa_prevalence,
                              stratified=tables.stratified, model_results=models, min_count=min_count)
@@ -63,7 +65,7 @@ def published_tables(tables: ReportTables, *, standardisation: dict, lmm_unit: s
         render_report(tmp, flow=tables.flow, table_one=tables.table_one, pa_prevalence=tables.pa_prevalence,
                       stratified=tables.stratified, model_results=models, model_summaries=summaries,
                       paper_vs_run=pvr, lineage={}, standardisation=standardisation, lmm_unit=lmm_unit,
-                      min_count=min_count)
+                      min_count=min_count, strobe=analysis_tables(tables.model_results, tables.model_fits, min_count))
         return read_tables(Path(tmp))
 
 

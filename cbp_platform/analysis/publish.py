@@ -87,11 +87,14 @@ def report_models(results: pl.DataFrame, fits: pl.DataFrame) -> tuple[dict[str, 
                               "affected.")
             continue
         models[key] = results.filter((pl.col("analysis") == r["analysis"]) & (pl.col("model") == r["primary_model"]))
+        secondary = a is not None and a.role == study.SECONDARY
         summaries[key] = (f"{r['method']} (nAGQ {r['nagq']}), {r['nobs']} participants, {r['events']} "
                           f"events, {r['n_groups']} sites; site variance {r['site_variance']:.4f}; "
                           f"log-likelihood {r['loglik']:.3f} (Laplace {r['laplace_loglik']:.3f}); "
-                          f"converged {r['converged']}\n\n" + sensitivity_text(results, r["analysis"])
-                          + (_correlation_text(r) if a is not None and a.role == study.SECONDARY else ""))
+                          f"converged {r['converged']}"
+                          # a primary analysis' estimators are one table (the report's sensitivity section)
+                          + ("\n\n" + sensitivity_text(results, r["analysis"]) + _correlation_text(r)
+                             if secondary else ""))
     return models, summaries
 
 
@@ -100,7 +103,10 @@ def publish(out_dir: Path, tables: ReportTables, manifest: dict, *, run_id: str,
     """Write the report of ``tables`` and its lineage manifest (``manifest`` from :func:`cbp_platform.lineage.
     build_manifest`) into ``out_dir``. Disclosure guards and rendering errors raise before the manifest is written.
     """
+    from cbp_platform.analysis.strobe import analysis_tables
+
     models, summaries = report_models(tables.model_results, tables.model_fits)
+    strobe = analysis_tables(tables.model_results, tables.model_fits, min_count)
     paper_vs_run = paper_vs_run_table(flow=tables.flow, table_one=tables.table_one,
                                       pa_prevalence=tables.pa_prevalence, stratified=tables.stratified,
                                       model_results=models, min_count=min_count)
@@ -109,7 +115,8 @@ def publish(out_dir: Path, tables: ReportTables, manifest: dict, *, run_id: str,
                             model_summaries=summaries, paper_vs_run=paper_vs_run,
                             lineage=report_lineage(manifest, run_id), known_pseudonyms=known_pseudonyms,
                             standardisation=json.loads(cohort_meta["standardisation"]),
-                            lmm_unit=cohort_meta["lmm_unit"], min_count=min_count, comparisons=comparisons)
+                            lmm_unit=cohort_meta["lmm_unit"], min_count=min_count, comparisons=comparisons,
+                            strobe=strobe)
     path = Path(out_dir) / MANIFEST_NAME
     write_manifest(path, add_files(manifest, Path(out_dir), written))
     return Published(out_dir=Path(out_dir), written=written, manifest_path=path, paper_vs_run=paper_vs_run)

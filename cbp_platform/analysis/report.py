@@ -574,6 +574,8 @@ class _Doc:
 
 SECTIONS = ("flow", "table-one", "physical-activity", "models", "stratified", "paper-vs-run", "lineage",
             "disclosure")
+STROBE_SECTIONS = ("main-results", "site-effect", "sensitivity")   # present when the analyses carry assessments
+APPENDIX_SECTION = "appendix-model-checks"
 SECONDARY_SECTION = "secondary-exposures"      # present when the registry has a secondary exposure with results
 COMPARISON_SECTION = "model-comparison"        # present when model comparisons are supplied
 DEFAULT_TITLE = "Back-muscle composition and chronic back pain"
@@ -701,6 +703,72 @@ def _section_models(r: _Report, models: Mapping[str, pl.DataFrame], summaries: M
     r.figure("forest", figure_forest(models), "Forest plot of odds ratios (log scale), paper values for comparison")
 
 
+def _section_strobe(r: _Report, strobe: Mapping[str, Mapping]) -> None:
+    """STROBE item 16 (main results: unadjusted and adjusted, profile CIs; the site effect) and items 12e / 17 (the
+    sensitivity analyses in one table per analysis)."""
+    if not strobe:
+        return
+    r.section("Main results: unadjusted and adjusted odds ratios", "main-results")
+    r.doc.para("Per 2 SD of each exposure. Unadjusted: the exposure alone with the study site as random intercept; "
+               "adjusted: the full model. Profile-likelihood CIs (primary) beside Wald CIs; complete-case "
+               "analysis (participants with a missing answer excluded, see the flow), the documented primary.",
+               note=True)
+    for key, t in strobe.items():
+        r.doc.heading(f"{t['label']} ({key})", _anchor(f"main-{key}"), level=3)
+        r.doc.table(r.publish(f"main_results_{key}", t["main"]))
+    r.section("The site effect", "site-effect")
+    r.doc.para("Random-intercept SD on the logit scale; ICC on the latent scale, sigma^2 / (sigma^2 + pi^2 / 3); "
+               "median odds ratio exp(0.954 sigma), the median OR between two participants with the same "
+               "covariates in two random sites. CIs from the profile likelihood of the SD; the variance is tested "
+               "against 0 at its boundary.", note=True)
+    for key, t in strobe.items():
+        r.doc.heading(f"{t['label']} ({key})", _anchor(f"site-{key}"), level=3)
+        r.doc.table(r.publish(f"site_effect_{key}", t["site"]))
+    r.section("Sensitivity analyses", "sensitivity")
+    r.doc.para("The exposures' ORs under each estimator: the primary GLMM (adaptive Gauss-Hermite, 25 nodes) with "
+               "Wald and profile CIs, its Laplace approximation, site as a fixed effect, GEE (population-averaged "
+               "ORs) and, where run, multiple imputation of the missing covariates (Rubin's rules).", note=True)
+    for key, t in strobe.items():
+        r.doc.heading(f"{t['label']} ({key})", _anchor(f"sensitivity-{key}"), level=3)
+        r.doc.table(r.publish(f"sensitivity_{key}", t["sensitivity"]))
+
+
+def figure_calibration(bins: list[Mapping], title: str) -> tuple[bytes, list[str]]:
+    """Observed vs mean predicted risk per bin with Wilson 95 % CIs (bins under the disclosure limit left out)."""
+    fig = Figure(figsize=(4.2, 4.0))
+    ax = fig.add_subplot(111)
+    top = max([0.05] + [b["observed_high"] for b in bins] + [b["mean_predicted"] for b in bins]) * 1.08
+    ax.plot([0, top], [0, top], color="0.6", lw=1, ls="--")
+    if bins:
+        x = [b["mean_predicted"] for b in bins]
+        y = [b["observed"] for b in bins]
+        err = [[b["observed"] - b["observed_low"] for b in bins], [b["observed_high"] - b["observed"] for b in bins]]
+        ax.errorbar(x, y, yerr=err, fmt="o", color="#1f4e79", ms=4, capsize=2)
+    ax.set_xlim(0, top)
+    ax.set_ylim(0, top)
+    ax.set_xlabel("Mean predicted probability")
+    ax.set_ylabel("Observed proportion")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return _png(fig), [title, "Mean predicted probability", "Observed proportion"]
+
+
+def _section_appendix(r: _Report, strobe: Mapping[str, Mapping]) -> None:
+    if not strobe:
+        return
+    r.section("Appendix: prediction and model checks", APPENDIX_SECTION)
+    r.doc.para("In-sample discrimination and calibration of the conditional fitted probabilities (site effects "
+               "included; no optimism correction), and the average marginal effect of each exposure per 2 SD "
+               "(population-averaged over sites, delta-method CI).", note=True)
+    for key, t in strobe.items():
+        r.doc.heading(f"{t['label']} ({key})", _anchor(f"appendix-{key}"), level=3)
+        r.doc.table(r.publish(f"prediction_{key}", t["prediction"]))
+        r.doc.table(r.publish(f"marginal_effects_{key}", t["ame"]))
+        r.doc.table(r.publish(f"calibration_{key}", t["calibration"]))
+        r.figure(f"calibration_{key}", figure_calibration(t["bins"], f"Calibration: {t['label']}"),
+                 f"Calibration plot, {t['label']}")
+
+
 def _section_stratified(r: _Report, stratified: pl.DataFrame) -> None:
     r.section("Stratified comparisons", "stratified")
     r.doc.para("Within participants with osteoarthritis and with osteoporosis: CBP vs no CBP, two-sided "
@@ -801,7 +869,8 @@ def render_report(out_dir: str | Path, *, flow: pl.DataFrame, table_one: pl.Data
                   paper_vs_run: pl.DataFrame, lineage: Mapping, known_pseudonyms: Iterable[str] = (),
                   standardisation: Mapping[str, Mapping[str, float]] | None = None,
                   lmm_unit: str = "cm3/(kg/m)", min_count: int = MIN_COUNT,
-                  comparisons: Iterable[Mapping] = (), title: str = DEFAULT_TITLE) -> dict[str, Path]:
+                  comparisons: Iterable[Mapping] = (), title: str = DEFAULT_TITLE,
+                  strobe: Mapping[str, Mapping] | None = None) -> dict[str, Path]:
     """Write the report, its figures and published tables under ``out_dir``; returns name -> path.
 
     Tables are the *numeric* ones (``table_one(...)`` etc., ``AnalysisCohort.flow``); they are suppressed
@@ -812,7 +881,8 @@ def render_report(out_dir: str | Path, *, flow: pl.DataFrame, table_one: pl.Data
     pseudonyms (e.g. ``cohort.frame['pseudonym']``); any of them, or any pseudonym-shaped token, in the texts
     raises :class:`~cbp_platform.analysis.disclosure.PseudonymLeak` before a file is written.
     ``standardisation`` (``AnalysisCohort.standardisation``) and ``lmm_unit`` state what "per 2 SD" means in
-    this run.
+    this run. ``strobe``: analysis key -> its STROBE tables (:func:`cbp_platform.analysis.strobe.analysis_tables`):
+    main results, site effect, sensitivity table and the appendix of model checks.
     """
     for name, df in model_results.items():
         _check_or_table(name, df)
@@ -824,10 +894,12 @@ def render_report(out_dir: str | Path, *, flow: pl.DataFrame, table_one: pl.Data
     _section_table_one(r, table_one)
     _section_physical_activity(r, pa_prevalence)
     _section_models(r, primary, model_summaries, standardisation, lmm_unit)
+    _section_strobe(r, strobe or {})
     _section_stratified(r, stratified)
     _section_paper_vs_run(r, paper_vs_run)
     _section_secondary(r, table_one, stratified, secondary, model_summaries, standardisation, lmm_unit)
     _section_lineage(r, lineage)
     _section_disclosure(r)
     _section_comparisons(r, list(comparisons))
+    _section_appendix(r, strobe or {})
     return r.write(Path(out_dir), known_pseudonyms)
