@@ -168,6 +168,7 @@ def _fit_models(context: dg.AssetExecutionContext, config: ModelConfig, warehous
         "secondary_analyses": dg.MetadataValue.json({f.analysis.name: f.odds_ratios() or f.fit["error"]
                                                      for f in fits[1:]}),
         "site_variance": round(res.site_variance, 6), "loglik": round(res.loglik, 4),
+        "site_effect": dg.MetadataValue.json(json.loads(fits[0].fit["assessment"])["site_effect"]),
         "converged": bool(res.diagnostics.converged), "fit_seconds": round(seconds, 3), "cohort_hash": cohort_hash,
         "table_checksum": checksum}, data_version=dg.DataVersion(checksum))
 

@@ -367,7 +367,7 @@ def _classify(members: list[tuple[str, int, Path, str, bool]], role_of_zip: dict
                 continue
             raise
         except (InvalidDicomError, AttributeError, KeyError, TypeError, ValueError, IndexError, OSError,
-                EOFError) as exc:
+                EOFError, NotImplementedError) as exc:    # pydicom: NotImplementedError for an unknown VR
             if not preamble:
                 ignored.append(dict(file=where, why="not a DICOM file"))
                 unparsed.append(where)
@@ -811,7 +811,8 @@ def _convert(chosen: dict[str, dict], work: Path, rules: DicomRules
     for name in runs:
         try:
             run = subprocess.run([dcm2niix.bin, "-z", "n", "-b", "n", "-f", "%j", "-o", str(out / name),
-                                  str(src / name)], capture_output=True, text=True, timeout=rules.dcm2niix_timeout_s)
+                                  str(src / name)], capture_output=True, text=True, encoding="utf-8",
+                                 errors="replace", timeout=rules.dcm2niix_timeout_s)   # it echoes header bytes
         except subprocess.TimeoutExpired:
             raise ScanProblem(R.conversion_failed, f"dcm2niix did not finish in {rules.dcm2niix_timeout_s:.0f} s"
                               ) from None
