@@ -7,15 +7,11 @@ Model (docs/statistics.md)::
 The marginal likelihood integrates each site's intercept out. :mod:`cbp_platform.stats._likelihood` evaluates
 it exactly as ``lme4::glmer`` does for one scalar random intercept: the Laplace approximation (``nagq=1``) or
 adaptive Gauss-Hermite quadrature with ``nagq`` nodes around each site's conditional mode (``nagq > 1``), with
-an exact analytic gradient. The estimator maximises that function over theta = (beta, sigma):
-
-1. starting values: plain logistic regression (IRLS) for beta, the best sigma of a short grid;
-2. Laplace stage: quasi-Newton (BFGS updates of a finite-difference Hessian, backtracking line search) to a
-   Newton decrement g' (-H)^-1 g below 1e-10;
-3. AGQ stage (``nagq > 1``): the same iteration on the AGQ objective, started from the Laplace optimum and its
-   curvature, which are already very close (the sites are large);
-4. the observed information -H at the estimate, by central differences of the exact gradient; if the
-   decrement computed with it is not below tolerance, Newton steps with fresh Hessians finish the job.
+an exact analytic gradient and Hessian. The estimator (:mod:`cbp_platform.stats._optimise`) maximises that
+function over theta = (beta, sigma): starting values from plain logistic regression (IRLS) and a method-of-moments
+sigma, Newton's method with the exact Hessian on the Laplace objective, then (``nagq > 1``) on the AGQ objective
+from the Laplace optimum, to a Newton decrement below 1e-10; the observed information -H at the estimate is the
+exact Hessian of the last iteration.
 
 Standard errors are the square roots of the diagonal of (-H)^-1 over (beta, sigma) jointly, as lme4's
 ``vcov`` with its default ``use.hessian = TRUE``; Wald CIs and z-tests follow.
@@ -43,7 +39,7 @@ from statsmodels.base.model import GenericLikelihoodModel, GenericLikelihoodMode
 from statsmodels.tools.sm_exceptions import ConvergenceWarning, HessianInversionWarning
 
 from cbp_platform.stats._likelihood import Evaluation, GroupedLogitLikelihood, gauss_hermite
-from cbp_platform.stats._optimise import Optimisation, maximise, start_values
+from cbp_platform.stats._optimise import Optimisation, maximise, one_blas_thread, start_values
 from cbp_platform.stats.checks import CheckOutcome, design_checks, fit_checks, raise_for_failures
 from cbp_platform.stats.design import Design, _to_polars, build_design
 from cbp_platform.stats.logistic import LogisticFit, logistic_mle
@@ -140,7 +136,7 @@ class ConvergenceDiagnostics:
     converged: bool
     message: str
     iterations: int
-    n_evaluations: int              # objective + gradient evaluations, finite-difference Hessians included
+    n_evaluations: int              # likelihood passes (value, gradient and, where asked, exact Hessian)
     max_abs_gradient: float
     newton_decrement: float         # g' (-H)^-1 g at the estimate (inf if -H is not positive definite)
     hessian_positive_definite: bool
@@ -536,6 +532,13 @@ def fit_glmm(formula_or_data, data=None, fixed: Sequence[str] | None = None, gro
     their failures raise too (the exception carries the fitted result). With ``check=False`` nothing is
     raised: the fit checks are still attached to ``result.checks`` for the caller to report.
     """
+    with one_blas_thread():     # thin products: a second BLAS thread gains nothing and waits for a busy core
+        return _fit_glmm(formula_or_data, data, fixed, group, nagq=nagq, alpha=alpha, check=check, min_epv=min_epv,
+                         min_group_size=min_group_size, max_iter=max_iter)
+
+
+def _fit_glmm(formula_or_data, data, fixed, group, *, nagq, alpha, check, min_epv, min_group_size,
+              max_iter) -> GLMMResult:
     t0 = time.perf_counter()
     if isinstance(formula_or_data, str):
         from cbp_platform.stats.formula import formula_design
