@@ -2,8 +2,8 @@
 
 * :func:`profile_intervals`: profile-likelihood CIs, as ``confint(glmer_fit, method = "profile")``. For a
   parameter psi (a fixed effect or the site SD) the profile log-likelihood l_p(psi) = max over the other
-  parameters of l(psi, .) is computed by constrained quasi-Newton maximisation (BFGS, started from the linear
-  prediction of the other parameters by the fit's covariance, curvature started from the fit's Hessian block);
+  parameters of l(psi, .) is computed by constrained Newton maximisation with the exact Hessian, started from the
+  linear prediction of the other parameters by the fit's covariance;
   the bounds are where the signed root zeta(psi) = sign(psi - psi_hat) sqrt(2 (l_hat - l_p(psi))) equals
   -+ z_{1-alpha/2}, found by Brent's method on a bracket. The SD is profiled over sigma >= 0: when even sigma = 0
   is inside the interval, the lower bound is 0 (as lme4's). lme4 interpolates zeta with a spline through a grid;
@@ -83,17 +83,18 @@ class _Profiler:
         return x
 
     def maximum(self, j: int, value: float) -> float:
-        """max over the other parameters of l(theta) with theta_j = value."""
+        """max over the other parameters of l(theta) with theta_j = value: Newton's method with the exact Hessian
+        of the free block (made positive definite where it is not) and a backtracking line search."""
         free = np.arange(self.k) != j
         x = self._start(j, value)
-        B = -self.H[np.ix_(free, free)]
-        lam, V = np.linalg.eigh(0.5 * (B + B.T))
-        B = (V * np.maximum(np.abs(lam), 1e-8 * max(np.abs(lam).max(), 1e-300))) @ V.T
-        ev = self.lik.evaluate(x, self.nagq, u0=self.u, remember=False)
+        ev = self.lik.evaluate(x, self.nagq, u0=self.u, remember=False, hessian=True)
         self.evaluations += 1
         for _ in range(100):
             g = ev.grad[free]
-            d = np.linalg.solve(B, g)
+            B = -ev.hessian[np.ix_(free, free)]
+            lam, V = np.linalg.eigh(0.5 * (B + B.T))
+            lam = np.maximum(np.abs(lam), 1e-10 * max(np.abs(lam).max(), 1e-300))
+            d = V @ ((V.T @ g) / lam)
             dec = float(g @ d)
             if not dec > PROFILE_TOL:
                 break
@@ -101,16 +102,11 @@ class _Profiler:
             while True:
                 cand = x.copy()
                 cand[free] += t * d
-                new = self.lik.evaluate(cand, self.nagq, u0=ev.u, remember=False)
+                new = self.lik.evaluate(cand, self.nagq, u0=ev.u, remember=False, hessian=True)
                 self.evaluations += 1
                 if new.loglik >= ev.loglik + 1e-4 * t * dec - 1e-12 * abs(ev.loglik) or t < 1e-10:
                     break
                 t *= 0.5
-            s, yv = cand[free] - x[free], g - new.grad[free]
-            sy = float(s @ yv)
-            if sy > 1e-12 * np.linalg.norm(s) * np.linalg.norm(yv):
-                Bs = B @ s
-                B = B + np.outer(yv, yv) / sy - np.outer(Bs, Bs) / float(s @ Bs)
             x, ev = cand, new
         return ev.loglik
 
