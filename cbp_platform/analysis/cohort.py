@@ -31,6 +31,15 @@ delivery is the same participant as in the earlier one: it is counted once, from
 
 Pseudonyms stay in :attr:`AnalysisCohort.frame` and :attr:`AnalysisCohort.exclusions` (internal tables of the
 secure environment); the flow table never contains them.
+
+The analysis is complete case: the primary, documented one. The multiple-imputation sensitivity analysis
+(:mod:`cbp_platform.stats.imputation`) fits :attr:`AnalysisCohort.imputation_frame`: the analysed participants
+plus those whose *only* failed rules are the missing covariate answers (:data:`IMPUTABLE_RULES`:
+``physical_activity_missing``, ``comorbidity_missing``), with nulls where an answer is missing. A participant
+without the CBP answer is in neither the imputation nor the analysis (von Hippel's multiple imputation, then
+deletion, MID, drops them from the analysis: an imputed outcome adds nothing but noise; here they are not used to
+impute covariates either, and their answer is missing at random given age, sex and site). The flow table is the
+complete-case one; the MI population adds the ``imputable`` participants beside it (:func:`imputation_missingness`).
 """
 
 from __future__ import annotations
@@ -71,6 +80,10 @@ EXCLUSION_RULES: tuple[tuple[str, str], ...] = (
     ("no_muscle_metrics", "Back-muscle segmentation or metrics unavailable"),
 )
 EXCLUSION_CODES = tuple(code for code, _ in EXCLUSION_RULES)
+# The rules a participant of the multiple-imputation population may fail (and no other): missing covariate answers.
+IMPUTABLE_RULES = ("physical_activity_missing", "comorbidity_missing")
+# The covariate answers the multiple imputation fills in (analysis-frame columns, as answered).
+IMPUTED_VARIABLES = ("met_min_week", *COMORBIDITIES)
 START_LABEL = "Participants with an MRI delivery"
 ANALYSED_LABEL = "Analysed"
 
@@ -106,6 +119,11 @@ class AnalysisCohort:
     ``standardisation``: per exposure name (:data:`cbp_platform.study.EXPOSURES`) the ``mean`` and ``sd`` its
     standardised column (:attr:`~cbp_platform.study.Exposure.z_column`) was computed with.
     ``exclusions``: pseudonym, reason of every excluded participant (internal, never published).
+    ``imputation_frame``: the population of the multiple-imputation sensitivity analysis (columns
+    :data:`FRAME_COLUMNS`, sorted by pseudonym): the analysed participants and those excluded only by
+    :data:`IMPUTABLE_RULES`, every derived column computed where its inputs exist and null where they are missing
+    (``met_category``, ``pa_moderate``, ``pa_high`` with ``met_min_week``), exposures standardised with
+    ``standardisation`` (the complete-case mean and SD: the per-2-SD unit is the primary analysis's).
     """
 
     frame: pl.DataFrame
@@ -115,6 +133,12 @@ class AnalysisCohort:
     lmm_normaliser: str
     lmm_unit: str
     exclusions: pl.DataFrame = field(repr=False)
+    imputation_frame: pl.DataFrame | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def n_imputable(self) -> int:
+        """Participants of the MI population that the complete-case analysis excludes."""
+        return 0 if self.imputation_frame is None else self.imputation_frame.height - self.frame.height
 
     @property
     def n(self) -> int:
@@ -190,7 +214,8 @@ def classify_participants(covariates: pl.DataFrame, scans: pl.DataFrame, metrics
                           quarantine: pl.DataFrame | None = None,
                           rejected: pl.DataFrame | None = None, retired: pl.DataFrame | None = None,
                           withdrawn: pl.DataFrame | None = None) -> pl.DataFrame:
-    """Every participant with an MRI delivery and the first exclusion rule they fail (``reason`` null = analysed).
+    """Every participant with an MRI delivery and the first exclusion rule they fail (``reason`` null = analysed);
+    ``imputable``: excluded, and only by :data:`IMPUTABLE_RULES` (the multiple-imputation population's extra members).
     ``rejected``: the participants (column ``pseudonym``) whose segmentation a reviewer rejected; ``retired``: the
     participants with data in force from a retired delivery; ``withdrawn``: the participants who withdrew consent
     (the release records both).
@@ -262,7 +287,10 @@ def classify_participants(covariates: pl.DataFrame, scans: pl.DataFrame, metrics
     for code, cond in conditions.items():
         failed = cond.fill_null(True)
         chain = (pl.when(failed) if chain is None else chain.when(failed)).then(pl.lit(code))
-    return p.with_columns(chain.otherwise(pl.lit(None, pl.String)).alias("reason"))
+    other = pl.any_horizontal([c.fill_null(True) for k, c in conditions.items() if k not in IMPUTABLE_RULES])
+    answers = pl.any_horizontal([conditions[k].fill_null(True) for k in IMPUTABLE_RULES])
+    return p.with_columns(chain.otherwise(pl.lit(None, pl.String)).alias("reason"),
+                          (~other & answers).alias("imputable"))
 
 
 def flow_table(classified: pl.DataFrame) -> pl.DataFrame:
@@ -318,11 +346,13 @@ def _finite(e: pl.Expr) -> pl.Expr:
     return pl.when(e.is_finite()).then(e).otherwise(pl.lit(None, pl.Float64))
 
 
-def derive(analysed: pl.DataFrame, normaliser: Normaliser) -> tuple[pl.DataFrame, dict[str, dict[str, float]]]:
+def derive(analysed: pl.DataFrame, normaliser: Normaliser, standardisation: dict[str, dict[str, float]] | None = None
+           ) -> tuple[pl.DataFrame, dict[str, dict[str, float]]]:
     """The analysed frame's derived variables (columns :data:`FRAME_COLUMNS`) and the standardisation used.
 
     Every exposure of :data:`cbp_platform.study.EXPOSURES` is computed from its metric (a non-finite value is
-    null: unmeasured) and standardised per k SD over the participants who have it.
+    null: unmeasured) and standardised per k SD over the participants who have it, or with the given
+    ``standardisation`` (exposure name -> mean, sd). A derived value whose input is missing is null.
     """
     df = analysed.sort("pseudonym").with_columns(
         (pl.col("sex") == "F").alias("female"),
@@ -334,6 +364,9 @@ def derive(analysed: pl.DataFrame, normaliser: Normaliser) -> tuple[pl.DataFrame
     )
     std = {}
     for e in study.EXPOSURES:
+        if standardisation is not None:
+            std[e.name] = dict(standardisation[e.name])
+            continue
         mean, sd = _mean_sd(df.get_column(e.name).to_list())
         std[e.name] = {"mean": mean, "sd": sd}
     df = df.with_columns(
@@ -407,9 +440,35 @@ def build_analysis_cohort(covariates: pl.DataFrame, scans: pl.DataFrame, metrics
     flow = flow_table(classified)
     analysed = classified.filter(pl.col("reason").is_null())
     frame, std = derive(analysed, norm)
+    mi, _ = derive(classified.filter(pl.col("reason").is_null() | pl.col("imputable")), norm, std)
     exclusions = classified.filter(pl.col("reason").is_not_null()).select("pseudonym", "reason").sort("pseudonym")
     return AnalysisCohort(frame=frame, flow=flow, cohort_hash=cohort_hash(frame, normaliser=norm.name),
-                          standardisation=std, lmm_normaliser=norm.name, lmm_unit=norm.unit, exclusions=exclusions)
+                          standardisation=std, lmm_normaliser=norm.name, lmm_unit=norm.unit, exclusions=exclusions,
+                          imputation_frame=mi)
+
+
+def imputation_missingness(cohort: AnalysisCohort, variables: tuple[str, ...] = IMPUTED_VARIABLES, *,
+                           publishable: bool = False) -> pl.DataFrame:
+    """Missing answers of the MI population per variable and site, with an ``all sites`` row per variable.
+
+    Columns: variable, site, participants_n, missing_n, missing_pct (:func:`cbp_platform.stats.imputation.
+    missingness_table`). Raw counts by default (internal); ``publishable=True`` applies small-cell suppression
+    (:func:`cbp_platform.analysis.disclosure.suppress_small_cells`: a count under 5 and its percentage hidden, and
+    a second site of the same variable hidden where the all-sites row would give the first one away).
+    """
+    from cbp_platform.analysis.disclosure import suppress_small_cells
+    from cbp_platform.stats.imputation import ALL_SITES, missingness_table
+
+    frame = cohort.imputation_frame if cohort.imputation_frame is not None else cohort.frame
+    table = missingness_table(frame, variables, "site")
+    if not publishable:
+        return table
+    groups = []
+    for v in variables:
+        idx = [i for i, (var, site) in enumerate(zip(table["variable"], table["site"]))
+               if var == v and site != ALL_SITES]
+        groups.append(idx)
+    return suppress_small_cells(table, count_columns=["participants_n", "missing_n"], row_groups=groups)
 
 
 @dataclass(frozen=True)

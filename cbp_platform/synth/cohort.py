@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
-from scipy import special, stats
+from scipy import optimize, special, stats
 
 from cbp_platform.landing import SITES
 
@@ -108,11 +108,25 @@ class CohortParameters:
     nrs_intercept: float = -1.5956
     nrs_cbp_latent_corr: float = 0.70                    # Gaussian-copula correlation of the two outcomes
 
-    # --- missing answers and image problems (exclusion causes; MCAR) --------------------------------------
-    # Union ~10.85 %: 30,868 scanned -> ~27,518 analysable.
+    # --- missing answers (exclusion causes; missing at random given observed covariates) -------------------
+    # Each answer is missing with probability expit(a + b' z) (:func:`missing_answer_probabilities`):
+    #   CBP answer:           z = (age per 10 y centred at 50, female)                   + site offset
+    #   MET-min/week:         z = (age per 10 y, female, CBP status)                     + site offset
+    #   a comorbidity answer: z = (age per 10 y, female, CBP status)                     + site offset
+    # Every z is observed in the data (site, age and sex always; CBP wherever the participant answered it), so
+    # among the participants with a CBP answer the missing activity and comorbidity answers are MAR, not MCAR:
+    # older participants, men, CBP cases and some sites leave answers out more often. The intercept a is solved
+    # per cohort so that the mean probability over the cohort's participants is exactly p_missing_* (the
+    # expected rate stays today's; the realised one varies by binomial noise). Union of all exclusion causes
+    # ~10.7 %: 30,868 scanned -> ~27,560 analysable.
     p_missing_cbp: float = 0.045
     p_missing_met: float = 0.030
     p_missing_comorbidity: float = 0.020
+    missing_cbp_logit: tuple[float, float] = (0.30, -0.20)                # age per 10 y, female
+    missing_met_logit: tuple[float, float, float] = (0.40, -0.20, 0.35)   # age per 10 y, female, CBP
+    missing_comorbidity_logit: tuple[float, float, float] = (0.45, 0.0, 0.30)
+    missing_site_logit: tuple[float, ...] = (0.0, 0.45, -0.35, 0.20, -0.30)   # per site (landing.SITES order)
+    # --- image problems ------------------------------------------------------------------------------------
     p_fat_water_swap: float = 0.018
     p_swap_partial: float = 0.30                         # share of swaps limited to one station (slab)
 
@@ -250,6 +264,42 @@ def draw_outcomes(eta_cbp: np.ndarray, eta_nrs: np.ndarray, rng: np.random.Gener
     return cbp, nrs.astype(np.int64), p_cbp
 
 
+def _calibrated_probability(lp: np.ndarray, rate: float) -> np.ndarray:
+    """expit(a + lp) with the intercept a solved so that the mean probability equals ``rate``."""
+    if rate <= 0.0 or lp.size == 0:
+        return np.zeros_like(lp, dtype=np.float64)
+    if rate >= 1.0:
+        return np.ones_like(lp, dtype=np.float64)
+    lo, hi = special.logit(rate) - lp.max() - 1.0, special.logit(rate) - lp.min() + 1.0
+    a = optimize.brentq(lambda x: float(np.mean(_logistic(x + lp))) - rate, lo, hi, xtol=1e-12, rtol=1e-14)
+    return _logistic(a + lp)
+
+
+def missing_answer_probabilities(pop: dict[str, np.ndarray], site: np.ndarray, cbp: np.ndarray,
+                                 params: CohortParameters) -> dict[str, np.ndarray]:
+    """Per participant the probability that the CBP, the activity and a comorbidity answer are missing (MAR).
+
+    logit P(missing) = a + b_age (age - 50) / 10 + b_female female [+ b_cbp CBP] + site offset, with the
+    coefficients of :class:`CohortParameters` (``missing_*_logit``, ``missing_site_logit``) and each intercept a
+    solved on this cohort so that the mean probability is the answer's ``p_missing_*``. ``site``: site codes
+    into :data:`cbp_platform.landing.SITES`; ``cbp``: the CBP status the participant would answer.
+    """
+    p = params
+    a10 = (pop["age"] - 50) / 10.0
+    fem = pop["female"].astype(np.float64)
+    y = np.asarray(cbp, dtype=np.float64)
+    offset = np.asarray(p.missing_site_logit, dtype=np.float64)[site]
+    b = p.missing_cbp_logit
+    lp_cbp = b[0] * a10 + b[1] * fem + offset
+    b = p.missing_met_logit
+    lp_met = b[0] * a10 + b[1] * fem + b[2] * y + offset
+    b = p.missing_comorbidity_logit
+    lp_com = b[0] * a10 + b[1] * fem + b[2] * y + offset
+    return {"cbp": _calibrated_probability(lp_cbp, p.p_missing_cbp),
+            "met": _calibrated_probability(lp_met, p.p_missing_met),
+            "comorbidity": _calibrated_probability(lp_com, p.p_missing_comorbidity)}
+
+
 def _exam_dates(rng: np.random.Generator, n: int, params: CohortParameters) -> np.ndarray:
     start = np.datetime64(params.exam_start)
     span = int((np.datetime64(params.exam_end) - start) / np.timedelta64(1, "D"))
@@ -261,7 +311,8 @@ def simulate_cohort(n: int, seed: int, params: CohortParameters | None = None) -
 
     Columns: participant index, site, exam date, demographics, activity, comorbidities, the true exposures
     (``lmm_true``, ``imat_true`` %, ``mfi_true``), outcomes (``cbp_true``, ``nrs_true``), their generating
-    probability, the missing-answer flags and the fat-water swap flag.
+    probability, the missing-answer flags (missing at random given age, sex, site and, for the activity and
+    comorbidity answers, CBP: :func:`missing_answer_probabilities`) and the fat-water swap flag.
     """
     if n < 1:
         raise ValueError("n must be >= 1")
@@ -272,9 +323,11 @@ def simulate_cohort(n: int, seed: int, params: CohortParameters | None = None) -
     pop = draw_population(n, rng, p)
     eta_cbp, eta_nrs = linear_predictors(pop, site_u[site], p)
     cbp, nrs, p_cbp = draw_outcomes(eta_cbp, eta_nrs, rng, p)
-    miss_cbp = rng.random(n) < p.p_missing_cbp
-    miss_met = rng.random(n) < p.p_missing_met
-    miss_com = rng.random(n) < p.p_missing_comorbidity
+    pm = missing_answer_probabilities(pop, site, cbp, p)
+    # the same uniform draws, in the same order, as when the answers were missing completely at random
+    miss_cbp = rng.random(n) < pm["cbp"]
+    miss_met = rng.random(n) < pm["met"]
+    miss_com = rng.random(n) < pm["comorbidity"]
     miss_com_which = rng.integers(0, 4, n)
     swap = rng.random(n) < p.p_fat_water_swap
     swap_partial = swap & (rng.random(n) < p.p_swap_partial)

@@ -314,3 +314,69 @@ def test_empty_input_gives_an_empty_cohort():
                                                    "lean_ml": pl.Float64, "imat_pct": pl.Float64}), None)
     assert c.n == 0 and c.flow["remaining"].to_list() == [0] * len(c.flow)
     assert math.isnan(c.standardisation["lmm"]["mean"])
+
+
+def test_imputation_frame_is_the_mi_population(tables, cohort):
+    """Analysed + excluded only for missing activity / comorbidity answers; nulls exactly where answers are missing."""
+    truth = tables["truth"]
+    only_answers = (~pl.col("missing_cbp") & (pl.col("fat_water_swap") == "none")
+                    & (pl.col("missing_met") | pl.col("missing_comorbidity").is_not_null()))
+    extra = truth.filter(only_answers)["pseudonym"].to_list()
+    mi = cohort.imputation_frame
+    assert extra and cohort.n_imputable == len(extra)
+    assert mi["pseudonym"].to_list() == sorted(cohort.frame["pseudonym"].to_list() + extra)
+    assert mi.columns == cohort.frame.columns
+    # the complete cases are the analysed frame, row for row (same standardisation: per 2 SD of the primary)
+    assert mi.filter(pl.col("pseudonym").is_in(cohort.frame["pseudonym"].implode())).equals(cohort.frame)
+    f = mi.join(truth.select("pseudonym", "missing_met", "missing_comorbidity", "met_min_week", "lmm_true"),
+                on="pseudonym", suffix="_truth")
+    for c in ("met_min_week", "met_category", "pa_moderate", "pa_high"):
+        assert (f[c].is_null() == f["missing_met"]).all(), c
+    for c in ("diabetes", "dyslipidemia", "osteoporosis", "osteoarthritis"):
+        assert (f[c].is_null() == (f["missing_comorbidity"].fill_null("") == c)).all(), c
+    for c in ("cbp", "age_10y", "female", "lmm_z2", "imat_z2", "site"):
+        assert f[c].null_count() == 0, c
+    known = f.filter(~pl.col("missing_met"))
+    assert (known["met_min_week"] == known["met_min_week_truth"]).all()
+    assert (known["pa_high"] == (known["met_min_week"] > 5000)).all()
+    s = cohort.standardisation["lmm"]
+    np.testing.assert_allclose(f["lmm_z2"].to_numpy(), (f["lmm"].to_numpy() - s["mean"]) / (2 * s["sd"]), rtol=1e-12)
+    # the flow is the complete-case one: the imputable participants are still counted at their first rule
+    reasons = dict(cohort.exclusions.iter_rows())
+    assert {reasons[p] for p in extra} <= {"physical_activity_missing", "comorbidity_missing"}
+
+
+def test_imputable_only_when_no_other_rule_fails(crafted):
+    _, cohort, roles, _, _ = crafted
+    mi = set(cohort.imputation_frame["pseudonym"].to_list())
+    assert roles["physical_activity_missing"] in mi and roles["comorbidity_missing"] in mi
+    assert roles["physical_activity_missing+comorbidity_missing"] in mi
+    for role in ("cbp_not_answered+physical_activity_missing", "comorbidity_missing+fat_water_swap_suspected",
+                 "cbp_not_answered", "fat_water_swap_suspected", "age_outside_19_74+cbp_not_answered"):
+        assert roles[role] not in mi, role
+    assert mi >= set(cohort.frame["pseudonym"].to_list())
+
+
+def test_imputation_missingness_counts_and_suppression(cohort):
+    from cbp_platform.analysis.cohort import IMPUTED_VARIABLES, imputation_missingness
+    from cbp_platform.analysis.disclosure import SUPPRESSED
+
+    raw = imputation_missingness(cohort)
+    mi = cohort.imputation_frame
+    for r in raw.iter_rows(named=True):
+        part = mi if r["site"] == "all sites" else mi.filter(pl.col("site") == r["site"])
+        assert (r["participants_n"], r["missing_n"]) == (part.height, part[r["variable"]].null_count())
+    assert set(raw["variable"]) == set(IMPUTED_VARIABLES)
+    pub = imputation_missingness(cohort, publishable=True)
+    assert pub.height == raw.height
+    for r, p in zip(raw.iter_rows(named=True), pub.iter_rows(named=True)):
+        if r["missing_n"] < 5:
+            assert p["missing_n"] == SUPPRESSED and p["missing_pct"] == SUPPRESSED
+        elif p["missing_n"] != SUPPRESSED:
+            assert p["missing_n"] == str(r["missing_n"])
+    # never exactly one hidden site cell per variable (the all-sites row would give it away)
+    for v in IMPUTED_VARIABLES:
+        hidden = pub.filter((pl.col("variable") == v) & (pl.col("site") != "all sites")
+                            & (pl.col("missing_n") == SUPPRESSED)).height
+        assert hidden != 1, v
+    assert find_pseudonyms(pub.write_csv(), mi["pseudonym"].to_list()) == []
