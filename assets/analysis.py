@@ -41,6 +41,7 @@ class CohortConfig(dg.Config):
 
 class ModelConfig(dg.Config):
     nagq: int = 25               # adaptive Gauss-Hermite points (1 = Laplace)
+    imputations: int = 20        # m of the multiple-imputation sensitivity analysis (0: not run)
     min_events_per_variable: float = 10.0
 
 
@@ -108,7 +109,11 @@ def analysis_cohort(context: dg.AssetExecutionContext, config: CohortConfig, war
                           "release_merkle_root": info.get("merkle_root") or ""}])
     # the cohort, its exclusions, its flow, its meta (with the hash) and its lineage row in one transaction:
     # never a hash that describes another cohort than the one stored
+    from cbp_platform.analysis.cohort import imputation_missingness
+
     warehouse.replace_many([("analysis_cohort", cohort.frame, {}), ("analysis_exclusions", cohort.exclusions, {}),
+                            ("analysis_imputation", cohort.imputation_frame, {}),
+                            ("missingness", _ordered(imputation_missingness(cohort)), {}),
                             ("exclusion_flow", cohort.flow, {}), ("analysis_cohort_meta", meta, {}),
                             _lineage_row(context, cohort.cohort_hash, [a.key.to_user_string() for a in PER_BATCH],
                                          cohort.cohort_hash)])
@@ -120,6 +125,7 @@ def analysis_cohort(context: dg.AssetExecutionContext, config: CohortConfig, war
         "dagster/row_count": cohort.n, "cohort_hash": cohort.cohort_hash, "batches": len(batches),
         "release": int(info["release_id"]), "release_content_hash": info["content_hash"],
         "start": int(cohort.flow["remaining"][0]), "analysed": cohort.n,
+        "imputation_population": cohort.imputation_frame.height,
         "exclusion_flow": dg.MetadataValue.md(flow_md), "lmm_normaliser": cohort.lmm_normaliser,
         "reviews": info["reviews_count"], "reviews_sha256": info["reviews_sha256"],
         "standardisation": dg.MetadataValue.json(cohort.standardisation)},
@@ -141,7 +147,8 @@ def _fit_models(context: dg.AssetExecutionContext, config: ModelConfig, warehous
     kw = dict(cohort_hash=cohort_hash, nagq=config.nagq, min_epv=config.min_events_per_variable)
     t0 = time.perf_counter()
     try:
-        fits = [fit_analysis(frame, primary, **kw)]
+        fits = [fit_analysis(frame, primary, imputation_frame=_imputation_frame(warehouse),
+                             imputations=config.imputations, **kw)]
     except ModelCheckError as exc:
         raise dg.Failure(description=f"{name}: model checks failed on {primary.data(frame).height} participants: "
                                      f"{exc}",
@@ -206,6 +213,11 @@ def _in_order(warehouse: Warehouse, table: str, hint: str) -> pl.DataFrame:
     return _required(warehouse, table, hint, order_by=[ROW_ORDER]).drop(ROW_ORDER)
 
 
+def _optional_in_order(warehouse: Warehouse, table: str) -> pl.DataFrame | None:
+    df = warehouse.table(table, order_by=[ROW_ORDER], missing_ok=True)
+    return None if df is None else df.drop(ROW_ORDER)
+
+
 def _table_asset(context, warehouse: Warehouse, table: str, df: pl.DataFrame) -> dg.MaterializeResult:
     from cbp_platform.warehouse import table_checksum
 
@@ -248,6 +260,11 @@ def physical_activity_prevalence(context: dg.AssetExecutionContext, warehouse: W
     return _table_asset(context, warehouse, "physical_activity_prevalence", build(_frame(warehouse)))
 
 
+def _imputation_frame(warehouse: Warehouse) -> pl.DataFrame | None:
+    """The multiple-imputation population as analysis_cohort stored it (None before that table existed)."""
+    return warehouse.table("analysis_imputation", order_by=["pseudonym"], missing_ok=True)
+
+
 def _cohort_frame(warehouse: Warehouse) -> pl.DataFrame:
     return _required(warehouse, "analysis_cohort", "materialise analysis_cohort first", order_by=["pseudonym"])
 
@@ -285,7 +302,8 @@ def _report_tables(warehouse: Warehouse):
         pa_prevalence=_in_order(warehouse, "physical_activity_prevalence", first),
         stratified=_in_order(warehouse, "stratified_comparisons", first),
         model_results=_required(warehouse, "model_results", first, order_by=["analysis", ROW_ORDER]).drop(ROW_ORDER),
-        model_fits=_required(warehouse, "model_fits", first, order_by=["analysis"]))
+        model_fits=_required(warehouse, "model_fits", first, order_by=["analysis"]),
+        missingness=_optional_in_order(warehouse, "missingness"))
 
 
 def _manifest(context: dg.AssetExecutionContext, data_root: DataRootResource, warehouse: Warehouse, meta: dict,
@@ -387,11 +405,14 @@ def _keep_release_report(data_root: DataRootResource, meta: dict, out_dir, table
     for name, payload in read_tables(out_dir).items():
         atomic_write_bytes(pointer.parent / "tables" / name, payload)
     nagq = tables.model_fits["nagq"].drop_nulls() if "nagq" in tables.model_fits.columns else []
+    mi = [json.loads(a).get("multiple_imputation", {}).get("requested", 20)
+          for a in (tables.model_fits["assessment"].drop_nulls() if "assessment" in tables.model_fits.columns else [])]
     atomic_write_bytes(pointer, json.dumps({
         "release": meta["release_id"], "release_content_hash": meta["release_content_hash"],
         "cohort_hash": meta["cohort_hash"], "path": data_root.layout.stored(out_dir),
         "lmm_normaliser": meta["lmm_normaliser"],
-        "disclosure_min_count": min_count, "nagq": int(nagq[0]) if len(nagq) else 25, "run_id": run_id,
+        "disclosure_min_count": min_count, "nagq": int(nagq[0]) if len(nagq) else 25,
+        "imputations": max(mi, default=20), "run_id": run_id,
         "published_at": now_utc().isoformat()}, indent=1).encode())
 
 

@@ -241,13 +241,15 @@ def _stored(cohort) -> tuple[pl.DataFrame, pl.DataFrame]:
     return storable(cohort.frame).sort("pseudonym"), storable(cohort.flow).sort("step")
 
 
-def outputs_of(cohort, *, nagq: int = 25, min_epv: float = 10.0):
+def outputs_of(cohort, *, nagq: int = 25, min_epv: float = 10.0, imputations: int = 20):
     """The report's numeric tables of an analysis cohort, as the analysis assets compute them."""
     from cbp_platform.analysis.outputs import analysis_outputs
+    from resources.warehouse import storable
 
     frame, flow = _stored(cohort)
+    mi = storable(cohort.imputation_frame).sort("pseudonym") if cohort.imputation_frame is not None else None
     return analysis_outputs(frame, flow, lmm_unit=cohort.lmm_unit, cohort_hash=cohort.cohort_hash, nagq=nagq,
-                            min_epv=min_epv)
+                            min_epv=min_epv, imputation_frame=mi, imputations=imputations)
 
 
 def version_drift(warehouse: Warehouse, release_id: int) -> dict[str, int]:
@@ -304,7 +306,8 @@ def pending_impact(warehouse: Warehouse, data_root: DataRootResource, *, min_cou
         warehouse.has_table("muscle_metrics") else pl.DataFrame(),
         rel.quarantine, lmm_normaliser=normaliser, rejected=parts.filter(pl.col("qc_rejected")),
         retired=parts.filter(pl.col("retired_by") != ""), withdrawn=parts.filter(pl.col("withdrawn") != ""))
-    out = impact(outputs_of(before_cohort, nagq=nagq), outputs_of(after_cohort, nagq=nagq),
+    m = int(report.get("imputations", 20))
+    out = impact(outputs_of(before_cohort, nagq=nagq, imputations=m), outputs_of(after_cohort, nagq=nagq, imputations=m),
                  changed_participants=changed, min_count=limit)
     return {**base, "pending": True, "cohort_hash": [before_cohort.cohort_hash, after_cohort.cohort_hash],
             "analysed": [before_cohort.n, after_cohort.n], **out,

@@ -165,6 +165,9 @@ TABLES: dict[str, TableSpec] = {
     "analysis_cohort": TableSpec("images", "the analysed cohort: covariates beside image measures (rebuilt by the "
                                            "next cohort refresh)"),
     "analysis_exclusions": TableSpec("images", "why each excluded participant left the analysis"),
+    "analysis_imputation": TableSpec("images", "the multiple-imputation population: the analysed participants and "
+                                               "those missing only covariate answers (rebuilt with the cohort)"),
+    "missingness": TableSpec("none", "missing covariate answers per variable and site: counts"),
     "analysis_cohort_meta": TableSpec("none", "the cohort's hash, counts and settings"),
     "exclusion_flow": TableSpec("none", "the exclusion flow: counts per step"),
     "asset_lineage": TableSpec("none", "which run made which analysis asset"),

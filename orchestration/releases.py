@@ -95,7 +95,7 @@ def reproduce(release_id: int, *, data_root: DataRootResource | None = None, out
             + (f"; {commitment['mismatched']} participants' rows no longer match their leaf"
                if commitment["mismatched"] else ""))
     cohort, _ = release_cohort(wh, info, lmm_normaliser=report["lmm_normaliser"])
-    tables = outputs_of(cohort, nagq=int(report.get("nagq", 25)))
+    tables = outputs_of(cohort, nagq=int(report.get("nagq", 25)), imputations=int(report.get("imputations", 20)))
     rebuilt = published_tables(tables, standardisation=cohort.standardisation, lmm_unit=cohort.lmm_unit,
                                min_count=int(report["disclosure_min_count"]))
     published = read_tables(data_root.layout.release_report(release_id).parent)

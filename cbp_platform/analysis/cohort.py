@@ -456,13 +456,23 @@ def imputation_missingness(cohort: AnalysisCohort, variables: tuple[str, ...] = 
     (:func:`cbp_platform.analysis.disclosure.suppress_small_cells`: a count under 5 and its percentage hidden, and
     a second site of the same variable hidden where the all-sites row would give the first one away).
     """
-    from cbp_platform.analysis.disclosure import suppress_small_cells
-    from cbp_platform.stats.imputation import ALL_SITES, missingness_table
-
     frame = cohort.imputation_frame if cohort.imputation_frame is not None else cohort.frame
-    table = missingness_table(frame, variables, "site")
-    if not publishable:
-        return table
+    table = missingness_counts(frame, variables)
+    return publishable_missingness(table, variables) if publishable else table
+
+
+def missingness_counts(frame: pl.DataFrame, variables: tuple[str, ...] = IMPUTED_VARIABLES) -> pl.DataFrame:
+    """Missing answers per variable and site of an imputation frame (raw counts; see :func:`imputation_missingness`)."""
+    from cbp_platform.stats.imputation import missingness_table
+
+    return missingness_table(frame, variables, "site")
+
+
+def publishable_missingness(table: pl.DataFrame, variables: tuple[str, ...] = IMPUTED_VARIABLES) -> pl.DataFrame:
+    """:func:`missingness_counts` with small-cell suppression (see :func:`imputation_missingness`)."""
+    from cbp_platform.analysis.disclosure import suppress_small_cells
+    from cbp_platform.stats.imputation import ALL_SITES
+
     groups = []
     for v in variables:
         idx = [i for i, (var, site) in enumerate(zip(table["variable"], table["site"]))

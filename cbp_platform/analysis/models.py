@@ -22,7 +22,7 @@ import polars as pl
 
 from cbp_platform import study
 from cbp_platform.stats import ModelCheckError, fit_glmm, sensitivity_table
-from cbp_platform.stats.glmm import GLMMResult
+from cbp_platform.stats.glmm import TIDY_COLUMNS, GLMMResult
 
 LAPLACE_MODEL = "glmm_laplace"
 UNADJUSTED_MODEL = "glmm_unadjusted"     # outcome ~ one exposure + (1 | site), per exposure (STROBE item 16a)
@@ -98,12 +98,34 @@ def model_assessment(res: GLMMResult, a: study.Analysis) -> dict:
             "marginal_effects": ame}
 
 
+def multiple_imputation(imputation_frame: pl.DataFrame, a: study.Analysis, *, imputations: int, nagq: int,
+                        min_epv: float) -> tuple[pl.DataFrame, dict]:
+    """The MI sensitivity analysis of ``a``: its rows of the MI population (sorted by pseudonym, so the chains see
+    the same rows in the same order wherever the frame comes from), ``imputations`` completed data sets by chained
+    equations, the GLMM on each, Rubin's rules. Returns the tidy rows (model ``mi_glmm``) and a summary (m, n,
+    participants with an imputed answer, fraction of missing information per exposure)."""
+    from cbp_platform.stats.imputation import MODEL_NAME, fit_glmm_mi, impute
+
+    frame = a.data(imputation_frame).sort("pseudonym")
+    fixed = list(a.fixed)
+    incomplete = int(frame.select(pl.any_horizontal(pl.col(c).is_null() for c in fixed).sum()).item())
+    t0 = time.perf_counter()
+    completed = impute(frame, a.outcome, fixed, study.SITE, m=imputations)
+    mi = fit_glmm_mi(completed, a.outcome, fixed, study.SITE, nagq=nagq, min_epv=min_epv)
+    info = {"m": mi.m, "nobs": mi.nobs, "imputed_participants": incomplete,
+            "fmi": {t: float(mi.fmi[t]) for t in a.exposure_terms}, "seconds": time.perf_counter() - t0}
+    return mi.coefficients.select(TIDY_COLUMNS).with_columns(pl.lit(MODEL_NAME).alias("model")), info
+
+
 def fit_analysis(cohort_frame: pl.DataFrame, a: study.Analysis, *, cohort_hash: str, nagq: int = 25,
-                 min_epv: float = 10.0) -> FittedAnalysis:
+                 min_epv: float = 10.0, imputation_frame: pl.DataFrame | None = None,
+                 imputations: int = 20) -> FittedAnalysis:
     """Fit analysis ``a`` on the analysis cohort's frame (its rows: :meth:`~cbp_platform.study.Analysis.data`).
 
     A primary analysis gets, beside the reported model and its sensitivity fits, the unadjusted ORs of its
-    exposures, profile-likelihood CIs and :func:`model_assessment` (``model_fits`` column ``assessment``).
+    exposures, profile-likelihood CIs and :func:`model_assessment` (``model_fits`` column ``assessment``); with an
+    ``imputation_frame`` (``AnalysisCohort.imputation_frame``) that adds participants to the complete cases and
+    ``imputations`` >= 2, also :func:`multiple_imputation` (rows ``mi_glmm``; its summary in the assessment).
     Raises :class:`~cbp_platform.stats.ModelCheckError` when a data or fit check fails (nothing is returned then).
     """
     frame = a.data(cohort_frame)
@@ -115,8 +137,17 @@ def fit_analysis(cohort_frame: pl.DataFrame, a: study.Analysis, *, cohort_hash: 
     table = sensitivity_table(frame, a.outcome, fixed, study.SITE, glmm=res)
     parts = [table, laplace.coefficients.with_columns(pl.lit(LAPLACE_MODEL).alias("model"))]
     primary = a.role != study.SECONDARY
+    assessment = model_assessment(res, a) if primary else None
     if primary:
         parts += [_profile_rows(res), _unadjusted(frame, a, nagq, min_epv)]
+        extra = 0 if imputation_frame is None else a.data(imputation_frame).height - frame.height
+        if imputations >= 2 and extra > 0:
+            rows, assessment["multiple_imputation"] = multiple_imputation(
+                imputation_frame, a, imputations=imputations, nagq=nagq, min_epv=min_epv)
+            parts.append(rows)
+        else:
+            assessment["multiple_imputation"] = {"m": 0, "imputed_participants": max(extra, 0)}
+        assessment["multiple_imputation"]["requested"] = imputations
     table = pl.concat(parts, how="diagonal_relaxed")
     table = table.with_columns(pl.lit(a.name).alias("analysis"))
     d = res.diagnostics
@@ -127,7 +158,7 @@ def fit_analysis(cohort_frame: pl.DataFrame, a: study.Analysis, *, cohort_hash: 
         "converged": bool(d.converged), "fit_seconds": seconds,
         "checks": json.dumps([c.to_dict() for c in res.checks], default=str),
         "summary": str(res.summary(ci="profile" if primary else "wald")),
-        "assessment": json.dumps(model_assessment(res, a), default=float) if primary else None,
+        "assessment": json.dumps(assessment, default=float) if primary else None,
         "exposure_correlations": json.dumps(exposure_correlations(frame, a)), "error": None,
         "cohort_hash": cohort_hash}
     return FittedAnalysis(analysis=a, table=table, fit=fit, result=res)

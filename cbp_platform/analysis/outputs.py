@@ -24,11 +24,12 @@ NOT_RELEASED = ("comparison",)          # published tables of the model comparis
 
 
 def analysis_outputs(frame: pl.DataFrame, flow: pl.DataFrame, *, lmm_unit: str, cohort_hash: str, nagq: int = 25,
-                     min_epv: float = 10.0) -> ReportTables:
+                     min_epv: float = 10.0, imputation_frame: pl.DataFrame | None = None,
+                     imputations: int = 20) -> ReportTables:
     """The report's numeric tables from the analysed ``frame`` (as the warehouse stores ``analysis_cohort``: sorted
     by pseudonym, ``met_category`` as text) and the exclusion ``flow``. A failed check of a primary analysis
     raises :class:`ModelCheckError`, as it fails its asset."""
-    from cbp_platform.analysis.cohort import MET_CATEGORY
+    from cbp_platform.analysis.cohort import MET_CATEGORY, missingness_counts
     from cbp_platform.analysis.models import failed_fit, fit_analysis, fits_frame, results_frame
     from cbp_platform.analysis.tables import physical_activity_prevalence, stratified_comparisons, table_one
 
@@ -37,7 +38,7 @@ def analysis_outputs(frame: pl.DataFrame, flow: pl.DataFrame, *, lmm_unit: str, 
     for asset in MODEL_ASSETS:
         primary, *secondary = study.analyses_fitted_by(asset)
         kw = dict(cohort_hash=cohort_hash, nagq=nagq, min_epv=min_epv)
-        fits.append(fit_analysis(frame, primary, **kw))
+        fits.append(fit_analysis(frame, primary, imputation_frame=imputation_frame, imputations=imputations, **kw))
         for a in secondary:
             try:
                 fits.append(fit_analysis(frame, a, **kw))
@@ -47,7 +48,8 @@ def analysis_outputs(frame: pl.DataFrame, flow: pl.DataFrame, *, lmm_unit: str, 
     return ReportTables(flow=flow, table_one=table_one(described, lmm_unit=lmm_unit),
                         pa_prevalence=physical_activity_prevalence(described),
                         stratified=stratified_comparisons(described), model_results=results.drop("_order"),
-                        model_fits=fits_frame(fits).sort("analysis", maintain_order=True))
+                        model_fits=fits_frame(fits).sort("analysis", maintain_order=True),
+                        missingness=missingness_counts(imputation_frame if imputation_frame is not None else frame))
 
 
 def published_tables(tables: ReportTables, *, standardisation: dict, lmm_unit: str,
@@ -65,7 +67,8 @@ def published_tables(tables: ReportTables, *, standardisation: dict, lmm_unit: s
         render_report(tmp, flow=tables.flow, table_one=tables.table_one, pa_prevalence=tables.pa_prevalence,
                       stratified=tables.stratified, model_results=models, model_summaries=summaries,
                       paper_vs_run=pvr, lineage={}, standardisation=standardisation, lmm_unit=lmm_unit,
-                      min_count=min_count, strobe=analysis_tables(tables.model_results, tables.model_fits, min_count))
+                      min_count=min_count, strobe=analysis_tables(tables.model_results, tables.model_fits, min_count),
+                      missingness=tables.missingness)
         return read_tables(Path(tmp))
 
 

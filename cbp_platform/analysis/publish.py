@@ -36,6 +36,7 @@ class ReportTables:
     stratified: pl.DataFrame
     model_results: pl.DataFrame       # every analysis' rows (column ``analysis``), in row order
     model_fits: pl.DataFrame          # one row per analysis
+    missingness: pl.DataFrame | None = None   # missing covariate answers per variable and site (raw counts)
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,7 @@ def publish(out_dir: Path, tables: ReportTables, manifest: dict, *, run_id: str,
                             lineage=report_lineage(manifest, run_id), known_pseudonyms=known_pseudonyms,
                             standardisation=json.loads(cohort_meta["standardisation"]),
                             lmm_unit=cohort_meta["lmm_unit"], min_count=min_count, comparisons=comparisons,
-                            strobe=strobe)
+                            strobe=strobe, missingness=tables.missingness)
     path = Path(out_dir) / MANIFEST_NAME
     write_manifest(path, add_files(manifest, Path(out_dir), written))
     return Published(out_dir=Path(out_dir), written=written, manifest_path=path, paper_vs_run=paper_vs_run)

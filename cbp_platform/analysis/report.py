@@ -676,6 +676,42 @@ def _section_table_one(r: _Report, table_one: pl.DataFrame) -> None:
     r.doc.table(r.publish("table_one", publishable(rows, "table_one", min_count=r.min_count)))
 
 
+MISSINGNESS_LABELS = {"met_min_week": "Physical activity (MET-min/week)", "diabetes": "Diabetes",
+                      "dyslipidemia": "Dyslipidemia", "osteoporosis": "Osteoporosis",
+                      "osteoarthritis": "Osteoarthritis"}
+
+
+def _section_missing_data(r: _Report, missingness: pl.DataFrame | None, strobe: Mapping[str, Mapping]) -> None:
+    """STROBE items 12c and 14b: missing covariate answers per variable and site, and how they were handled."""
+    if missingness is None or not missingness.height:
+        return
+    from cbp_platform.analysis.cohort import publishable_missingness
+
+    r.section("Missing data", "missing-data")
+    r.doc.para("Participants with a missing covariate answer (physical activity or a comorbidity) are excluded from "
+               "the primary, complete-case analysis (see the flow). The table counts the missing answers among the "
+               "analysed participants and those excluded only for such an answer (the multiple-imputation "
+               "population), per variable and site. The sensitivity analysis imputes them by chained equations "
+               "(predictive mean matching, the outcome in every imputation model) and pools the GLMM over the "
+               "completed data sets with Rubin's rules (docs/statistics.md).", note=True)
+    shown = publishable_missingness(missingness).with_columns(
+        pl.col("variable").replace_strict(MISSINGNESS_LABELS, default=pl.col("variable")))
+    shown = shown.rename({"variable": "Variable", "site": "Site", "participants_n": "Participants",
+                          "missing_n": "Missing", "missing_pct": "Missing %"})
+    r.doc.table(r.publish("missingness", shown.select([pl.col(c).cast(pl.String) for c in shown.columns])))
+    for key, t in strobe.items():
+        mi = t.get("mi")
+        if mi and mi.get("m"):
+            fmi = ", ".join(f"{study.exposure_of(k).label if study.exposure_of(k) else k} {v:.3f}"
+                            for k, v in mi["fmi"].items())
+            r.doc.para(f"{t['label']}: m = {mi['m']} imputations, {mi['nobs']:,} participants, "
+                       f"{mi['imputed_participants']:,} with at least one imputed answer; fraction of missing "
+                       f"information {fmi}.")
+        elif mi is not None:
+            r.doc.para(f"{t['label']}: no participant is missing only a covariate answer; multiple imputation "
+                       "was not needed.")
+
+
 def _section_physical_activity(r: _Report, pa: pl.DataFrame) -> None:
     r.section("Physical activity and CBP prevalence", "physical-activity")
     r.doc.para("MET-min/week: low < 500, moderate 500-5000, high > 5000. Prevalence with Wilson 95 % CI; "
@@ -870,7 +906,8 @@ def render_report(out_dir: str | Path, *, flow: pl.DataFrame, table_one: pl.Data
                   standardisation: Mapping[str, Mapping[str, float]] | None = None,
                   lmm_unit: str = "cm3/(kg/m)", min_count: int = MIN_COUNT,
                   comparisons: Iterable[Mapping] = (), title: str = DEFAULT_TITLE,
-                  strobe: Mapping[str, Mapping] | None = None) -> dict[str, Path]:
+                  strobe: Mapping[str, Mapping] | None = None,
+                  missingness: pl.DataFrame | None = None) -> dict[str, Path]:
     """Write the report, its figures and published tables under ``out_dir``; returns name -> path.
 
     Tables are the *numeric* ones (``table_one(...)`` etc., ``AnalysisCohort.flow``); they are suppressed
@@ -882,7 +919,9 @@ def render_report(out_dir: str | Path, *, flow: pl.DataFrame, table_one: pl.Data
     raises :class:`~cbp_platform.analysis.disclosure.PseudonymLeak` before a file is written.
     ``standardisation`` (``AnalysisCohort.standardisation``) and ``lmm_unit`` state what "per 2 SD" means in
     this run. ``strobe``: analysis key -> its STROBE tables (:func:`cbp_platform.analysis.strobe.analysis_tables`):
-    main results, site effect, sensitivity table and the appendix of model checks.
+    main results, site effect, sensitivity table and the appendix of model checks. ``missingness``: missing
+    covariate answers per variable and site (raw counts, :func:`cbp_platform.analysis.cohort.missingness_counts`),
+    published with small cells suppressed in the section "Missing data".
     """
     for name, df in model_results.items():
         _check_or_table(name, df)
@@ -892,6 +931,7 @@ def render_report(out_dir: str | Path, *, flow: pl.DataFrame, table_one: pl.Data
     _intro(r, flow, lineage)
     _section_flow(r, flow)
     _section_table_one(r, table_one)
+    _section_missing_data(r, missingness, strobe or {})
     _section_physical_activity(r, pa_prevalence)
     _section_models(r, primary, model_summaries, standardisation, lmm_unit)
     _section_strobe(r, strobe or {})

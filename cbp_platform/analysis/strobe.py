@@ -168,6 +168,6 @@ def analysis_tables(results: pl.DataFrame, fits: pl.DataFrame, min_count: int = 
             "ame": marginal_effects_table(assess), "calibration": calibration_bins(assess, min_count),
             "bins": [b for b in assess["calibration"]["bins"]
                      if b["events"] >= min_count and b["n"] - b["events"] >= min_count],
-            "label": a.label if hasattr(a, "label") else a.key,
+            "label": a.label if hasattr(a, "label") else a.key, "mi": assess.get("multiple_imputation"),
         }
     return out

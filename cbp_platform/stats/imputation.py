@@ -165,11 +165,46 @@ def _one_blas_thread():
     return _BLAS.limit(limits=1, user_api="blas")
 
 
-def _chain(plan: _Plan, seed_seq: np.random.SeedSequence, n_iter: int, k_pmm: int) -> pd.DataFrame:
-    import statsmodels.api as sm
+def _design(plan: _Plan, data: pd.DataFrame, target: str) -> np.ndarray:
+    """The design matrix of :func:`_formula` (intercept, then its terms in order), built with numpy: what patsy
+    builds from the formula, without re-parsing it on every update (patsy was 90 % of an imputation's time)."""
+    cols = [np.ones(len(data))]
+    for k in plan.data.columns:
+        if k == target:
+            continue
+        v = data[k].to_numpy(dtype=np.float64)
+        if k in plan.ordered:
+            cols += [(v == j).astype(np.float64) for j in range(1, len(plan.ordered[k]) + 1)]
+        else:
+            cols.append(v)
+    return np.column_stack(cols)
+
+
+def _mice_data(plan: _Plan, **kw):
+    """statsmodels' MICEData whose design matrices come from :func:`_design` (same columns as the formulas)."""
     from statsmodels.imputation.mice import MICEData
 
-    md = MICEData(plan.data, perturbation_method="gaussian", k_pmm=k_pmm, rng=np.random.default_rng(seed_seq))
+    class _MICEData(MICEData):
+        def get_split_data(self, vname):
+            endog = self.data[vname].to_numpy(dtype=np.float64)
+            exog = _design(plan, self.data, vname)
+            ixo, ixm = self.ix_obs[vname], self.ix_miss[vname]
+            return endog[ixo].copy(), exog[ixo].copy(), exog[ixm].copy(), {}, {}
+
+        def get_fitting_data(self, vname):
+            ix = self.ix_obs[vname]
+            endog = self.data[vname].to_numpy(dtype=np.float64)[ix].copy()
+            exog = _design(plan, self.data, vname)[ix].copy()
+            return endog, exog, self._process_kwds(self.init_kwds[vname], ix), \
+                self._process_kwds(self.fit_kwds[vname], ix)
+
+    return _MICEData(plan.data, **kw)
+
+
+def _chain(plan: _Plan, seed_seq: np.random.SeedSequence, n_iter: int, k_pmm: int) -> pd.DataFrame:
+    import statsmodels.api as sm
+
+    md = _mice_data(plan, perturbation_method="gaussian", k_pmm=k_pmm, rng=np.random.default_rng(seed_seq))
     for k, kind in plan.models.items():
         if kind == "logistic":
             md.set_imputer(k, formula=_formula(plan, k), model_class=sm.GLM,
