@@ -2,8 +2,9 @@
 
 Framework-free (no Dagster): the assets call these functions and attach what they return as metadata.
 
-* :func:`fit_glmm`: ``"outcome ~ fixed + (1 | site)"`` (or the list form), binomial, ML by Laplace (``nagq=1``) or adaptive
-  Gauss-Hermite quadrature (``nagq > 1``) with the objective of ``lme4::glmer``; returns a :class:`GLMMResult`.
+* :func:`fit_glmm`: ``"outcome ~ fixed + (1 | site)"`` (or the list form), binomial, ML by Laplace (``nagq=1``) or
+  adaptive Gauss-Hermite quadrature (``nagq > 1``) with the objective of ``lme4::glmer``; returns a
+  :class:`GLMMResult`.
 * :func:`model_checks` / :func:`fit_checks`: named :class:`CheckOutcome` s (too few events, one-participant
   site, constant covariate, separation, non-convergence, non-finite CIs ...); :class:`ModelCheckError`.
 * :mod:`cbp_platform.stats.sensitivity`: site as a fixed effect, GEE, variational Bayes, in the same tidy shape.
