@@ -468,9 +468,11 @@ def missingness_counts(frame: pl.DataFrame, variables: tuple[str, ...] = IMPUTED
     return missingness_table(frame, variables, "site")
 
 
-def publishable_missingness(table: pl.DataFrame, variables: tuple[str, ...] = IMPUTED_VARIABLES) -> pl.DataFrame:
-    """:func:`missingness_counts` with small-cell suppression (see :func:`imputation_missingness`)."""
-    from cbp_platform.analysis.disclosure import suppress_small_cells
+def publishable_missingness(table: pl.DataFrame, variables: tuple[str, ...] = IMPUTED_VARIABLES, *,
+                            min_count: int | None = None) -> pl.DataFrame:
+    """:func:`missingness_counts` with small-cell suppression under ``min_count`` (default: the platform's limit;
+    see :func:`imputation_missingness`)."""
+    from cbp_platform.analysis.disclosure import MIN_COUNT, suppress_small_cells
     from cbp_platform.stats.imputation import ALL_SITES
 
     groups = []
@@ -478,7 +480,8 @@ def publishable_missingness(table: pl.DataFrame, variables: tuple[str, ...] = IM
         idx = [i for i, (var, site) in enumerate(zip(table["variable"], table["site"]))
                if var == v and site != ALL_SITES]
         groups.append(idx)
-    return suppress_small_cells(table, count_columns=["participants_n", "missing_n"], row_groups=groups)
+    return suppress_small_cells(table, MIN_COUNT if min_count is None else min_count,
+                                count_columns=["participants_n", "missing_n"], row_groups=groups)
 
 
 @dataclass(frozen=True)

@@ -694,7 +694,7 @@ def _section_missing_data(r: _Report, missingness: pl.DataFrame | None, strobe: 
                "population), per variable and site. The sensitivity analysis imputes them by chained equations "
                "(predictive mean matching, the outcome in every imputation model) and pools the GLMM over the "
                "completed data sets with Rubin's rules (docs/statistics.md).", note=True)
-    shown = publishable_missingness(missingness).with_columns(
+    shown = publishable_missingness(missingness, min_count=r.min_count).with_columns(
         pl.col("variable").replace_strict(MISSINGNESS_LABELS, default=pl.col("variable")))
     shown = shown.rename({"variable": "Variable", "site": "Site", "participants_n": "Participants",
                           "missing_n": "Missing", "missing_pct": "Missing %"})
