@@ -37,6 +37,9 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+# the pipelines' multiple-imputation sensitivity analysis with m = 5 instead of 20 (assets/analysis.py ModelConfig):
+# the suite runs it a few dozen times; the statistics tests check the method itself at m = 20
+os.environ.setdefault("CBP_MI_IMPUTATIONS", "5")
 
 HEAVY = ("pipeline", "model", "ui", "postgres")
 # fixtures that put every test using them (directly or through another fixture) in a layer

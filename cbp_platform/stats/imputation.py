@@ -168,11 +168,12 @@ def _one_blas_thread():
 def _design(plan: _Plan, data: pd.DataFrame, target: str) -> np.ndarray:
     """The design matrix of :func:`_formula` (intercept, then its terms in order), built with numpy: what patsy
     builds from the formula, without re-parsing it on every update (patsy was 90 % of an imputation's time)."""
+    values = data.to_numpy(dtype=np.float64)            # one conversion per call, not one per column
     cols = [np.ones(len(data))]
-    for k in plan.data.columns:
+    for j, k in enumerate(plan.data.columns):
         if k == target:
             continue
-        v = data[k].to_numpy(dtype=np.float64)
+        v = values[:, j]
         if k in plan.ordered:
             cols += [(v == j).astype(np.float64) for j in range(1, len(plan.ordered[k]) + 1)]
         else:
