@@ -744,29 +744,27 @@ def _section_strobe(r: _Report, strobe: Mapping[str, Mapping]) -> None:
     sensitivity analyses in one table per analysis)."""
     if not strobe:
         return
-    r.section("Main results: unadjusted and adjusted odds ratios", "main-results")
-    r.doc.para("Per 2 SD of each exposure. Unadjusted: the exposure alone with the study site as random intercept; "
-               "adjusted: the full model. Profile-likelihood CIs (primary) beside Wald CIs; complete-case "
-               "analysis (participants with a missing answer excluded, see the flow), the documented primary.",
-               note=True)
-    for key, t in strobe.items():
-        r.doc.heading(f"{t['label']} ({key})", _anchor(f"main-{key}"), level=3)
-        r.doc.table(r.publish(f"main_results_{key}", t["main"]))
-    r.section("The site effect", "site-effect")
-    r.doc.para("Random-intercept SD on the logit scale; ICC on the latent scale, sigma^2 / (sigma^2 + pi^2 / 3); "
-               "median odds ratio exp(0.954 sigma), the median OR between two participants with the same "
-               "covariates in two random sites. CIs from the profile likelihood of the SD; the variance is tested "
-               "against 0 at its boundary.", note=True)
-    for key, t in strobe.items():
-        r.doc.heading(f"{t['label']} ({key})", _anchor(f"site-{key}"), level=3)
-        r.doc.table(r.publish(f"site_effect_{key}", t["site"]))
-    r.section("Sensitivity analyses", "sensitivity")
-    r.doc.para("The exposures' ORs under each estimator: the primary GLMM (adaptive Gauss-Hermite, 25 nodes) with "
-               "Wald and profile CIs, its Laplace approximation, site as a fixed effect, GEE (population-averaged "
-               "ORs) and, where run, multiple imputation of the missing covariates (Rubin's rules).", note=True)
-    for key, t in strobe.items():
-        r.doc.heading(f"{t['label']} ({key})", _anchor(f"sensitivity-{key}"), level=3)
-        r.doc.table(r.publish(f"sensitivity_{key}", t["sensitivity"]))
+    sections = (
+        ("Main results: unadjusted and adjusted odds ratios", "main-results", "main", "main_results",
+         "Per 2 SD of each exposure. Unadjusted: the exposure alone with the study site as random intercept; "
+         "adjusted: the full model. Profile-likelihood CIs (primary) beside Wald CIs; complete-case analysis "
+         "(participants with a missing answer excluded, see the flow), the documented primary."),
+        ("The site effect", "site-effect", "site", "site_effect",
+         "Random-intercept SD on the logit scale; ICC on the latent scale, sigma^2 / (sigma^2 + pi^2 / 3); median "
+         "odds ratio exp(0.954 sigma), the median OR between two participants with the same covariates in two "
+         "random sites. CIs from the profile likelihood of the SD; the variance is tested against 0 at its "
+         "boundary."),
+        ("Sensitivity analyses", "sensitivity", "sensitivity", "sensitivity",
+         "The exposures' ORs under each estimator: the primary GLMM (adaptive Gauss-Hermite, 25 nodes) with Wald "
+         "and profile CIs, its Laplace approximation, site as a fixed effect, GEE (population-averaged ORs) and, "
+         "where run, multiple imputation of the missing covariates (Rubin's rules)."),
+    )
+    for title, anchor, table, published, note in sections:
+        r.section(title, anchor)
+        r.doc.para(note, note=True)
+        for key, t in strobe.items():
+            r.doc.heading(f"{t['label']} ({key})", _anchor(f"{anchor}-{key}"), level=3)
+            r.doc.table(r.publish(f"{published}_{key}", t[table]))
 
 
 def figure_calibration(bins: list[Mapping], title: str) -> tuple[bytes, list[str]]:
