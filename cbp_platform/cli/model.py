@@ -31,6 +31,10 @@ def register(sub) -> None:
                     help="the orientation the model was trained in, when its reader keeps the stored voxel order")
     mr.add_argument("--folds", default=None, help="folds to ensemble, e.g. 0,1,2 (default: the preset's, or all)")
     mr.add_argument("--configuration", default=None, help="nnU-Net configuration (default: the checkpoint's)")
+    mr.add_argument("--checkpoint", default=None,
+                    help="nnU-Net: each fold's checkpoint file (default checkpoint_final.pth; e.g. "
+                         "checkpoint_best.pth, which TotalVibeSegmentator's loader falls back to); recorded in the "
+                         "manifest")
     mr.add_argument("--data-root", default=None)
     mr.add_argument("--models-dir", default=None, help="default $CBP_DATA_ROOT/models")
     mr.set_defaults(func=_cmd_model_register)
@@ -73,7 +77,7 @@ def _cmd_model_register(args: argparse.Namespace) -> int:
                            inputs=tuple(args.inputs.split(",")) if args.inputs else None,
                            orientation=args.orientation or "",
                            folds=args.folds.split(",") if args.folds else None,
-                           configuration=args.configuration or "")
+                           configuration=args.configuration or "", checkpoint=args.checkpoint or "")
     except ManifestError as exc:
         print(f"cbp model register: error: {exc}", file=sys.stderr)
         return 2

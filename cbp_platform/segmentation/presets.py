@@ -11,8 +11,11 @@ spacing, reader and trainer from it. Sources (read from the models' repositories
 * TotalVibeSegmentator / VIBESegmentator (robert-graf/TotalVibeSegmentator README "Label Model 100";
   ``inference/inference_nnunet.py``; ``run_TotalVibeSegmentator_multi.py``): dataset 100, ``autochthon_left/right``
   59/60, ``iliopsoas_left/right`` 61/62; one image per run, muscle labels taken from the water image; the
-  orientation is the ``orientation`` entry of the model's own ``dataset.json`` (its inference code falls back to
-  RAS without one).
+  orientation is the ``orientation`` entry of the model's own ``dataset.json``. Without that entry its inference
+  code does not reorient at all (it keeps the stored voxel order), so a folder without it has no orientation the
+  platform can establish: registration refuses it and names the missing entry, unless the operator states the
+  orientation (``--orientation``). Its loader takes ``checkpoint_final.pth`` and falls back to
+  ``checkpoint_best.pth``: register such a folder with ``--checkpoint checkpoint_best.pth``.
 * TotalSegmentator ``total_mr`` >= 2.5 (wasserth/TotalSegmentator ``map_to_binary.py`` ``class_map_parts_mr``,
   ``nnunet.py``, ``map_tasks_config.py``): the muscles are in ``Dataset851_TotalSegMRI_part2_muscles_1088subj``,
   own ids ``autochthon_left/right`` 17/18, ``iliopsoas_left/right`` 19/20 (46-49 in the combined map; 44-47 before
@@ -55,7 +58,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
                   32: ("autochthonous_right", "right_autochthonous_muscle"),
                   33: ("psoas_left", "left_iliopsoas_muscle"), 34: ("psoas_right", "right_iliopsoas_muscle")})),
     Preset(name="totalvibesegmentator", backend="nnunetv2", inputs=("water",), orientation_key="orientation",
-           orientation="RAS", configuration="3d_fullres",
+           configuration="3d_fullres",
            citation="robert-graf/TotalVibeSegmentator README (Label Model 100), inference/inference_nnunet.py, "
                     "run_TotalVibeSegmentator_multi.py (muscles from the water image)",
            **_nn({59: ("autochthonous_left", "autochthon_left"), 60: ("autochthonous_right", "autochthon_right"),

@@ -17,7 +17,7 @@ from cbp_platform.segmentation.presets import PRESETS
 
 def register(registry_dir: Path, folder: str | Path, *, preset: str = "", name: str = "", backend: str = "",
              labels: dict[int, str] | None = None, inputs: tuple[str, ...] | None = None, orientation: str = "",
-             folds: list | None = None, configuration: str = "") -> tuple[ModelManifest, Path]:
+             folds: list | None = None, configuration: str = "", checkpoint: str = "") -> tuple[ModelManifest, Path]:
     """Describe ``folder`` with ``preset`` (or explicit ``backend``/``labels``/``inputs``), check it, save it. The
     backend is looked up by name (:data:`cbp_platform.segmentation.backends.BACKENDS`)."""
     from cbp_platform.segmentation.backends import Registration, UnknownBackend
@@ -37,7 +37,8 @@ def register(registry_dir: Path, folder: str | Path, *, preset: str = "", name: 
     except UnknownBackend as exc:
         raise UnknownBackend(f"{folder}: {exc}") from None
     m = b.describe(Registration(folder=folder, name=name, preset_name=preset, preset=p, labels=labels,
-                                inputs=inputs, orientation=orientation, folds=folds, configuration=configuration))
+                                inputs=inputs, orientation=orientation, folds=folds, configuration=configuration,
+                                checkpoint=checkpoint))
     return m, save_manifest(registry_dir, m)
 
 

@@ -229,3 +229,38 @@ def test_every_fold_of_an_ensemble_is_checked_at_registration(tmp_path):
     with pytest.raises(ManifestError, match=r"fold_3/checkpoint_final.pth: no 'network_weights'"):
         register(tmp_path / "r", f, preset="mrsegmentator")
     assert not (tmp_path / "r").exists()
+
+
+def test_a_folder_whose_orientation_cannot_be_established_is_refused_naming_what_is_missing(tmp_path):
+    """TotalVibeSegmentator reorients to its dataset.json 'orientation' and not at all without it: such a folder
+    is refused (never registered as RAS), unless the operator states the orientation."""
+    tvs = _public_like_folder(tmp_path / "tvs", "totalvibesegmentator")
+    with pytest.raises(ManifestError, match=r"dataset.json: no 'orientation' entry, and its reader SimpleITKIO keeps "
+                                            r"the stored voxel order"):
+        register(tmp_path / "r", tvs, preset="totalvibesegmentator")
+    assert not (tmp_path / "r").exists()
+    m, _ = register(tmp_path / "r", tvs, preset="totalvibesegmentator", orientation="LPS")
+    assert m.orientation == "LPS" and m.source["orientation"].startswith("preset or operator")
+    # a reorienting reader establishes it without the entry
+    tvs2 = _public_like_folder(tmp_path / "tvs2", "totalvibesegmentator", reader="NibabelIOWithReorient")
+    assert register(tmp_path / "r", tvs2, preset="totalvibesegmentator")[0].orientation == "RAS"
+
+
+def test_register_takes_a_named_checkpoint_and_records_it(tmp_path, capsys):
+    from cbp_platform.cli import main
+
+    f = _public_like_folder(tmp_path / "tvs", "totalvibesegmentator", extra_ds={"orientation": ["R", "A", "S"]},
+                            folds=(0,))
+    (f / "fold_0" / "checkpoint_final.pth").rename(f / "fold_0" / "checkpoint_best.pth")
+    with pytest.raises(ManifestError, match=r"no fold_<k>/checkpoint_final.pth found \(the folds hold "
+                                            r"checkpoint_best.pth: name one with --checkpoint\)"):
+        register(tmp_path / "r", f, preset="totalvibesegmentator")
+    for bad in ("../x.pth", "fold_0/checkpoint_best.pth", "checkpoint_best", ".pth"):
+        with pytest.raises(ManifestError, match="give the file name of each fold's checkpoint"):
+            register(tmp_path / "r", f, preset="totalvibesegmentator", checkpoint=bad)
+    assert main(["model", "register", "--folder", str(f), "--preset", "totalvibesegmentator",
+                 "--checkpoint", "checkpoint_best.pth", "--models-dir", str(tmp_path / "models")]) == 0
+    m = json.loads((tmp_path / "models" / "registry" / "totalvibesegmentator.json").read_text())
+    assert m["options"]["checkpoint"] == "checkpoint_best.pth"
+    assert list(m["weights"]) == ["fold_0/checkpoint_best.pth"]
+    assert "registered totalvibesegmentator" in capsys.readouterr().out

@@ -46,6 +46,7 @@ class Registration:
     orientation: str = ""
     folds: list | None = None
     configuration: str = ""
+    checkpoint: str = ""            # nnU-Net: the checkpoint file of each fold (default checkpoint_final.pth)
 
 
 @dataclass(frozen=True)

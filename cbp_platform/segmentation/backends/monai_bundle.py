@@ -38,7 +38,10 @@ def describe(folder: str | Path, *, name: str | None = None, preset: str = "") -
 
 def describe_registration(req) -> ModelManifest:
     """``cbp model register`` for a bundle: everything comes from the bundle's metadata (``req``:
-    :class:`~cbp_platform.segmentation.backends.Registration`)."""
+    :class:`~cbp_platform.segmentation.backends.Registration`); an nnU-Net-only option is refused, not ignored."""
+    if getattr(req, "checkpoint", ""):
+        raise ManifestError(f"{req.folder}: --checkpoint names an nnU-Net fold's checkpoint; a MONAI bundle's "
+                            "weights are models/model.pt")
     return describe(req.folder, name=req.name, preset=req.preset_name)
 
 

@@ -85,7 +85,9 @@ def _folds(folder: Path, folds: list | tuple | None, checkpoint: str) -> list[st
                                 f"{', '.join(want)}; found: {', '.join(found) or 'none'})")
         return want
     if not found:
-        raise ManifestError(f"{folder}: no fold_<k>/{checkpoint} found")
+        others = sorted({p.name for p in folder.glob("fold_*/*.pth")})
+        raise ManifestError(f"{folder}: no fold_<k>/{checkpoint} found"
+                            + (f" (the folds hold {', '.join(others)}: name one with --checkpoint)" if others else ""))
     return found
 
 
@@ -101,6 +103,9 @@ def describe(folder: str | Path, *, name: str, labels: dict[int, str], inputs: t
     folder = Path(folder).expanduser().resolve()
     if not folder.is_dir():
         raise ManifestError(f"{folder}: model folder not found")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+\.pth", checkpoint or "") or checkpoint.startswith("."):
+        raise ManifestError(f"checkpoint {checkpoint!r}: give the file name of each fold's checkpoint, e.g. "
+                            f"{CHECKPOINT} or checkpoint_best.pth (no path)")
     ds = _read_json(folder / "dataset.json")
     plans = _read_json(folder / "plans.json")
     ds_labels = ds.get("labels")
@@ -154,6 +159,11 @@ def describe(folder: str | Path, *, name: str, labels: dict[int, str], inputs: t
             raise ManifestError(f"{folder / 'plans.json'}: its reader {reader} reorients to {declared}, not the "
                                 f"given orientation {orientation}")
         orientation, how = declared, f"plans.json image_reader_writer {reader}"
+    elif not orientation and orientation_key:
+        raise ManifestError(f"{folder / 'dataset.json'}: no {orientation_key!r} entry, and its reader "
+                            f"{reader or '(none)'} keeps the stored voxel order: the orientation of the model's "
+                            "training data cannot be established (the tool itself does not reorient without the "
+                            "entry); state it with --orientation if it is known")
     elif not orientation:
         raise ManifestError(f"{folder / 'plans.json'}: its reader {reader or '(none)'} keeps the stored voxel order, "
                             "so the orientation of the model's training data must be given (a preset's, or "
@@ -189,6 +199,7 @@ def describe_registration(req) -> ModelManifest:
                     orientation_key="" if req.orientation else (p.orientation_key if p else ""),
                     folds=req.folds or (p.folds if p else None),
                     configuration=req.configuration or (p.configuration if p else ""), preset=req.preset_name,
+                    checkpoint=req.checkpoint or CHECKPOINT,
                     label_names=dict(p.label_names) if p else None,
                     source={"preset": p.citation} if p else {"labels": "operator (cbp model register)"})
 
