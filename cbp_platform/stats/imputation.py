@@ -52,6 +52,7 @@ import pandas as pd
 import polars as pl
 from scipy import stats
 
+from cbp_platform.stats._optimise import one_blas_thread
 from cbp_platform.stats.design import AGE_CENTRE, INTERCEPT, PAPER_COVARIATES, _to_polars, standardise_2sd
 from cbp_platform.stats.glmm import DEFAULT_NAGQ, TIDY_COLUMNS, GLMMResult, fit_glmm
 from cbp_platform.study import IMAT, LMM
@@ -151,20 +152,6 @@ def _formula(plan: _Plan, target: str) -> str:
     return " + ".join(terms)
 
 
-_BLAS = None
-
-
-def _one_blas_thread():
-    """BLAS on one thread: the imputation models' least squares are thin (n x ~15); on a shared 2-core machine a
-    multi-threaded BLAS call waits for a busy core (lstsq of 2,000 x 15: 6-80 ms threaded, 0.3 ms on one)."""
-    global _BLAS
-    if _BLAS is None:
-        from threadpoolctl import ThreadpoolController
-
-        _BLAS = ThreadpoolController()
-    return _BLAS.limit(limits=1, user_api="blas")
-
-
 def _design(plan: _Plan, data: pd.DataFrame, target: str) -> np.ndarray:
     """The design matrix of :func:`_formula` (intercept, then its terms in order), built with numpy: what patsy
     builds from the formula, without re-parsing it on every update (patsy was 90 % of an imputation's time)."""
@@ -238,7 +225,7 @@ def impute(frame, outcome: str, fixed: Sequence[str] = PAPER_COVARIATES, group: 
         return [base.clone() for _ in range(m)]
     out = []
     for child in np.random.SeedSequence(seed).spawn(m):
-        with _one_blas_thread():
+        with one_blas_thread():    # thin least squares: a second BLAS thread only waits for a busy core
             done = _chain(plan, child, n_iter, k_pmm)
         repl = []
         for k in plan.models:
