@@ -49,7 +49,7 @@ def _manifest(runtime: SegmentationRuntime, name: str):
 def comparison_metrics(context: dg.AssetExecutionContext, config: ComparisonConfig, data_root: DataRootResource,
                        warehouse: Warehouse, runtime: SegmentationRuntime) -> dg.MaterializeResult:
     from cbp_platform.metrics.body_composition import METRIC_SCHEMA
-    from cbp_platform.segmentation.backends import load_runner
+    from cbp_platform.segmentation.roi import load_segmenter
     from cbp_platform.segmentation.manifest import ManifestError
     from cbp_platform.segmentation.pipeline import VOXEL_SCHEMA, configure_threads, metrics_for, segment_scans
     from cbp_platform.warehouse import provenance_frame, quarantine_frame, versioned
@@ -59,7 +59,8 @@ def comparison_metrics(context: dg.AssetExecutionContext, config: ComparisonConf
     configure_threads(runtime.threads)
     manifest = _manifest(runtime, config.model)
     try:
-        runner = load_runner(manifest, device=runtime.device, sw_batch_size=runtime.sw_batch_size)
+        runner = load_segmenter(manifest, runtime.models_path, device=runtime.device,
+                                sw_batch_size=runtime.sw_batch_size)
     except ManifestError as exc:
         raise dg.Failure(description=str(exc)) from None
     rows = warehouse.segmented_scans(key).drop("label_path", "label_sha256")
@@ -113,7 +114,10 @@ def comparison_metrics(context: dg.AssetExecutionContext, config: ComparisonConf
     return dg.MaterializeResult(metadata={
         "model_name": manifest.name, "backend": manifest.backend, "model_sha256": manifest.sha256,
         "dagster/row_count": len(prov), "failed": len(failures), "seconds": round(seconds, 2),
-        "device": str(runner.device), "table_checksum": checksum, "output_dir": str(out_dir)},
+        "device": str(runner.device), "table_checksum": checksum, "output_dir": str(out_dir),
+        "inference": "region of interest" if hasattr(runner, "stats") else "whole volume",
+        **({"roi": dg.MetadataValue.json(runner.stats.to_dict()), "roi_reruns_whole_volume": runner.stats.reruns}
+           if hasattr(runner, "stats") else {})},
         data_version=dg.DataVersion(checksum))
 
 

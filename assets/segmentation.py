@@ -172,20 +172,23 @@ def segmentation_model_dice(runtime: SegmentationRuntime) -> dg.AssetCheckResult
 def muscle_segmentations(context: dg.AssetExecutionContext, data_root: DataRootResource, warehouse: Warehouse,
                          runtime: SegmentationRuntime) -> dg.MaterializeResult:
     from cbp_platform.qc.pipeline import ScanQC
-    from cbp_platform.segmentation.backends import load_runner
     from cbp_platform.segmentation.manifest import ManifestError
     from cbp_platform.segmentation.pipeline import VOXEL_SCHEMA, configure_threads, segment_scans
+    from cbp_platform.segmentation.roi import load_segmenter
 
     key = context.partition_key
     batch = data_root.registry.read(key)
     configure_threads(runtime.threads)
     manifest = primary_manifest(runtime)
     try:
-        seg = load_runner(manifest, device=runtime.device, sw_batch_size=runtime.sw_batch_size)
+        seg = load_segmenter(manifest, runtime.models_path, device=runtime.device,
+                             sw_batch_size=runtime.sw_batch_size)
     except ManifestError as exc:
         raise dg.Failure(description=str(exc)) from None
+    roi = getattr(seg, "stats", None)
     context.log.info(f"batch {key}: model {manifest.name} ({manifest.backend}, weights {manifest.sha256[:12]}) "
-                     f"loaded once for {seg.device}")
+                     f"loaded once for {seg.device}" + (f", on the region located by {seg.locator.manifest.name}"
+                                                        if roi is not None else ""))
     scans = warehouse.table("raw_mri_scans", columns=["pseudonym", "water_path", "fat_path", "water_sha256",
                                                       "fat_sha256", "swap_suspected", "source_format"],
                             where={"batch_key": key}, order_by=["pseudonym"])
@@ -228,7 +231,10 @@ def muscle_segmentations(context: dg.AssetExecutionContext, data_root: DataRootR
         "failed": len(failures), "model_sha256": manifest.sha256, "model_name": manifest.name,
         "backend": manifest.backend, "model_folder": manifest.folder, "device": str(seg.device),
         "seconds": round(seconds, 2), "scans_per_second": round(len(results) / max(seconds, 1e-9), 2),
-        "table_checksum": checksum, "output_dir": str(out_dir)},
+        "table_checksum": checksum, "output_dir": str(out_dir),
+        "inference": "region of interest" if roi is not None else "whole volume",
+        **({"roi": dg.MetadataValue.json(roi.to_dict()), "roi_reruns_whole_volume": roi.reruns}
+           if roi is not None else {})},
         data_version=dg.DataVersion(checksum))
 
 

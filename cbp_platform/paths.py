@@ -201,3 +201,9 @@ class DataLayout:
     def model_registry(models: Path) -> Path:
         """Registered model manifests under a models folder (:mod:`cbp_platform.segmentation.manifest`)."""
         return Path(models) / "registry"
+
+    @staticmethod
+    def platform_model_pointer(models: Path) -> Path:
+        """The platform's own trained model (name and weights), the locator of region-of-interest inference
+        (:mod:`cbp_platform.segmentation.roi`), whichever model is primary."""
+        return Path(models) / "platform.json"

@@ -35,6 +35,12 @@ def register(sub) -> None:
                     help="nnU-Net: each fold's checkpoint file (default checkpoint_final.pth; e.g. "
                          "checkpoint_best.pth, which TotalVibeSegmentator's loader falls back to); recorded in the "
                          "manifest")
+    roi = mr.add_mutually_exclusive_group()
+    roi.add_argument("--roi", dest="roi", action="store_true", default=None,
+                     help="nnU-Net: run the model only on the region the platform's own model locates (T10-S1 and a "
+                          "margin of half its patch; the default with a preset)")
+    roi.add_argument("--no-roi", dest="roi", action="store_false",
+                     help="nnU-Net: always run the model on the whole volume (the default without a preset)")
     mr.add_argument("--data-root", default=None)
     mr.add_argument("--models-dir", default=None, help="default $CBP_DATA_ROOT/models")
     mr.set_defaults(func=_cmd_model_register)
@@ -77,13 +83,16 @@ def _cmd_model_register(args: argparse.Namespace) -> int:
                            inputs=tuple(args.inputs.split(",")) if args.inputs else None,
                            orientation=args.orientation or "",
                            folds=args.folds.split(",") if args.folds else None,
-                           configuration=args.configuration or "", checkpoint=args.checkpoint or "")
+                           configuration=args.configuration or "", checkpoint=args.checkpoint or "", roi=args.roi)
     except ManifestError as exc:
         print(f"cbp model register: error: {exc}", file=sys.stderr)
         return 2
     print(f"registered {m.name}: {m.backend} {m.backend_version}, {len(m.weights)} weight file(s), sha256 "
           f"{m.sha256[:16]}...")
     print(f"  inputs {', '.join(m.inputs)}; orientation {m.orientation}; spacing {list(m.spacing_mm)} mm")
+    if "roi" in m.options:
+        print("  inference: " + ("on the region the platform's own model locates (--no-roi: the whole volume)"
+                                 if m.options["roi"] else "on the whole volume"))
     print("  labels " + ", ".join(f"{k} -> {v}" for k, v in sorted(m.labels.items())))
     print(f"  manifest {path}")
     print(f"  use it: materialise segmentation_model with config {{model: {m.name}}}, or compare it: "

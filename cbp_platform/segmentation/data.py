@@ -39,6 +39,24 @@ def to_model_orientation(arr: np.ndarray, affine: np.ndarray, orientation: str) 
     return np.ascontiguousarray(out), back
 
 
+def ornt_to_model(affine: np.ndarray, orientation: str) -> np.ndarray:
+    """The orientation transform (nibabel ``ornt``) from the scan's voxel axes to ``orientation``'s."""
+    return nib.orientations.ornt_transform(nib.orientations.io_orientation(affine),
+                                           nib.orientations.axcodes2ornt(tuple(orientation)))
+
+
+def box_in_model(box: tuple[slice, slice, slice], shape: tuple[int, int, int],
+                 fwd: np.ndarray) -> tuple[slice, slice, slice]:
+    """A box of a scan (``shape``; slices with start and stop along its voxel axes) as the same voxels' box after
+    :func:`to_model_orientation` with the transform ``fwd`` (:func:`ornt_to_model`): axes permuted, a flipped
+    axis's range mirrored (index ``n - 1 - i``)."""
+    out: list = [None, None, None]
+    for ax, (new_ax, flip) in enumerate(np.asarray(fwd)):
+        lo, hi, n = box[ax].start, box[ax].stop, shape[ax]
+        out[int(new_ax)] = slice(lo, hi) if flip > 0 else slice(n - hi, n - lo)
+    return tuple(out)
+
+
 def from_model_orientation(arr: np.ndarray, back: np.ndarray) -> np.ndarray:
     if arr.ndim == 4:
         return np.ascontiguousarray(np.stack([nib.orientations.apply_orientation(a, back) for a in arr]))

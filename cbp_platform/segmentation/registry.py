@@ -17,9 +17,11 @@ from cbp_platform.segmentation.presets import PRESETS
 
 def register(registry_dir: Path, folder: str | Path, *, preset: str = "", name: str = "", backend: str = "",
              labels: dict[int, str] | None = None, inputs: tuple[str, ...] | None = None, orientation: str = "",
-             folds: list | None = None, configuration: str = "", checkpoint: str = "") -> tuple[ModelManifest, Path]:
+             folds: list | None = None, configuration: str = "", checkpoint: str = "",
+             roi: bool | None = None) -> tuple[ModelManifest, Path]:
     """Describe ``folder`` with ``preset`` (or explicit ``backend``/``labels``/``inputs``), check it, save it. The
-    backend is looked up by name (:data:`cbp_platform.segmentation.backends.BACKENDS`)."""
+    backend is looked up by name (:data:`cbp_platform.segmentation.backends.BACKENDS`). ``roi``: an nnU-Net
+    model's region-of-interest inference (default: on for a preset's public model, off otherwise)."""
     from cbp_platform.segmentation.backends import Registration, UnknownBackend
     from cbp_platform.segmentation.backends import backend as find_backend
 
@@ -38,7 +40,7 @@ def register(registry_dir: Path, folder: str | Path, *, preset: str = "", name: 
         raise UnknownBackend(f"{folder}: {exc}") from None
     m = b.describe(Registration(folder=folder, name=name, preset_name=preset, preset=p, labels=labels,
                                 inputs=inputs, orientation=orientation, folds=folds, configuration=configuration,
-                                checkpoint=checkpoint))
+                                checkpoint=checkpoint, roi=roi))
     return m, save_manifest(registry_dir, m)
 
 
@@ -69,7 +71,34 @@ def train_default_model(models_dir: Path, registry_dir: Path, *, n_train: int, b
     tmp.replace(final)
     manifest = describe_monai_bundle(final, name=final.name)
     save_manifest(registry_dir, manifest)
+    set_platform_model(models_dir, manifest)
     return manifest, res, cal
+
+
+def set_platform_model(models_dir: Path, manifest: ModelManifest) -> Path:
+    """Name ``manifest`` the platform's own model: the locator of region-of-interest inference."""
+    import json
+
+    from cbp_platform.imaging.nifti import atomic_write_bytes
+    from cbp_platform.paths import DataLayout
+
+    path = DataLayout.platform_model_pointer(models_dir)
+    atomic_write_bytes(path, json.dumps({"name": manifest.name, "weights_sha256": manifest.sha256}).encode())
+    return path
+
+
+def platform_model(models_dir: Path) -> ModelManifest:
+    """The platform's own model (:func:`set_platform_model`), checked against its registration."""
+    import json
+
+    from cbp_platform.paths import DataLayout
+
+    path = DataLayout.platform_model_pointer(models_dir)
+    if not path.is_file():
+        raise ManifestError(f"{path}: missing. Region-of-interest inference needs the platform's own model to "
+                            "locate the back muscles: train it once (materialise segmentation_model without "
+                            "`model`), or register the public model with --no-roi")
+    return manifest_for_pointer(json.loads(path.read_text()), DataLayout.model_registry(models_dir))
 
 
 def manifest_for_pointer(pointer: dict, registry_dir: Path) -> ModelManifest:

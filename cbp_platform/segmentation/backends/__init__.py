@@ -47,6 +47,7 @@ class Registration:
     folds: list | None = None
     configuration: str = ""
     checkpoint: str = ""            # nnU-Net: the checkpoint file of each fold (default checkpoint_final.pth)
+    roi: bool | None = None         # nnU-Net: region-of-interest inference (None: on with a preset, else off)
 
 
 @dataclass(frozen=True)

@@ -38,8 +38,8 @@ import numpy as np
 import torch
 
 from cbp_platform.classes import BACKGROUND
-from cbp_platform.segmentation.data import (from_model_orientation, spacing_in_model_orientation,
-                                            to_model_orientation)
+from cbp_platform.segmentation.data import (box_in_model, from_model_orientation, ornt_to_model,
+                                            spacing_in_model_orientation, to_model_orientation)
 from cbp_platform.segmentation.manifest import (ManifestError, ModelManifest, hash_weights, valid_orientation,
                                                 verify_weights)
 
@@ -94,12 +94,18 @@ def _folds(folder: Path, folds: list | tuple | None, checkpoint: str) -> list[st
 def describe(folder: str | Path, *, name: str, labels: dict[int, str], inputs: tuple[str, ...],
              orientation: str = "", orientation_key: str = "", folds: list | tuple | None = None,
              configuration: str = "", checkpoint: str = CHECKPOINT, preset: str = "",
-             label_names: dict[int, str] | None = None, source: dict | None = None) -> ModelManifest:
+             label_names: dict[int, str] | None = None, source: dict | None = None,
+             roi: bool = False, preprocessing: str = "nnunet") -> ModelManifest:
     """Read and check an nnU-Net v2 model folder; the manifest to register.
 
     ``labels``: the model's label id -> platform class; ``label_names``: the names those ids must carry in the
     folder's ``dataset.json`` (a preset's label table), checked so that a folder of another model or version fails.
+    ``roi``: run the model on the region the platform's own model locates (:mod:`cbp_platform.segmentation.roi`).
+    ``preprocessing``: the tool whose own steps around nnU-Net the runner copies (:mod:`.tool_preprocessing`:
+    a preset's tool, or ``nnunet``), recorded in the manifest's options with its sources.
     """
+    from cbp_platform.segmentation.backends.tool_preprocessing import describe as describe_steps
+
     folder = Path(folder).expanduser().resolve()
     if not folder.is_dir():
         raise ManifestError(f"{folder}: model folder not found")
@@ -176,7 +182,8 @@ def describe(folder: str | Path, *, name: str, labels: dict[int, str], inputs: t
         name=name, backend="nnunetv2", backend_version=version(), folder=str(folder), inputs=tuple(inputs),
         labels=dict(labels), spacing_mm=spacing, orientation=orientation.upper(), weights=hash_weights(folder, rel),
         preset=preset,
-        options={"configuration": conf, "folds": use_folds, "checkpoint": checkpoint,
+        options={"configuration": conf, "folds": use_folds, "checkpoint": checkpoint, "roi": bool(roi),
+                 "preprocessing": describe_steps(preprocessing),
                  "trainer_name": str(meta.get("trainer_name", "")), "image_reader_writer": reader,
                  "mirror_axes": (None if meta.get("inference_allowed_mirroring_axes") is None
                                  else [int(a) for a in meta["inference_allowed_mirroring_axes"]]),
@@ -201,7 +208,9 @@ def describe_registration(req) -> ModelManifest:
                     configuration=req.configuration or (p.configuration if p else ""), preset=req.preset_name,
                     checkpoint=req.checkpoint or CHECKPOINT,
                     label_names=dict(p.label_names) if p else None,
-                    source={"preset": p.citation} if p else {"labels": "operator (cbp model register)"})
+                    source={"preset": p.citation} if p else {"labels": "operator (cbp model register)"},
+                    roi=(p is not None) if req.roi is None else bool(req.roi),
+                    preprocessing=req.preset_name or "nnunet")
 
 
 def load_runner(manifest: ModelManifest, *, device: str = "auto", sw_batch_size: int = 2) -> "NnunetRunner":
@@ -244,9 +253,17 @@ def _load_checkpoint(path: Path) -> dict:
 class NnunetRunner:
     """One loaded nnU-Net model (every fold of the manifest) that segments scans one after another."""
 
-    def __init__(self, manifest: ModelManifest, device: str = "auto", tile_step_size: float = 0.5,
-                 mirroring: bool = True):
+    def __init__(self, manifest: ModelManifest, device: str = "auto", tile_step_size: float | None = None,
+                 mirroring: bool | None = None):
+        """``tile_step_size`` and ``mirroring``: default the tool's own (the manifest's ``preprocessing``)."""
+        from cbp_platform.segmentation.backends.tool_preprocessing import ToolPreprocessing, plan_for
         from cbp_platform.segmentation.infer import pick_device
+
+        rec = dict(manifest.options.get("preprocessing") or {})
+        rec.pop("sources", None)
+        self.steps = ToolPreprocessing.from_dict(rec) if rec else plan_for("nnunet")
+        tile_step_size = self.steps.tile_step_size if tile_step_size is None else tile_step_size
+        mirroring = self.steps.use_mirroring if mirroring is None else mirroring
 
         verify_weights(manifest)
         self.manifest = manifest
@@ -291,43 +308,182 @@ class NnunetRunner:
         self.predictor.manual_initialization(net.to(self.device).eval(), plans, cm, params, ds,
                                              opts.get("trainer_name") or "nnUNetTrainer", axes)
         self.mirror_axes = axes if use_mirroring else ()
+        self.plans, self.cm = plans, cm
+        from nnunetv2.preprocessing.cropping.cropping import crop_to_nonzero
+        from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
+
+        self._crop_to_nonzero = crop_to_nonzero
+        self._preprocessor = DefaultPreprocessor(verbose=False)
         self.lut = np.zeros(max(max(manifest.labels) + 1, n_out), np.uint8)
         for model_id, platform_id in manifest.classes.items():
             self.lut[model_id] = platform_id
 
     def prepare(self, water: np.ndarray, fat: np.ndarray, affine: np.ndarray) -> dict:
-        """CPU-side work: the manifest's contrasts in channel order, in the model's orientation, as nnU-Net arrays."""
+        """CPU-side work (in DataLoader workers): the manifest's contrasts in channel order, in the model's
+        orientation, as nnU-Net arrays, through the whole-volume steps of nnU-Net's own preprocessing
+        (``DefaultPreprocessor.run_case_npy``: ``transpose_forward``, ``crop_to_nonzero``, the plans'
+        normalisation). Resampling waits for :meth:`predict`, which may take a region of the volume only: the
+        region is then normalised exactly as the whole volume is."""
+        from cbp_platform.segmentation.backends.tool_preprocessing import preprocess_image
+
         img = contrast_stack(self.manifest.inputs, water, fat)
+        fwd = ornt_to_model(affine, self.manifest.orientation)
         img, back = to_model_orientation(img, affine, self.manifest.orientation)
-        si, sj, sk = spacing_in_model_orientation(affine, self.manifest.orientation)
-        return {"image": np.ascontiguousarray(img.transpose(0, 3, 2, 1)), "back": back, "spacing": [sk, sj, si]}
+        spacing = spacing_in_model_orientation(affine, self.manifest.orientation)
+        shape_ijk = img.shape[1:]
+        # the tool's own resampling and intensity steps, before nnU-Net's (none for nnU-Net's default)
+        img, (si, sj, sk), record = preprocess_image(self.steps, img, spacing, self.manifest.spacing_mm)
+        data = np.ascontiguousarray(img.transpose(0, 3, 2, 1))          # nnU-Net's (k, j, i) order
+        model_shape = tuple(int(n) for n in img.shape[1:])
+        del img
+        tf = list(self.plans.transpose_forward)
+        data = data.transpose([0, *[t + 1 for t in tf]])
+        shape_t = data.shape[1:]
+        data, seg, bbox = self._crop_to_nonzero(data)
+        data = self._preprocessor._normalize(data, seg, self.cm, self.plans.foreground_intensity_properties_per_channel)
+        return {"data": np.ascontiguousarray(data, np.float32), "bbox": [list(map(int, b)) for b in bbox],
+                "shape_t": tuple(int(n) for n in shape_t), "spacing": [sk, sj, si], "back": back, "fwd": fwd,
+                "scan_shape": tuple(int(n) for n in np.shape(water)), "model_shape_in": tuple(shape_ijk),
+                "model_spacing_in": tuple(spacing), "model_shape": model_shape, "steps": record}
 
-    def predict(self, prepared: dict) -> np.ndarray:
-        """The platform's label map on the scan's grid."""
-        return self._run(prepared, with_uncertainty=False)[0]
+    def predict(self, prepared: dict, region=None) -> np.ndarray:
+        """The platform's label map on the scan's grid; with ``region`` (scan voxel slices,
+        :class:`cbp_platform.segmentation.roi.Region`), the model runs on that box only and its map is placed back
+        on the full grid (background elsewhere)."""
+        return self._run(prepared, with_uncertainty=False, region=region)[0]
 
-    def predict_qc(self, prepared: dict) -> tuple[np.ndarray, float]:
+    def predict_qc(self, prepared: dict, region=None) -> tuple[np.ndarray, float]:
         """:meth:`predict`'s label map and nnU-Net's uncertainty over it: the mean normalised entropy of its
         probabilities (averaged over its mirrored passes and folds) over the voxels mapped to a platform muscle."""
-        return self._run(prepared, with_uncertainty=True)
+        return self._run(prepared, with_uncertainty=True, region=region)
+
+    @property
+    def patch_mm(self) -> tuple[float, float, float]:
+        """The network's patch extent (mm) along the model orientation's i, j, k axes."""
+        tf = list(self.plans.transpose_forward)
+        kji = [0.0, 0.0, 0.0]
+        for t, (n, s) in enumerate(zip(self.cm.patch_size, self.cm.spacing)):
+            kji[tf[t]] = float(n) * float(s)
+        return (kji[2], kji[1], kji[0])
+
+    def _box_in_data(self, prepared: dict, box) -> tuple[slice, ...]:
+        """A scan-space box (slices along the scan's i, j, k) as slices of ``prepared['data']``'s spatial axes."""
+        model_ijk = box_in_model(box, prepared["scan_shape"], prepared["fwd"])
+        if prepared["model_shape"] != prepared["model_shape_in"]:      # the tool resampled: the same box, scaled
+            model_ijk = tuple(slice(int(np.floor(b.start * n / n0)), int(np.ceil(b.stop * n / n0)))
+                              for b, n, n0 in zip(model_ijk, prepared["model_shape"], prepared["model_shape_in"]))
+        kji = model_ijk[::-1]
+        tf = list(self.plans.transpose_forward)
+        out = []
+        for t in range(3):
+            lo, hi = kji[tf[t]].start, kji[tf[t]].stop
+            b0, b1 = prepared["bbox"][t]
+            out.append(slice(min(max(lo - b0, 0), b1 - b0), min(max(hi - b0, 0), b1 - b0)))
+        return tuple(out)
 
     @torch.inference_mode()
-    def _run(self, prepared: dict, with_uncertainty: bool) -> tuple[np.ndarray, float | None]:
+    def _run(self, prepared: dict, with_uncertainty: bool, region=None) -> tuple[np.ndarray, float | None]:
+        """nnU-Net's inference on the prepared volume or a box of it: the plans' resampling of the image, the
+        predictor's sliding window over every fold, and nnU-Net's export (logits resampled back to the input grid,
+        then the argmax) as ``predict_single_npy_array`` runs them on a whole volume, one class at a time
+        (:func:`export_argmax`)."""
+        from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
+        from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
+
         from cbp_platform.qc.features import entropy_in_muscle
 
+        data = prepared["data"]
+        dbox = self._box_in_data(prepared, region.box) if region is not None else tuple(slice(0, n) for n in
+                                                                                           data.shape[1:])
+        crop = data[(slice(None), *dbox)]
+        tf = list(self.plans.transpose_forward)
+        spacing_t = [prepared["spacing"][t] for t in tf]
+        target = self.cm.spacing
+        crop_shape = crop.shape[1:]
+        if any(n == 0 for n in crop_shape):
+            raise ValueError(f"region {region} lies outside the scan's non-zero box")
+        x = self.cm.resampling_fn_data(crop, compute_new_shape(crop_shape, spacing_t, target), spacing_t, target)
         with contextlib.redirect_stdout(io.StringIO()):
-            out = self.predictor.predict_single_npy_array(np.asarray(prepared["image"], np.float32),
-                                                          {"spacing": list(prepared["spacing"])}, None, None,
-                                                          with_uncertainty)
-        seg, probs = out if with_uncertainty else (out, None)
-        seg = np.asarray(seg)
-        labels = np.where(seg < self.lut.size, self.lut[np.clip(seg, 0, self.lut.size - 1)], BACKGROUND)
-        uncertainty = entropy_in_muscle(np.asarray(probs), labels > 0) if with_uncertainty else None
-        return (from_model_orientation(labels.astype(np.uint8).transpose(2, 1, 0), np.asarray(prepared["back"])),
-                uncertainty)
+            logits = self.predictor.predict_logits_from_preprocessed_data(torch.from_numpy(
+                np.ascontiguousarray(x, np.float32))).cpu()
+        del x
+        if self.predictor.label_manager.has_regions:         # region-based models: nnU-Net's own export
+            props = {"spacing": list(prepared["spacing"]), "shape_before_cropping": crop_shape,
+                     "bbox_used_for_cropping": [[0, n] for n in crop_shape],
+                     "shape_after_cropping_and_before_resampling": crop_shape}
+            out = convert_predicted_logits_to_segmentation_with_correct_shape(
+                logits, self.plans, self.cm, self.predictor.label_manager, props,
+                return_probabilities=with_uncertainty, num_threads_torch=torch.get_num_threads())
+            seg, probs = out if with_uncertainty else (out, None)
+            seg = np.asarray(seg).transpose(tf)
+            entropy = None
+        else:
+            seg, entropy = export_argmax(logits, self.cm.resampling_fn_probabilities, crop_shape, target, spacing_t,
+                                         with_uncertainty)
+            probs = None
+        del logits
+        seg = seg.transpose(list(self.plans.transpose_backward))      # the box, in nnU-Net's (k, j, i) order
+        lab = np.where(seg < self.lut.size, self.lut[np.clip(seg, 0, self.lut.size - 1)], BACKGROUND).astype(np.uint8)
+        uncertainty = None
+        if with_uncertainty:
+            muscle = lab > 0
+            uncertainty = (entropy_in_muscle(np.asarray(probs), muscle) if probs is not None else
+                           (float(entropy.transpose(list(self.plans.transpose_backward))[muscle].mean())
+                            if muscle.any() else 1.0))
+        full_t = np.zeros(prepared["shape_t"], np.uint8)
+        full_t[tuple(slice(b[0] + d.start, b[0] + d.stop) for b, d in zip(prepared["bbox"], dbox))] = lab.transpose(tf)
+        full = full_t.transpose(list(self.plans.transpose_backward)).transpose(2, 1, 0)     # model (i, j, k)
+        if full.shape != prepared["model_shape_in"]:          # the tool's own way back onto the input grid
+            from cbp_platform.segmentation.backends.tool_preprocessing import labels_to_original
 
-    def segment(self, water: np.ndarray, fat: np.ndarray, affine: np.ndarray) -> np.ndarray:
-        return self.predict(self.prepare(water, fat, affine))
+            full = labels_to_original(self.steps, full, prepared["model_shape_in"],
+                                      spacing_xyz=(prepared["spacing"][2], prepared["spacing"][1],
+                                                   prepared["spacing"][0]),
+                                      original_spacing_xyz=prepared["model_spacing_in"])
+        return from_model_orientation(full, np.asarray(prepared["back"])), uncertainty
+
+    def segment(self, water: np.ndarray, fat: np.ndarray, affine: np.ndarray, region=None) -> np.ndarray:
+        return self.predict(self.prepare(water, fat, affine), region=region)
+
+
+def export_argmax(logits: torch.Tensor, resample, shape, current_spacing, new_spacing,
+                  with_entropy: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """nnU-Net's export of a (C, ...) logit volume to a label map on the input grid, one class at a time.
+
+    nnU-Net resamples all C logit channels to the input grid at once (``resampling_fn_probabilities`` makes a
+    float64 copy of them, then a C-channel result) and takes the argmax: for a whole-body scan and a 40-100 class
+    model that is tens of GB. Its resampling treats each channel on its own, so resampling one channel after
+    another and keeping a running argmax (a later class wins only when strictly greater, as ``argmax`` keeps the
+    first maximum) gives the same label map with two channels in memory. With ``with_entropy``, the normalised
+    entropy of the softmax per voxel comes along (online log-sum-exp: running maximum, sum of exponentials and
+    their logit-weighted sum), for the QC uncertainty."""
+    n = int(logits.shape[0])
+    arg = best = m = s = t = None
+    for c in range(n):
+        z = np.asarray(resample(logits[c:c + 1], shape, current_spacing, new_spacing))[0]
+        if arg is None:
+            arg = np.zeros(z.shape, np.uint8 if n < 256 else np.uint16)
+            best = z.copy()
+        else:
+            upd = z > best
+            best[upd] = z[upd]
+            arg[upd] = c
+        if with_entropy:
+            zf = z.astype(np.float32)
+            if m is None:
+                m, s, t = zf.copy(), np.ones_like(zf), zf.copy()
+                continue
+            m_new = np.maximum(m, zf)
+            scale = np.exp(m - m_new)
+            e = np.exp(zf - m_new)
+            s = s * scale + e
+            t = t * scale + e * zf
+            m = m_new
+    entropy = None
+    if with_entropy:
+        entropy = ((m + np.log(s)) - t / s) / np.float32(np.log(n))        # H = logsumexp(z) - E_p[z]
+        np.clip(entropy, 0.0, 1.0, out=entropy)
+    return arg, entropy
 
 
 def contrast_stack(inputs: tuple[str, ...], water: np.ndarray, fat: np.ndarray) -> np.ndarray:

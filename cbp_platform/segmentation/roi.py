@@ -1,0 +1,199 @@
+"""Region-of-interest inference: a public model runs only where the back muscles are.
+
+The public whole-body models segment 40-100 structures from neck to thighs; the study needs four muscles from T10
+to S1. The platform's own model (the trained ``monai-bundle``, about a second per scan) first locates them: the
+bounding box of the largest connected component of each muscle class in its label map. The public model then
+runs on that box grown by a margin of at least half its patch along every axis, so that every voxel of the located
+muscles sees the same context a whole-volume sliding window would give it, and its label map is placed back on the
+scan's full grid (background outside the box). nnU-Net normalises the whole volume before the box is taken
+(:meth:`cbp_platform.segmentation.backends.nnunet.NnunetRunner.prepare`), so the box's intensities are the whole
+volume's.
+
+A safety net: when a muscle of the public model's map touches a face of the box that is not the image's own border
+(the locator missed part of a muscle), the scan is segmented again on the whole volume, and the batch counts it.
+The faces across the body axis (superior and inferior) do not count: the back muscles run on above T10 and below S1
+(the autochthon up the thorax, the iliopsoas to the femur), so a label crossing them is anatomy, not a miss.
+
+The whole-volume path stays available per model: a manifest whose ``options.roi`` is false (``cbp model register
+--no-roi``) is run on the whole volume, as are the models that are their own locator (the platform's bundle).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+from cbp_platform.classes import IDS, NAMES
+
+
+@dataclass(frozen=True)
+class Region:
+    """A box of a scan's voxel grid: ``box`` the slices the public model runs on (margin included),
+    ``located`` the located muscles' box, ``shape`` the scan's shape."""
+
+    box: tuple[slice, slice, slice]
+    located: tuple[slice, slice, slice]
+    shape: tuple[int, int, int]
+
+    @property
+    def voxel_share(self) -> float:
+        """The box's share of the scan's voxels."""
+        return float(np.prod([s.stop - s.start for s in self.box]) / np.prod(self.shape))
+
+    def to_dict(self) -> dict:
+        return {"box": [[s.start, s.stop] for s in self.box], "located": [[s.start, s.stop] for s in self.located],
+                "shape": list(self.shape), "voxel_share": round(self.voxel_share, 4)}
+
+
+def located_box(labels: np.ndarray) -> tuple[slice, slice, slice] | None:
+    """The bounding box of the largest connected component of each muscle class (stray islands ignored), or None
+    when the map holds no muscle."""
+    lo = np.full(3, np.iinfo(np.int64).max)
+    hi = np.full(3, -1)
+    for c in IDS:
+        mask = labels == c
+        if not mask.any():
+            continue
+        comp, n = ndimage.label(mask)
+        if n > 1:
+            sizes = np.bincount(comp.ravel())[1:]
+            mask = comp == 1 + int(np.argmax(sizes))
+        idx = [np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != ax))) for ax in range(3)]
+        lo = np.minimum(lo, [i[0] for i in idx])
+        hi = np.maximum(hi, [i[-1] + 1 for i in idx])
+    if hi[0] < 0:
+        return None
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+
+
+def margin_voxels(affine: np.ndarray, orientation: str, patch_mm: tuple[float, float, float],
+                  min_margin_mm: float = 0.0) -> tuple[int, int, int]:
+    """Half the public model's patch (``patch_mm`` along the axes of its ``orientation``), at least
+    ``min_margin_mm``, in voxels along each of the scan's axes (rounded up)."""
+    zooms = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
+    fwd = nib.orientations.ornt_transform(nib.orientations.io_orientation(affine),
+                                          nib.orientations.axcodes2ornt(tuple(orientation)))
+    out = []
+    for ax, (model_ax, _) in enumerate(fwd):
+        mm = max(patch_mm[int(model_ax)] / 2.0, min_margin_mm)
+        out.append(int(math.ceil(mm / float(zooms[ax]) - 1e-9)))
+    return tuple(out)
+
+
+def region_for(labels: np.ndarray, margin: tuple[int, int, int]) -> Region | None:
+    """The region of a locator's label map: the located box grown by ``margin`` voxels per axis, clipped to the
+    scan."""
+    found = located_box(labels)
+    if found is None:
+        return None
+    box = tuple(slice(max(s.start - m, 0), min(s.stop + m, n)) for s, m, n in zip(found, margin, labels.shape))
+    return Region(box=box, located=found, shape=tuple(int(n) for n in labels.shape))
+
+
+def body_axis(affine: np.ndarray) -> int:
+    """The scan's voxel axis closest to the superior-inferior direction."""
+    return int(nib.orientations.io_orientation(affine)[:, 0].tolist().index(2))
+
+
+def cut_muscles(labels: np.ndarray, region: Region, affine: np.ndarray) -> list[str]:
+    """The muscle classes of ``labels`` (the full grid, the region's map placed in it) with voxels on a face of the
+    region's box that lies inside the scan, across the axes other than the body axis."""
+    si = body_axis(affine)
+    found: set[int] = set()
+    for ax in range(3):
+        if ax == si:
+            continue
+        s = region.box[ax]
+        for k, inside in ((s.start, s.start > 0), (s.stop - 1, s.stop < region.shape[ax])):
+            if not inside:
+                continue
+            face = list(region.box)
+            face[ax] = slice(k, k + 1)
+            found |= set(np.unique(labels[tuple(face)]).tolist())
+    return [NAMES[c] for c in IDS if c in found]
+
+
+@dataclass
+class RoiStats:
+    """What a batch's region-of-interest inference did, for its metadata."""
+
+    scans: int = 0
+    regions: int = 0              # scans run on their region only
+    reruns: int = 0               # scans run again on the whole volume: a muscle touched the region's border
+    not_located: int = 0          # scans where the locator found no muscle: run on the whole volume
+    voxel_shares: list = field(default_factory=list)
+    locate_seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        share = self.voxel_shares
+        return {"scans": self.scans, "regions": self.regions, "reruns_whole_volume": self.reruns,
+                "not_located": self.not_located,
+                "median_voxel_share": round(float(np.median(share)), 4) if share else None,
+                "locate_seconds": round(self.locate_seconds, 2)}
+
+
+class RoiSegmenter:
+    """A runner that locates the region with ``locator`` (a runner of the platform's model) and runs ``runner``
+    (an nnU-Net runner) there; the same interface as a runner (``prepare`` in DataLoader workers, then
+    ``predict``/``predict_qc``), so :func:`cbp_platform.segmentation.pipeline.segment_scans` takes either."""
+
+    def __init__(self, runner, locator, *, min_margin_mm: float = 0.0):
+        self.runner = runner
+        self.locator = locator
+        self.manifest = runner.manifest
+        self.device = runner.device
+        self.min_margin_mm = min_margin_mm
+        self.stats = RoiStats()
+
+    def prepare(self, water: np.ndarray, fat: np.ndarray, affine: np.ndarray) -> dict:
+        """The locator's run and the public model's preprocessing (CPU work in the DataLoader worker)."""
+        t = time.perf_counter()
+        located = self.locator.segment(water, fat, affine)
+        margin = margin_voxels(affine, self.manifest.orientation, self.runner.patch_mm, self.min_margin_mm)
+        region = region_for(located, margin)
+        prepared = self.runner.prepare(water, fat, affine)
+        prepared.update(region=region, scan_affine=np.asarray(affine), locate_seconds=time.perf_counter() - t)
+        return prepared
+
+    def predict(self, prepared: dict) -> np.ndarray:
+        return self._run(prepared, qc=False)[0]
+
+    def predict_qc(self, prepared: dict) -> tuple[np.ndarray, float]:
+        return self._run(prepared, qc=True)
+
+    def _run(self, prepared: dict, qc: bool):
+        run = self.runner.predict_qc if qc else (lambda p, region=None: (self.runner.predict(p, region=region), None))
+        region = prepared.get("region")
+        self.stats.scans += 1
+        self.stats.locate_seconds += float(prepared.get("locate_seconds", 0.0))
+        if region is None:
+            self.stats.not_located += 1
+            return run(prepared)
+        out = run(prepared, region=region)
+        if cut_muscles(out[0], region, prepared["scan_affine"]):
+            self.stats.reruns += 1
+            return run(prepared)
+        self.stats.regions += 1
+        self.stats.voxel_shares.append(region.voxel_share)
+        return out
+
+    def segment(self, water: np.ndarray, fat: np.ndarray, affine: np.ndarray) -> np.ndarray:
+        return self.predict(self.prepare(water, fat, affine))
+
+
+def load_segmenter(manifest, models_dir, *, device: str = "auto", sw_batch_size: int = 2):
+    """The runner a batch segments with: ``manifest``'s runner, wrapped in :class:`RoiSegmenter` with the platform's
+    own model as locator when the manifest asks for region-of-interest inference (``options.roi``)."""
+    from cbp_platform.segmentation.backends import load_runner
+    from cbp_platform.segmentation.registry import platform_model
+
+    runner = load_runner(manifest, device=device, sw_batch_size=sw_batch_size)
+    if not manifest.options.get("roi"):
+        return runner
+    locator = load_runner(platform_model(models_dir), device=device, sw_batch_size=sw_batch_size)
+    return RoiSegmenter(runner, locator)

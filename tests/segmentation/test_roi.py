@@ -1,0 +1,160 @@
+"""Region-of-interest inference (:mod:`cbp_platform.segmentation.roi`): locating the muscles, the margin, the border
+rule; and, on the test nnU-Net model built by nnU-Net's own planner and trainer, the agreement of the region's run
+with the whole volume's."""
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from cbp_platform.segmentation.data import box_in_model, ornt_to_model, to_model_orientation
+from cbp_platform.segmentation.roi import Region, cut_muscles, located_box, margin_voxels, region_for
+
+
+def _affine(codes: str, zooms=(4.0, 4.0, 6.0)) -> np.ndarray:
+    """An affine whose voxel axes have the orientation ``codes`` (nibabel codes) and spacing ``zooms``."""
+    ornt = nib.orientations.axcodes2ornt(tuple(codes))
+    aff = np.zeros((4, 4))
+    aff[3, 3] = 1.0
+    for ax, (world, flip) in enumerate(ornt):
+        aff[int(world), ax] = flip * zooms[ax]
+    return aff
+
+
+def test_the_located_box_is_that_of_each_class_largest_component_not_of_stray_islands():
+    lab = np.zeros((40, 30, 20), np.uint8)
+    lab[10:20, 5:12, 3:15] = 1
+    lab[22:30, 5:12, 3:15] = 2
+    lab[0, 0, 0] = 1                     # a stray voxel of class 1 far away
+    lab[39, 29, 19] = 3                  # class 3 is only a stray voxel: its largest component is itself
+    assert located_box(lab) == (slice(10, 40), slice(5, 30), slice(3, 20))
+    lab[39, 29, 19] = 0
+    assert located_box(lab) == (slice(10, 30), slice(5, 12), slice(3, 15))
+    assert located_box(np.zeros((4, 4, 4), np.uint8)) is None
+
+
+@pytest.mark.parametrize("codes", ["LAS", "RAS", "PSL", "SLP"])
+def test_a_box_maps_onto_the_same_voxels_in_model_orientation(codes):
+    rng = np.random.default_rng(3)
+    shape = (9, 7, 5)
+    aff = _affine(codes, (1.0, 2.0, 3.0))
+    vol = rng.integers(0, 1000, shape)
+    box = (slice(2, 6), slice(1, 4), slice(0, 3))
+    model, _ = to_model_orientation(vol, aff, "LPS")
+    mbox = box_in_model(box, shape, ornt_to_model(aff, "LPS"))
+    assert sorted(model[mbox].ravel()) == sorted(vol[box].ravel())
+
+
+def test_the_margin_is_half_the_patch_along_each_scan_axis_in_its_voxels():
+    aff = _affine("LAS", (4.0, 4.0, 6.0))
+    # a patch of (100, 60, 240) mm along the model's (L, P, S) axes
+    assert margin_voxels(aff, "LPS", (100.0, 60.0, 240.0)) == (13, 8, 20)
+    # the scan's axes permuted (S, L, A): the margins follow the axes
+    aff2 = _affine("SLA", (6.0, 4.0, 4.0))
+    assert margin_voxels(aff2, "LPS", (100.0, 60.0, 240.0)) == (20, 13, 8)
+    assert margin_voxels(aff, "LPS", (8.0, 8.0, 12.0), min_margin_mm=30.0) == (8, 8, 5)
+
+
+def test_the_region_grows_by_the_margin_and_stops_at_the_scan():
+    lab = np.zeros((40, 30, 20), np.uint8)
+    lab[10:20, 5:12, 3:15] = 1
+    r = region_for(lab, (4, 8, 2))
+    assert r.box == (slice(6, 24), slice(0, 20), slice(1, 17)) and r.located == (slice(10, 20), slice(5, 12),
+                                                                                    slice(3, 15))
+    assert r.voxel_share == pytest.approx(18 * 20 * 16 / (40 * 30 * 20))
+    assert region_for(np.zeros_like(lab), (1, 1, 1)) is None
+
+
+def test_a_muscle_on_an_inner_face_across_the_body_is_cut_but_not_on_the_body_axis_or_the_image_border():
+    aff = _affine("LAS")                 # axis 2 is the body axis
+    shape = (40, 30, 20)
+    region = Region(box=(slice(5, 30), slice(0, 25), slice(4, 16)), located=(slice(8, 27), slice(3, 22),
+                                                                              slice(6, 14)), shape=shape)
+    lab = np.zeros(shape, np.uint8)
+    lab[10:20, 5:12, 4:16] = 1           # runs through the superior and inferior faces: anatomy, not a miss
+    assert cut_muscles(lab, region, aff) == []
+    lab[20:25, 0:3, 8:10] = 3            # on the posterior face, which is the image's own border
+    assert cut_muscles(lab, region, aff) == []
+    lab[29, 14:16, 8:10] = 2             # on the inner right-left face
+    assert cut_muscles(lab, region, aff) == ["autochthonous_right"]
+
+
+# ---- on the test nnU-Net model (built by nnU-Net's planner, preprocessor and trainer: the nnunet_model fixture)
+
+@pytest.fixture(scope="module")
+def phantom_runner(nnunet_model, tmp_path_factory):
+    from cbp_platform.segmentation.backends import load_runner
+    from tests.support.nnunet import register_phantom_model
+
+    m, _ = register_phantom_model(tmp_path_factory.mktemp("roi") / "registry", nnunet_model[0])
+    return load_runner(m, device="cpu")
+
+
+def _lumbar(seed: int):
+    from cbp_platform.synth.phantom import PRESETS, Subject, render_phantom
+
+    return render_phantom(Subject(seed % 2 == 0, 50, 172, 78, 7.0, 0.04, (420.0, 410.0, 135.0, 130.0)),
+                          PRESETS["fast"], np.random.default_rng(seed))
+
+
+def test_the_runner_gives_nnunets_own_label_map_and_uncertainty(phantom_runner):
+    """The platform's steps (nnU-Net's preprocessing split at the region, its export one class at a time) give
+    the label map of nnU-Net's own ``predict_single_npy_array`` voxel for voxel, and its entropy to 1e-4."""
+    import contextlib
+    import io
+
+    from cbp_platform.qc.features import entropy_in_muscle
+    from cbp_platform.segmentation.backends.nnunet import contrast_stack
+    from cbp_platform.segmentation.data import from_model_orientation, spacing_in_model_orientation
+
+    r = phantom_runner
+    ph = _lumbar(11)
+    ours, unc = r.predict_qc(r.prepare(ph.water, ph.fat, ph.affine))
+    img, back = to_model_orientation(contrast_stack(r.manifest.inputs, ph.water, ph.fat), ph.affine,
+                                     r.manifest.orientation)
+    si, sj, sk = spacing_in_model_orientation(ph.affine, r.manifest.orientation)
+    with contextlib.redirect_stdout(io.StringIO()):
+        seg, probs = r.predictor.predict_single_npy_array(np.ascontiguousarray(img.transpose(0, 3, 2, 1)),
+                                                          {"spacing": [sk, sj, si]}, None, None, True)
+    lab = r.lut[np.asarray(seg)]
+    theirs = from_model_orientation(lab.transpose(2, 1, 0), back)
+    assert ours.shape == ph.water.shape and set(np.unique(ours)) >= {0, 1, 2}
+    assert np.array_equal(ours, theirs)
+    assert unc == pytest.approx(entropy_in_muscle(np.asarray(probs), lab > 0), abs=1e-4)
+
+
+def test_a_region_covering_the_scan_is_the_whole_volume_run(phantom_runner):
+    ph = _lumbar(12)
+    prepared = phantom_runner.prepare(ph.water, ph.fat, ph.affine)
+    whole = phantom_runner.predict(prepared)
+    shape = ph.water.shape
+    everything = Region(box=tuple(slice(0, n) for n in shape), located=tuple(slice(0, n) for n in shape), shape=shape)
+    assert np.array_equal(phantom_runner.predict(prepared, region=everything), whole)
+
+
+@pytest.mark.parametrize("tool", ["total_mr", "totalvibesegmentator"])
+def test_a_presets_own_preprocessing_runs_and_is_recorded(nnunet_model, tmp_path, tool):
+    """The test model registered with a public tool's own steps (its resampling before nnU-Net, its step size and
+    mirroring, its way back to the scan's grid): the manifest records them, the predictor uses them, and the
+    label map is on the scan's grid and agrees with nnU-Net's own preprocessing (the same network; only the
+    interpolation differs)."""
+    from cbp_platform.metrics.body_composition import dice_per_class
+    from cbp_platform.segmentation.backends import load_runner, nnunet_phantom as phantom
+    from cbp_platform.segmentation.backends.nnunet import describe
+
+    folder = nnunet_model[0]
+    m = describe(folder, name=f"phantom-{tool}", labels=dict(phantom.PLATFORM_OF), inputs=("water", "fat"),
+                 orientation=phantom.ORIENTATION, preprocessing=tool)
+    steps = m.options["preprocessing"]
+    assert steps["name"] == {"total_mr": "totalsegmentator"}.get(tool, tool) and steps["citation"]
+    runner = load_runner(m, device="cpu")
+    assert runner.predictor.tile_step_size == steps["tile_step_size"] and runner.mirror_axes == ()
+    ph = _lumbar(13)
+    prepared = runner.prepare(ph.water, ph.fat, ph.affine)
+    assert prepared["steps"]["resampled"] and prepared["model_shape"] != prepared["model_shape_in"]
+    lab = runner.predict(prepared)
+    plain = load_runner(describe(folder, name="phantom-plain", labels=dict(phantom.PLATFORM_OF),
+                                 inputs=("water", "fat"), orientation=phantom.ORIENTATION), device="cpu")
+    ref = plain.segment(ph.water, ph.fat, ph.affine)
+    assert lab.shape == ph.water.shape and lab.dtype == np.uint8
+    dice = dice_per_class(lab, ref)
+    assert min(dice[c] for c in (1, 2)) > 0.8, dice
