@@ -13,8 +13,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import (bench_analysis, bench_ingest, bench_lifecycle, bench_nnunet, bench_seeds,  # noqa: E402
-                        bench_segmentation, bench_stats, bench_synth, bench_warehouse)
+from benchmarks import (bench_analysis, bench_ingest, bench_lifecycle, bench_nnunet, bench_public,  # noqa: E402
+                        bench_seeds, bench_segmentation, bench_stats, bench_synth, bench_warehouse)
 
 
 def main() -> int:
@@ -23,7 +23,8 @@ def main() -> int:
     only = sys.argv[1:]
     results = {}
     for name, mod in (("synth", bench_synth), ("ingest", bench_ingest), ("segmentation", bench_segmentation),
-                      ("seeds", bench_seeds), ("nnunet", bench_nnunet), ("stats", bench_stats),
+                      ("seeds", bench_seeds), ("nnunet", bench_nnunet), ("public", bench_public),
+                      ("stats", bench_stats),
                       ("analysis", bench_analysis), ("warehouse", bench_warehouse), ("lifecycle", bench_lifecycle)):
         if not only or name in only:
             results[name] = mod.run()

@@ -12,6 +12,11 @@ Scaling assumptions (stated in the output): the simulated volume covers the lumb
 (288 x 224 x 96 voxels); a whole-body NAKO Dixon series (several stations stitched) has about ``--wb-factor``
 times the voxels. Segmentation time and bytes are scaled by that factor for the whole-body column.
 
+The public models (MRSegmentator, TotalVibeSegmentator, TotalSegmentator ``total_mr``) on whole-body scans, with
+and without region-of-interest inference: 2-core CPU-days and GPU-days from the newest ``make bench BENCH=public``
+results (fold 0 measured, times the preset's folds) and, for the GPU, ``benchmarks/cuda_nnunet.py --public``
+results when a GPU run left them (none: said so, no GPU figure is assumed).
+
 ``python tools/sizing.py [--baseline 30868] [--followup 20000] [--gpu-speedup 10]``
 """
 
@@ -90,6 +95,27 @@ def plan(n: int, per: dict, bench: dict, wb: float, gpu_speedup: float, gpus: in
     return rows
 
 
+def public_plan(n: int, bench: dict) -> list[tuple]:
+    """Rows (preset, folds, CPU-days whole volume, CPU-days region, GPU-days whole, GPU-days region) for ``n``
+    whole-body scans, from ``make bench BENCH=public`` (``bench['public']``; fold 0 measured on a 2-core worker)
+    and its GPU results (``bench['public']['gpu']``, from ``benchmarks/cuda_nnunet.py --public``)."""
+    from cbp_platform.segmentation.presets import PRESETS
+
+    pub = bench["public"]
+    gpu = (pub.get("gpu") or {}).get("presets", {})
+    rows = []
+    for preset, r in pub.items():
+        if preset == "gpu" or not isinstance(r, dict) or "roi" not in r:
+            continue
+        folds = len(PRESETS[preset].folds) or 1
+        days = lambda s: n * s * folds / 86400  # noqa: E731
+        g = gpu.get(preset)
+        rows.append((preset, str(folds), f"{days(r['whole']['seconds']):,.0f}", f"{days(r['roi']['seconds']):,.0f}",
+                     f"{days(g['whole_volume_seconds']):,.1f}" if g else "not measured",
+                     f"{days(g['seconds_per_scan']):,.1f}" if g else "not measured"))
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--baseline", type=int, default=30868)
@@ -119,6 +145,22 @@ def main(argv=None) -> int:
         print("|---|---|---|---|---|")
         for r in plan(n, per, bench, args.wb_factor, args.gpu_speedup, args.gpus, args.cpu_nodes):
             print("| " + " | ".join(r) + " |")
+    pub = latest_bench("public", required=False)
+    print()
+    if pub is None:
+        print("public models: no `make bench BENCH=public` results yet")
+    else:
+        print(f"public models on whole-body scans, {n:,} scans ({pub['_file']}; fold 0 measured on a 2-core worker, "
+              "times the preset's folds; the whole-volume time of a bench run without CBP_BENCH_PUBLIC_FULL=1 is "
+              "extrapolated from the tiles it ran):")
+        print("| preset | folds | CPU-days, whole volume | CPU-days, region of interest | GPU-days, whole volume | "
+              "GPU-days, region of interest |")
+        print("|---|---|---|---|---|---|")
+        for r in public_plan(n, pub):
+            print("| " + " | ".join(r) + " |")
+        if not (pub["public"].get("gpu") or {}).get("presets"):
+            print("GPU: no benchmarks/cuda_nnunet.py --public results (no GPU was lent); for scale, MRSegmentator's "
+                  "authors publish 23-33 s per scan on an A100 (whole volume), not measured here")
     wh = latest_bench("warehouse", required=False)
     print()
     if wh is None:

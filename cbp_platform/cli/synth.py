@@ -25,6 +25,9 @@ def register(sub) -> None:
     s.add_argument("--format", default="nifti", choices=("nifti", "dicom"),
                    help="nifti: one .nii.gz per Dixon channel; dicom: zipped DICOM series of 4 overlapping "
                         "stations per contrast, as the scanner writes them (default nifti)")
+    s.add_argument("--extent", default="lumbar", choices=("lumbar", "whole-body"),
+                   help="lumbar: the T10-S1 slab (default); whole-body: neck to thighs in NAKO's stations (about "
+                        "1080 mm), the same slab inside it, labelled as before, unlabelled anatomy around it")
     s.add_argument("--composed", action="store_true",
                    help="with --format dicom: also write the scanner-composed whole-body series")
     s.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
@@ -64,7 +67,8 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         res = synthesize(participants=args.participants, deliveries=args.deliveries, seed=args.seed,
                          resolution=args.resolution, data_root=args.data_root, fault_rate=args.faults,
                          in_opp=args.in_opp, workers=args.workers, delivery_prefix=args.delivery_prefix,
-                         progress=progress_flag(args), scan_format=args.format, composed=args.composed)
+                         progress=progress_flag(args), scan_format=args.format, composed=args.composed,
+                         extent=args.extent)
     except SynthError as exc:
         print(f"cbp synth: error: {exc}", file=sys.stderr)
         return 2

@@ -174,7 +174,8 @@ def _rescan(layout: DataLayout, of: str, did: str, people: list[str], truth: pl.
         old = by_p[p]
         idx = int(old["participant_index"])
         task = _Task(idx, p, str(ddir), str(tdir), stream, cohort["resolution"], in_opp,
-                     replace(subject_of(rows[idx]), swap="none"), "", fmt, str(rows[idx]["exam_date"]))
+                     replace(subject_of(rows[idx]), swap="none"), "", fmt, str(rows[idx]["exam_date"]),
+                     extent=cohort.get("extent", "lumbar"))
         out = _render_and_write(task)
         for f in out["files"]:
             files.append({k: f[k] for k in ("path", "size", "sha256", "pseudonym", "channel")})

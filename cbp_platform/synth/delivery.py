@@ -36,7 +36,7 @@ from cbp_platform.paths import DataLayout
 from cbp_platform.progress import bar
 from cbp_platform.synth import faults as F
 from cbp_platform.synth.cohort import CohortParameters, beta_2sd, simulate_cohort, site_effects
-from cbp_platform.synth.phantom import LABELS, PRESETS, Subject, render_phantom
+from cbp_platform.synth.phantom import EXTENTS, LABELS, PRESETS, Subject, render_phantom, whole_body_slices
 
 
 class SynthError(ValueError):
@@ -162,6 +162,7 @@ class _Task:
     fmt: str = "nifti"
     exam: str = ""
     composed: bool = False
+    extent: str = "lumbar"
 
 
 def subject_of(r: dict) -> Subject:
@@ -180,7 +181,7 @@ def _render_and_write(task: _Task) -> dict:
     preset = PRESETS[task.preset]
     if task.fmt == "dicom":
         return _render_and_write_dicom(task, preset, rng)
-    ph = render_phantom(task.subject, preset, rng, in_opp=task.in_opp)
+    ph = render_phantom(task.subject, preset, rng, in_opp=task.in_opp, extent=task.extent)
     ddir = Path(task.delivery_dir)
     files = []
     nbytes = 0
@@ -240,6 +241,9 @@ def _with_truth(task: _Task, ph, out: dict) -> dict:
     tr["swap_slices"] = "" if ph.truth["swap_slices"] is None else f"{ph.truth['swap_slices'][0]}-{ph.truth['swap_slices'][1] - 1}"
     tr["pose_rotation_deg"] = float(np.degrees(ph.truth["pose"]["theta"]))
     tr["label_sha256"] = sha256_bytes(label_payload)
+    if ph.extent != "lumbar":
+        # where the labelled slab lies in the longer volume (slices, inclusive, as swap_slices)
+        tr["slab_slices"] = f"{ph.truth['slab_slices'][0]}-{ph.truth['slab_slices'][1] - 1}"
     return {**out, "truth": tr, "bytes": out["bytes"] + len(label_payload)}
 
 
@@ -250,8 +254,9 @@ def _render_and_write_dicom(task: _Task, preset, rng: np.random.Generator) -> di
 
     from cbp_platform.synth.dicom import participant_zips, plan_stations
 
-    ph = render_phantom(replace(task.subject, swap="none"), preset, rng, in_opp=task.in_opp)
-    plan = plan_stations(ph.water.shape[2], task.fault, task.subject.swap, rng, composed=task.composed)
+    ph = render_phantom(replace(task.subject, swap="none"), preset, rng, in_opp=task.in_opp, extent=task.extent)
+    plan = plan_stations(ph.water.shape[2], task.fault, task.subject.swap, rng, composed=task.composed,
+                         extent=task.extent)
     if plan.swap_stations:
         ks = [plan.stations[s - 1] for s in plan.swap_stations]
         ph.truth["swap_slices"] = (min(k0 for k0, _ in ks), max(k1 for _, k1 in ks))
@@ -334,11 +339,13 @@ def synthesize(*, participants: int, deliveries: int, seed: int, resolution: str
                data_root: str | os.PathLike[str] | None = None, fault_rate: float = 0.0, in_opp: bool = False,
                workers: int | None = None, delivery_prefix: str | None = None, progress: bool | None = False,
                params: CohortParameters | None = None, scan_format: str = "nifti",
-               composed: bool = False) -> SynthResult:
+               composed: bool = False, extent: str = "lumbar") -> SynthResult:
     """Write ``deliveries`` complete deliveries of ``participants`` simulated participants in total.
 
     ``scan_format``: ``nifti`` (one ``.nii.gz`` per Dixon channel) or ``dicom`` (one zip of DICOM station series
-    per contrast, :mod:`cbp_platform.synth.dicom`; ``composed`` adds the scanner-composed series)."""
+    per contrast, :mod:`cbp_platform.synth.dicom`; ``composed`` adds the scanner-composed series). ``extent``:
+    ``lumbar`` (the T10-S1 slab) or ``whole-body`` (neck to thighs around the same slab, labels in the slab only;
+    :func:`cbp_platform.synth.phantom.render_phantom`)."""
     workers = workers if workers is not None else (os.cpu_count() or 1)
     prefix = delivery_prefix or f"sim{seed}"
     _check_args(participants, deliveries, resolution, fault_rate, prefix, workers)
@@ -346,6 +353,8 @@ def synthesize(*, participants: int, deliveries: int, seed: int, resolution: str
         raise SynthError(f"unknown --format {scan_format!r} (choose from {', '.join(SCAN_FORMATS)})")
     if composed and scan_format != "dicom":
         raise SynthError("--composed needs --format dicom")
+    if extent not in EXTENTS:
+        raise SynthError(f"unknown --extent {extent!r} (choose from {', '.join(EXTENTS)})")
     layout = DataLayout.from_env(data_root)
     ids = delivery_ids_for(prefix, deliveries)
     _check_root(layout, ids)
@@ -390,7 +399,7 @@ def synthesize(*, participants: int, deliveries: int, seed: int, resolution: str
                 r = rows[idx]
                 tasks.append(_Task(int(idx), delivered_pseudonym[idx], str(ddir), str(tdir), seed, resolution,
                                    in_opp, subject_of(r), fault_of.get(int(idx), ("", ""))[0], scan_format,
-                                   str(r["exam_date"]), composed))
+                                   str(r["exam_date"]), composed, extent))
             mapper = pool.map(_render_and_write, tasks, chunksize=4) if pool else map(_render_and_write, tasks)
             outputs = []
             for out in mapper:
@@ -400,7 +409,8 @@ def synthesize(*, participants: int, deliveries: int, seed: int, resolution: str
                 did, ddir, tdir, chunk, outputs, rows, delivered_pseudonym, fault_of, result, scan_format)
             result.landing_dirs.append(ddir)
             result.truth_dirs.append(tdir)
-        _write_cohort_truth(layout, prefix, ids, seed, participants, deliveries, resolution, fault_rate, params)
+        _write_cohort_truth(layout, prefix, ids, seed, participants, deliveries, resolution, fault_rate, params,
+                            extent)
     except BaseException:
         for d in created:
             shutil.rmtree(d, ignore_errors=True)
@@ -492,6 +502,7 @@ def _finish_delivery(did, ddir: Path, tdir: Path, chunk, outputs, rows, delivere
             "fat_water_swap": r["fat_water_swap"], "swap_slices": t["swap_slices"],
             "snr": t["snr"], "pose_rotation_deg": t["pose_rotation_deg"], "label_sha256": t["label_sha256"],
             "fault": kind,
+            **({"extent": t["extent"], "slab_slices": t["slab_slices"]} if "slab_slices" in t else {}),
         })
     pl.DataFrame(truth_rows).write_csv(tdir / "participants.csv")
     pl.DataFrame(fault_rows, schema={c: pl.String for c in
@@ -505,8 +516,12 @@ def _finish_delivery(did, ddir: Path, tdir: Path, chunk, outputs, rows, delivere
 
 
 def _write_cohort_truth(layout: DataLayout, prefix, ids, seed, n, k, resolution, fault_rate,
-                        params: CohortParameters) -> None:
+                        params: CohortParameters, extent: str = "lumbar") -> None:
     u = site_effects(seed, params)
+    shape = PRESETS[resolution].shape
+    if extent != "lumbar":      # (a lumbar cohort's file stays as it always was: no extent key)
+        nz, k0 = whole_body_slices(PRESETS[resolution])
+        shape = (shape[0], shape[1], nz)
     doc = {
         "cohort": prefix,
         "seed": seed,
@@ -514,7 +529,8 @@ def _write_cohort_truth(layout: DataLayout, prefix, ids, seed, n, k, resolution,
         "deliveries": ids,
         "resolution": resolution,
         "voxel_spacing_mm": PRESETS[resolution].spacing,
-        "shape": PRESETS[resolution].shape,
+        "shape": shape,
+        **({"extent": extent, "slab_slices": [k0, k0 + PRESETS[resolution].shape[2]]} if extent != "lumbar" else {}),
         "fault_rate": fault_rate,
         "labels": LABELS,
         "site_effects": dict(zip(SITES, [float(x) for x in u])),

@@ -247,15 +247,25 @@ def write_series(volume: np.ndarray, affine_ras: np.ndarray, out_dir: Path, *, c
 # a whole participant: overlapping stations, one zip per contrast, and the DICOM delivery faults
 
 N_STATIONS = 4
+WHOLE_BODY_STATIONS = 4
 
 
-def station_ranges(nz: int, n: int = N_STATIONS) -> list[tuple[int, int]]:
-    """``n`` equal, overlapping slabs ``[k0, k1)`` covering ``0 .. nz - 1`` (overlap about ``nz / 12`` slices, at
-    least 2), as a multi-station table-move acquisition lays them out."""
-    overlap = max(2, round(nz / 12))
+def station_ranges(nz: int, n: int = N_STATIONS, overlap: int | None = None) -> list[tuple[int, int]]:
+    """``n`` equal, overlapping slabs ``[k0, k1)`` covering ``0 .. nz - 1`` (overlap ``overlap`` slices, by default
+    about ``nz / 12``, at least 2), as a multi-station table-move acquisition lays them out."""
+    overlap = max(2, round(nz / 12)) if overlap is None else overlap
     length = -(-(nz + (n - 1) * overlap) // n)
     starts = [round(s * (nz - length) / (n - 1)) for s in range(n)]
     return [(k0, k0 + length) for k0 in starts]
+
+
+def stations_for(nz: int, extent: str = "lumbar") -> list[tuple[int, int]]:
+    """The stations of a volume of ``nz`` slices: a lumbar slab as 4 stations overlapping by a twelfth
+    (:func:`station_ranges`); a whole-body volume (about 1080 mm) as NAKO's 4 stations of about 300 mm,
+    overlapping by about 30 mm (a 36th of the volume)."""
+    if extent == "whole-body":
+        return station_ranges(nz, WHOLE_BODY_STATIONS, overlap=max(2, round(nz / 36)))
+    return station_ranges(nz)
 
 
 @dataclass
@@ -274,8 +284,9 @@ class StationPlan:
     detail: str = ""
 
 
-def plan_stations(nz: int, fault: str, swap: str, rng: np.random.Generator, *, composed: bool = False) -> StationPlan:
-    plan = StationPlan(station_ranges(nz), composed=composed)
+def plan_stations(nz: int, fault: str, swap: str, rng: np.random.Generator, *, composed: bool = False,
+                  extent: str = "lumbar") -> StationPlan:
+    plan = StationPlan(stations_for(nz, extent), composed=composed)
     n = len(plan.stations)
     if swap == "full":
         plan.swap_stations = tuple(range(1, n + 1))
@@ -351,7 +362,7 @@ def participant_zips(volumes: dict[str, np.ndarray], affine: np.ndarray, plan: S
                 _, first = series_slices(degraded, aff, contrast=contrast, station=s, k_range=(k0, k1),
                                          pseudonym=pseudonym, seed=seed, acquired=when, identity=identity)
                 add(10 * s + list(CONTRASTS).index(contrast) + 1, f"{SERIES_PREFIX}_{CONTRASTS[contrast][0]}", first)
-                when = exam + timedelta(seconds=95 * N_STATIONS + 300)
+                when = exam + timedelta(seconds=95 * len(plan.stations) + 300)
             number = 10 * s + list(CONTRASTS).index(contrast) + 1 + (100 if plan.repeat_station == s else 0)
             _, slices = series_slices(v, aff, contrast=contrast, station=s, k_range=(k0, k1), pseudonym=pseudonym,
                                       seed=seed, acquired=when, identity=identity, series_number=number)

@@ -158,3 +158,68 @@ def test_a_presets_own_preprocessing_runs_and_is_recorded(nnunet_model, tmp_path
     assert lab.shape == ph.water.shape and lab.dtype == np.uint8
     dice = dice_per_class(lab, ref)
     assert min(dice[c] for c in (1, 2)) > 0.8, dice
+
+
+def _whole_body(seed: int):
+    from cbp_platform.synth.phantom import PRESETS, Subject, render_phantom
+
+    return render_phantom(Subject(seed % 2 == 1, 55, 178, 84, 8.0, 0.04, (420.0, 410.0, 135.0, 130.0)),
+                          PRESETS["fast"], np.random.default_rng(seed), extent="whole-body")
+
+
+def test_the_region_run_agrees_with_the_whole_volume_run_on_whole_body_scans(phantom_runner):
+    """Whole-body scans (neck to thighs): the region located by a registered model (here the test model itself; in
+    the pipeline, the platform's own) holds the labelled T10-S1 slab, and inside it the region's run gives the
+    whole-volume run's label map (the same tiles of nnU-Net's grid, the same export): Dice 1 per class, and LMM
+    and InterMAT equal. Outside it the region's map is background, and so not measured."""
+    from cbp_platform.metrics.body_composition import dice_per_class, muscle_metrics
+    from cbp_platform.segmentation.roi import RoiSegmenter
+
+    r = phantom_runner
+    ph = _whole_body(5)
+    k0, k1 = ph.truth["slab_slices"]
+    assert ph.water.shape[2] > 3 * (k1 - k0) // 2 and not ph.labels[..., :k0].any()
+    seg = RoiSegmenter(r, r)
+    prepared = seg.prepare(ph.water, ph.fat, ph.affine)
+    region = prepared["region"]
+    assert region is not None and region.box[2].start <= k0 + 2 and region.box[2].stop >= k1 - 2
+    whole, u_whole = r.predict_qc(prepared)
+    roi, u_roi = seg.predict_qc(prepared)
+    assert seg.stats.regions == 1 and seg.stats.reruns == 0
+    inside = np.zeros(whole.shape, bool)
+    inside[region.box] = True
+    assert not roi[~inside].any()
+    kept = np.where(inside, whole, 0)
+    dice = dice_per_class(roi, kept)
+    assert min(dice.values()) >= 0.99, dice
+    vml = float(np.prod(np.abs(np.diag(ph.affine)[:3]))) / 1000
+    for a, b in zip(muscle_metrics(roi, ph.water, ph.fat, vml), muscle_metrics(kept, ph.water, ph.fat, vml)):
+        assert a["lean_ml"] == pytest.approx(b["lean_ml"], rel=0.005)
+        assert a["imat_pct"] == pytest.approx(b["imat_pct"], rel=0.005)
+    assert u_roi == pytest.approx(u_whole, abs=0.05)
+    # a region of part of the volume (the labelled slab): only the tiles of the whole-volume grid that reach it
+    # run, and inside it the labels are still the whole-volume run's
+    slab = Region(box=(slice(0, ph.water.shape[0]), slice(0, ph.water.shape[1]), slice(k0, k1)),
+                  located=region.located, shape=ph.water.shape)
+    part = r.predict(prepared, region=slab)
+    assert r.last_tiles[0] < r.last_tiles[1]
+    assert np.array_equal(part[slab.box], whole[slab.box]) and not part[..., :k0].any()
+
+
+def test_a_muscle_cut_by_the_region_is_segmented_again_on_the_whole_volume(phantom_runner):
+    """A locator that misses part of a muscle (here a region cut through the autochthonous muscles across the
+    body): the scan is run again on the whole volume, and the batch's count says so."""
+    from cbp_platform.segmentation.roi import RoiSegmenter, located_box
+
+    r = phantom_runner
+    ph = _lumbar(14)
+    prepared = r.prepare(ph.water, ph.fat, ph.affine)
+    whole = r.predict(prepared)
+    found = located_box(whole)
+    mid = (found[0].start + found[0].stop) // 2
+    cut = Region(box=(slice(found[0].start, mid), found[1], found[2]), located=found, shape=ph.water.shape)
+    seg = RoiSegmenter(r, r)
+    prepared.update(region=cut, scan_affine=ph.affine)
+    out = seg.predict(prepared)
+    assert seg.stats.reruns == 1 and seg.stats.regions == 0 and seg.stats.to_dict()["reruns_whole_volume"] == 1
+    assert np.array_equal(out, whole)

@@ -309,6 +309,10 @@ class NnunetRunner:
                                              opts.get("trainer_name") or "nnUNetTrainer", axes)
         self.mirror_axes = axes if use_mirroring else ()
         self.plans, self.cm = plans, cm
+        if self.predictor.label_manager.has_regions:
+            raise ManifestError(f"{folder / 'dataset.json'}: a region-based nnU-Net model (its labels are regions); "
+                                "the platform's export takes one class per voxel")
+        self.last_tiles = (0, 0)
         from nnunetv2.preprocessing.cropping.cropping import crop_to_nonzero
         from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
 
@@ -320,10 +324,12 @@ class NnunetRunner:
 
     def prepare(self, water: np.ndarray, fat: np.ndarray, affine: np.ndarray) -> dict:
         """CPU-side work (in DataLoader workers): the manifest's contrasts in channel order, in the model's
-        orientation, as nnU-Net arrays, through the whole-volume steps of nnU-Net's own preprocessing
-        (``DefaultPreprocessor.run_case_npy``: ``transpose_forward``, ``crop_to_nonzero``, the plans'
-        normalisation). Resampling waits for :meth:`predict`, which may take a region of the volume only: the
-        region is then normalised exactly as the whole volume is."""
+        orientation, through the tool's own steps (:mod:`.tool_preprocessing`; none for nnU-Net's default) and
+        nnU-Net's own preprocessing of the whole volume (``DefaultPreprocessor.run_case_npy``:
+        ``transpose_forward``, ``crop_to_nonzero``, the plans' normalisation, the resampling to the plans' spacing).
+        :meth:`predict` then runs the network on the whole volume or on a region of it."""
+        from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
+
         from cbp_platform.segmentation.backends.tool_preprocessing import preprocess_image
 
         img = contrast_stack(self.manifest.inputs, water, fat)
@@ -331,7 +337,6 @@ class NnunetRunner:
         img, back = to_model_orientation(img, affine, self.manifest.orientation)
         spacing = spacing_in_model_orientation(affine, self.manifest.orientation)
         shape_ijk = img.shape[1:]
-        # the tool's own resampling and intensity steps, before nnU-Net's (none for nnU-Net's default)
         img, (si, sj, sk), record = preprocess_image(self.steps, img, spacing, self.manifest.spacing_mm)
         data = np.ascontiguousarray(img.transpose(0, 3, 2, 1))          # nnU-Net's (k, j, i) order
         model_shape = tuple(int(n) for n in img.shape[1:])
@@ -341,15 +346,21 @@ class NnunetRunner:
         shape_t = data.shape[1:]
         data, seg, bbox = self._crop_to_nonzero(data)
         data = self._preprocessor._normalize(data, seg, self.cm, self.plans.foreground_intensity_properties_per_channel)
+        del seg
+        spacing_t = [[sk, sj, si][t] for t in tf]
+        shape_crop = tuple(int(n) for n in data.shape[1:])
+        data = self.cm.resampling_fn_data(data, compute_new_shape(shape_crop, spacing_t, self.cm.spacing), spacing_t,
+                                          self.cm.spacing)
         return {"data": np.ascontiguousarray(data, np.float32), "bbox": [list(map(int, b)) for b in bbox],
-                "shape_t": tuple(int(n) for n in shape_t), "spacing": [sk, sj, si], "back": back, "fwd": fwd,
-                "scan_shape": tuple(int(n) for n in np.shape(water)), "model_shape_in": tuple(shape_ijk),
-                "model_spacing_in": tuple(spacing), "model_shape": model_shape, "steps": record}
+                "shape_t": tuple(int(n) for n in shape_t), "shape_crop": shape_crop, "spacing": [sk, sj, si],
+                "back": back, "fwd": fwd, "scan_shape": tuple(int(n) for n in np.shape(water)),
+                "model_shape_in": tuple(shape_ijk), "model_spacing_in": tuple(spacing), "model_shape": model_shape,
+                "steps": record}
 
     def predict(self, prepared: dict, region=None) -> np.ndarray:
-        """The platform's label map on the scan's grid; with ``region`` (scan voxel slices,
-        :class:`cbp_platform.segmentation.roi.Region`), the model runs on that box only and its map is placed back
-        on the full grid (background elsewhere)."""
+        """The platform's label map on the scan's grid; with ``region`` (:class:`cbp_platform.segmentation.roi.
+        Region`), only the whole-volume run's own tiles that reach the region are run, and only the region is
+        labelled (background elsewhere): inside it, the label map is the whole-volume run's (:meth:`_run`)."""
         return self._run(prepared, with_uncertainty=False, region=region)[0]
 
     def predict_qc(self, prepared: dict, region=None) -> tuple[np.ndarray, float]:
@@ -367,10 +378,12 @@ class NnunetRunner:
         return (kji[2], kji[1], kji[0])
 
     def _box_in_data(self, prepared: dict, box) -> tuple[slice, ...]:
-        """A scan-space box (slices along the scan's i, j, k) as slices of ``prepared['data']``'s spatial axes."""
+        """A scan-space box (slices along the scan's i, j, k) as slices of the non-zero box nnU-Net cropped
+        (``prepared['shape_crop']``, before its resampling)."""
         model_ijk = box_in_model(box, prepared["scan_shape"], prepared["fwd"])
         if prepared["model_shape"] != prepared["model_shape_in"]:      # the tool resampled: the same box, scaled
-            model_ijk = tuple(slice(int(np.floor(b.start * n / n0)), int(np.ceil(b.stop * n / n0)))
+            model_ijk = tuple(slice(max(int(np.floor(b.start * n / n0)) - 1, 0),
+                                    min(int(np.ceil(b.stop * n / n0)) + 1, n))
                               for b, n, n0 in zip(model_ijk, prepared["model_shape"], prepared["model_shape_in"]))
         kji = model_ijk[::-1]
         tf = list(self.plans.transpose_forward)
@@ -381,57 +394,94 @@ class NnunetRunner:
             out.append(slice(min(max(lo - b0, 0), b1 - b0), min(max(hi - b0, 0), b1 - b0)))
         return tuple(out)
 
-    @torch.inference_mode()
-    def _run(self, prepared: dict, with_uncertainty: bool, region=None) -> tuple[np.ndarray, float | None]:
-        """nnU-Net's inference on the prepared volume or a box of it: the plans' resampling of the image, the
-        predictor's sliding window over every fold, and nnU-Net's export (logits resampled back to the input grid,
-        then the argmax) as ``predict_single_npy_array`` runs them on a whole volume, one class at a time
-        (:func:`export_argmax`)."""
-        from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
-        from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape
+    def _region_plan(self, prepared: dict, region) -> dict | None:
+        """Which of the whole-volume run's tiles reach ``region``, and where: the region as a box of the cropped
+        input grid (``box``), the box of the model grid its export reads (``need``), the tiles (nnU-Net's own
+        slicers over the whole resampled volume) that overlap it and their union (``union``). None when the region
+        cannot be run alone: a volume smaller than the patch (nnU-Net pads it), or an export that is not a linear
+        interpolation (a spline's prefilter reaches the whole volume)."""
+        from nnunetv2.preprocessing.resampling.default_resampling import determine_do_sep_z_and_axis
 
-        from cbp_platform.qc.features import entropy_in_muscle
-
+        kw = dict(self.cm.configuration.get("resampling_fn_probabilities_kwargs") or {})
         data = prepared["data"]
-        dbox = self._box_in_data(prepared, region.box) if region is not None else tuple(slice(0, n) for n in
-                                                                                           data.shape[1:])
-        crop = data[(slice(None), *dbox)]
+        n_model = data.shape[1:]
+        if kw.get("order", 1) > 1 or any(n < p for n, p in zip(n_model, self.cm.patch_size)):
+            return None
+        box = self._box_in_data(prepared, region.box)
+        if any(b.stop <= b.start for b in box):
+            return None
         tf = list(self.plans.transpose_forward)
         spacing_t = [prepared["spacing"][t] for t in tf]
-        target = self.cm.spacing
-        crop_shape = crop.shape[1:]
-        if any(n == 0 for n in crop_shape):
-            raise ValueError(f"region {region} lies outside the scan's non-zero box")
-        x = self.cm.resampling_fn_data(crop, compute_new_shape(crop_shape, spacing_t, target), spacing_t, target)
-        with contextlib.redirect_stdout(io.StringIO()):
-            logits = self.predictor.predict_logits_from_preprocessed_data(torch.from_numpy(
-                np.ascontiguousarray(x, np.float32))).cpu()
-        del x
-        if self.predictor.label_manager.has_regions:         # region-based models: nnU-Net's own export
-            props = {"spacing": list(prepared["spacing"]), "shape_before_cropping": crop_shape,
-                     "bbox_used_for_cropping": [[0, n] for n in crop_shape],
-                     "shape_after_cropping_and_before_resampling": crop_shape}
-            out = convert_predicted_logits_to_segmentation_with_correct_shape(
-                logits, self.plans, self.cm, self.predictor.label_manager, props,
-                return_probabilities=with_uncertainty, num_threads_torch=torch.get_num_threads())
-            seg, probs = out if with_uncertainty else (out, None)
-            seg = np.asarray(seg).transpose(tf)
-            entropy = None
+        sep, axis = determine_do_sep_z_and_axis(kw.get("force_separate_z"), self.cm.spacing, spacing_t)
+        need = []
+        for d, (b, n_in, n_out) in enumerate(zip(box, n_model, prepared["shape_crop"])):
+            s = n_in / n_out
+            lo, hi = (b.start + 0.5) * s - 0.5, (b.stop - 0.5) * s - 0.5
+            need.append(slice(max(int(np.floor(lo)) - 1, 0), min(int(np.floor(hi)) + 3, n_in)))
+        tiles = [sl for sl in self.predictor._internal_get_sliding_window_slicers(n_model)
+                 if all(sl[d + 1].start < need[d].stop and sl[d + 1].stop > need[d].start for d in range(3))]
+        union = tuple(slice(min(t[d + 1].start for t in tiles), max(t[d + 1].stop for t in tiles)) for d in range(3))
+        return {"box": box, "need": need, "tiles": tiles, "union": union, "separate_axis": axis if sep else None,
+                "order": int(kw.get("order", 1)), "n_all": len(self.predictor._internal_get_sliding_window_slicers(
+                    n_model))}
+
+    def _tiles_logits(self, data: np.ndarray, plan: dict) -> torch.Tensor:
+        """nnU-Net's sliding-window logits over ``plan['union']``, from the whole-volume run's own tiles there (the
+        same tiles, Gaussian and fold average as ``predict_logits_from_preprocessed_data`` on the whole volume, in
+        the same order): every voxel of ``plan['need']`` gets exactly the whole-volume run's value."""
+        u = plan["union"]
+        crop = torch.from_numpy(np.ascontiguousarray(data[(slice(None), *u)]))
+        tiles = [(slice(None), *[slice(t[d + 1].start - u[d].start, t[d + 1].stop - u[d].start) for d in range(3)])
+                 for t in plan["tiles"]]
+        pred = self.predictor
+        autocast = torch.autocast(self.device.type) if self.device.type == "cuda" else contextlib.nullcontext()
+        prediction = None
+        for params in pred.list_of_parameters:
+            net = getattr(pred.network, "_orig_mod", pred.network)
+            net.load_state_dict(params)
+            with autocast:
+                p = pred._internal_predict_sliding_window_return_logits(crop, tiles,
+                                                                        pred.perform_everything_on_device).to("cpu")
+            prediction = p if prediction is None else prediction.add_(p)
+        if len(pred.list_of_parameters) > 1:
+            prediction /= len(pred.list_of_parameters)
+        return prediction
+
+    @torch.inference_mode()
+    def _run(self, prepared: dict, with_uncertainty: bool, region=None) -> tuple[np.ndarray, float | None]:
+        """nnU-Net's inference on the prepared volume (its predictor's sliding window over every fold, its export:
+        the logits resampled back to the input grid, then the argmax, one class at a time, :func:`export_argmax`),
+        equal to ``predict_single_npy_array``. With ``region``: only the tiles of the whole-volume run that reach the
+        region, and the export of the region only, with the whole volume's interpolation (:func:`_resample_box`):
+        inside the region, the whole-volume run's label map."""
+        data = prepared["data"]
+        tf = list(self.plans.transpose_forward)
+        spacing_t = [prepared["spacing"][t] for t in tf]
+        plan = self._region_plan(prepared, region) if region is not None else None
+        if plan is None:
+            box = tuple(slice(0, n) for n in prepared["shape_crop"])
+            with contextlib.redirect_stdout(io.StringIO()):
+                logits = self.predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).cpu()
+            resample = self.cm.resampling_fn_probabilities
+            channel = lambda c, lg=logits: np.asarray(resample(lg[c:c + 1], prepared["shape_crop"],  # noqa: E731
+                                                               self.cm.spacing, spacing_t))[0]
         else:
-            seg, entropy = export_argmax(logits, self.cm.resampling_fn_probabilities, crop_shape, target, spacing_t,
-                                         with_uncertainty)
-            probs = None
+            box = plan["box"]
+            with contextlib.redirect_stdout(io.StringIO()):
+                logits = self._tiles_logits(data, plan)
+            channel = lambda c, lg=logits: _resample_box(lg[c], plan, data.shape[1:], prepared["shape_crop"])  # noqa
+            self.last_tiles = (len(plan["tiles"]), plan["n_all"])
+        seg, entropy = export_argmax(channel, int(logits.shape[0]), with_entropy=with_uncertainty)
         del logits
         seg = seg.transpose(list(self.plans.transpose_backward))      # the box, in nnU-Net's (k, j, i) order
         lab = np.where(seg < self.lut.size, self.lut[np.clip(seg, 0, self.lut.size - 1)], BACKGROUND).astype(np.uint8)
         uncertainty = None
         if with_uncertainty:
             muscle = lab > 0
-            uncertainty = (entropy_in_muscle(np.asarray(probs), muscle) if probs is not None else
-                           (float(entropy.transpose(list(self.plans.transpose_backward))[muscle].mean())
-                            if muscle.any() else 1.0))
+            uncertainty = (float(entropy.transpose(list(self.plans.transpose_backward))[muscle].mean())
+                           if muscle.any() else 1.0)
         full_t = np.zeros(prepared["shape_t"], np.uint8)
-        full_t[tuple(slice(b[0] + d.start, b[0] + d.stop) for b, d in zip(prepared["bbox"], dbox))] = lab.transpose(tf)
+        full_t[tuple(slice(b[0] + d.start, b[0] + d.stop) for b, d in zip(prepared["bbox"], box))] = lab.transpose(tf)
         full = full_t.transpose(list(self.plans.transpose_backward)).transpose(2, 1, 0)     # model (i, j, k)
         if full.shape != prepared["model_shape_in"]:          # the tool's own way back onto the input grid
             from cbp_platform.segmentation.backends.tool_preprocessing import labels_to_original
@@ -446,21 +496,19 @@ class NnunetRunner:
         return self.predict(self.prepare(water, fat, affine), region=region)
 
 
-def export_argmax(logits: torch.Tensor, resample, shape, current_spacing, new_spacing,
-                  with_entropy: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-    """nnU-Net's export of a (C, ...) logit volume to a label map on the input grid, one class at a time.
+def export_argmax(channel, n: int, with_entropy: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """nnU-Net's export of ``n`` logit channels to a label map, one class at a time: ``channel(c)`` gives class
+    ``c``'s logits on the output grid (nnU-Net's resampling of that channel alone).
 
-    nnU-Net resamples all C logit channels to the input grid at once (``resampling_fn_probabilities`` makes a
-    float64 copy of them, then a C-channel result) and takes the argmax: for a whole-body scan and a 40-100 class
-    model that is tens of GB. Its resampling treats each channel on its own, so resampling one channel after
-    another and keeping a running argmax (a later class wins only when strictly greater, as ``argmax`` keeps the
-    first maximum) gives the same label map with two channels in memory. With ``with_entropy``, the normalised
-    entropy of the softmax per voxel comes along (online log-sum-exp: running maximum, sum of exponentials and
-    their logit-weighted sum), for the QC uncertainty."""
-    n = int(logits.shape[0])
+    nnU-Net resamples all C logit channels at once (``resampling_fn_probabilities`` makes a float64 copy of them,
+    then a C-channel result) and takes the argmax: for a whole-body scan and a 40-100 class model that is tens of
+    GB. Its resampling treats each channel on its own, so one channel after another with a running argmax (a later
+    class wins only when strictly greater, as ``argmax`` keeps the first maximum) gives the same label map with two
+    channels in memory. With ``with_entropy``, the normalised entropy of the softmax per voxel comes along (online
+    log-sum-exp: running maximum, sum of exponentials and their logit-weighted sum), for the QC uncertainty."""
     arg = best = m = s = t = None
     for c in range(n):
-        z = np.asarray(resample(logits[c:c + 1], shape, current_spacing, new_spacing))[0]
+        z = channel(c)
         if arg is None:
             arg = np.zeros(z.shape, np.uint8 if n < 256 else np.uint16)
             best = z.copy()
@@ -484,6 +532,39 @@ def export_argmax(logits: torch.Tensor, resample, shape, current_spacing, new_sp
         entropy = ((m + np.log(s)) - t / s) / np.float32(np.log(n))        # H = logsumexp(z) - E_p[z]
         np.clip(entropy, 0.0, 1.0, out=entropy)
     return arg, entropy
+
+
+def _resample_box(logits: torch.Tensor, plan: dict, n_model, n_out) -> np.ndarray:
+    """One class's logits (over ``plan['union']`` of the model grid) on ``plan['box']`` of the output grid, read
+    as nnU-Net's export reads them for the whole volume (``resample_data_or_seg``: float64, scikit-image's
+    ``resize`` with ``order`` 1 and edge mode, i.e. ``scipy.ndimage.zoom`` with ``grid_mode``: output voxel o reads
+    input coordinate (o + 0.5) n_in / n_out - 0.5; with a separate low-resolution axis, that axis by nearest
+    neighbour), then stored in the logits' dtype (half)."""
+    from scipy import ndimage
+
+    u, box, axis = plan["union"], plan["box"], plan["separate_axis"]
+    src = logits.numpy().astype(np.float64)
+    scale = [n_in / n_o for n_in, n_o in zip(n_model, n_out)]
+    offset = [(b.start + 0.5) * s - 0.5 - us.start for b, s, us in zip(box, scale, u)]
+    shape = tuple(b.stop - b.start for b in box)
+    if axis is None:
+        out = ndimage.affine_transform(src, scale, offset=offset, output_shape=shape, order=plan["order"],
+                                       mode="nearest")
+        return out.astype(logits.numpy().dtype)
+    # the low-resolution axis by nearest neighbour (as map_coordinates with order 0: floor(x + 0.5), clamped)
+    k = np.clip(np.floor(np.arange(shape[axis]) * scale[axis] + offset[axis] + 0.5).astype(int), 0,
+                src.shape[axis] - 1)
+    planes = np.take(src, k, axis=axis)
+    rest = [d for d in range(3) if d != axis]
+    out = np.empty(shape, np.float64)
+    for i in range(shape[axis]):
+        sl = [slice(None)] * 3
+        sl[axis] = i
+        out[tuple(sl)] = ndimage.affine_transform(np.take(planes, i, axis=axis), [scale[d] for d in rest],
+                                                  offset=[offset[d] for d in rest],
+                                                  output_shape=[shape[d] for d in rest], order=plan["order"],
+                                                  mode="nearest")
+    return out.astype(logits.numpy().dtype)
 
 
 def contrast_stack(inputs: tuple[str, ...], water: np.ndarray, fat: np.ndarray) -> np.ndarray:

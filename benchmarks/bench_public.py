@@ -1,0 +1,174 @@
+"""Public models at cohort scale: whole-body NAKO-size scans through each preset's public-shaped nnU-Net folder.
+
+For MRSegmentator, TotalVibeSegmentator and TotalSegmentator ``total_mr``, the folder is the one
+``benchmarks/public_models.py`` builds from nnU-Net's own planner for data like the model's training data (its
+label table, trainer, configuration; random weights: enough for cost). Fold 0 of each, on this machine's cores;
+each measurement in a fresh process, so its peak RSS is its own. The scan: one simulated whole-body participant
+(``render_phantom(..., extent="whole-body")``, NAKO resolution, neck to thighs).
+
+* **Region of interest** (the platform's default for a preset): the platform's own model (trained once here with
+  the default configuration and cached, as ``segmentation_model`` trains it) locates T10-S1, and the public model
+  runs on the region (margin: half its patch), end to end: locating, the tool's own preprocessing, the sliding
+  window, the export, the label map placed back on the full grid.
+* **Whole volume** (``roi: false``): every step runs on the whole scan (the tool's preprocessing, nnU-Net's
+  full-size logit accumulator, the export), but the sliding window runs only ``CBP_BENCH_PUBLIC_TILES`` (default 3)
+  of its tiles, spread evenly; its time is the measured time plus the tiles not run at the measured seconds per
+  tile (the same network on the same patch size). ``CBP_BENCH_PUBLIC_FULL=1`` runs every tile (15-40 minutes per
+  preset on 2 cores).
+
+Printed per preset: seconds per scan each way and their ratio (target: region at least 4x faster), the tiles each
+way, peak RSS each way and its ratio to 4 GiB, scans per hour of a 2-core worker (one fold; the preset's folds
+multiply the time), and the GPU figures of ``benchmarks/cuda_nnunet.py --public`` when a GPU run left them in
+bench-results/.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CACHE = Path("bench-results")
+PRESETS = ("mrsegmentator", "totalvibesegmentator", "total_mr")
+TARGET_RATIO = 4.0
+TARGET_MB = 4096.0
+
+SCAN = """
+import json, resource, sys, time, numpy as np, torch
+from pathlib import Path
+from cbp_platform.segmentation.backends import load_runner
+from cbp_platform.segmentation.registry import platform_model, register
+from cbp_platform.segmentation.roi import RoiSegmenter
+from cbp_platform.synth.phantom import PRESETS, Subject, render_phantom
+folder, preset, reg, models, mode, tiles = sys.argv[1:7]
+tiles = int(tiles)
+m, _ = register(Path(reg), folder, preset=preset, name=preset + "-" + mode, folds=["0"], roi=mode == "roi")
+ph = render_phantom(Subject(False, 55, 178, 84, 8.0, 0.04, (420.0, 410.0, 135.0, 130.0)), PRESETS["nako"],
+                    np.random.default_rng(5), extent="whole-body")
+water, fat, affine, shape = ph.water, ph.fat, ph.affine, ph.water.shape
+del ph
+rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+runner = load_runner(m, device="cpu")
+pred = runner.predictor
+count = {"tiles": 0, "run": 0, "tile_s": 0.0}
+slicers_of, forward = pred._internal_get_sliding_window_slicers, pred._internal_maybe_mirror_and_predict
+def some_slicers(size):
+    sl = slicers_of(size)
+    count["tiles"] += len(sl)
+    if tiles and len(sl) > tiles:
+        sl = [sl[int(round(i * (len(sl) - 1) / (tiles - 1)))] for i in range(tiles)] if tiles > 1 else sl[:1]
+    return sl
+def timed_forward(x):
+    t = time.perf_counter()
+    out = forward(x)
+    count["run"] += 1
+    count["tile_s"] += time.perf_counter() - t
+    return out
+pred._internal_get_sliding_window_slicers, pred._internal_maybe_mirror_and_predict = some_slicers, timed_forward
+seg = RoiSegmenter(runner, load_runner(platform_model(Path(models)), device="cpu")) if mode == "roi" else runner
+t = time.perf_counter()
+lab = seg.segment(water, fat, affine)
+secs = time.perf_counter() - t
+per_tile = count["tile_s"] / max(count["run"], 1)
+out = dict(preset=preset, mode=mode, seconds_measured=secs, tiles=count["tiles"], tiles_run=count["run"],
+           seconds_per_tile=per_tile, seconds=secs + (count["tiles"] - count["run"]) * per_tile,
+           shape=list(shape), rss_before_mb=rss0, peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+           threads=torch.get_num_threads(), patch_mm=list(runner.patch_mm), spacing_mm=list(m.spacing_mm),
+           preprocessing=m.options["preprocessing"]["name"], classes=int(runner.lut.size))
+if mode == "roi":
+    out["roi"] = seg.stats.to_dict()
+print(json.dumps(out))
+"""
+
+
+def _run(args: list[str]) -> dict:
+    res = subprocess.run([sys.executable, "-c", SCAN, *args], capture_output=True, text=True)
+    if res.returncode:
+        raise RuntimeError(res.stdout[-2000:] + res.stderr[-3000:])
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def platform_models(log=print) -> Path:
+    """The platform's own model (the locator), trained once with ``segmentation_model``'s defaults and cached."""
+    from cbp_platform.paths import DataLayout
+
+    models = (CACHE / "platform-model").resolve()
+    if DataLayout.platform_model_pointer(models).is_file():
+        return models
+    from cbp_platform.segmentation.registry import train_default_model
+
+    log("  training the platform's own model (the locator; 900 iterations, cached in bench-results/platform-model)")
+    t = time.perf_counter()
+    train_default_model(models, DataLayout.model_registry(models), n_train=120, budget_s=None, seed=1000,
+                        max_iterations=900, n_calibration=120, device="cpu")
+    log(f"  trained in {time.perf_counter() - t:.0f} s")
+    return models
+
+
+def public_folder(preset: str) -> Path:
+    """The preset's public-shaped folder (benchmarks/public_models.py), built once and cached (fold 0)."""
+    out = (CACHE / "public-models").resolve()
+    found = sorted((out / preset).glob("*__nnUNetPlans__3d_fullres/fold_0/checkpoint_final.pth"))
+    if found:
+        return found[0].parent.parent
+    res = subprocess.run([sys.executable, "-m", "benchmarks.public_models", "--preset", preset, "--out", str(out),
+                          "--folds", "0"], capture_output=True, text=True)
+    if res.returncode:
+        raise RuntimeError(res.stdout[-2000:] + res.stderr[-2000:])
+    return Path(json.loads(res.stdout.strip().splitlines()[-1])["folder"])
+
+
+def gpu_figures() -> dict | None:
+    """The newest ``benchmarks/cuda_nnunet.py --public`` results left in bench-results/ by a GPU run, if any."""
+    files = sorted(glob.glob(str(CACHE / "cuda-public-*.json")), reverse=True)
+    return json.loads(Path(files[0]).read_text()) | {"_file": Path(files[0]).name} if files else None
+
+
+def run() -> dict:
+    import tempfile
+
+    print("\n== public models on whole-body scans (fold 0, CPU) ==")
+    full = os.environ.get("CBP_BENCH_PUBLIC_FULL") == "1"
+    tiles = "0" if full else os.environ.get("CBP_BENCH_PUBLIC_TILES", "3")
+    only = [p for p in os.environ.get("CBP_BENCH_PUBLIC_PRESETS", ",".join(PRESETS)).split(",") if p]
+    models = platform_models()
+    out = {}
+    for preset in only:
+        folder = public_folder(preset)
+        with tempfile.TemporaryDirectory() as reg:
+            roi = _run([str(folder), preset, reg, str(models), "roi", "0"])
+            whole = _run([str(folder), preset, reg, str(models), "whole", tiles])
+        ratio = whole["seconds"] / roi["seconds"]
+        r = roi["roi"]
+        print(f"  {preset} ({roi['classes']} classes, preprocessing {roi['preprocessing']}, patch "
+              f"{'x'.join(f'{v:.0f}' for v in roi['patch_mm'])} mm, {roi['threads']} threads), scan "
+              f"{'x'.join(map(str, roi['shape']))}:")
+        print(f"    region of interest: {roi['seconds']:.0f} s per scan ({roi['tiles']} tiles at "
+              f"{roi['seconds_per_tile']:.1f} s; region {100 * (r['median_voxel_share'] or 1):.0f} % of the voxels, "
+              f"locating {r['locate_seconds']:.1f} s, re-runs {r['reruns_whole_volume']}), peak RSS "
+              f"{roi['peak_rss_mb']:.0f} MB -> ratio to 4 GiB {roi['peak_rss_mb'] / TARGET_MB:.2f}")
+        how = "all run" if full else f"{whole['tiles_run']} run, the rest at the measured s/tile"
+        print(f"    whole volume: {whole['seconds']:.0f} s per scan ({whole['tiles']} tiles, {how}), peak RSS "
+              f"{whole['peak_rss_mb']:.0f} MB -> ratio to 4 GiB {whole['peak_rss_mb'] / TARGET_MB:.2f}")
+        print(f"    region vs whole: {ratio:.1f}x faster (target >= {TARGET_RATIO:.0f}x); a 2-core worker: "
+              f"{3600 / roi['seconds']:.1f} scans/h with the region, {3600 / whole['seconds']:.1f} whole")
+        out[preset] = {"roi": roi, "whole": whole, "ratio": ratio, "whole_tiles_extrapolated": not full}
+    gpu = gpu_figures()
+    if gpu is None:
+        print("  GPU: no results of benchmarks/cuda_nnunet.py --public in bench-results/ (no GPU lent to this "
+              "machine)")
+    else:
+        print(f"  GPU ({gpu.get('gpu')}, {gpu['_file']}): " + "; ".join(
+            f"{p}: {v['seconds_per_scan']:.1f} s/scan, {v['scans_per_hour']:.0f} scans/h"
+            for p, v in gpu.get("presets", {}).items()))
+    out["gpu"] = gpu
+    return out
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    run()
