@@ -2,12 +2,15 @@
 
 The public whole-body models segment 40-100 structures from neck to thighs; the study needs four muscles from T10
 to S1. The platform's own model (the trained ``monai-bundle``, about a second per scan) first locates them: the
-bounding box of the largest connected component of each muscle class in its label map. The public model then
-runs on that box grown by a margin of at least half its patch along every axis, so that every voxel of the located
-muscles sees the same context a whole-volume sliding window would give it, and its label map is placed back on the
-scan's full grid (background outside the box). nnU-Net normalises the whole volume before the box is taken
-(:meth:`cbp_platform.segmentation.backends.nnunet.NnunetRunner.prepare`), so the box's intensities are the whole
-volume's.
+bounding box of the largest connected component of each muscle class in its label map, grown by a small margin
+(``margin_mm``, 20 mm) into the region. The public model then runs only the tiles of its whole-volume sliding window
+(nnU-Net's own tile grid over the whole scan, normalised and resampled as a whole) that reach the region, and its
+label map of the region is placed back on the scan's full grid (background outside)
+(:meth:`cbp_platform.segmentation.backends.nnunet.NnunetRunner.predict`). Inside the region every voxel gets
+the same tiles, in the same order, as in the whole-volume run, so its label is the whole-volume run's: the context
+is not approximated by a margin, it is the whole-volume run's own. The tiles reach beyond the region by at least
+the patch minus the tile step along every axis (half a patch at nnU-Net's step 0.5) where the scan allows
+(``RoiStats.context_mm``: the smallest such reach).
 
 A safety net: when a muscle of the public model's map touches a face of the box that is not the image's own border
 (the locator missed part of a muscle), the scan is segmented again on the whole volume, and the batch counts it.
@@ -71,18 +74,10 @@ def located_box(labels: np.ndarray) -> tuple[slice, slice, slice] | None:
     return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
 
 
-def margin_voxels(affine: np.ndarray, orientation: str, patch_mm: tuple[float, float, float],
-                  min_margin_mm: float = 0.0) -> tuple[int, int, int]:
-    """Half the public model's patch (``patch_mm`` along the axes of its ``orientation``), at least
-    ``min_margin_mm``, in voxels along each of the scan's axes (rounded up)."""
+def margin_voxels(affine: np.ndarray, margin_mm: float) -> tuple[int, int, int]:
+    """``margin_mm`` in voxels along each of the scan's axes (rounded up)."""
     zooms = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
-    fwd = nib.orientations.ornt_transform(nib.orientations.io_orientation(affine),
-                                          nib.orientations.axcodes2ornt(tuple(orientation)))
-    out = []
-    for ax, (model_ax, _) in enumerate(fwd):
-        mm = max(patch_mm[int(model_ax)] / 2.0, min_margin_mm)
-        out.append(int(math.ceil(mm / float(zooms[ax]) - 1e-9)))
-    return tuple(out)
+    return tuple(int(math.ceil(margin_mm / float(z) - 1e-9)) for z in zooms)
 
 
 def region_for(labels: np.ndarray, margin: tuple[int, int, int]) -> Region | None:
@@ -100,22 +95,32 @@ def body_axis(affine: np.ndarray) -> int:
     return int(nib.orientations.io_orientation(affine)[:, 0].tolist().index(2))
 
 
+def _largest(mask: np.ndarray) -> np.ndarray:
+    comp, n = ndimage.label(mask)
+    if n <= 1:
+        return mask
+    return comp == 1 + int(np.argmax(np.bincount(comp.ravel())[1:]))
+
+
 def cut_muscles(labels: np.ndarray, region: Region, affine: np.ndarray) -> list[str]:
-    """The muscle classes of ``labels`` (the full grid, the region's map placed in it) with voxels on a face of the
-    region's box that lies inside the scan, across the axes other than the body axis."""
+    """The muscle classes whose largest connected component in ``labels`` (the full grid, the region's map placed
+    in it) reaches a face of the region's box that lies inside the scan, across the axes other than the body axis.
+    Stray islands of a class are not the muscle (as for :func:`located_box`)."""
     si = body_axis(affine)
-    found: set[int] = set()
-    for ax in range(3):
-        if ax == si:
+    inner = [(ax, k) for ax in range(3) if ax != si
+             for k, inside in ((0, region.box[ax].start > 0), (-1, region.box[ax].stop < region.shape[ax])) if inside]
+    if not inner:
+        return []
+    sub = labels[region.box]
+    cut = []
+    for c in IDS:
+        mask = sub == c
+        if not mask.any():
             continue
-        s = region.box[ax]
-        for k, inside in ((s.start, s.start > 0), (s.stop - 1, s.stop < region.shape[ax])):
-            if not inside:
-                continue
-            face = list(region.box)
-            face[ax] = slice(k, k + 1)
-            found |= set(np.unique(labels[tuple(face)]).tolist())
-    return [NAMES[c] for c in IDS if c in found]
+        main = _largest(mask)
+        if any(np.take(main, k, axis=ax).any() for ax, k in inner):
+            cut.append(NAMES[c])
+    return cut
 
 
 @dataclass
@@ -127,6 +132,8 @@ class RoiStats:
     reruns: int = 0               # scans run again on the whole volume: a muscle touched the region's border
     not_located: int = 0          # scans where the locator found no muscle: run on the whole volume
     voxel_shares: list = field(default_factory=list)
+    tiles: list = field(default_factory=list)          # (tiles run, tiles of the whole-volume grid) per region
+    context_mm: list = field(default_factory=list)     # the tiles' smallest reach beyond the region, per region
     locate_seconds: float = 0.0
 
     def to_dict(self) -> dict:
@@ -134,6 +141,9 @@ class RoiStats:
         return {"scans": self.scans, "regions": self.regions, "reruns_whole_volume": self.reruns,
                 "not_located": self.not_located,
                 "median_voxel_share": round(float(np.median(share)), 4) if share else None,
+                "tiles_run": int(sum(t[0] for t in self.tiles)),
+                "tiles_whole_volume": int(sum(t[1] for t in self.tiles)),
+                "min_context_mm": round(float(min(self.context_mm)), 1) if self.context_mm else None,
                 "locate_seconds": round(self.locate_seconds, 2)}
 
 
@@ -142,20 +152,19 @@ class RoiSegmenter:
     (an nnU-Net runner) there; the same interface as a runner (``prepare`` in DataLoader workers, then
     ``predict``/``predict_qc``), so :func:`cbp_platform.segmentation.pipeline.segment_scans` takes either."""
 
-    def __init__(self, runner, locator, *, min_margin_mm: float = 0.0):
+    def __init__(self, runner, locator, *, margin_mm: float = 20.0):
         self.runner = runner
         self.locator = locator
         self.manifest = runner.manifest
         self.device = runner.device
-        self.min_margin_mm = min_margin_mm
+        self.margin_mm = margin_mm
         self.stats = RoiStats()
 
     def prepare(self, water: np.ndarray, fat: np.ndarray, affine: np.ndarray) -> dict:
         """The locator's run and the public model's preprocessing (CPU work in the DataLoader worker)."""
         t = time.perf_counter()
         located = self.locator.segment(water, fat, affine)
-        margin = margin_voxels(affine, self.manifest.orientation, self.runner.patch_mm, self.min_margin_mm)
-        region = region_for(located, margin)
+        region = region_for(located, margin_voxels(affine, self.margin_mm))
         prepared = self.runner.prepare(water, fat, affine)
         prepared.update(region=region, scan_affine=np.asarray(affine), locate_seconds=time.perf_counter() - t)
         return prepared
@@ -180,6 +189,9 @@ class RoiSegmenter:
             return run(prepared)
         self.stats.regions += 1
         self.stats.voxel_shares.append(region.voxel_share)
+        self.stats.tiles.append(tuple(getattr(self.runner, "last_tiles", (0, 0))))
+        if getattr(self.runner, "last_context_mm", None) is not None:
+            self.stats.context_mm.append(self.runner.last_context_mm)
         return out
 
     def segment(self, water: np.ndarray, fat: np.ndarray, affine: np.ndarray) -> np.ndarray:

@@ -44,14 +44,9 @@ def test_a_box_maps_onto_the_same_voxels_in_model_orientation(codes):
     assert sorted(model[mbox].ravel()) == sorted(vol[box].ravel())
 
 
-def test_the_margin_is_half_the_patch_along_each_scan_axis_in_its_voxels():
-    aff = _affine("LAS", (4.0, 4.0, 6.0))
-    # a patch of (100, 60, 240) mm along the model's (L, P, S) axes
-    assert margin_voxels(aff, "LPS", (100.0, 60.0, 240.0)) == (13, 8, 20)
-    # the scan's axes permuted (S, L, A): the margins follow the axes
-    aff2 = _affine("SLA", (6.0, 4.0, 4.0))
-    assert margin_voxels(aff2, "LPS", (100.0, 60.0, 240.0)) == (20, 13, 8)
-    assert margin_voxels(aff, "LPS", (8.0, 8.0, 12.0), min_margin_mm=30.0) == (8, 8, 5)
+def test_the_margin_is_counted_in_each_scan_axis_own_voxels():
+    assert margin_voxels(_affine("LAS", (4.0, 4.0, 6.0)), 20.0) == (5, 5, 4)
+    assert margin_voxels(_affine("SLA", (6.0, 1.40625, 1.40625)), 20.0) == (4, 15, 15)
 
 
 def test_the_region_grows_by_the_margin_and_stops_at_the_scan():
@@ -182,6 +177,7 @@ def test_the_region_run_agrees_with_the_whole_volume_run_on_whole_body_scans(pha
     seg = RoiSegmenter(r, r)
     prepared = seg.prepare(ph.water, ph.fat, ph.affine)
     region = prepared["region"]
+    assert region.box[2].start == max(region.located[2].start - 4, 0)          # 20 mm at 6 mm slices
     assert region is not None and region.box[2].start <= k0 + 2 and region.box[2].stop >= k1 - 2
     whole, u_whole = r.predict_qc(prepared)
     roi, u_roi = seg.predict_qc(prepared)
@@ -223,3 +219,23 @@ def test_a_muscle_cut_by_the_region_is_segmented_again_on_the_whole_volume(phant
     out = seg.predict(prepared)
     assert seg.stats.reruns == 1 and seg.stats.regions == 0 and seg.stats.to_dict()["reruns_whole_volume"] == 1
     assert np.array_equal(out, whole)
+
+
+def test_a_whole_volume_too_large_for_the_logit_budget_runs_in_slabs_with_the_same_labels(phantom_runner):
+    """Bounded memory: with a logit budget smaller than the whole volume's, the whole-volume run goes slab by slab
+    along the body axis (each slab a region of the whole-volume grid), and the label map is the unbounded run's."""
+    r = phantom_runner
+    ph = _whole_body(7)
+    prepared = r.prepare(ph.water, ph.fat, ph.affine)
+    assert r.slabs(prepared, ph.affine) == [None]
+    whole, u_whole = r.predict_qc(prepared)
+    budget = r.max_logits_mb
+    try:
+        r.max_logits_mb = 0.5
+        slabs = r.slabs(prepared, ph.affine)
+        assert len(slabs) >= 3 and all(s.box[2].stop - s.box[2].start < ph.water.shape[2] for s in slabs)
+        bounded, u_bounded = r.predict_qc(prepared)
+    finally:
+        r.max_logits_mb = budget
+    assert np.array_equal(bounded, whole)
+    assert u_bounded == pytest.approx(u_whole, abs=1e-3)

@@ -254,8 +254,10 @@ class NnunetRunner:
     """One loaded nnU-Net model (every fold of the manifest) that segments scans one after another."""
 
     def __init__(self, manifest: ModelManifest, device: str = "auto", tile_step_size: float | None = None,
-                 mirroring: bool | None = None):
-        """``tile_step_size`` and ``mirroring``: default the tool's own (the manifest's ``preprocessing``)."""
+                 mirroring: bool | None = None, max_logits_mb: float = 1024.0):
+        """``tile_step_size`` and ``mirroring``: default the tool's own (the manifest's ``preprocessing``).
+        ``max_logits_mb``: the largest logit accumulator of one run; a whole volume whose logits would be larger is
+        run slab by slab (:meth:`slabs`), with the same label map."""
         from cbp_platform.segmentation.backends.tool_preprocessing import ToolPreprocessing, plan_for
         from cbp_platform.segmentation.infer import pick_device
 
@@ -312,7 +314,8 @@ class NnunetRunner:
         if self.predictor.label_manager.has_regions:
             raise ManifestError(f"{folder / 'dataset.json'}: a region-based nnU-Net model (its labels are regions); "
                                 "the platform's export takes one class per voxel")
-        self.last_tiles = (0, 0)
+        self.last_tiles, self.last_context_mm = (0, 0), None
+        self.max_logits_mb = float(max_logits_mb)
         from nnunetv2.preprocessing.cropping.cropping import crop_to_nonzero
         from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
 
@@ -355,18 +358,68 @@ class NnunetRunner:
                 "shape_t": tuple(int(n) for n in shape_t), "shape_crop": shape_crop, "spacing": [sk, sj, si],
                 "back": back, "fwd": fwd, "scan_shape": tuple(int(n) for n in np.shape(water)),
                 "model_shape_in": tuple(shape_ijk), "model_spacing_in": tuple(spacing), "model_shape": model_shape,
-                "steps": record}
+                "steps": record, "affine": np.asarray(affine)}
 
     def predict(self, prepared: dict, region=None) -> np.ndarray:
         """The platform's label map on the scan's grid; with ``region`` (:class:`cbp_platform.segmentation.roi.
         Region`), only the whole-volume run's own tiles that reach the region are run, and only the region is
         labelled (background elsewhere): inside it, the label map is the whole-volume run's (:meth:`_run`)."""
-        return self._run(prepared, with_uncertainty=False, region=region)[0]
+        return self._bounded(prepared, with_uncertainty=False, region=region)[0]
 
     def predict_qc(self, prepared: dict, region=None) -> tuple[np.ndarray, float]:
         """:meth:`predict`'s label map and nnU-Net's uncertainty over it: the mean normalised entropy of its
         probabilities (averaged over its mirrored passes and folds) over the voxels mapped to a platform muscle."""
-        return self._run(prepared, with_uncertainty=True, region=region)
+        return self._bounded(prepared, with_uncertainty=True, region=region)
+
+    def slabs(self, prepared: dict, affine: np.ndarray | None = None) -> list:
+        """The whole volume as slabs along its body axis, few enough, each small enough that its logit accumulator
+        (classes x the extent of its tiles, half precision) stays within ``max_logits_mb``; one slab when the whole
+        volume's does. Each slab is a region (:meth:`_run`), so together they give the whole-volume label map."""
+        from cbp_platform.segmentation.roi import Region, body_axis
+
+        shape = prepared["scan_shape"]
+        n_model = prepared["data"].shape[1:]
+        mb = self.predictor.label_manager.num_segmentation_heads * float(np.prod(n_model)) * 2 / 2**20
+        if mb <= self.max_logits_mb:
+            return [None]
+        ax = int(np.argmax(shape)) if affine is None else body_axis(affine)
+        n = shape[ax]
+        # a slab's tiles reach up to about a patch beyond it: budget the slab plus one patch
+        si = [c in "SI" for c in self.manifest.orientation.upper()].index(True)
+        zoom = float(np.sqrt((np.asarray(affine if affine is not None else np.eye(4))[:3, ax] ** 2).sum()))
+        patch_frac = min(1.0, self.patch_mm[si] / (n * zoom))
+        # more slabs than patches along the axis would only run the same tiles again: at most that many
+        k_max = max(2, int(1.0 / patch_frac))
+        k = 2
+        while k < k_max and mb * (1.0 / k + patch_frac) > self.max_logits_mb:
+            k += 1
+        edges = np.linspace(0, n, k + 1).round().astype(int)
+        out = []
+        for a, b in zip(edges[:-1], edges[1:]):
+            box = [slice(0, m) for m in shape]
+            box[ax] = slice(int(a), int(b))
+            out.append(Region(box=tuple(box), located=tuple(box), shape=tuple(shape)))
+        return out
+
+    def _bounded(self, prepared: dict, with_uncertainty: bool, region=None):
+        """:meth:`_run` on the region, or on the whole volume slab by slab when its logits would exceed
+        ``max_logits_mb`` (:meth:`slabs`): the same label map, in bounded memory; the uncertainty is the mean over
+        the muscle voxels of all slabs."""
+        if region is not None:
+            return self._run(prepared, with_uncertainty, region)
+        parts = self.slabs(prepared, prepared.get("affine"))
+        if parts == [None]:
+            return self._run(prepared, with_uncertainty, None)
+        labels, weighted, n_muscle, run, total = None, 0.0, 0, 0, 0
+        for slab in parts:
+            lab, unc = self._run(prepared, with_uncertainty, slab)
+            labels = lab if labels is None else np.maximum(labels, lab)       # disjoint slabs, background elsewhere
+            run, total = run + self.last_tiles[0], self.last_tiles[1]
+            if with_uncertainty:
+                m = int(np.count_nonzero(lab[slab.box]))
+                weighted, n_muscle = weighted + unc * m, n_muscle + m
+        self.last_tiles = (run, total)
+        return labels, ((weighted / n_muscle if n_muscle else 1.0) if with_uncertainty else None)
 
     @property
     def patch_mm(self) -> tuple[float, float, float]:
@@ -471,6 +524,7 @@ class NnunetRunner:
                 logits = self._tiles_logits(data, plan)
             channel = lambda c, lg=logits: _resample_box(lg[c], plan, data.shape[1:], prepared["shape_crop"])  # noqa
             self.last_tiles = (len(plan["tiles"]), plan["n_all"])
+            self.last_context_mm = _context_mm(plan, data.shape[1:], self.cm.spacing)
         seg, entropy = export_argmax(channel, int(logits.shape[0]), with_entropy=with_uncertainty)
         del logits
         seg = seg.transpose(list(self.plans.transpose_backward))      # the box, in nnU-Net's (k, j, i) order
@@ -532,6 +586,19 @@ def export_argmax(channel, n: int, with_entropy: bool = False) -> tuple[np.ndarr
         entropy = ((m + np.log(s)) - t / s) / np.float32(np.log(n))        # H = logsumexp(z) - E_p[z]
         np.clip(entropy, 0.0, 1.0, out=entropy)
     return arg, entropy
+
+
+def _context_mm(plan: dict, n_model, spacing) -> float:
+    """The smallest reach (mm, model grid) of the region's tiles beyond the region's model-grid box, over the faces
+    that are not the scan's own border."""
+    reach = []
+    for d in range(3):
+        need, u = plan["need"][d], plan["union"][d]
+        if need.start > 0:
+            reach.append((need.start - u.start) * float(spacing[d]))
+        if need.stop < n_model[d]:
+            reach.append((u.stop - need.stop) * float(spacing[d]))
+    return min(reach) if reach else float("inf")
 
 
 def _resample_box(logits: torch.Tensor, plan: dict, n_model, n_out) -> np.ndarray:
