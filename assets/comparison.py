@@ -116,6 +116,7 @@ def comparison_metrics(context: dg.AssetExecutionContext, config: ComparisonConf
         "dagster/row_count": len(prov), "failed": len(failures), "seconds": round(seconds, 2),
         "device": str(runner.device), "table_checksum": checksum, "output_dir": str(out_dir),
         "inference": "region of interest" if hasattr(runner, "stats") else "whole volume",
+        "preprocessing": (manifest.options.get("preprocessing") or {}).get("name", "-"),
         **({"roi": dg.MetadataValue.json(runner.stats.to_dict()), "roi_reruns_whole_volume": runner.stats.reruns}
            if hasattr(runner, "stats") else {})},
         data_version=dg.DataVersion(checksum))
@@ -193,7 +194,11 @@ def model_comparison(context: dg.AssetExecutionContext, config: ComparisonConfig
     seconds = time.perf_counter() - t0
     context.log.info(f"model comparison {primary.name} vs {other.name}: {pairs.height} participants in "
                      f"{len(batches)} batches, {seconds:.1f} s")
+    steps = {m.name: {"preprocessing": (m.options.get("preprocessing") or {}).get("name", "-"),
+                      "inference": "region of interest" if m.options.get("roi") else "whole volume"}
+             for m in (primary, other)}
     md = {"primary": primary.name, "compared": other.name, "participants": pairs.height, "batches": len(batches),
+          "how_each_ran": dg.MetadataValue.json(steps),
           "dice": dg.MetadataValue.json({k: round(v["mean"], 4) for k, v in dice.items()}),
           "odds_ratios": dg.MetadataValue.md(markdown_table(forest.select(
               "analysis", "term", "model", *[pl.col(c).round(3).cast(pl.String) for c in ("or", "or_low", "or_high")]))

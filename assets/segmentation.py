@@ -233,6 +233,7 @@ def muscle_segmentations(context: dg.AssetExecutionContext, data_root: DataRootR
         "seconds": round(seconds, 2), "scans_per_second": round(len(results) / max(seconds, 1e-9), 2),
         "table_checksum": checksum, "output_dir": str(out_dir),
         "inference": "region of interest" if roi is not None else "whole volume",
+        "preprocessing": (manifest.options.get("preprocessing") or {}).get("name", "-"),
         **({"roi": dg.MetadataValue.json(roi.to_dict()), "roi_reruns_whole_volume": roi.reruns}
            if roi is not None else {})},
         data_version=dg.DataVersion(checksum))

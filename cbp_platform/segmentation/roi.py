@@ -130,6 +130,7 @@ class RoiStats:
     scans: int = 0
     regions: int = 0              # scans run on their region only
     reruns: int = 0               # scans run again on the whole volume: a muscle touched the region's border
+    cut: int = 0                  # scans where a muscle touched it (re-run unless the segmenter's rerun is off)
     not_located: int = 0          # scans where the locator found no muscle: run on the whole volume
     voxel_shares: list = field(default_factory=list)
     tiles: list = field(default_factory=list)          # (tiles run, tiles of the whole-volume grid) per region
@@ -138,7 +139,7 @@ class RoiStats:
 
     def to_dict(self) -> dict:
         share = self.voxel_shares
-        return {"scans": self.scans, "regions": self.regions, "reruns_whole_volume": self.reruns,
+        return {"scans": self.scans, "regions": self.regions, "reruns_whole_volume": self.reruns, "cut": self.cut,
                 "not_located": self.not_located,
                 "median_voxel_share": round(float(np.median(share)), 4) if share else None,
                 "tiles_run": int(sum(t[0] for t in self.tiles)),
@@ -152,7 +153,10 @@ class RoiSegmenter:
     (an nnU-Net runner) there; the same interface as a runner (``prepare`` in DataLoader workers, then
     ``predict``/``predict_qc``), so :func:`cbp_platform.segmentation.pipeline.segment_scans` takes either."""
 
-    def __init__(self, runner, locator, *, margin_mm: float = 20.0):
+    def __init__(self, runner, locator, *, margin_mm: float = 20.0, rerun: bool = True):
+        """``rerun``: segment a scan whose region cut a muscle again on the whole volume (off only to measure the
+        region's own cost, as the benchmark does with random weights, whose label noise touches every face)."""
+        self.rerun = rerun
         self.runner = runner
         self.locator = locator
         self.manifest = runner.manifest
@@ -184,14 +188,18 @@ class RoiSegmenter:
             self.stats.not_located += 1
             return run(prepared)
         out = run(prepared, region=region)
+        tiles = tuple(getattr(self.runner, "last_tiles", (0, 0)))
+        context = getattr(self.runner, "last_context_mm", None)
         if cut_muscles(out[0], region, prepared["scan_affine"]):
-            self.stats.reruns += 1
-            return run(prepared)
+            self.stats.cut += 1
+            if self.rerun:
+                self.stats.reruns += 1
+                return run(prepared)
         self.stats.regions += 1
         self.stats.voxel_shares.append(region.voxel_share)
-        self.stats.tiles.append(tuple(getattr(self.runner, "last_tiles", (0, 0))))
-        if getattr(self.runner, "last_context_mm", None) is not None:
-            self.stats.context_mm.append(self.runner.last_context_mm)
+        self.stats.tiles.append(tiles)
+        if context is not None:
+            self.stats.context_mm.append(context)
         return out
 
     def segment(self, water: np.ndarray, fat: np.ndarray, affine: np.ndarray) -> np.ndarray:

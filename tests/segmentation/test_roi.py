@@ -239,3 +239,24 @@ def test_a_whole_volume_too_large_for_the_logit_budget_runs_in_slabs_with_the_sa
         r.max_logits_mb = budget
     assert np.array_equal(bounded, whole)
     assert u_bounded == pytest.approx(u_whole, abs=1e-3)
+
+
+def test_the_batch_path_runs_the_region_in_its_dataloader_worker_and_counts_it(phantom_runner, tmp_path):
+    """``segment_scans`` (the batch path of ``muscle_segmentations``): locating and preprocessing in the DataLoader
+    worker, the region's run in the main process; the label maps written equal a direct region run's."""
+    import nibabel as nib
+
+    from cbp_platform.segmentation.pipeline import segment_scans
+    from cbp_platform.segmentation.roi import RoiSegmenter
+
+    ph = _whole_body(8)
+    item = {"pseudonym": "wb1"}
+    for c in ("water", "fat"):
+        nib.save(nib.Nifti1Image(getattr(ph, c), ph.affine), tmp_path / f"wb1_{c}.nii.gz")
+        item[c] = str(tmp_path / f"wb1_{c}.nii.gz")
+    seg = RoiSegmenter(phantom_runner, phantom_runner)
+    results, failures = segment_scans([item], seg, tmp_path, num_workers=1)
+    assert failures == [] and seg.stats.scans == 1 and seg.stats.regions + seg.stats.reruns == 1
+    written = np.asarray(nib.load(results[0]["label_path"]).dataobj)
+    direct = RoiSegmenter(phantom_runner, phantom_runner).segment(ph.water, ph.fat, ph.affine)
+    assert np.array_equal(written, direct)

@@ -456,7 +456,7 @@ class NnunetRunner:
         from nnunetv2.preprocessing.resampling.default_resampling import determine_do_sep_z_and_axis
 
         kw = dict(self.cm.configuration.get("resampling_fn_probabilities_kwargs") or {})
-        data = prepared["data"]
+        data = np.asarray(prepared["data"])          # a tensor after the DataLoader's default_convert
         n_model = data.shape[1:]
         if kw.get("order", 1) > 1 or any(n < p for n, p in zip(n_model, self.cm.patch_size)):
             return None
@@ -507,7 +507,7 @@ class NnunetRunner:
         equal to ``predict_single_npy_array``. With ``region``: only the tiles of the whole-volume run that reach the
         region, and the export of the region only, with the whole volume's interpolation (:func:`_resample_box`):
         inside the region, the whole-volume run's label map."""
-        data = prepared["data"]
+        data = np.asarray(prepared["data"])          # a tensor after the DataLoader's default_convert
         tf = list(self.plans.transpose_forward)
         spacing_t = [prepared["spacing"][t] for t in tf]
         plan = self._region_plan(prepared, region) if region is not None else None
