@@ -8,15 +8,18 @@ each measurement in a fresh process, so its peak RSS is its own. The scan: one s
 
 * **Region of interest** (the platform's default for a preset): the platform's own model (trained once here with
   the default configuration and cached, as ``segmentation_model`` trains it) locates T10-S1, and the public model
-  runs on the region, end to end: locating, the tool's own preprocessing of the whole scan, the whole-volume
-  grid's tiles that reach the region, the region's export, the label map placed back on the full grid. With random
-  weights the label map is noise that touches every face of the region, so the re-run on the whole volume that a
-  real cut would cause is counted (``cut``) but not run: the benchmark measures the region's own cost.
-* **Whole volume** (``roi: false``): every step runs on the whole scan (the tool's preprocessing, nnU-Net's
-  logit accumulator, slab by slab where it would exceed 1 GiB, the export), but each sliding window runs only
-  ``CBP_BENCH_PUBLIC_TILES`` (default 3) of its tiles, spread evenly; its time is the measured time plus the tiles
-  not run at the measured seconds per tile (the same network on the same patch size). ``CBP_BENCH_PUBLIC_FULL=1``
-  runs every tile (15-40 minutes per preset on 2 cores).
+  runs on the region: locating, the tool's own preprocessing of the whole scan, the whole-volume grid's tiles that
+  reach the region, the region's export, the label map placed back on the full grid. With random weights the label
+  map is noise that touches every face of the region, so the re-run on the whole volume that a real cut would cause
+  is counted (``cut``) but not run: the benchmark measures the region's own cost.
+* **Whole volume** (``roi: false``): every step on the whole scan (the tool's preprocessing, nnU-Net's logit
+  accumulator, slab by slab where it would exceed 1 GiB, the export).
+
+Both ways every step runs for real, except that each sliding window runs only ``CBP_BENCH_PUBLIC_TILES`` (default 3)
+of its tiles, spread evenly: a path's time is its measured time plus the tiles not run at its measured seconds per
+tile (the same network on the same patch size; on 2 cores one full-size tile takes 8-20 s, a whole-body scan 64-160
+tiles). ``CBP_BENCH_PUBLIC_FULL=1`` runs every tile (about an hour per preset on 2 cores). Peak RSS is measured with
+the full-size accumulators either way.
 
 Printed per preset: seconds per scan each way and their ratio (target: region at least 4x faster), the tiles each
 way, peak RSS each way and its ratio to 4 GiB, scans per hour of a 2-core worker (one fold; the preset's folds
@@ -142,16 +145,18 @@ def run() -> dict:
     for preset in only:
         folder = public_folder(preset)
         with tempfile.TemporaryDirectory() as reg:
-            roi = _run([str(folder), preset, reg, str(models), "roi", "0"])
+            roi = _run([str(folder), preset, reg, str(models), "roi", tiles])
             whole = _run([str(folder), preset, reg, str(models), "whole", tiles])
         ratio = whole["seconds"] / roi["seconds"]
         r = roi["roi"]
         print(f"  {preset} ({roi['classes']} classes, preprocessing {roi['preprocessing']}, patch "
               f"{'x'.join(f'{v:.0f}' for v in roi['patch_mm'])} mm, {roi['threads']} threads), scan "
               f"{'x'.join(map(str, roi['shape']))}:")
-        print(f"    region of interest: {roi['seconds']:.0f} s per scan ({roi['tiles']} tiles at "
+        how = "all run" if full else f"{roi['tiles_run']} run, the rest at the measured s/tile"
+        print(f"    region of interest: {roi['seconds']:.0f} s per scan ({roi['tiles']} tiles, {how}, at "
               f"{roi['seconds_per_tile']:.1f} s; region {100 * (r['median_voxel_share'] or 1):.0f} % of the voxels, "
-              f"locating {r['locate_seconds']:.1f} s, {r['tiles_run']} of {r['tiles_whole_volume']} tiles, context >= "
+              f"locating {r['locate_seconds']:.1f} s, {r['tiles_run']} of the grid's {r['tiles_whole_volume']} tiles, "
+              f"context >= "
               f"{r['min_context_mm']} mm), peak RSS "
               f"{roi['peak_rss_mb']:.0f} MB -> ratio to 4 GiB {roi['peak_rss_mb'] / TARGET_MB:.2f}")
         how = "all run" if full else f"{whole['tiles_run']} run, the rest at the measured s/tile"
@@ -159,7 +164,7 @@ def run() -> dict:
               f"{whole['peak_rss_mb']:.0f} MB -> ratio to 4 GiB {whole['peak_rss_mb'] / TARGET_MB:.2f}")
         print(f"    region vs whole: {ratio:.1f}x faster (target >= {TARGET_RATIO:.0f}x); a 2-core worker: "
               f"{3600 / roi['seconds']:.1f} scans/h with the region, {3600 / whole['seconds']:.1f} whole")
-        out[preset] = {"roi": roi, "whole": whole, "ratio": ratio, "whole_tiles_extrapolated": not full}
+        out[preset] = {"roi": roi, "whole": whole, "ratio": ratio, "tiles_extrapolated": not full}
     gpu = gpu_figures()
     if gpu is None:
         print("  GPU: no results of benchmarks/cuda_nnunet.py --public in bench-results/ (no GPU lent to this "

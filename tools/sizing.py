@@ -151,8 +151,8 @@ def main(argv=None) -> int:
         print("public models: no `make bench BENCH=public` results yet")
     else:
         print(f"public models on whole-body scans, {n:,} scans ({pub['_file']}; fold 0 measured on a 2-core worker, "
-              "times the preset's folds; the whole-volume time of a bench run without CBP_BENCH_PUBLIC_FULL=1 is "
-              "extrapolated from the tiles it ran):")
+              "times the preset's folds; the times of a bench run without CBP_BENCH_PUBLIC_FULL=1 are "
+              "extrapolated from the tiles it ran at the measured seconds per tile):")
         print("| preset | folds | CPU-days, whole volume | CPU-days, region of interest | GPU-days, whole volume | "
               "GPU-days, region of interest |")
         print("|---|---|---|---|---|---|")

@@ -169,8 +169,10 @@ class RoiSegmenter:
         t = time.perf_counter()
         located = self.locator.segment(water, fat, affine)
         region = region_for(located, margin_voxels(affine, self.margin_mm))
+        seconds = time.perf_counter() - t
+        del located
         prepared = self.runner.prepare(water, fat, affine)
-        prepared.update(region=region, scan_affine=np.asarray(affine), locate_seconds=time.perf_counter() - t)
+        prepared.update(region=region, scan_affine=np.asarray(affine), locate_seconds=seconds)
         return prepared
 
     def predict(self, prepared: dict) -> np.ndarray:
