@@ -53,6 +53,14 @@ class Region:
                 "shape": list(self.shape), "voxel_share": round(self.voxel_share, 4)}
 
 
+def _largest(mask: np.ndarray) -> np.ndarray:
+    """The largest connected component of ``mask``."""
+    comp, n = ndimage.label(mask)
+    if n <= 1:
+        return mask
+    return comp == 1 + int(np.argmax(np.bincount(comp.ravel())[1:]))
+
+
 def located_box(labels: np.ndarray) -> tuple[slice, slice, slice] | None:
     """The bounding box of the largest connected component of each muscle class (stray islands ignored), or None
     when the map holds no muscle."""
@@ -62,10 +70,7 @@ def located_box(labels: np.ndarray) -> tuple[slice, slice, slice] | None:
         mask = labels == c
         if not mask.any():
             continue
-        comp, n = ndimage.label(mask)
-        if n > 1:
-            sizes = np.bincount(comp.ravel())[1:]
-            mask = comp == 1 + int(np.argmax(sizes))
+        mask = _largest(mask)
         idx = [np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != ax))) for ax in range(3)]
         lo = np.minimum(lo, [i[0] for i in idx])
         hi = np.maximum(hi, [i[-1] + 1 for i in idx])
@@ -76,8 +81,7 @@ def located_box(labels: np.ndarray) -> tuple[slice, slice, slice] | None:
 
 def margin_voxels(affine: np.ndarray, margin_mm: float) -> tuple[int, int, int]:
     """``margin_mm`` in voxels along each of the scan's axes (rounded up)."""
-    zooms = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0))
-    return tuple(int(math.ceil(margin_mm / float(z) - 1e-9)) for z in zooms)
+    return tuple(int(math.ceil(margin_mm / float(z) - 1e-9)) for z in nib.affines.voxel_sizes(np.asarray(affine)))
 
 
 def region_for(labels: np.ndarray, margin: tuple[int, int, int]) -> Region | None:
@@ -93,13 +97,6 @@ def region_for(labels: np.ndarray, margin: tuple[int, int, int]) -> Region | Non
 def body_axis(affine: np.ndarray) -> int:
     """The scan's voxel axis closest to the superior-inferior direction."""
     return int(nib.orientations.io_orientation(affine)[:, 0].tolist().index(2))
-
-
-def _largest(mask: np.ndarray) -> np.ndarray:
-    comp, n = ndimage.label(mask)
-    if n <= 1:
-        return mask
-    return comp == 1 + int(np.argmax(np.bincount(comp.ravel())[1:]))
 
 
 def cut_muscles(labels: np.ndarray, region: Region, affine: np.ndarray) -> list[str]:

@@ -372,9 +372,12 @@ class NnunetRunner:
         return self._bounded(prepared, with_uncertainty=True, region=region)
 
     def slabs(self, prepared: dict, affine: np.ndarray | None = None) -> list:
-        """The whole volume as slabs along its body axis, few enough, each small enough that its logit accumulator
-        (classes x the extent of its tiles, half precision) stays within ``max_logits_mb``; one slab when the whole
-        volume's does. Each slab is a region (:meth:`_run`), so together they give the whole-volume label map."""
+        """The whole volume as slabs along its body axis: one when its logit accumulator (classes x voxels, half
+        precision) fits ``max_logits_mb``, else as many as that budget asks for, but at most one per patch length
+        (more would only run the same tiles again), so a slab of a very large volume can still exceed it. Each slab
+        is a region (:meth:`_run`), so together they give the whole-volume label map."""
+        import nibabel as nib
+
         from cbp_platform.segmentation.roi import Region, body_axis
 
         shape = prepared["scan_shape"]
@@ -386,7 +389,7 @@ class NnunetRunner:
         n = shape[ax]
         # a slab's tiles reach up to about a patch beyond it: budget the slab plus one patch
         si = [c in "SI" for c in self.manifest.orientation.upper()].index(True)
-        zoom = float(np.sqrt((np.asarray(affine if affine is not None else np.eye(4))[:3, ax] ** 2).sum()))
+        zoom = float(nib.affines.voxel_sizes(np.asarray(affine if affine is not None else np.eye(4)))[ax])
         patch_frac = min(1.0, self.patch_mm[si] / (n * zoom))
         # more slabs than patches along the axis would only run the same tiles again: at most that many
         k_max = max(2, int(1.0 / patch_frac))
