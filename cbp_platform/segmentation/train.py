@@ -60,18 +60,25 @@ def augmentations() -> Compose:
     ])
 
 
-def simulated_set(n: int, seed: int, preset: str = "fast") -> list[dict]:
-    """``n`` labelled scans (no fat-water swaps) from the cohort model with its own seed."""
-    p = PRESETS[preset]
-    rows = simulate_cohort(n, seed).to_dicts()
+def cohort_subjects(n: int, seed: int) -> list[Subject]:
+    """``n`` phantom participants (no fat-water swaps) drawn by the cohort model with its own seed."""
     out = []
-    for i, r in enumerate(rows):
+    for r in simulate_cohort(n, seed).to_dicts():
         lean, ps = r["lean_volume_target_cm3"], r["psoas_share"]
         lr_a, lr_p = r["lr_ratio_autochthonous"], r["lr_ratio_psoas"]
         auto, pso = lean * (1 - ps), lean * ps
-        s = Subject(female=r["sex"] == "F", age=float(r["age"]), height_cm=r["height_cm"], weight_kg=r["weight_kg"],
-                    imat_pct=r["imat_true"], mfi=r["mfi_true"],
-                    lean_ml=(auto * lr_a / (1 + lr_a), auto / (1 + lr_a), pso * lr_p / (1 + lr_p), pso / (1 + lr_p)))
+        out.append(Subject(female=r["sex"] == "F", age=float(r["age"]), height_cm=r["height_cm"],
+                           weight_kg=r["weight_kg"], imat_pct=r["imat_true"], mfi=r["mfi_true"],
+                           lean_ml=(auto * lr_a / (1 + lr_a), auto / (1 + lr_a), pso * lr_p / (1 + lr_p),
+                                    pso / (1 + lr_p))))
+    return out
+
+
+def simulated_set(n: int, seed: int, preset: str = "fast") -> list[dict]:
+    """``n`` labelled scans (no fat-water swaps) from the cohort model with its own seed."""
+    p = PRESETS[preset]
+    out = []
+    for i, s in enumerate(cohort_subjects(n, seed)):
         ph = render_phantom(s, p, np.random.default_rng(np.random.SeedSequence([seed, 7, i])))
         out.append({"image": normalise(ph.water, ph.fat), "label": ph.labels[None].astype(np.int64),
                     "water": ph.water, "fat": ph.fat, "labels": ph.labels, "affine": ph.affine, "truth": ph.truth})

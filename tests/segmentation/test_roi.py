@@ -94,27 +94,15 @@ def _lumbar(seed: int):
 def test_the_runner_gives_nnunets_own_label_map_and_uncertainty(phantom_runner):
     """The platform's steps (nnU-Net's preprocessing split at the region, its export one class at a time) give
     the label map of nnU-Net's own ``predict_single_npy_array`` voxel for voxel, and its entropy to 1e-4."""
-    import contextlib
-    import io
-
     from cbp_platform.qc.features import entropy_in_muscle
-    from cbp_platform.segmentation.backends.nnunet import contrast_stack
-    from cbp_platform.segmentation.data import from_model_orientation, spacing_in_model_orientation
 
     r = phantom_runner
     ph = _lumbar(11)
     ours, unc = r.predict_qc(r.prepare(ph.water, ph.fat, ph.affine))
-    img, back = to_model_orientation(contrast_stack(r.manifest.inputs, ph.water, ph.fat), ph.affine,
-                                     r.manifest.orientation)
-    si, sj, sk = spacing_in_model_orientation(ph.affine, r.manifest.orientation)
-    with contextlib.redirect_stdout(io.StringIO()):
-        seg, probs = r.predictor.predict_single_npy_array(np.ascontiguousarray(img.transpose(0, 3, 2, 1)),
-                                                          {"spacing": [sk, sj, si]}, None, None, True)
-    lab = r.lut[np.asarray(seg)]
-    theirs = from_model_orientation(lab.transpose(2, 1, 0), back)
+    theirs, lab, probs = _nnunets_own(r, ph)
     assert ours.shape == ph.water.shape and set(np.unique(ours)) >= {0, 1, 2}
     assert np.array_equal(ours, theirs)
-    assert unc == pytest.approx(entropy_in_muscle(np.asarray(probs), lab > 0), abs=1e-4)
+    assert unc == pytest.approx(entropy_in_muscle(probs, lab > 0), abs=1e-4)
 
 
 def test_a_region_covering_the_scan_is_the_whole_volume_run(phantom_runner):
@@ -221,24 +209,65 @@ def test_a_muscle_cut_by_the_region_is_segmented_again_on_the_whole_volume(phant
     assert np.array_equal(out, whole)
 
 
-def test_a_whole_volume_too_large_for_the_logit_budget_runs_in_slabs_with_the_same_labels(phantom_runner):
-    """Bounded memory: with a logit budget smaller than the whole volume's, the whole-volume run goes slab by slab
-    along the body axis (each slab a region of the whole-volume grid), and the label map is the unbounded run's."""
+def _nnunets_own(r, ph):
+    """nnU-Net's own ``predict_single_npy_array`` of a phantom, as the platform's labels and entropy."""
+    import contextlib
+    import io
+
+    from cbp_platform.segmentation.backends.nnunet import contrast_stack
+    from cbp_platform.segmentation.data import from_model_orientation, spacing_in_model_orientation
+
+    img, back = to_model_orientation(contrast_stack(r.manifest.inputs, ph.water, ph.fat), ph.affine,
+                                     r.manifest.orientation)
+    si, sj, sk = spacing_in_model_orientation(ph.affine, r.manifest.orientation)
+    with contextlib.redirect_stdout(io.StringIO()):
+        seg, probs = r.predictor.predict_single_npy_array(np.ascontiguousarray(img.transpose(0, 3, 2, 1)),
+                                                          {"spacing": [sk, sj, si]}, None, None, True)
+    lab = r.lut[np.asarray(seg)]
+    return from_model_orientation(lab.transpose(2, 1, 0), back), lab, np.asarray(probs)
+
+
+def test_a_whole_body_scan_streams_in_a_patch_of_planes_and_gives_nnunets_own_label_map(phantom_runner):
+    """Bounded memory: the logits of a whole-body scan are accumulated over about one patch of planes at a time
+    (nnU-Net holds them all, per fold), and the label map and uncertainty are still nnU-Net's own."""
+    from cbp_platform.qc.features import entropy_in_muscle
+
     r = phantom_runner
     ph = _whole_body(7)
-    prepared = r.prepare(ph.water, ph.fat, ph.affine)
-    assert r.slabs(prepared, ph.affine) == [None]
-    whole, u_whole = r.predict_qc(prepared)
-    budget = r.max_logits_mb
-    try:
-        r.max_logits_mb = 0.5
-        slabs = r.slabs(prepared, ph.affine)
-        assert len(slabs) >= 3 and all(s.box[2].stop - s.box[2].start < ph.water.shape[2] for s in slabs)
-        bounded, u_bounded = r.predict_qc(prepared)
-    finally:
-        r.max_logits_mb = budget
-    assert np.array_equal(bounded, whole)
-    assert u_bounded == pytest.approx(u_whole, abs=1e-3)
+    ours, unc = r.predict_qc(r.prepare(ph.water, ph.fat, ph.affine))
+    held, planes, _mb = r.last_accumulator
+    assert held == r.cm.patch_size[0] + 2 and planes >= 2 * held       # several patches along the stream
+    theirs, lab, probs = _nnunets_own(r, ph)
+    assert np.array_equal(ours, theirs) and {1, 2, 3, 4} <= set(np.unique(ours))
+    assert unc == pytest.approx(entropy_in_muscle(probs, lab > 0), abs=1e-4)
+
+
+def test_an_ensemble_streams_with_nnunets_own_fold_average(nnunet_model, phantom_runner, tmp_path):
+    """Two folds (the test model's and a perturbed copy): the streamed run adds the folds' logits plane by plane
+    as nnU-Net adds its whole arrays, so the label map is still that of nnU-Net's own ensemble."""
+    import shutil
+
+    import torch
+
+    from cbp_platform.segmentation.backends import load_runner
+    from tests.support.nnunet import register_phantom_model
+
+    folder = tmp_path / "model"
+    shutil.copytree(nnunet_model[0], folder)
+    ck = torch.load(folder / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    g = torch.Generator().manual_seed(3)
+    ck["network_weights"] = {k: (v * (1 + 0.2 * torch.randn(v.shape, generator=g)) if v.is_floating_point() else v)
+                             for k, v in ck["network_weights"].items()}
+    (folder / "fold_1").mkdir(exist_ok=True)
+    torch.save(ck, folder / "fold_1" / "checkpoint_final.pth")
+    m, _ = register_phantom_model(tmp_path / "registry", folder, folds=["0", "1"])
+    r = load_runner(m, device="cpu")
+    assert len(r.predictor.list_of_parameters) == 2
+    ph = _whole_body(9)
+    ours = r.predict(r.prepare(ph.water, ph.fat, ph.affine))
+    theirs, _lab, _probs = _nnunets_own(r, ph)
+    assert np.array_equal(ours, theirs)
+    assert not np.array_equal(ours, phantom_runner.predict(phantom_runner.prepare(ph.water, ph.fat, ph.affine)))
 
 
 def test_the_batch_path_runs_the_region_in_its_dataloader_worker_and_counts_it(phantom_runner, tmp_path):

@@ -254,10 +254,8 @@ class NnunetRunner:
     """One loaded nnU-Net model (every fold of the manifest) that segments scans one after another."""
 
     def __init__(self, manifest: ModelManifest, device: str = "auto", tile_step_size: float | None = None,
-                 mirroring: bool | None = None, max_logits_mb: float = 1024.0):
-        """``tile_step_size`` and ``mirroring``: default the tool's own (the manifest's ``preprocessing``).
-        ``max_logits_mb``: the largest logit accumulator of one run; a whole volume whose logits would be larger is
-        run slab by slab (:meth:`slabs`), with the same label map."""
+                 mirroring: bool | None = None):
+        """``tile_step_size`` and ``mirroring``: default the tool's own (the manifest's ``preprocessing``)."""
         from cbp_platform.segmentation.backends.tool_preprocessing import ToolPreprocessing, plan_for
         from cbp_platform.segmentation.infer import pick_device
 
@@ -315,7 +313,7 @@ class NnunetRunner:
             raise ManifestError(f"{folder / 'dataset.json'}: a region-based nnU-Net model (its labels are regions); "
                                 "the platform's export takes one class per voxel")
         self.last_tiles, self.last_context_mm = (0, 0), None
-        self.max_logits_mb = float(max_logits_mb)
+        self.last_accumulator = None        # the streamed run's logit buffer: planes held, planes of the run, MB
         from nnunetv2.preprocessing.cropping.cropping import crop_to_nonzero
         from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
 
@@ -364,65 +362,12 @@ class NnunetRunner:
         """The platform's label map on the scan's grid; with ``region`` (:class:`cbp_platform.segmentation.roi.
         Region`), only the whole-volume run's own tiles that reach the region are run, and only the region is
         labelled (background elsewhere): inside it, the label map is the whole-volume run's (:meth:`_run`)."""
-        return self._bounded(prepared, with_uncertainty=False, region=region)[0]
+        return self._run(prepared, with_uncertainty=False, region=region)[0]
 
     def predict_qc(self, prepared: dict, region=None) -> tuple[np.ndarray, float]:
         """:meth:`predict`'s label map and nnU-Net's uncertainty over it: the mean normalised entropy of its
         probabilities (averaged over its mirrored passes and folds) over the voxels mapped to a platform muscle."""
-        return self._bounded(prepared, with_uncertainty=True, region=region)
-
-    def slabs(self, prepared: dict, affine: np.ndarray | None = None) -> list:
-        """The whole volume as slabs along its body axis: one when its logit accumulator (classes x voxels, half
-        precision) fits ``max_logits_mb``, else as many as that budget asks for, but at most one per patch length
-        (more would only run the same tiles again), so a slab of a very large volume can still exceed it. Each slab
-        is a region (:meth:`_run`), so together they give the whole-volume label map."""
-        import nibabel as nib
-
-        from cbp_platform.segmentation.roi import Region, body_axis
-
-        shape = prepared["scan_shape"]
-        n_model = prepared["data"].shape[1:]
-        mb = self.predictor.label_manager.num_segmentation_heads * float(np.prod(n_model)) * 2 / 2**20
-        if mb <= self.max_logits_mb:
-            return [None]
-        ax = int(np.argmax(shape)) if affine is None else body_axis(affine)
-        n = shape[ax]
-        # a slab's tiles reach up to about a patch beyond it: budget the slab plus one patch
-        si = [c in "SI" for c in self.manifest.orientation.upper()].index(True)
-        zoom = float(nib.affines.voxel_sizes(np.asarray(affine if affine is not None else np.eye(4)))[ax])
-        patch_frac = min(1.0, self.patch_mm[si] / (n * zoom))
-        # more slabs than patches along the axis would only run the same tiles again: at most that many
-        k_max = max(2, int(1.0 / patch_frac))
-        k = 2
-        while k < k_max and mb * (1.0 / k + patch_frac) > self.max_logits_mb:
-            k += 1
-        edges = np.linspace(0, n, k + 1).round().astype(int)
-        out = []
-        for a, b in zip(edges[:-1], edges[1:]):
-            box = [slice(0, m) for m in shape]
-            box[ax] = slice(int(a), int(b))
-            out.append(Region(box=tuple(box), located=tuple(box), shape=tuple(shape)))
-        return out
-
-    def _bounded(self, prepared: dict, with_uncertainty: bool, region=None):
-        """:meth:`_run` on the region, or on the whole volume slab by slab when its logits would exceed
-        ``max_logits_mb`` (:meth:`slabs`): the same label map, in bounded memory; the uncertainty is the mean over
-        the muscle voxels of all slabs."""
-        if region is not None:
-            return self._run(prepared, with_uncertainty, region)
-        parts = self.slabs(prepared, prepared.get("affine"))
-        if parts == [None]:
-            return self._run(prepared, with_uncertainty, None)
-        labels, weighted, n_muscle, run, total = None, 0.0, 0, 0, 0
-        for slab in parts:
-            lab, unc = self._run(prepared, with_uncertainty, slab)
-            labels = lab if labels is None else np.maximum(labels, lab)       # disjoint slabs, background elsewhere
-            run, total = run + self.last_tiles[0], self.last_tiles[1]
-            if with_uncertainty:
-                m = int(np.count_nonzero(lab[slab.box]))
-                weighted, n_muscle = weighted + unc * m, n_muscle + m
-        self.last_tiles = (run, total)
-        return labels, ((weighted / n_muscle if n_muscle else 1.0) if with_uncertainty else None)
+        return self._run(prepared, with_uncertainty=True, region=region)
 
     @property
     def patch_mm(self) -> tuple[float, float, float]:
@@ -451,19 +396,21 @@ class NnunetRunner:
         return tuple(out)
 
     def _region_plan(self, prepared: dict, region) -> dict | None:
-        """Which of the whole-volume run's tiles reach ``region``, and where: the region as a box of the cropped
-        input grid (``box``), the box of the model grid its export reads (``need``), the tiles (nnU-Net's own
-        slicers over the whole resampled volume) that overlap it and their union (``union``). None when the region
-        cannot be run alone: a volume smaller than the patch (nnU-Net pads it), or an export that is not a linear
-        interpolation (a spline's prefilter reaches the whole volume)."""
+        """Which of the whole-volume run's tiles reach ``region`` (None: the whole volume, every tile), and where:
+        the region as a box of the cropped input grid (``box``), the box of the model grid its export reads
+        (``need``), the tiles (nnU-Net's own slicers over the whole resampled volume) that overlap it and their
+        union (``union``). None when the volume cannot be streamed: a volume smaller than the patch (nnU-Net pads
+        it), or an export that is not a linear interpolation (a spline's prefilter reaches the whole volume)."""
         from nnunetv2.preprocessing.resampling.default_resampling import determine_do_sep_z_and_axis
 
         kw = dict(self.cm.configuration.get("resampling_fn_probabilities_kwargs") or {})
         data = np.asarray(prepared["data"])          # a tensor after the DataLoader's default_convert
         n_model = data.shape[1:]
-        if kw.get("order", 1) > 1 or any(n < p for n, p in zip(n_model, self.cm.patch_size)):
+        if (kw.get("order", 1) > 1 or len(self.cm.patch_size) != 3
+                or any(n < p for n, p in zip(n_model, self.cm.patch_size))):
             return None
-        box = self._box_in_data(prepared, region.box)
+        box = (self._box_in_data(prepared, region.box) if region is not None
+               else tuple(slice(0, n) for n in prepared["shape_crop"]))
         if any(b.stop <= b.start for b in box):
             return None
         tf = list(self.plans.transpose_forward)
@@ -474,73 +421,179 @@ class NnunetRunner:
             s = n_in / n_out
             lo, hi = (b.start + 0.5) * s - 0.5, (b.stop - 0.5) * s - 0.5
             need.append(slice(max(int(np.floor(lo)) - 1, 0), min(int(np.floor(hi)) + 3, n_in)))
-        tiles = [sl for sl in self.predictor._internal_get_sliding_window_slicers(n_model)
+        every = self.predictor._internal_get_sliding_window_slicers(n_model)
+        tiles = [sl for sl in every
                  if all(sl[d + 1].start < need[d].stop and sl[d + 1].stop > need[d].start for d in range(3))]
         union = tuple(slice(min(t[d + 1].start for t in tiles), max(t[d + 1].stop for t in tiles)) for d in range(3))
         return {"box": box, "need": need, "tiles": tiles, "union": union, "separate_axis": axis if sep else None,
-                "order": int(kw.get("order", 1)), "n_all": len(self.predictor._internal_get_sliding_window_slicers(
-                    n_model))}
+                "order": int(kw.get("order", 1)), "n_all": len(every)}
 
-    def _tiles_logits(self, data: np.ndarray, plan: dict) -> torch.Tensor:
-        """nnU-Net's sliding-window logits over ``plan['union']``, from the whole-volume run's own tiles there (the
-        same tiles, Gaussian and fold average as ``predict_logits_from_preprocessed_data`` on the whole volume, in
-        the same order): every voxel of ``plan['need']`` gets exactly the whole-volume run's value."""
-        u = plan["union"]
-        crop = torch.from_numpy(np.ascontiguousarray(data[(slice(None), *u)]))
-        tiles = [(slice(None), *[slice(t[d + 1].start - u[d].start, t[d + 1].stop - u[d].start) for d in range(3)])
-                 for t in plan["tiles"]]
+    def _reads(self, plan: dict, n_model, n_out) -> tuple[np.ndarray, np.ndarray]:
+        """For each output plane of ``plan['box']`` along the first axis: the lowest and highest model plane its
+        export reads (:func:`_resample_box`: linear, or nearest on a separate low-resolution axis; clamped)."""
+        s = n_model[0] / n_out[0]
+        c = (np.arange(plan["box"][0].start, plan["box"][0].stop) + 0.5) * s - 0.5
+        if plan["separate_axis"] == 0:
+            lo = hi = np.floor(c + 0.5)
+        else:
+            lo, hi = np.floor(c), np.floor(c) + 1
+        top = n_model[0] - 1
+        return np.clip(lo, 0, top).astype(int), np.clip(hi, 0, top).astype(int)
+
+    def _stream(self, data: np.ndarray, plan: dict, n_out, with_uncertainty: bool):
+        """nnU-Net's sliding window, Gaussian weighting, fold average and export over ``plan``'s tiles, streamed
+        along the model grid's first axis; returns the box's model labels (the argmax, :func:`export_argmax`) and
+        the sum and count of the normalised entropy over the voxels mapped to a platform muscle.
+
+        nnU-Net accumulates every tile's logits into one half-precision array of classes x the whole volume, per
+        fold, divides by the Gaussian weights' sum, checks it for inf (a boolean copy as large), and only then
+        exports. Its tiles come in order of their start along the first axis (``_internal_get_sliding_window_
+        slicers``), so once every tile starting at ``sx`` has run, no later tile touches a plane below the next
+        start: those planes are final. Here the accumulator holds only the planes still open, about one patch
+        (``last_accumulator``); each plane, once final, is divided, checked, fold-averaged (the folds' halves
+        added in nnU-Net's order, then divided by the fold count) and exported as soon as the interpolation's
+        reads are final. Every operation on a voxel is nnU-Net's, in nnU-Net's order and dtype, so the label map
+        is nnU-Net's, voxel for voxel; the tiles of a group run once per fold (the fold's weights loaded per
+        group)."""
+        from nnunetv2.inference.sliding_window_prediction import compute_gaussian
+
         pred = self.predictor
+        res = self.device if pred.perform_everything_on_device else torch.device("cpu")
+        u, box, tiles = plan["union"], plan["box"], plan["tiles"]
+        n_model = data.shape[1:]
+        lo_read, hi_read = self._reads(plan, n_model, n_out)
+        heads = pred.label_manager.num_segmentation_heads
+        folds = pred.list_of_parameters
+        p0 = int(self.cm.patch_size[0])
+        cap = p0 + 2
+        size = (cap, u[1].stop - u[1].start, u[2].stop - u[2].start)
+        acc = [torch.zeros((heads, *size), dtype=torch.half, device=res) for _ in folds]
+        n_pred = torch.zeros(size, dtype=torch.half, device=res)
+        gaussian = (compute_gaussian(tuple(self.cm.patch_size), sigma_scale=1. / 8, value_scaling_factor=10,
+                                     device=res) if pred.use_gaussian else 1)
+        self.last_accumulator = (cap, u[0].stop - u[0].start,
+                                 round(len(folds) * heads * float(np.prod(size)) * 2 / 2**20, 1))
+        net = getattr(pred.network, "_orig_mod", pred.network)
+        source = torch.from_numpy(data)
+        labels = np.zeros(tuple(b.stop - b.start for b in box), np.uint8)
+        state = {"w0": u[0].start, "final": u[0].start, "out": 0, "esum": 0.0, "ecount": 0}
         autocast = torch.autocast(self.device.type) if self.device.type == "cuda" else contextlib.nullcontext()
-        prediction = None
-        for params in pred.list_of_parameters:
-            net = getattr(pred.network, "_orig_mod", pred.network)
-            net.load_state_dict(params)
-            with autocast:
-                p = pred._internal_predict_sliding_window_return_logits(crop, tiles,
-                                                                        pred.perform_everything_on_device).to("cpu")
-            prediction = p if prediction is None else prediction.add_(p)
-        if len(pred.list_of_parameters) > 1:
-            prediction /= len(pred.list_of_parameters)
-        return prediction
+
+        def settle(final: int):
+            """Planes [state final, final) are complete: divide, check, average the folds, export what can be."""
+            w0, a, b = state["w0"], state["final"] - state["w0"], final - state["w0"]
+            if b > a:
+                for f in range(len(folds)):
+                    for c in range(heads):          # class by class: no temporary of the buffer's size
+                        rows = acc[f][c, a:b]
+                        torch.div(rows, n_pred[a:b], out=rows)
+                        if torch.any(torch.isinf(rows)):
+                            raise RuntimeError("nnU-Net's logits overflowed half precision (inf) in the sliding "
+                                               "window: nnU-Net itself aborts on this")
+                        if f:
+                            acc[0][c, a:b] += rows
+                if len(folds) > 1:
+                    for c in range(heads):
+                        acc[0][c, a:b] /= len(folds)
+                state["final"] = final
+            o0 = state["out"]
+            o1 = o0
+            while o1 < len(hi_read) and (hi_read[o1] < final or final >= u[0].stop):
+                o1 += 1
+            if o1 > o0:
+                sub = dict(plan, union=(slice(w0, final), u[1], u[2]),
+                           box=(slice(box[0].start + o0, box[0].start + o1), box[1], box[2]))
+                chunk = acc[0][:, :final - w0].to("cpu")
+                seg, entropy = export_argmax(lambda c: _resample_box(chunk[c], sub, n_model, n_out), heads,
+                                             with_entropy=with_uncertainty)
+                lab = self._platform_labels(seg)
+                labels[o0:o1] = lab
+                if with_uncertainty:
+                    muscle = lab > 0
+                    state["esum"] += float(entropy[muscle].sum(dtype=np.float64))
+                    state["ecount"] += int(np.count_nonzero(muscle))
+                state["out"] = o1
+            # keep the planes from the lowest one a pending output plane reads; shift them to the buffer's top
+            keep = min(int(lo_read[o1]), final) if o1 < len(lo_read) else final
+            k = keep - w0
+            if k > 0:
+                for t in [n_pred, *(a[c] for a in acc for c in range(heads))]:     # planes, in-plane
+                    t[:cap - k] = t[k:].clone()
+                    t[cap - k:] = 0
+                state["w0"] = keep
+
+        with autocast:
+            i = 0
+            while i < len(tiles):
+                sx = tiles[i][1].start
+                j = i
+                while j < len(tiles) and tiles[j][1].start == sx:
+                    j += 1
+                settle(sx)
+                if sx + p0 - state["w0"] > cap:
+                    raise RuntimeError(f"streamed sliding window: planes {state['w0']}..{sx + p0} exceed the "
+                                       f"buffer of {cap}")
+                for f, params in enumerate(folds):
+                    if len(folds) > 1 or i == 0:
+                        net.load_state_dict(params)
+                    for t in tiles[i:j]:
+                        work = torch.clone(source[t][None], memory_format=torch.contiguous_format).to(self.device)
+                        prediction = pred._internal_maybe_mirror_and_predict(work)[0].to(res)
+                        if pred.use_gaussian:
+                            prediction *= gaussian
+                        sl = (slice(t[1].start - state["w0"], t[1].stop - state["w0"]),
+                              slice(t[2].start - u[1].start, t[2].stop - u[1].start),
+                              slice(t[3].start - u[2].start, t[3].stop - u[2].start))
+                        for c in range(heads):      # half += float32: nnU-Net's rounding, a class at a time
+                            acc[f][(c, *sl)] += prediction[c]
+                        del prediction
+                        if f == 0:
+                            n_pred[sl] += gaussian
+                i = j
+            settle(u[0].stop)
+        return labels, state["esum"], state["ecount"]
+
+    def _platform_labels(self, seg: np.ndarray) -> np.ndarray:
+        """The model's labels as the platform's classes (background for any label the manifest does not map)."""
+        return np.where(seg < self.lut.size, self.lut[np.clip(seg, 0, self.lut.size - 1)], BACKGROUND).astype(np.uint8)
 
     @torch.inference_mode()
     def _run(self, prepared: dict, with_uncertainty: bool, region=None) -> tuple[np.ndarray, float | None]:
         """nnU-Net's inference on the prepared volume (its predictor's sliding window over every fold, its export:
-        the logits resampled back to the input grid, then the argmax, one class at a time, :func:`export_argmax`),
-        equal to ``predict_single_npy_array``. With ``region``: only the tiles of the whole-volume run that reach the
-        region, and the export of the region only, with the whole volume's interpolation (:func:`_resample_box`):
-        inside the region, the whole-volume run's label map."""
+        the logits resampled back to the input grid, then the argmax), equal to ``predict_single_npy_array``,
+        streamed in bounded memory (:meth:`_stream`). With ``region``: only the tiles of the whole-volume run that
+        reach the region, and the export of the region only, with the whole volume's interpolation
+        (:func:`_resample_box`): inside the region, the whole-volume run's label map."""
         data = np.asarray(prepared["data"])          # a tensor after the DataLoader's default_convert
         tf = list(self.plans.transpose_forward)
-        spacing_t = [prepared["spacing"][t] for t in tf]
-        plan = self._region_plan(prepared, region) if region is not None else None
-        if plan is None:
+        plan = self._region_plan(prepared, region)
+        uncertainty = None
+        if plan is None:       # smaller than a patch, or a spline export: nnU-Net's own run of the whole volume
+            spacing_t = [prepared["spacing"][t] for t in tf]
             box = tuple(slice(0, n) for n in prepared["shape_crop"])
             with contextlib.redirect_stdout(io.StringIO()):
                 logits = self.predictor.predict_logits_from_preprocessed_data(torch.from_numpy(data)).cpu()
             resample = self.cm.resampling_fn_probabilities
             channel = lambda c, lg=logits: np.asarray(resample(lg[c:c + 1], prepared["shape_crop"],  # noqa: E731
                                                                self.cm.spacing, spacing_t))[0]
+            seg, entropy = export_argmax(channel, int(logits.shape[0]), with_entropy=with_uncertainty)
+            del logits
+            lab = self._platform_labels(seg)
+            if with_uncertainty:
+                muscle = lab > 0
+                uncertainty = float(entropy[muscle].mean()) if muscle.any() else 1.0
+            self.last_tiles, self.last_accumulator = (0, 0), None
         else:
             box = plan["box"]
-            with contextlib.redirect_stdout(io.StringIO()):
-                logits = self._tiles_logits(data, plan)
-            channel = lambda c, lg=logits: _resample_box(lg[c], plan, data.shape[1:], prepared["shape_crop"])  # noqa
+            lab, esum, ecount = self._stream(data, plan, prepared["shape_crop"], with_uncertainty)
+            if with_uncertainty:
+                uncertainty = esum / ecount if ecount else 1.0
             self.last_tiles = (len(plan["tiles"]), plan["n_all"])
-            self.last_context_mm = _context_mm(plan, data.shape[1:], self.cm.spacing)
-        seg, entropy = export_argmax(channel, int(logits.shape[0]), with_entropy=with_uncertainty)
-        del logits
-        seg = seg.transpose(list(self.plans.transpose_backward))      # the box, in nnU-Net's (k, j, i) order
-        lab = np.where(seg < self.lut.size, self.lut[np.clip(seg, 0, self.lut.size - 1)], BACKGROUND).astype(np.uint8)
-        uncertainty = None
-        if with_uncertainty:
-            muscle = lab > 0
-            uncertainty = (float(entropy.transpose(list(self.plans.transpose_backward))[muscle].mean())
-                           if muscle.any() else 1.0)
+            self.last_context_mm = _context_mm(plan, data.shape[1:], self.cm.spacing) if region is not None else None
         full_t = np.zeros(prepared["shape_t"], np.uint8)
-        full_t[tuple(slice(b[0] + d.start, b[0] + d.stop) for b, d in zip(prepared["bbox"], box))] = lab.transpose(tf)
+        full_t[tuple(slice(b[0] + d.start, b[0] + d.stop) for b, d in zip(prepared["bbox"], box))] = lab
         full = full_t.transpose(list(self.plans.transpose_backward)).transpose(2, 1, 0)     # model (i, j, k)
-        if full.shape != prepared["model_shape_in"]:          # the tool's own way back onto the input grid
+        if full.shape != tuple(prepared["model_shape_in"]):      # the tool's own way back onto the input grid
             from cbp_platform.segmentation.backends.tool_preprocessing import labels_to_original
 
             full = labels_to_original(self.steps, full, prepared["model_shape_in"],
