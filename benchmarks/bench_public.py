@@ -7,19 +7,21 @@ each measurement in a fresh process, so its peak RSS is its own. The scan: one s
 (``render_phantom(..., extent="whole-body")``, NAKO resolution, neck to thighs).
 
 * **Region of interest** (the platform's default for a preset): the platform's own model (trained once here with
-  the default configuration and cached, as ``segmentation_model`` trains it) locates T10-S1, and the public model
-  runs on the region: locating, the tool's own preprocessing of the whole scan, the whole-volume grid's tiles that
-  reach the region, the region's export, the label map placed back on the full grid. With random weights the label
+  the default configuration and cached, as ``segmentation_model`` trains it) finds the back muscles across the
+  body, the vertebral-level regressor (``cbp model train-levels``' defaults, cached too) bounds them to T10-S1 along
+  it, and the public model runs on the region: locating, the tool's own preprocessing of the whole scan, the
+  whole-volume grid's tiles that reach the region, the region's export, the label map placed back on the full grid. With random weights the label
   map is noise that touches every face of the region, so the re-run on the whole volume that a real cut would cause
   is counted (``cut``) but not run: the benchmark measures the region's own cost.
 * **Whole volume** (``roi: false``): every step on the whole scan (the tool's preprocessing, nnU-Net's logit
   sliding window streamed along the model grid in about one patch of planes, the export).
 
-Both ways every step runs for real, except that each sliding window runs only ``CBP_BENCH_PUBLIC_TILES`` (default 3)
-of its tiles, spread evenly: a path's time is its measured time plus the tiles not run at its measured seconds per
-tile (the same network on the same patch size; on 2 cores one full-size tile takes 8-20 s, a whole-body scan 64-160
-tiles). ``CBP_BENCH_PUBLIC_FULL=1`` runs every tile (about an hour per preset on 2 cores). Peak RSS is measured with
-the full-size accumulators either way.
+Both ways every step runs for real, except that only the first ``CBP_BENCH_PUBLIC_TILES`` (default 3) tiles of a
+run go through the network; every later tile gets a fresh output of the same shape, so the accumulation, its memory
+and the export run in full, and a path's time is its measured time plus the tiles not run through the network at
+the measured seconds per tile (the same network on the same patch size; on 2 cores one full-size tile takes 5-15 s,
+a whole-body scan 48-80 tiles). ``CBP_BENCH_PUBLIC_FULL=1`` runs every tile (about an hour per preset on 2 cores).
+Peak RSS is measured with the full-size accumulators either way.
 
 Printed per preset: seconds per scan each way and their ratio (target: region at least 4x faster), the tiles each
 way, peak RSS each way and its ratio to 4 GiB, scans per hour of a 2-core worker (one fold; the preset's folds
@@ -46,7 +48,7 @@ SCAN = """
 import json, resource, sys, time, numpy as np, torch
 from pathlib import Path
 from cbp_platform.segmentation.backends import load_runner
-from cbp_platform.segmentation.registry import platform_model, register
+from cbp_platform.segmentation.registry import platform_levels, platform_model, register
 from cbp_platform.segmentation.roi import RoiSegmenter
 from cbp_platform.synth.phantom import PRESETS, Subject, render_phantom
 folder, preset, reg, models, mode, tiles = sys.argv[1:7]
@@ -75,8 +77,8 @@ def some_tiles(x):
     count["shape"] = out.shape
     return out
 pred._internal_maybe_mirror_and_predict = some_tiles
-seg = (RoiSegmenter(runner, load_runner(platform_model(Path(models)), device="cpu"), rerun=False) if mode == "roi"
-       else runner)
+seg = (RoiSegmenter(runner, load_runner(platform_model(Path(models)), device="cpu"),
+                    levels=platform_levels(Path(models)), rerun=False) if mode == "roi" else runner)
 t = time.perf_counter()
 lab = seg.segment(water, fat, affine)
 secs = time.perf_counter() - t
@@ -103,16 +105,22 @@ def platform_models(log=print) -> Path:
     """The platform's own model (the locator), trained once with ``segmentation_model``'s defaults and cached."""
     from cbp_platform.paths import DataLayout
 
-    models = (CACHE / "platform-model").resolve()
-    if DataLayout.platform_model_pointer(models).is_file():
-        return models
-    from cbp_platform.segmentation.registry import train_default_model
+    from cbp_platform.segmentation.registry import platform_levels, train_default_model, train_level_model
 
-    log("  training the platform's own model (the locator; 900 iterations, cached in bench-results/platform-model)")
-    t = time.perf_counter()
-    train_default_model(models, DataLayout.model_registry(models), n_train=120, budget_s=None, seed=1000,
-                        max_iterations=900, n_calibration=120, device="cpu")
-    log(f"  trained in {time.perf_counter() - t:.0f} s")
+    models = (CACHE / "platform-model").resolve()
+    pointer = DataLayout.platform_model_pointer(models)
+    if not (pointer.is_file() and json.loads(pointer.read_text()).get("name")):
+        log("  training the platform's own model (the locator; 900 iterations, cached in "
+            "bench-results/platform-model)")
+        t = time.perf_counter()
+        train_default_model(models, DataLayout.model_registry(models), n_train=120, budget_s=None, seed=1000,
+                            max_iterations=900, n_calibration=120, device="cpu")
+        log(f"  trained in {time.perf_counter() - t:.0f} s")
+    if platform_levels(models) is None:
+        log("  training the vertebral-level regressor (cbp model train-levels' defaults, cached there too)")
+        t = time.perf_counter()
+        train_level_model(models)
+        log(f"  trained in {time.perf_counter() - t:.0f} s")
     return models
 
 
@@ -157,7 +165,8 @@ def run() -> dict:
         how = "all run" if full else f"{roi['tiles_run']} run, the rest at the measured s/tile"
         print(f"    region of interest: {roi['seconds']:.0f} s per scan ({roi['tiles']} tiles, {how}, at "
               f"{roi['seconds_per_tile']:.1f} s; region {100 * (r['median_voxel_share'] or 1):.0f} % of the voxels, "
-              f"locating {r['locate_seconds']:.1f} s, {r['tiles_run']} of the grid's {r['tiles_whole_volume']} tiles, "
+              f"locating {r['locate_seconds']:.1f} s{' with the vertebral levels' if r['levels_found'] else ''}, "
+              f"{r['tiles_run']} of the grid's {r['tiles_whole_volume']} tiles, "
               f"context >= "
               f"{r['min_context_mm']} mm), peak RSS "
               f"{roi['peak_rss_mb']:.0f} MB -> ratio to 4 GiB {roi['peak_rss_mb'] / TARGET_MB:.2f}")

@@ -129,7 +129,7 @@ def public(presets: list[str], n: int, workers: int) -> int:
     from cbp_platform.paths import DataLayout
     from cbp_platform.segmentation.backends import load_runner
     from cbp_platform.segmentation.pipeline import segment_scans
-    from cbp_platform.segmentation.registry import platform_model, register
+    from cbp_platform.segmentation.registry import platform_levels, platform_model, register
     from cbp_platform.segmentation.roi import RoiSegmenter
     from cbp_platform.synth.phantom import PRESETS, Subject, render_phantom
 
@@ -152,15 +152,16 @@ def public(presets: list[str], n: int, workers: int) -> int:
     out = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "scans": n, "workers": workers,
            "shape": list(ph.water.shape), "presets": {}}
     locator = load_runner(platform_model(models), device="cuda")
+    levels = platform_levels(models)
     for preset in presets:
         m, _ = register(DataLayout.model_registry(tmp), public_folder(preset), preset=preset, folds=["0"], roi=True)
         runner = load_runner(m, device="cuda")
-        seg = RoiSegmenter(runner, locator)
+        seg = RoiSegmenter(runner, locator, levels=levels)
         segment_scans(items[:1], seg, tmp / "warm")                          # warm-up: cuDNN autotuning
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
-        segment_scans(items, RoiSegmenter(runner, locator), tmp / preset, num_workers=workers)
+        segment_scans(items, RoiSegmenter(runner, locator, levels=levels), tmp / preset, num_workers=workers)
         torch.cuda.synchronize()
         batch_s = time.perf_counter() - t
         t = time.perf_counter()

@@ -207,3 +207,9 @@ class DataLayout:
         """The platform's own trained model (name and weights), the locator of region-of-interest inference
         (:mod:`cbp_platform.segmentation.roi`), whichever model is primary."""
         return Path(models) / "platform.json"
+
+    @staticmethod
+    def level_model(models: Path, sha256: str) -> Path:
+        """The platform's vertebral-level regressor (:mod:`cbp_platform.segmentation.levels`), named by its
+        weights' sha256 and recorded in the platform model's pointer."""
+        return Path(models) / f"cbp_levels-{sha256[:12]}.pt"

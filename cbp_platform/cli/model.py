@@ -49,6 +49,20 @@ def register(sub) -> None:
     ml.add_argument("--models-dir", default=None)
     ml.add_argument("--json", action="store_true")
     ml.set_defaults(func=_cmd_model_list)
+    mt = msub.add_parser("train-levels", help="train the vertebral-level regressor of region-of-interest inference",
+                         description="Train the small network that finds T10 and S1 along a whole-body scan "
+                                     "(cbp_platform/segmentation/levels.py) on simulated whole-body scans, check it "
+                                     "on held-out ones, save it under the models folder and record it in "
+                                     "models/platform.json. Without it, a region of interest spans wherever the "
+                                     "platform's model finds the back muscles, which on a whole-body scan runs up "
+                                     "to the neck.")
+    mt.add_argument("--scans", type=int, default=24, help="simulated whole-body training scans (default 24)")
+    mt.add_argument("--iterations", type=int, default=1500, help="training iterations (default 1500)")
+    mt.add_argument("--seed", type=int, default=4000)
+    mt.add_argument("--validation-scans", type=int, default=4, help="held-out scans to check it on (default 4)")
+    mt.add_argument("--data-root", default=None)
+    mt.add_argument("--models-dir", default=None, help="default $CBP_DATA_ROOT/models")
+    mt.set_defaults(func=_cmd_model_train_levels)
     mc = msub.add_parser("compare", help="run a registered model beside the primary and publish the comparison",
                          description="Segment and measure every processed batch with the registered model NAME "
                                      "(its results kept apart from the primary's), compare the two models (Dice, "
@@ -97,6 +111,24 @@ def _cmd_model_register(args: argparse.Namespace) -> int:
     print(f"  manifest {path}")
     print(f"  use it: materialise segmentation_model with config {{model: {m.name}}}, or compare it: "
           f"cbp model compare {m.name}")
+    return 0
+
+
+def _cmd_model_train_levels(args: argparse.Namespace) -> int:
+    from cbp_platform.paths import DataLayout
+    from cbp_platform.segmentation.registry import train_level_model
+
+    models = _models_dir(args)
+    print(f"cbp model train-levels: {args.scans} simulated whole-body scans, {args.iterations} iterations")
+    path, model = train_level_model(models, n_scans=args.scans, iterations=args.iterations, seed=args.seed,
+                                    n_val=args.validation_scans, log=print)
+    p = model.provenance
+    print(f"trained in {p['training_seconds']} s (data {p['data_seconds']} s), final loss {p['final_loss']:.4f}")
+    if "validation" in p:
+        v = p["validation"]
+        print(f"held-out check ({v['n_scans']} scans): T10 and S1 within {v['max_abs_error_mm']} mm (median "
+              f"{v['median_abs_error_mm']} mm)")
+    print(f"saved {path} (sha256 {model.sha256[:16]}...), recorded in {DataLayout.platform_model_pointer(models)}")
     return 0
 
 

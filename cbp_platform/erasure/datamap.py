@@ -289,8 +289,9 @@ STORES: tuple[Store, ...] = (
     Store("dagster", "the Dagster instance: event log, run storage, compute logs; no pseudonym by design",
           ("dagster_home",), _dagster_roots, _verify_scan("dagster")),
     Store("models", "model bundles, manifests, the primary model's and the platform model's (the region locator's) "
-                    "pointers; trained on simulated truth, no participant data by design",
-          ("models", "model_registry", "platform_model_pointer"), lambda c: [c.layout.models],
+                    "pointers, the vertebral-level regressor; trained on simulated truth, no participant data by "
+                    "design",
+          ("models", "model_registry", "platform_model_pointer", "level_model"), lambda c: [c.layout.models],
           _verify_scan("models")),
     Store("withdrawals", "the withdrawal register (keyed hashes), its keys and the certificates; outside the data "
                          "root, never erased", ("withdrawals",), lambda c: [c.layout.withdrawals],

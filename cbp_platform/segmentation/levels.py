@@ -39,6 +39,7 @@ GRID_MM = 8.0                 # the slices' in-plane grid
 GRID = (48, 40)               # 384 x 320 mm around the image centre (left-right, posterior-anterior)
 TOP, BOTTOM = "T10", "S1"     # the study region's vertebrae: score 1 and 0
 FORMAT = "cbp-levels/1"
+PLAUSIBLE_MM = (150.0, 450.0)   # T10's centre above S1's, for levels to be used at all
 
 
 def _net() -> torch.nn.Module:
@@ -118,10 +119,15 @@ class Levels:
     residual: float               # the slices' median distance from the line, in scores
     seconds: float
 
+    @property
+    def plausible(self) -> bool:
+        """Found, with T10 above S1 by an adult's distance (150-450 mm; about 250 mm in the study's cohort)."""
+        return self.top_mm is not None and PLAUSIBLE_MM[0] <= self.top_mm - self.bottom_mm <= PLAUSIBLE_MM[1]
+
     def slice_range(self, affine: np.ndarray, n: int, axis: int, extra_mm: float) -> slice | None:
         """The slices along voxel ``axis`` (the body axis) from S1's centre to T10's, each end grown by
-        ``extra_mm``; None when the levels were not found or lie outside the scan."""
-        if self.top_mm is None:
+        ``extra_mm``; None when the levels were not found, are implausible, or lie outside the scan."""
+        if not self.plausible:
             return None
         k = np.arange(n)
         idx = np.zeros((n, 4))
@@ -192,6 +198,28 @@ def train_levels(*, n_scans: int = 24, iterations: int = 1500, seed: int = 4000,
             "grid": list(GRID), "score": f"0 at {BOTTOM}'s centre, 1 at {TOP}'s", "data_seconds": round(data_s, 1),
             "training_seconds": round(time.perf_counter() - t1, 1)}
     return LevelModel(net, prov)
+
+
+def validate_levels(model: LevelModel, *, n_scans: int = 4, seed: int = 4001, preset: str = "fast") -> dict:
+    """T10's and S1's errors (mm, located minus true) on ``n_scans`` held-out simulated whole-body scans (their
+    own seed)."""
+    from cbp_platform.segmentation.train import cohort_subjects
+    from cbp_platform.synth.phantom import PRESETS, render_phantom
+
+    errors = []
+    for i, subj in enumerate(cohort_subjects(n_scans, seed)):
+        ph = render_phantom(subj, PRESETS[preset], np.random.default_rng(np.random.SeedSequence([seed, 13, i])),
+                            extent="whole-body")
+        found = model.locate(ph.water, ph.fat, ph.affine)
+        truth = ph.truth["vertebra_z_mm"]
+        if found.top_mm is None:
+            errors.append((float("inf"), float("inf")))
+            continue
+        errors.append((found.top_mm - truth[TOP], found.bottom_mm - truth[BOTTOM]))
+    flat = np.abs(np.asarray(errors)).ravel()
+    return {"n_scans": n_scans, "seed": seed, "preset": preset, "max_abs_error_mm": round(float(flat.max()), 1),
+            "median_abs_error_mm": round(float(np.median(flat)), 1),
+            "errors_mm": [[round(a, 1), round(b, 1)] for a, b in errors]}
 
 
 def save_levels(path_for, model: LevelModel) -> tuple[Path, str]:

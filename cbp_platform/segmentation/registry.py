@@ -83,8 +83,54 @@ def set_platform_model(models_dir: Path, manifest: ModelManifest) -> Path:
     from cbp_platform.paths import DataLayout
 
     path = DataLayout.platform_model_pointer(models_dir)
-    atomic_write_bytes(path, json.dumps({"name": manifest.name, "weights_sha256": manifest.sha256}).encode())
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    entry = {"name": manifest.name, "weights_sha256": manifest.sha256}
+    if old.get("levels"):                  # the level regressor is trained apart: retraining the model keeps it
+        entry["levels"] = old["levels"]
+    atomic_write_bytes(path, json.dumps(entry).encode())
     return path
+
+
+def train_level_model(models_dir: Path, *, n_scans: int = 24, iterations: int = 1500, seed: int = 4000,
+                      n_val: int = 4, log=None):
+    """Train the vertebral-level regressor (:func:`cbp_platform.segmentation.levels.train_levels`), check it on
+    ``n_val`` held-out simulated whole-body scans (recorded in its provenance), save it under ``models_dir`` and
+    record it in the platform model's pointer, for region-of-interest inference on whole-body scans; returns
+    (path, model)."""
+    import json
+
+    from cbp_platform.imaging.nifti import atomic_write_bytes
+    from cbp_platform.paths import DataLayout
+    from cbp_platform.segmentation.levels import save_levels, train_levels, validate_levels
+
+    model = train_levels(n_scans=n_scans, iterations=iterations, seed=seed, log=log)
+    if n_val:
+        model.provenance["validation"] = validate_levels(model, n_scans=n_val, seed=seed + 1)
+    path, sha = save_levels(lambda digest: DataLayout.level_model(models_dir, digest), model)
+    pointer = DataLayout.platform_model_pointer(models_dir)
+    entry = json.loads(pointer.read_text()) if pointer.is_file() else {}
+    entry["levels"] = {"file": path.name, "sha256": sha}
+    atomic_write_bytes(pointer, json.dumps(entry).encode())
+    return path, model
+
+
+def platform_levels(models_dir: Path):
+    """The vertebral-level regressor the platform model's pointer records (verified by its sha256), or None when
+    none was trained (``cbp model train-levels``)."""
+    import json
+
+    from cbp_platform.paths import DataLayout
+    from cbp_platform.segmentation.levels import load_levels
+
+    pointer = DataLayout.platform_model_pointer(models_dir)
+    entry = (json.loads(pointer.read_text()) if pointer.is_file() else {}).get("levels")
+    if not entry:
+        return None
+    path = DataLayout.level_model(models_dir, entry["sha256"])
+    if path.name != entry["file"] or not path.is_file():
+        raise ManifestError(f"{pointer}: the level model {entry['file']} is missing from {models_dir}; train it "
+                            "again (cbp model train-levels)")
+    return load_levels(path, entry["sha256"])
 
 
 def platform_model(models_dir: Path) -> ModelManifest:

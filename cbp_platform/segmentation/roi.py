@@ -3,9 +3,12 @@
 The public whole-body models segment 40-100 structures from neck to thighs; the study needs four muscles from T10
 to S1. The platform's own model (the trained ``monai-bundle``, about a second per scan) first locates them: the
 bounding box of the largest connected component of each muscle class in its label map, grown by a small margin
-(``margin_mm``, 20 mm) into the region. The public model then runs only the tiles of its whole-volume sliding window
-(nnU-Net's own tile grid over the whole scan, normalised and resampled as a whole) that reach the region, and its
-label map of the region is placed back on the scan's full grid (background outside)
+(``margin_mm``, 20 mm) into the region. Along the body axis the muscles count only between the vertebral levels
+S1 and T10 that :mod:`cbp_platform.segmentation.levels` finds (when it was trained: ``cbp model train-levels``):
+the autochthon runs on up to the neck and looks the same at T8 as at T11. The public model then runs only the
+tiles of its whole-volume sliding window (nnU-Net's own tile grid over the whole scan, normalised and resampled as
+a whole) that reach the region, and its label map of the region is placed back on the scan's full grid (background
+outside)
 (:meth:`cbp_platform.segmentation.backends.nnunet.NnunetRunner.predict`). Inside the region every voxel gets
 the same tiles, in the same order, as in the whole-volume run, so its label is the whole-volume run's: the context
 is not approximated by a margin, it is the whole-volume run's own. The tiles reach beyond the region by at least
@@ -32,6 +35,11 @@ import numpy as np
 from scipy import ndimage
 
 from cbp_platform.classes import IDS, NAMES
+
+# how far beyond the level regressor's T10 and S1 (and half a vertebra) the region reaches, for its error: on 8
+# held-out simulated whole-body scans the largest was 44 mm, the median 24 mm (docs/segmentation-models.md); with
+# the region's 20 mm margin, T10-S1 stays inside for errors up to 60 mm
+LEVEL_ALLOWANCE_MM = 40.0
 
 
 @dataclass(frozen=True)
@@ -133,6 +141,8 @@ class RoiStats:
     tiles: list = field(default_factory=list)          # (tiles run, tiles of the whole-volume grid) per region
     context_mm: list = field(default_factory=list)     # the tiles' smallest reach beyond the region, per region
     locate_seconds: float = 0.0
+    levels_found: int = 0         # scans whose region along the body axis came from the vertebral levels
+    levels_not_found: int = 0     # scans where the level regressor found none: the muscles' extent only
 
     def to_dict(self) -> dict:
         share = self.voxel_shares
@@ -142,7 +152,8 @@ class RoiStats:
                 "tiles_run": int(sum(t[0] for t in self.tiles)),
                 "tiles_whole_volume": int(sum(t[1] for t in self.tiles)),
                 "min_context_mm": round(float(min(self.context_mm)), 1) if self.context_mm else None,
-                "locate_seconds": round(self.locate_seconds, 2)}
+                "locate_seconds": round(self.locate_seconds, 2), "levels_found": self.levels_found,
+                "levels_not_found": self.levels_not_found}
 
 
 class RoiSegmenter:
@@ -150,12 +161,18 @@ class RoiSegmenter:
     (an nnU-Net runner) there; the same interface as a runner (``prepare`` in DataLoader workers, then
     ``predict``/``predict_qc``), so :func:`cbp_platform.segmentation.pipeline.segment_scans` takes either."""
 
-    def __init__(self, runner, locator, *, margin_mm: float = 20.0, rerun: bool = True):
-        """``rerun``: segment a scan whose region cut a muscle again on the whole volume (off only to measure the
+    def __init__(self, runner, locator, *, levels=None, margin_mm: float = 20.0,
+                 level_allowance_mm: float = LEVEL_ALLOWANCE_MM, rerun: bool = True):
+        """``levels``: the vertebral-level regressor (:class:`cbp_platform.segmentation.levels.LevelModel`); with
+        it the region along the body axis runs from S1 to T10 (each end grown by half a vertebra and
+        ``level_allowance_mm``), without it wherever the platform's model finds the muscles.
+        ``rerun``: segment a scan whose region cut a muscle again on the whole volume (off only to measure the
         region's own cost, as the benchmark does with random weights, whose label noise touches every face)."""
         self.rerun = rerun
         self.runner = runner
         self.locator = locator
+        self.levels = levels
+        self.level_allowance_mm = level_allowance_mm
         self.manifest = runner.manifest
         self.device = runner.device
         self.margin_mm = margin_mm
@@ -165,11 +182,23 @@ class RoiSegmenter:
         """The locator's run and the public model's preprocessing (CPU work in the DataLoader worker)."""
         t = time.perf_counter()
         located = self.locator.segment(water, fat, affine)
+        levels = None
+        if self.levels is not None:
+            found = self.levels.locate(water, fat, affine)
+            ax = body_axis(affine)
+            half = abs(found.top_mm - found.bottom_mm) / 16 if found.top_mm is not None else 0.0
+            keep = found.slice_range(affine, located.shape[ax], ax, half + self.level_allowance_mm)
+            levels = {"found": keep is not None, **found.to_dict()}
+            if keep is not None:               # the muscles between the levels only
+                outside = np.ones(located.shape[ax], bool)
+                outside[keep] = False
+                located = np.array(located)
+                located[(slice(None),) * ax + (outside,)] = 0
         region = region_for(located, margin_voxels(affine, self.margin_mm))
         seconds = time.perf_counter() - t
         del located
         prepared = self.runner.prepare(water, fat, affine)
-        prepared.update(region=region, scan_affine=np.asarray(affine), locate_seconds=seconds)
+        prepared.update(region=region, scan_affine=np.asarray(affine), locate_seconds=seconds, levels=levels)
         return prepared
 
     def predict(self, prepared: dict) -> np.ndarray:
@@ -183,6 +212,10 @@ class RoiSegmenter:
         region = prepared.get("region")
         self.stats.scans += 1
         self.stats.locate_seconds += float(prepared.get("locate_seconds", 0.0))
+        levels = prepared.get("levels")
+        if levels is not None:
+            self.stats.levels_found += int(bool(levels["found"]))
+            self.stats.levels_not_found += int(not levels["found"])
         if region is None:
             self.stats.not_located += 1
             return run(prepared)
@@ -209,10 +242,10 @@ def load_segmenter(manifest, models_dir, *, device: str = "auto", sw_batch_size:
     """The runner a batch segments with: ``manifest``'s runner, wrapped in :class:`RoiSegmenter` with the platform's
     own model as locator when the manifest asks for region-of-interest inference (``options.roi``)."""
     from cbp_platform.segmentation.backends import load_runner
-    from cbp_platform.segmentation.registry import platform_model
+    from cbp_platform.segmentation.registry import platform_levels, platform_model
 
     runner = load_runner(manifest, device=device, sw_batch_size=sw_batch_size)
     if not manifest.options.get("roi"):
         return runner
     locator = load_runner(platform_model(models_dir), device=device, sw_batch_size=sw_batch_size)
-    return RoiSegmenter(runner, locator)
+    return RoiSegmenter(runner, locator, levels=platform_levels(models_dir))

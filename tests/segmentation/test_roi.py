@@ -289,3 +289,18 @@ def test_the_batch_path_runs_the_region_in_its_dataloader_worker_and_counts_it(p
     written = np.asarray(nib.load(results[0]["label_path"]).dataobj)
     direct = RoiSegmenter(phantom_runner, phantom_runner).segment(ph.water, ph.fat, ph.affine)
     assert np.array_equal(written, direct)
+
+
+def test_region_inference_without_the_platform_model_names_its_pointer_and_the_ways_out(nnunet_model, tmp_path):
+    """A public model registered for region-of-interest inference on a deployment whose platform model was never
+    trained: loading it fails before any scan, naming ``models/platform.json``, the training and ``--no-roi``."""
+    from cbp_platform.segmentation.manifest import ManifestError
+    from cbp_platform.segmentation.roi import load_segmenter
+    from tests.support.nnunet import register_phantom_model
+
+    m, _ = register_phantom_model(tmp_path / "models" / "registry", nnunet_model[0], roi=True)
+    assert m.options["roi"] is True
+    with pytest.raises(ManifestError, match=r"platform\.json: missing.*segmentation_model.*--no-roi"):
+        load_segmenter(m, tmp_path / "models", device="cpu")
+    plain, _ = register_phantom_model(tmp_path / "models" / "registry", nnunet_model[0], name="plain", roi=False)
+    assert not hasattr(load_segmenter(plain, tmp_path / "models", device="cpu"), "locator")
