@@ -252,6 +252,7 @@ def test_a_failed_qc_keeps_the_label_map_and_tops_the_queue(nnunet_model, tmp_pa
 @pytest.fixture(scope="module")
 def nnunet_pipeline(nnunet_model, tmp_path_factory):
     from orchestration.runner import compare_with, pipeline_environment, run_pending
+    from cbp_platform.segmentation.registry import set_platform_model
     from cbp_platform.synth.cohort import CohortParameters
     from cbp_platform.synth.delivery import synthesize
 
@@ -263,8 +264,11 @@ def nnunet_pipeline(nnunet_model, tmp_path_factory):
     shutil.copytree(folder, two)
     shutil.copytree(two / "fold_0", two / "fold_1")
     with pipeline_environment(root):
-        register_phantom_model(root / "models" / "registry", folder)
-        register_phantom_model(root / "models" / "registry", two, name="phantom-ensemble")
+        primary, _ = register_phantom_model(root / "models" / "registry", folder)
+        # the compared model runs by region of interest, located by the test model standing in for the platform's
+        # own (the platform's trained model belongs to the other test stream)
+        register_phantom_model(root / "models" / "registry", two, name="phantom-ensemble", roi=True)
+        set_platform_model(root / "models", primary)
         inst = dg.DagsterInstance.get()
         summary = run_pending(inst, log=lambda *_: None, refresh=False,
                               model_config={"model": "phantom-nnunet", "n_val": 2})
@@ -375,6 +379,12 @@ def test_compare_keeps_the_primary_untouched_and_two_equal_models_agree(nnunet_p
             assert d["mean"] > 0.99, (cls, d)
     md = inst.get_latest_materialization_event(dg.AssetKey("model_comparison")).asset_materialization.metadata
     assert md["participants"].value == segs.height
+    ran = {k: v["inference"] for k, v in md["how_each_ran"].value.items()}
+    assert ran == {"phantom-nnunet": "whole volume", "phantom-ensemble": "region of interest"}, ran
+    cm = inst.get_latest_materialization_event(dg.AssetKey("comparison_metrics")).asset_materialization.metadata
+    roi = cm["roi"].value
+    assert cm["inference"].value == "region of interest" and roi["scans"] == segs.height, roi
+    assert roi["regions"] + roi["reruns_whole_volume"] + roi["not_located"] == roi["scans"] and roi["regions"] > 0
 
 
 @pytest.mark.pipeline

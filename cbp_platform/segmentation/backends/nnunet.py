@@ -517,7 +517,7 @@ class NnunetRunner:
             keep = min(int(lo_read[o1]), final) if o1 < len(lo_read) else final
             k = keep - w0
             if k > 0:
-                for t in [n_pred, *(a[c] for a in acc for c in range(heads))]:     # planes, in-plane
+                for t in [n_pred, *(buf[c] for buf in acc for c in range(heads))]:     # planes, in-plane
                     t[:cap - k] = t[k:].clone()
                     t[cap - k:] = 0
                 state["w0"] = keep
