@@ -125,9 +125,17 @@ def _cmd_model_train_levels(args: argparse.Namespace) -> int:
     p = model.provenance
     print(f"trained in {p['training_seconds']} s (data {p['data_seconds']} s), final loss {p['final_loss']:.4f}")
     if "validation" in p:
+        from cbp_platform.segmentation.roi import LEVEL_ALLOWANCE_MM, MARGIN_MM
+
         v = p["validation"]
-        print(f"held-out check ({v['n_scans']} scans): T10 and S1 within {v['max_abs_error_mm']} mm (median "
-              f"{v['median_abs_error_mm']} mm)")
+        cover = LEVEL_ALLOWANCE_MM + MARGIN_MM          # the allowance and the region's margin
+        if v["max_abs_error_mm"] is not None:
+            print(f"held-out check ({v['n_scans']} scans): T10 and S1 within {v['max_abs_error_mm']} mm (median "
+                  f"{v['median_abs_error_mm']} mm)")
+        if v["not_found"] or (v["max_abs_error_mm"] or 0.0) > cover:
+            print(f"warning: levels not found on {v['not_found']} of {v['n_scans']} held-out scans, or an error "
+                  f"beyond the {cover:g} mm the region covers: train on more scans or for more iterations",
+                  file=sys.stderr)
     print(f"saved {path} (sha256 {model.sha256[:16]}...), recorded in {DataLayout.platform_model_pointer(models)}")
     return 0
 

@@ -212,14 +212,12 @@ def validate_levels(model: LevelModel, *, n_scans: int = 4, seed: int = 4001, pr
                             extent="whole-body")
         found = model.locate(ph.water, ph.fat, ph.affine)
         truth = ph.truth["vertebra_z_mm"]
-        if found.top_mm is None:
-            errors.append((float("inf"), float("inf")))
-            continue
-        errors.append((found.top_mm - truth[TOP], found.bottom_mm - truth[BOTTOM]))
-    flat = np.abs(np.asarray(errors)).ravel()
-    return {"n_scans": n_scans, "seed": seed, "preset": preset, "max_abs_error_mm": round(float(flat.max()), 1),
-            "median_abs_error_mm": round(float(np.median(flat)), 1),
-            "errors_mm": [[round(a, 1), round(b, 1)] for a, b in errors]}
+        errors.append((found.top_mm - truth[TOP], found.bottom_mm - truth[BOTTOM]) if found.plausible else None)
+    flat = np.abs(np.asarray([e for e in errors if e is not None], float)).ravel()
+    return {"n_scans": n_scans, "seed": seed, "preset": preset, "not_found": sum(e is None for e in errors),
+            "max_abs_error_mm": round(float(flat.max()), 1) if flat.size else None,
+            "median_abs_error_mm": round(float(np.median(flat)), 1) if flat.size else None,
+            "errors_mm": [None if e is None else [round(e[0], 1), round(e[1], 1)] for e in errors]}
 
 
 def save_levels(path_for, model: LevelModel) -> tuple[Path, str]:

@@ -40,6 +40,7 @@ from cbp_platform.classes import IDS, NAMES
 # held-out simulated whole-body scans the largest was 44 mm, the median 24 mm (docs/segmentation-models.md); with
 # the region's 20 mm margin, T10-S1 stays inside for errors up to 60 mm
 LEVEL_ALLOWANCE_MM = 40.0
+MARGIN_MM = 20.0              # the located box grows by this much into the region
 
 
 @dataclass(frozen=True)
@@ -161,7 +162,7 @@ class RoiSegmenter:
     (an nnU-Net runner) there; the same interface as a runner (``prepare`` in DataLoader workers, then
     ``predict``/``predict_qc``), so :func:`cbp_platform.segmentation.pipeline.segment_scans` takes either."""
 
-    def __init__(self, runner, locator, *, levels=None, margin_mm: float = 20.0,
+    def __init__(self, runner, locator, *, levels=None, margin_mm: float = MARGIN_MM,
                  level_allowance_mm: float = LEVEL_ALLOWANCE_MM, rerun: bool = True):
         """``levels``: the vertebral-level regressor (:class:`cbp_platform.segmentation.levels.LevelModel`); with
         it the region along the body axis runs from S1 to T10 (each end grown by half a vertebra and
