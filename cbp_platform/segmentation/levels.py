@@ -43,7 +43,7 @@ PLAUSIBLE_MM = (150.0, 450.0)   # T10's centre above S1's, for levels to be used
 
 
 def _net() -> torch.nn.Module:
-    """Four 3x3 convolution blocks with pooling, a global average and a linear score (about 60 k weights)."""
+    """Four 3x3 convolution blocks with pooling, a global average and a linear score (47 k weights)."""
     def block(a, b):
         return [torch.nn.Conv2d(a, b, 3, padding=1), torch.nn.BatchNorm2d(b), torch.nn.ReLU()]
 
