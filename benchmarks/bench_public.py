@@ -10,9 +10,9 @@ each measurement in a fresh process, so its peak RSS is its own. The scan: one s
   the default configuration and cached, as ``segmentation_model`` trains it) finds the back muscles across the
   body, the vertebral-level regressor (``cbp model train-levels``' defaults, cached too) bounds them to T10-S1 along
   it, and the public model runs on the region: locating, the tool's own preprocessing of the whole scan, the
-  whole-volume grid's tiles that reach the region, the region's export, the label map placed back on the full grid. With random weights the label
-  map is noise that touches every face of the region, so the re-run on the whole volume that a real cut would cause
-  is counted (``cut``) but not run: the benchmark measures the region's own cost.
+  whole-volume grid's tiles that reach the region, the region's export, the label map placed back on the full grid.
+  With random weights the label map is noise that touches every face of the region, so the re-run on the whole
+  volume that a real cut would cause is counted (``cut``) but not run: the benchmark measures the region's own cost.
 * **Whole volume** (``roi: false``): every step on the whole scan (the tool's preprocessing, nnU-Net's logit
   sliding window streamed along the model grid in about one patch of planes, the export).
 
