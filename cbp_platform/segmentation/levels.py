@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from scipy import ndimage, stats
 
-from cbp_platform.segmentation.data import normalise
+from cbp_platform.segmentation.data import normalise, ornt_to_model, to_model_orientation
 
 GRID_MM = 8.0                 # the slices' in-plane grid
 GRID = (48, 40)               # 384 x 320 mm around the image centre (left-right, posterior-anterior)
@@ -56,10 +56,8 @@ def slices(water: np.ndarray, fat: np.ndarray, affine: np.ndarray) -> tuple[np.n
     """A scan's axial slices as the network sees them, (n, 2, 48, 40) float32 (water and fat, the platform's
     normalisation, RAS in-plane, resampled to 8 mm and cut or padded around the image centre), and each slice's
     position along the body (mm, superior positive)."""
-    img = normalise(water, fat)
-    ornt = nib.orientations.io_orientation(affine)
-    img = np.stack([nib.orientations.apply_orientation(c, ornt) for c in img])       # RAS voxel axes
-    ras = affine @ nib.orientations.inv_ornt_aff(ornt, np.shape(water))
+    img, _back = to_model_orientation(normalise(water, fat), affine, "RAS")
+    ras = affine @ nib.orientations.inv_ornt_aff(ornt_to_model(affine, "RAS"), np.shape(water))
     zooms = nib.affines.voxel_sizes(ras)
     small = ndimage.zoom(img, (1, zooms[0] / GRID_MM, zooms[1] / GRID_MM, 1), order=1, grid_mode=True,
                          mode="nearest")

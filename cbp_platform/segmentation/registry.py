@@ -75,20 +75,31 @@ def train_default_model(models_dir: Path, registry_dir: Path, *, n_train: int, b
     return manifest, res, cal
 
 
-def set_platform_model(models_dir: Path, manifest: ModelManifest) -> Path:
-    """Name ``manifest`` the platform's own model: the locator of region-of-interest inference."""
+def _platform_pointer(models_dir: Path) -> tuple[Path, dict]:
+    """The platform model's pointer file and its entries (none yet: empty)."""
     import json
 
-    from cbp_platform.imaging.nifti import atomic_write_bytes
     from cbp_platform.paths import DataLayout
 
     path = DataLayout.platform_model_pointer(models_dir)
-    old = json.loads(path.read_text()) if path.is_file() else {}
-    entry = {"name": manifest.name, "weights_sha256": manifest.sha256}
-    if old.get("levels"):                  # the level regressor is trained apart: retraining the model keeps it
-        entry["levels"] = old["levels"]
-    atomic_write_bytes(path, json.dumps(entry).encode())
+    return path, (json.loads(path.read_text()) if path.is_file() else {})
+
+
+def _update_platform_pointer(models_dir: Path, **entries) -> Path:
+    """Set ``entries`` in the platform model's pointer, keeping the others (the model and the level regressor are
+    trained apart: retraining one keeps the other)."""
+    import json
+
+    from cbp_platform.imaging.nifti import atomic_write_bytes
+
+    path, entry = _platform_pointer(models_dir)
+    atomic_write_bytes(path, json.dumps({**entry, **entries}).encode())
     return path
+
+
+def set_platform_model(models_dir: Path, manifest: ModelManifest) -> Path:
+    """Name ``manifest`` the platform's own model: the locator of region-of-interest inference."""
+    return _update_platform_pointer(models_dir, name=manifest.name, weights_sha256=manifest.sha256)
 
 
 def train_level_model(models_dir: Path, *, n_scans: int = 24, iterations: int = 1500, seed: int = 4000,
@@ -97,9 +108,6 @@ def train_level_model(models_dir: Path, *, n_scans: int = 24, iterations: int = 
     ``n_val`` held-out simulated whole-body scans (recorded in its provenance), save it under ``models_dir`` and
     record it in the platform model's pointer, for region-of-interest inference on whole-body scans; returns
     (path, model)."""
-    import json
-
-    from cbp_platform.imaging.nifti import atomic_write_bytes
     from cbp_platform.paths import DataLayout
     from cbp_platform.segmentation.levels import save_levels, train_levels, validate_levels
 
@@ -107,23 +115,18 @@ def train_level_model(models_dir: Path, *, n_scans: int = 24, iterations: int = 
     if n_val:
         model.provenance["validation"] = validate_levels(model, n_scans=n_val, seed=seed + 1)
     path, sha = save_levels(lambda digest: DataLayout.level_model(models_dir, digest), model)
-    pointer = DataLayout.platform_model_pointer(models_dir)
-    entry = json.loads(pointer.read_text()) if pointer.is_file() else {}
-    entry["levels"] = {"file": path.name, "sha256": sha}
-    atomic_write_bytes(pointer, json.dumps(entry).encode())
+    _update_platform_pointer(models_dir, levels={"file": path.name, "sha256": sha})
     return path, model
 
 
 def platform_levels(models_dir: Path):
     """The vertebral-level regressor the platform model's pointer records (verified by its sha256), or None when
     none was trained (``cbp model train-levels``)."""
-    import json
-
     from cbp_platform.paths import DataLayout
     from cbp_platform.segmentation.levels import load_levels
 
-    pointer = DataLayout.platform_model_pointer(models_dir)
-    entry = (json.loads(pointer.read_text()) if pointer.is_file() else {}).get("levels")
+    pointer, entries = _platform_pointer(models_dir)
+    entry = entries.get("levels")
     if not entry:
         return None
     path = DataLayout.level_model(models_dir, entry["sha256"])
@@ -135,16 +138,14 @@ def platform_levels(models_dir: Path):
 
 def platform_model(models_dir: Path) -> ModelManifest:
     """The platform's own model (:func:`set_platform_model`), checked against its registration."""
-    import json
-
     from cbp_platform.paths import DataLayout
 
-    path = DataLayout.platform_model_pointer(models_dir)
-    if not path.is_file():
+    path, entry = _platform_pointer(models_dir)
+    if not entry.get("name"):          # no pointer, or one naming the level regressor only
         raise ManifestError(f"{path}: missing. Region-of-interest inference needs the platform's own model to "
                             "locate the back muscles: train it once (materialise segmentation_model without "
                             "`model`), or register the public model with --no-roi")
-    return manifest_for_pointer(json.loads(path.read_text()), DataLayout.model_registry(models_dir))
+    return manifest_for_pointer(entry, DataLayout.model_registry(models_dir))
 
 
 def manifest_for_pointer(pointer: dict, registry_dir: Path) -> ModelManifest:

@@ -50,11 +50,14 @@ def test_a_short_training_finds_t10_and_s1_on_held_out_whole_body_scans(levels):
 
 def test_the_level_model_is_stored_hashed_and_recorded_beside_the_platform_model(tmp_path):
     from cbp_platform.paths import DataLayout
-    from cbp_platform.segmentation.registry import platform_levels, set_platform_model, train_level_model
+    from cbp_platform.segmentation.registry import (platform_levels, platform_model, set_platform_model,
+                                                    train_level_model)
 
     path, model = train_level_model(tmp_path, n_scans=1, iterations=3, n_val=0)
     pointer = DataLayout.platform_model_pointer(tmp_path)
     assert json.loads(pointer.read_text())["levels"] == {"file": path.name, "sha256": model.sha256}
+    with pytest.raises(ManifestError, match=r"platform\.json: missing.*--no-roi"):   # levels, but no model yet
+        platform_model(tmp_path)
     again = platform_levels(tmp_path)
     x, _ = slices(*(lambda p: (p.water, p.fat, p.affine))(_whole_body(4)))
     assert np.array_equal(again.predict(x), model.predict(x))
